@@ -1,0 +1,26 @@
+"""LFP Explorer dashboard: ``streamlit run app.py [-- --run RUN_DIR]``.
+
+The entry point only sets up navigation and the shared sidebar (run picker); each page lives in
+pages/ and reads the selected run through lfp_core.store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import streamlit as st
+
+from pages.common import sidebar
+
+st.set_page_config(page_title="LFP Explorer", page_icon="🔎", layout="wide")
+
+_parser = argparse.ArgumentParser(add_help=False)
+_parser.add_argument("--run", default=None)
+cli, _ = _parser.parse_known_args(sys.argv[1:])
+
+nav = st.navigation([
+    st.Page("pages/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
+])
+sidebar(default_run=cli.run)
+nav.run()

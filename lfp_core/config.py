@@ -1,0 +1,118 @@
+"""Run configuration: dataclass configs, named presets, and where things live on disk.
+
+A run is fully described by a :class:`RunConfig`. Each precompute stage hashes the fields it
+reads (see :func:`stage_hash`), so changing a field recomputes exactly the stages that depend on
+it and everything downstream of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The shipped demo base model; LFP_DEMO_MODEL_DIR points elsewhere (e.g. a retrained copy).
+DEMO_MODEL_DIR = Path(os.environ.get("LFP_DEMO_MODEL_DIR", REPO_ROOT / "data" / "models" / "imdb-neox-5m"))
+RUNS_DIR = REPO_ROOT / "data" / "runs"
+
+
+def default_data_dir() -> Path | None:
+    """The public data sets folder: ``$LFP_DATA_DIR``, else ``../shared/data`` beside the repo.
+
+    Returns None when neither exists (a researcher's own clone): callers then fall back to the
+    hub (when online) or to model-sampled prompts.
+    """
+    env = os.environ.get("LFP_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    candidate = REPO_ROOT.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on. Field groups mirror the precompute stages.
+
+    Attributes:
+        model: ``demo`` (the shipped model), a local HF directory, or a hub id.
+        task: the feedback task; ``vader`` is the paper's sentiment-lexicon task.
+        data_dir: public data sets folder (None: hub when online, else model-sampled prompts).
+        seed: master seed; every stage derives its own from it.
+        device: torch device for model work (``cpu`` or ``cuda``).
+        n_prompts: number of RL prompts built from IMDB review prefixes.
+        prompt_min_tokens / prompt_max_tokens: prefix length range, inclusive (paper: 2–9).
+        min_new_tokens / max_new_tokens: completion length range, inclusive (paper: 8–19).
+        samples_per_prompt: completions sampled per prompt for the base-model evaluation.
+        gen_batch_size: prompts per generation batch (also the resume granularity).
+    """
+
+    model: str = "demo"
+    task: str = "vader"
+    data_dir: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    n_prompts: int = 256
+    prompt_min_tokens: int = 2
+    prompt_max_tokens: int = 9
+    min_new_tokens: int = 8
+    max_new_tokens: int = 19
+    samples_per_prompt: int = 1
+    gen_batch_size: int = 64
+    preset: str = "custom"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def validate(self) -> None:
+        """Raise ValueError with a specific message for an impossible configuration."""
+        if self.task != "vader":
+            raise ValueError(f"task {self.task!r} is not available yet; supported: 'vader'")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not 1 <= self.prompt_min_tokens <= self.prompt_max_tokens:
+            raise ValueError("need 1 <= prompt_min_tokens <= prompt_max_tokens")
+        if not 1 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("need 1 <= min_new_tokens <= max_new_tokens")
+        for name in ("n_prompts", "samples_per_prompt", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+PRESETS: dict[str, dict] = {
+    # quick: a smoke run of every stage, for tests and first contact (<= 2 minutes on 2 cores).
+    "quick": {"n_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32},
+    # demo: the embedded demo run the quick start serves.
+    "demo": {"n_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64},
+    # paper: the paper's scale (1,000 completions per evaluation); meant for a GPU.
+    "paper": {"n_prompts": 1000, "samples_per_prompt": 1, "gen_batch_size": 128},
+}
+
+
+def preset_config(name: str, **overrides) -> RunConfig:
+    """Build the config of a named preset, with explicit overrides (None values ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    values = {**PRESETS[name], "preset": name}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = RunConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def stage_hash(cfg: RunConfig, fields: tuple[str, ...], upstream: tuple[str, ...] = ()) -> str:
+    """Hash of the config fields a stage reads plus the hashes of the stages it builds on."""
+    payload = json.dumps(
+        {"fields": {f: getattr(cfg, f) for f in fields}, "upstream": list(upstream)}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

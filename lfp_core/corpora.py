@@ -1,0 +1,138 @@
+"""Prompts and texts: IMDB reviews (local copy or hub), and model-sampled prefixes.
+
+The RL prompt set follows the paper: the first 2–9 tokens of IMDB *train* reviews longer than
+200 characters. Where no IMDB copy is reachable (a researcher's clone without ``../shared`` and
+no network), prompts are prefixes sampled from the model itself, and are marked as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMDB_LABELED = "aclImdb_v1_labeled.tar.gz"
+IMDB_UNSUP = "aclImdb_v1_unsup.tar.gz"
+HUB_IMDB = "stanfordnlp/imdb"
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_WS = re.compile(r"[ \t]+")
+
+
+def clean_review(text: str) -> str:
+    """Strip IMDB's HTML line breaks and collapse runs of spaces."""
+    return _WS.sub(" ", _BR.sub(" ", text)).strip()
+
+
+@dataclass(frozen=True)
+class Review:
+    doc_id: str  # e.g. "train/pos/123_9"
+    label: str  # pos, neg or unsup
+    text: str
+
+
+def imdb_dir(data_dir: str | Path | None) -> Path | None:
+    """The IMDB folder under a data dir, if it holds the labelled archive."""
+    if data_dir is None:
+        return None
+    d = Path(data_dir) / "imdb"
+    return d if (d / IMDB_LABELED).exists() else None
+
+
+def iter_imdb(data_dir: str | Path, splits: tuple[str, ...] = ("train",),
+              labels: tuple[str, ...] = ("pos", "neg")) -> Iterator[Review]:
+    """Stream cleaned IMDB reviews from the local archives (``data_dir/imdb``), in archive order."""
+    d = Path(data_dir) / "imdb"
+    archives = [IMDB_LABELED] + ([IMDB_UNSUP] if "unsup" in labels else [])
+    for name in archives:
+        path = d / name
+        if not path.exists():
+            raise FileNotFoundError(f"IMDB archive not found: {path}")
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if (not member.isfile() or len(parts) != 4 or not parts[3].endswith(".txt")
+                        or parts[1] not in splits or parts[2] not in labels):
+                    continue
+                f = tar.extractfile(member)
+                if f is None:
+                    continue
+                text = clean_review(f.read().decode("utf-8", errors="replace"))
+                yield Review(f"{parts[1]}/{parts[2]}/{parts[3][:-4]}", parts[2], text)
+
+
+def _hub_imdb(split: str) -> list[Review]:
+    """IMDB from the hub (needs network and the ``datasets`` package)."""
+    from datasets import load_dataset
+
+    ds = load_dataset(HUB_IMDB, split=split)
+    names = {0: "neg", 1: "pos"}
+    return [Review(f"{split}/{names.get(r['label'], 'unsup')}/{i}", names.get(r["label"], "unsup"),
+                   clean_review(r["text"])) for i, r in enumerate(ds)]
+
+
+def _hub_reachable() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on") and \
+        os.environ.get("HF_DATASETS_OFFLINE", "0").lower() not in ("1", "true", "yes", "on")
+
+
+def imdb_reviews(data_dir: str | Path | None, split: str = "train") -> tuple[list[Review], str]:
+    """All labelled reviews of a split and where they came from ('local:<dir>' or 'hub:<name>').
+
+    Raises:
+        FileNotFoundError: no local copy and the hub is unreachable.
+    """
+    d = imdb_dir(data_dir)
+    if d is not None:
+        return list(iter_imdb(data_dir, (split,))), f"local:{d}"
+    if _hub_reachable():
+        try:
+            return _hub_imdb(split), f"hub:{HUB_IMDB}"
+        except Exception as exc:  # network errors come in many types
+            raise FileNotFoundError(f"no local IMDB copy and the hub failed: {exc}") from exc
+    raise FileNotFoundError("no local IMDB copy (set LFP_DATA_DIR or --data-dir) and the hub is offline")
+
+
+def imdb_prompts(tokenizer, reviews: list[Review], n: int, min_tokens: int, max_tokens: int,
+                 seed: int, min_chars: int = 200) -> list[dict]:
+    """The paper's prompts: the first k ~ U[min_tokens, max_tokens] tokens of reviews > min_chars.
+
+    Reviews are drawn without replacement with a seeded generator; ``k`` is drawn per prompt.
+    """
+    pool = sorted((r for r in reviews if len(r.text) > min_chars), key=lambda r: r.doc_id)
+    if not pool:
+        raise ValueError(f"no review longer than {min_chars} characters")
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+    lengths = rng.integers(min_tokens, max_tokens + 1, size=len(picks))
+    rows = []
+    for pid, (i, k) in enumerate(zip(picks, lengths)):
+        r = pool[int(i)]
+        ids = tokenizer(r.text[:400], add_special_tokens=False)["input_ids"][: int(k)]
+        rows.append({"prompt_id": pid, "source": "imdb", "doc_id": r.doc_id, "n_tokens": len(ids),
+                     "token_ids": [int(t) for t in ids], "text": tokenizer.decode(ids)})
+    return rows
+
+
+def model_prompts(model, n: int, min_tokens: int, max_tokens: int, seed: int, batch_size: int = 64) -> list[dict]:
+    """Prefixes sampled from the model itself (pure sampling from BOS), for when no data set is reachable."""
+    from lfp_core.sampling import sample_batch
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_tokens, max_tokens + 1, size=n)
+    rows: list[dict] = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        outs = sample_batch(model, [[] for _ in range(count)], max_tokens, seed=seed * 1_000_003 + start)
+        for j, ids in enumerate(outs):
+            ids = ids[: int(lengths[start + j])]
+            rows.append({"prompt_id": start + j, "source": "model", "doc_id": None, "n_tokens": len(ids),
+                         "token_ids": [int(t) for t in ids], "text": model.tokenizer.decode(ids)})
+    return rows

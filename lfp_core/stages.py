@@ -1,0 +1,175 @@
+"""The precompute stages of the foundation: load the model, build prompts, sample and score.
+
+Each stage is a function of (config, earlier stages' outputs) that writes its rows through the
+store. A stage declares the config fields it reads; the runner in :mod:`lfp_core.precompute`
+hashes them (with the upstream stages' hashes) to decide what to skip or recompute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lfp_core import corpora, reward, sampling
+from lfp_core.config import RunConfig
+from lfp_core.models import LoadedModel, load_model, resolve_spec
+from lfp_core.store import RunWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What stages share within one precompute invocation (the model is loaded once)."""
+
+    cfg: RunConfig
+    writer: RunWriter
+    _model: LoadedModel | None = None
+    finisher: Callable[[Any, dict], None] | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            self._model = load_model(self.cfg.model, device=self.cfg.device)
+        return self._model
+
+    def commit(self, write: Callable[[Any], None], detail: dict) -> None:
+        """Write a stage's final rows and mark it done, in one transaction."""
+        with self.writer.transaction() as con:
+            write(con)
+            assert self.finisher is not None
+            self.finisher(con, detail)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A precompute stage.
+
+    Attributes:
+        name: stage id (also shown in the dashboard and reports).
+        fields: RunConfig fields the stage reads.
+        after: stages whose outputs it reads.
+        run: ``run(ctx, config_hash) -> None``; must end with ``ctx.commit``.
+        clears: rows the stage owns, ``{table: (where_sql, params)}``, deleted before a recompute.
+        chunked: whether the stage commits chunk by chunk and resumes from the last chunk.
+        fingerprint: optional extra input to the hash (e.g. the model files' identity).
+        describe: one line shown for a stage that has not run yet.
+    """
+
+    name: str
+    fields: tuple[str, ...]
+    after: tuple[str, ...]
+    run: Callable[[Context, str], None]
+    clears: dict = field(default_factory=dict)
+    chunked: bool = False
+    fingerprint: Callable[[RunConfig], str] | None = None
+    describe: str = ""
+
+
+def model_fingerprint(cfg: RunConfig) -> str:
+    """Identity of the model's files (config.json content and weight file sizes)."""
+    spec = resolve_spec(cfg.model)
+    if spec.source == "hub":
+        return spec.location
+    d = Path(spec.location)
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def stage_model(ctx: Context, config_hash: str) -> None:
+    """Load the model in HF and transformer-lens form (checks the conversion) and record it."""
+    m = ctx.model
+    hooked = m.hooked()
+    info = m.info()
+    if hooked.cfg.n_layers != info["n_layers"]:
+        raise RuntimeError(f"transformer-lens built {hooked.cfg.n_layers} layers for a {info['n_layers']}-layer model")
+    ctx.commit(lambda con: RunWriter.put_model(con, "base", info), {"model": info})
+
+
+def stage_prompts(ctx: Context, config_hash: str) -> None:
+    """The paper's prompt set; model-sampled prefixes when no IMDB copy is reachable."""
+    cfg, m = ctx.cfg, ctx.model
+    try:
+        reviews, where = corpora.imdb_reviews(cfg.data_dir, "train")
+        rows = corpora.imdb_prompts(m.tokenizer, reviews, cfg.n_prompts, cfg.prompt_min_tokens,
+                                    cfg.prompt_max_tokens, cfg.seed)
+    except FileNotFoundError as exc:
+        log.warning("IMDB not reachable (%s): sampling prompt prefixes from the model itself", exc)
+        where = "model-sampled"
+        rows = corpora.model_prompts(m, cfg.n_prompts, cfg.prompt_min_tokens, cfg.prompt_max_tokens,
+                                     cfg.seed, cfg.gen_batch_size)
+    log.info("built %d prompts from %s", len(rows), where)
+    ctx.commit(lambda con: RunWriter.put_prompts(con, rows), {"n_prompts": len(rows), "source": where})
+
+
+def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], outs) -> list[dict]:
+    rows = []
+    for (pid, sidx, _), (ids, seed) in zip(jobs, outs):
+        text = tokenizer.decode(ids)
+        words = [w for w in reward.segment(text) if w.in_lexicon]
+        raw = sum(w.valence for w in words)
+        rows.append({
+            "role": role, "prompt_id": pid, "sample_idx": sidx, "seed": seed, "n_new": len(ids),
+            "token_ids": [int(t) for t in ids], "text": text, "reward": reward.reward(text), "raw_score": raw,
+            "lexicon_words": [w.text for w in words], "lexicon_valences": [w.valence for w in words],
+        })
+    return rows
+
+
+def stage_base_samples(ctx: Context, config_hash: str) -> None:
+    """Sample base-model completions (8–19 new tokens, pure sampling) and score them.
+
+    Committed chunk by chunk (rows + a chunk marker in one transaction); a killed run resumes
+    at the first unfinished chunk, and the primary key forbids duplicate rows.
+    """
+    cfg, m, w = ctx.cfg, ctx.model, ctx.writer
+    prompts = w.reader().prompts()
+    rng = np.random.default_rng([cfg.seed, 17])
+    jobs = [(int(pid), s, int(rng.integers(cfg.min_new_tokens, cfg.max_new_tokens + 1)))
+            for pid in prompts.prompt_id for s in range(cfg.samples_per_prompt)]
+    ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
+    chunk_size = cfg.gen_batch_size * 2
+    chunks = [jobs[i : i + chunk_size] for i in range(0, len(jobs), chunk_size)]
+    done = w.done_chunks("base_samples", config_hash)
+    if done:
+        log.info("resuming base_samples: %d of %d chunks already stored", len(done), len(chunks))
+    for ci, chunk in enumerate(tqdm(chunks, desc="base samples", unit="chunk")):
+        if ci in done:
+            continue
+        outs = sampling.sample_completions(m, [list(ids_of[j[0]]) for j in chunk], [j[2] for j in chunk],
+                                           seed=cfg.seed * 7919 + ci, batch_size=cfg.gen_batch_size)
+        rows = _completion_rows(m.tokenizer, "base", chunk, outs)
+        with w.transaction() as con:
+            RunWriter.put_completions(con, rows)
+            RunWriter.add_chunk_marker(con, "base_samples", config_hash, ci)
+    summary = w.reader().reward_summary("base") or {}
+    ctx.commit(lambda con: None, {"reward": summary, "n_chunks": len(chunks)})
+
+
+STAGES: list[Stage] = [
+    Stage("model", ("model", "device"), (), stage_model, {"models": ("role = ?", ["base"])},
+          fingerprint=model_fingerprint, describe="load the base model (HF + transformer-lens)"),
+    Stage("prompts", ("data_dir", "n_prompts", "prompt_min_tokens", "prompt_max_tokens", "seed"), ("model",),
+          stage_prompts, {"prompts": ("true", [])}, describe="build the RL prompt set (IMDB prefixes)"),
+    Stage("base_samples", ("min_new_tokens", "max_new_tokens", "samples_per_prompt", "gen_batch_size", "seed"),
+          ("prompts",), stage_base_samples, {"completions": ("role = ?", ["base"])}, chunked=True,
+          describe="sample base-model completions and score them with the VADER reward"),
+]
+
+
+def stage_names() -> list[str]:
+    return [s.name for s in STAGES]
+
+
+def describe_stages() -> dict[str, str]:
+    return {s.name: s.describe for s in STAGES}
+

@@ -1,0 +1,372 @@
+"""The run store: one DuckDB file per run plus a folder for weight files.
+
+This module owns the schema and is the only code that writes SQL. Precompute writes through a
+:class:`RunWriter` (every stage's write is one transaction, so a crash leaves no half-written
+table); the dashboard and reports read through a :class:`RunReader` opened read-only.
+
+Layout of a run directory::
+
+    RUN_DIR/run.duckdb      the tables below
+    RUN_DIR/artifacts/      weight files (tuned policies, SAEs), written via temp file + rename
+
+Writers hold the database only while they write (DuckDB lets one process write *or* many read),
+so a dashboard can read a run between the writes of a precompute that is still going.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAME = "run.duckdb"
+ARTIFACTS = "artifacts"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS run (
+    name VARCHAR NOT NULL, preset VARCHAR, config_json VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL, updated_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS stages (
+    name VARCHAR PRIMARY KEY, position INTEGER, config_hash VARCHAR, status VARCHAR NOT NULL,
+    started_at TIMESTAMP, finished_at TIMESTAMP, seconds DOUBLE, detail_json VARCHAR, error VARCHAR);
+CREATE TABLE IF NOT EXISTS stage_chunks (
+    stage VARCHAR NOT NULL, config_hash VARCHAR NOT NULL, chunk INTEGER NOT NULL,
+    PRIMARY KEY (stage, chunk));
+CREATE TABLE IF NOT EXISTS models (
+    role VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, location VARCHAR,
+    architecture VARCHAR, n_params BIGINT, n_layers INTEGER, d_model INTEGER, vocab_size INTEGER);
+CREATE TABLE IF NOT EXISTS prompts (
+    prompt_id INTEGER PRIMARY KEY, source VARCHAR NOT NULL, doc_id VARCHAR,
+    n_tokens INTEGER NOT NULL, token_ids INTEGER[] NOT NULL, text VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS completions (
+    role VARCHAR NOT NULL, prompt_id INTEGER NOT NULL, sample_idx INTEGER NOT NULL,
+    seed BIGINT NOT NULL, n_new INTEGER NOT NULL, token_ids INTEGER[] NOT NULL,
+    text VARCHAR NOT NULL, reward DOUBLE NOT NULL, raw_score DOUBLE NOT NULL,
+    lexicon_words VARCHAR[], lexicon_valences DOUBLE[],
+    PRIMARY KEY (role, prompt_id, sample_idx));
+"""
+_TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions")
+
+
+class StoreError(RuntimeError):
+    """Base class of run-store errors; messages say what is wrong and what to do."""
+
+
+class RunNotFoundError(StoreError):
+    pass
+
+
+class SchemaVersionError(StoreError):
+    pass
+
+
+class CorruptStoreError(StoreError):
+    pass
+
+
+class StoreBusyError(StoreError):
+    pass
+
+
+def db_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / DB_NAME
+
+
+def artifacts_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ARTIFACTS
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now().replace(microsecond=0)
+
+
+def _connect(path: Path, read_only: bool, retries: int = 20) -> duckdb.DuckDBPyConnection:
+    """Open the DuckDB file, turning DuckDB's errors into specific StoreErrors.
+
+    A lock held by another process (a precompute writing) is retried for a few seconds.
+    """
+    for attempt in range(retries):
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            msg = str(exc)
+            if "lock" in msg.lower() and attempt < retries - 1:
+                time.sleep(0.25)
+                continue
+            if "lock" in msg.lower():
+                raise StoreBusyError(
+                    f"{path} is locked by another process (a precompute writing to it?); try again shortly"
+                ) from exc
+            raise CorruptStoreError(
+                f"{path} is not a readable DuckDB database ({msg.splitlines()[0]}). "
+                f"Move it aside and rebuild the run with python -m lfp_core.precompute --out {path.parent}"
+            ) from exc
+        except duckdb.Error as exc:
+            raise CorruptStoreError(
+                f"{path} could not be opened as a DuckDB database ({str(exc).splitlines()[0]}). "
+                f"Move it aside and rebuild the run with python -m lfp_core.precompute --out {path.parent}"
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+def _check_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except duckdb.CatalogException as exc:
+        raise SchemaVersionError(
+            f"{path} is a DuckDB file but not an LFP Explorer run (no meta table). "
+            f"Point at a run directory made by python -m lfp_core.precompute"
+        ) from exc
+    version = int(row[0]) if row else None
+    if version != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path} has run-store schema version {version}; this LFP Explorer reads version "
+            f"{SCHEMA_VERSION}. Rebuild it: python -m lfp_core.precompute --out {path.parent} --rebuild"
+        )
+
+
+@dataclass
+class StageRecord:
+    name: str
+    position: int | None
+    config_hash: str | None
+    status: str
+    seconds: float | None
+    detail: dict
+    error: str | None
+
+
+class RunReader:
+    """Read-only access to a run. Opens a short-lived connection per query batch."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = db_path(self.run_dir)
+        if not self.run_dir.exists():
+            raise RunNotFoundError(f"run directory {self.run_dir} does not exist")
+        if not self.run_dir.is_dir():
+            raise RunNotFoundError(f"{self.run_dir} is a file, not a run directory")
+        if not self.path.exists():
+            raise RunNotFoundError(
+                f"{self.run_dir} holds no {DB_NAME}; compute it with python -m lfp_core.precompute --out {self.run_dir}"
+            )
+        with self.connect() as con:
+            _check_schema(con, self.path)
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = _connect(self.path, read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        """Run a parameterised read query (internal: pages call the typed functions below)."""
+        with self.connect() as con:
+            return con.execute(sql, list(params)).df()
+
+    def run_info(self) -> dict:
+        df = self.query("SELECT name, preset, config_json, created_at, updated_at FROM run")
+        if df.empty:
+            return {}
+        row = df.iloc[0]
+        return {
+            "name": row["name"], "preset": row["preset"], "config": json.loads(row["config_json"]),
+            "created_at": str(row["created_at"]), "updated_at": str(row["updated_at"]),
+        }
+
+    def stages(self) -> list[StageRecord]:
+        df = self.query(
+            "SELECT name, position, config_hash, status, seconds, detail_json, error FROM stages ORDER BY position, name"
+        )
+        return [
+            StageRecord(r.name, None if pd.isna(r.position) else int(r.position), r.config_hash, r.status,
+                        None if pd.isna(r.seconds) else float(r.seconds),
+                        json.loads(r.detail_json) if r.detail_json else {}, r.error)
+            for r in df.itertuples()
+        ]
+
+    def model_info(self, role: str = "base") -> dict | None:
+        df = self.query("SELECT * FROM models WHERE role = ?", [role])
+        return None if df.empty else {k: (v.item() if hasattr(v, "item") else v) for k, v in df.iloc[0].items()}
+
+    def prompts(self, limit: int | None = None) -> pd.DataFrame:
+        sql = "SELECT prompt_id, source, doc_id, n_tokens, token_ids, text FROM prompts ORDER BY prompt_id"
+        if limit is not None:
+            return self.query(sql + " LIMIT ?", [int(limit)])
+        return self.query(sql)
+
+    def completions(self, role: str = "base", limit: int | None = None, order: str = "id") -> pd.DataFrame:
+        """Completions of a policy role with their prompts; ``order`` is 'id', 'reward' or '-reward'."""
+        order_sql = {"id": "c.prompt_id, c.sample_idx", "reward": "c.reward ASC, c.prompt_id",
+                     "-reward": "c.reward DESC, c.prompt_id"}[order]
+        sql = (
+            "SELECT c.prompt_id, c.sample_idx, p.text AS prompt, c.text AS completion, c.n_new, "
+            "c.reward, c.raw_score, c.lexicon_words, c.lexicon_valences, c.token_ids, c.seed "
+            f"FROM completions c JOIN prompts p USING (prompt_id) WHERE c.role = ? ORDER BY {order_sql}"
+        )
+        params: list[Any] = [role]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return self.query(sql, params)
+
+    def reward_summary(self, role: str = "base") -> dict | None:
+        df = self.query(
+            "SELECT count(*) AS n, avg(reward) AS mean, stddev_samp(reward) AS sd FROM completions WHERE role = ?",
+            [role],
+        )
+        n = int(df.n[0])
+        if n == 0:
+            return None
+        sd = float(df.sd[0]) if n > 1 else 0.0
+        return {"mean": float(df["mean"][0]), "se": sd / n**0.5, "n": n}
+
+
+class RunWriter:
+    """Write access for precompute. Creates the run on first use; one transaction per write."""
+
+    def __init__(self, run_dir: str | Path, name: str | None = None):
+        self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise StoreError(f"--out {self.run_dir} is a file; give a directory for the run")
+        self.path = db_path(self.run_dir)
+        self.name = name or self.run_dir.name
+        existed = self.path.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts_dir(self.run_dir).mkdir(exist_ok=True)
+        with self.transaction() as con:
+            if existed:
+                _check_schema(con, self.path)
+            else:
+                con.execute(_SCHEMA)
+                con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('created_by', 'lfp_core')",
+                            [str(SCHEMA_VERSION)])
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection inside BEGIN/COMMIT; any exception rolls the whole write back."""
+        con = _connect(self.path, read_only=False)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def reader(self) -> RunReader:
+        return RunReader(self.run_dir)
+
+    # --- run and stage bookkeeping -------------------------------------------------------
+    def set_config(self, preset: str, config_json: str) -> None:
+        with self.transaction() as con:
+            con.execute("DELETE FROM run")
+            created = con.execute("SELECT value FROM meta WHERE key = 'created_at'").fetchone()
+            if not created:
+                con.execute("INSERT INTO meta VALUES ('created_at', ?)", [str(_now())])
+                created = (str(_now()),)
+            con.execute("INSERT INTO run VALUES (?, ?, ?, ?, ?)",
+                        [self.name, preset, config_json, created[0], _now()])
+
+    def stage_record(self, name: str) -> tuple[str | None, str | None]:
+        """(status, config_hash) of a stage, or (None, None) when it never ran."""
+        with self.transaction() as con:
+            row = con.execute("SELECT status, config_hash FROM stages WHERE name = ?", [name]).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def mark_stage(self, name: str, position: int, config_hash: str, status: str,
+                   seconds: float | None = None, detail: dict | None = None, error: str | None = None,
+                   con: duckdb.DuckDBPyConnection | None = None) -> None:
+        """Upsert a stage's status; pass ``con`` to make it part of a larger transaction."""
+        sql = (
+            "INSERT OR REPLACE INTO stages (name, position, config_hash, status, started_at, finished_at, "
+            "seconds, detail_json, error) VALUES (?, ?, ?, ?, "
+            "COALESCE((SELECT started_at FROM stages WHERE name = ?), ?), ?, ?, ?, ?)"
+        )
+        finished = _now() if status in ("done", "failed") else None
+        started = _now()
+        args = [name, position, config_hash, status, name, started, finished, seconds,
+                json.dumps(detail or {}), error]
+        if con is not None:
+            con.execute(sql, args)
+        else:
+            with self.transaction() as c:
+                if status == "running":
+                    c.execute("DELETE FROM stages WHERE name = ?", [name])
+                c.execute(sql, args)
+
+    def done_chunks(self, stage: str, config_hash: str) -> set[int]:
+        with self.transaction() as con:
+            rows = con.execute("SELECT chunk FROM stage_chunks WHERE stage = ? AND config_hash = ?",
+                               [stage, config_hash]).fetchall()
+        return {r[0] for r in rows}
+
+    def clear_stage(self, stage: str, tables: dict[str, tuple[str, list[Any]]]) -> None:
+        """Delete a stage's rows (``{table: (where_sql, params)}``) and its chunk markers, atomically."""
+        with self.transaction() as con:
+            for table, (where, params) in tables.items():
+                if table not in _TABLES:
+                    raise ValueError(f"unknown table {table}")
+                con.execute(f"DELETE FROM {table} WHERE {where}", params)
+            con.execute("DELETE FROM stage_chunks WHERE stage = ?", [stage])
+
+    # --- typed row writers (call inside a transaction) --------------------------------------
+    @staticmethod
+    def add_chunk_marker(con: duckdb.DuckDBPyConnection, stage: str, config_hash: str, chunk: int) -> None:
+        con.execute("INSERT INTO stage_chunks VALUES (?, ?, ?)", [stage, config_hash, chunk])
+
+    @staticmethod
+    def put_model(con: duckdb.DuckDBPyConnection, role: str, info: dict) -> None:
+        con.execute("DELETE FROM models WHERE role = ?", [role])
+        con.execute(
+            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [role, info["name"], info["source"], info["location"], info["architecture"],
+             info["n_params"], info["n_layers"], info["d_model"], info["vocab_size"]],
+        )
+
+    @staticmethod
+    def put_prompts(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
+        if not rows:
+            return
+        df = pd.DataFrame(rows, columns=["prompt_id", "source", "doc_id", "n_tokens", "token_ids", "text"])
+        con.register("_prompts_in", df)
+        con.execute("INSERT INTO prompts SELECT * FROM _prompts_in")
+        con.unregister("_prompts_in")
+
+    @staticmethod
+    def put_completions(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
+        if not rows:
+            return
+        cols = ["role", "prompt_id", "sample_idx", "seed", "n_new", "token_ids", "text", "reward",
+                "raw_score", "lexicon_words", "lexicon_valences"]
+        df = pd.DataFrame(rows, columns=cols)
+        con.register("_completions_in", df)
+        con.execute(f"INSERT INTO completions SELECT {', '.join(cols)} FROM _completions_in")
+        con.unregister("_completions_in")
+
+
+def list_runs(runs_dir: str | Path) -> list[Path]:
+    """Run directories (those holding a run.duckdb) under ``runs_dir``, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and db_path(p).exists()]
+    return sorted(runs, key=lambda p: db_path(p).stat().st_mtime, reverse=True)

@@ -1,0 +1,101 @@
+"""Shared dashboard pieces: the run picker and cached, read-only access to the selected run.
+
+Query results are cached per (run directory, DB modification time), so a page re-renders from
+memory until precompute writes to the run again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from lfp_core.config import RUNS_DIR
+from lfp_core.store import RunReader, StoreError, db_path, list_runs
+
+RUN_KEY = "lfp_run_dir"
+
+
+def _stamp(run_dir: str) -> float:
+    p = db_path(run_dir)
+    wal = p.with_name(p.name + ".wal")
+    return max(p.stat().st_mtime if p.exists() else 0.0, wal.stat().st_mtime if wal.exists() else 0.0)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _read(run_dir: str, stamp: float, what: str, **kwargs):
+    """One cached read of the run; ``what`` names a RunReader method."""
+    reader = RunReader(run_dir)
+    return getattr(reader, what)(**kwargs)
+
+
+def read(run_dir: str, what: str, **kwargs):
+    """Cached ``RunReader(run_dir).<what>(**kwargs)``; a StoreError stops the page with its message."""
+    try:
+        return _read(run_dir, _stamp(run_dir), what, **kwargs)
+    except StoreError as exc:
+        st.error(str(exc))
+        st.stop()
+
+
+def selected_run() -> str | None:
+    """The run chosen in the sidebar (None when there is none)."""
+    return st.session_state.get(RUN_KEY)
+
+
+def require_run() -> str:
+    """The selected run, or an explanatory message and a stop when there is none."""
+    run = selected_run()
+    if run is None:
+        st.info(
+            f"No run selected. No runs were found under `{RUNS_DIR}`. Compute the demo run with "
+            "`./lfp demo`, or any run with `python -m lfp_core.precompute --preset quick --out data/runs/quick`, "
+            "or type a run directory in the sidebar."
+        )
+        st.stop()
+    return run
+
+
+def sidebar(default_run: str | None = None) -> None:
+    """Draw the run picker and the selected run's model and task; store the choice in session state."""
+    runs = {p.name: str(p) for p in list_runs(RUNS_DIR)}
+    qp = st.query_params.get("run")
+    wanted = qp or st.session_state.get(RUN_KEY) or default_run
+    with st.sidebar:
+        st.markdown("### LFP Explorer")
+        names = list(runs)
+        if wanted and wanted not in runs.values() and wanted not in runs:
+            p = Path(wanted)
+            if not p.is_absolute() and not p.exists() and (RUNS_DIR / wanted).exists():
+                p = RUNS_DIR / wanted
+            runs[str(wanted)] = str(p)
+            names.append(str(wanted))
+        index = 0
+        if wanted:
+            for i, n in enumerate(names):
+                if n == wanted or runs[n] == wanted or Path(runs[n]).resolve() == Path(wanted).resolve():
+                    index = i
+                    break
+        choice = st.selectbox("Run", names, index=index if names else None, key="lfp_run_select",
+                              placeholder="no runs under data/runs")
+        typed = st.text_input("…or a run directory", value="", key="lfp_run_path",
+                              placeholder="/path/to/data/runs/NAME")
+        run_dir = typed.strip() or (runs[choice] if choice else None)
+        st.session_state[RUN_KEY] = run_dir
+        if run_dir:
+            try:
+                reader = RunReader(run_dir)
+                info = reader.run_info()
+                model = reader.model_info("base")
+            except StoreError as exc:
+                st.caption(f"⚠️ {exc}")
+            else:
+                cfg = info.get("config", {})
+                st.caption(f"**Model:** {model['name'] if model else cfg.get('model', '?')}  \n"
+                           f"**Task:** {cfg.get('task', '?')}  \n**Preset:** {info.get('preset', '?')}")
+
+
+def frame(run_dir: str, what: str, **kwargs) -> pd.DataFrame:
+    """Typed alias of :func:`read` for DataFrame-returning readers."""
+    return read(run_dir, what, **kwargs)

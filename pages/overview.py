@@ -1,0 +1,64 @@
+"""Overview: the run's config, stage status, headline figures and base-model completions."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from lfp_core import viz
+from lfp_core.stages import describe_stages
+from pages.common import frame, read, require_run
+
+run_dir = require_run()
+info = read(run_dir, "run_info")
+model = read(run_dir, "model_info", role="base")
+stages = read(run_dir, "stages")
+
+st.title(f"Run · {info.get('name', run_dir)}")
+st.caption(f"`{run_dir}` · preset **{info.get('preset')}** · created {info.get('created_at')}")
+
+c1, c2, c3, c4 = st.columns(4)
+if model:
+    c1.metric("Model", model["name"])
+    c2.metric("Parameters", f"{model['n_params'] / 1e6:.2f} M")
+    c3.metric("Layers × d_model", f"{model['n_layers']} × {model['d_model']}")
+summary = read(run_dir, "reward_summary", role="base")
+if summary:
+    c4.metric("Base reward (mean ± s.e.)", f"{summary['mean']:+.3f} ± {summary['se']:.3f}", help=f"n = {summary['n']}")
+
+st.subheader("Stages")
+recorded = {s.name: s for s in stages}
+rows = []
+for name, what in describe_stages().items():
+    s = recorded.get(name)
+    rows.append({"stage": name, "status": s.status if s else "pending", "what it does": what,
+                 "seconds": round(s.seconds, 1) if s and s.seconds else None,
+                 "error": (s.error or "") if s else ""})
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+missing = [r["stage"] for r in rows if r["status"] != "done"]
+if missing:
+    st.warning(
+        f"Stages not finished: {', '.join(missing)}. Compute them (finished stages are kept) with\n\n"
+        f"`python -m lfp_core.precompute --preset {info.get('preset', 'demo')} --out {run_dir}`"
+    )
+
+with st.expander("Run config"):
+    st.code(json.dumps(info.get("config", {}), indent=2), language="json")
+
+st.subheader("Base-model completions")
+comps = frame(run_dir, "completions", role="base")
+if comps.empty:
+    st.info("No completions yet: the base_samples stage has not run.")
+else:
+    st.plotly_chart(viz.reward_histogram(comps), width="stretch")
+    order = st.radio("Order", ["highest reward", "lowest reward", "prompt order"], horizontal=True, key="ov_order")
+    sort = {"highest reward": ("reward", False), "lowest reward": ("reward", True), "prompt order": ("prompt_id", True)}[order]
+    shown = comps.sort_values(sort[0], ascending=sort[1]).head(30)
+    st.caption("Prompt in grey, completion with VADER-lexicon words coloured by valence (hover for the value), "
+               "reward in brackets.")
+    st.html("".join(viz.completion_html(r.prompt, r.completion, r.reward) for r in shown.itertuples()))
+    with st.expander("All completions as a table"):
+        st.dataframe(comps[["prompt_id", "sample_idx", "prompt", "completion", "n_new", "reward", "raw_score"]],
+                     hide_index=True, width="stretch")

@@ -1,0 +1,176 @@
+"""Precompute: stages in order, skip when unchanged, recompute when the config changes, resume
+after SIGKILL without duplicates, the CLI's errors, and the report's keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from lfp_core import precompute, report
+from lfp_core.config import REPO_ROOT, preset_config
+from lfp_core.store import RunReader, db_path
+
+
+def _finished(run) -> dict:
+    r = RunReader(run)
+    return {s.name: s.status for s in r.stages()}
+
+
+def test_quick_run_contents(quick_run):
+    r = RunReader(quick_run)
+    assert _finished(quick_run) == {"model": "done", "prompts": "done", "base_samples": "done"}
+    prompts = r.prompts()
+    assert len(prompts) == 16
+    assert prompts.n_tokens.between(2, 9).all()
+    comps = r.completions("base")
+    assert len(comps) == 16
+    assert comps.n_new.between(1, 19).all() and (comps.n_new >= 8).mean() > 0.8  # EOS may end one early
+    # Stored rewards are the reward of the stored text, and lexicon words carry their valences.
+    from lfp_core import reward
+
+    for row in comps.itertuples():
+        assert row.reward == pytest.approx(reward.reward(row.completion))
+        assert sum(row.lexicon_valences) == pytest.approx(row.raw_score)
+
+
+def test_prompts_come_from_imdb_train_reviews(quick_run, shared_data):
+    prompts = RunReader(quick_run).prompts()
+    assert (prompts.source == "imdb").all()
+    assert prompts.doc_id.str.startswith("train/").all()
+
+
+def test_rerun_skips_finished_stages(quick_run):
+    before = RunReader(quick_run).query("SELECT name, finished_at FROM stages ORDER BY name")
+    cfg = preset_config("quick", **_cfg_of(quick_run))
+    outcome = precompute.run_pipeline(cfg, quick_run)
+    assert set(outcome.values()) == {"skipped"}
+    after = RunReader(quick_run).query("SELECT name, finished_at FROM stages ORDER BY name")
+    assert before.equals(after)
+
+
+def _cfg_of(run) -> dict:
+    c = RunReader(run).run_info()["config"]
+    return {k: v for k, v in c.items() if k not in ("preset", "extra")}
+
+
+def test_config_change_recomputes_only_downstream(tmp_path, quick_run):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(quick_run, run)
+    before = RunReader(run).query("SELECT name, finished_at FROM stages ORDER BY name").set_index("name")
+    cfg = preset_config("quick", **{**_cfg_of(run), "max_new_tokens": 12})
+    outcome = precompute.run_pipeline(cfg, run)
+    assert outcome == {"model": "skipped", "prompts": "skipped", "base_samples": "done"}
+    comps = RunReader(run).completions("base")
+    assert len(comps) == 16 and comps.n_new.max() <= 12
+    after = RunReader(run).query("SELECT name, finished_at FROM stages ORDER BY name").set_index("name")
+    assert after.loc["prompts", "finished_at"] == before.loc["prompts", "finished_at"]
+
+
+def test_report_json_has_every_headline_key(quick_run, capsys):
+    assert report.main([str(quick_run), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["schema_version"] == 1
+    assert set(rep["model"]) == {"name", "n_params", "n_layers", "d_model"}
+    assert rep["stages"] == {"model": "done", "prompts": "done", "base_samples": "done"}
+    b = rep["base_reward"]
+    assert b["n"] == 16 and b["se"] > 0
+    comps = RunReader(quick_run).completions("base")
+    assert b["mean"] == pytest.approx(comps.reward.mean())
+    assert report.main([str(quick_run)]) == 0
+    assert "base-model reward: mean" in capsys.readouterr().out
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "lfp_core.precompute", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=env, **kw)
+
+
+def test_cli_bad_model_path(tmp_path, capsys):
+    code = precompute.main(["--preset", "quick", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path / "missing") in err and "Accepted" in err
+
+
+def test_cli_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert precompute.main(["--preset", "quick", "--out", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert f.read_text() == "x"
+
+
+def test_cli_old_schema_then_rebuild_keeps_the_old_file(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    con = duckdb.connect(str(db_path(run)))
+    con.execute("CREATE TABLE meta (key VARCHAR, value VARCHAR); INSERT INTO meta VALUES ('schema_version', '0')")
+    con.close()
+    assert precompute.main(["--preset", "quick", "--out", str(run), "--until", "model"]) == 2
+    assert "--rebuild" in capsys.readouterr().err
+    assert precompute.main(["--preset", "quick", "--out", str(run), "--until", "model", "--rebuild"]) == 0
+    assert _finished(run) == {"model": "done"}
+    assert len(list(run.glob("run.duckdb.old-*"))) == 1
+
+
+def test_cli_corrupt_db(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    db_path(run).write_bytes(b"garbage" * 1000)
+    assert precompute.main(["--preset", "quick", "--out", str(run)]) == 2
+    assert "not a readable DuckDB database" in capsys.readouterr().err
+    assert db_path(run).read_bytes() == b"garbage" * 1000  # nothing lost
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
+    run = tmp_path / "killed"
+    args = ["--preset", "quick", "--out", str(run), "--n-prompts", "48", "--samples-per-prompt", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    chunks = 0
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            con = duckdb.connect(str(db_path(run)), read_only=True)
+            chunks = con.execute("SELECT count(*) FROM stage_chunks").fetchone()[0]
+            con.close()
+        except duckdb.Error:
+            continue  # not created yet, or the writer holds the lock right now
+        if chunks >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"precompute ended before it could be killed: {proc.stderr.read()}"
+    r = RunReader(run)
+    status = {s.name: s.status for s in r.stages()}
+    assert status["model"] == "done" and status["prompts"] == "done" and status["base_samples"] == "running"
+    stored_before = r.query("SELECT prompt_id, sample_idx, text FROM completions ORDER BY 1, 2")
+    assert 0 < len(stored_before) < 96
+    finished_before = r.query("SELECT name, finished_at FROM stages WHERE status = 'done' ORDER BY name")
+
+    done = subprocess.run([sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr
+    r = RunReader(run)
+    assert {s.name: s.status for s in r.stages()} == {"model": "done", "prompts": "done", "base_samples": "done"}
+    keys = r.query("SELECT prompt_id, sample_idx, count(*) AS n FROM completions GROUP BY 1, 2")
+    assert len(keys) == 96 and (keys.n == 1).all()
+    # Rows committed before the kill are untouched; finished stages were not re-run.
+    after = r.query("SELECT prompt_id, sample_idx, text FROM completions ORDER BY 1, 2").merge(
+        stored_before, on=["prompt_id", "sample_idx"], suffixes=("", "_before"))
+    assert (after.text == after.text_before).all() and len(after) == len(stored_before)
+    assert r.query("SELECT name, finished_at FROM stages WHERE name IN ('model', 'prompts') ORDER BY name").equals(
+        finished_before)
