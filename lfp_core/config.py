@@ -20,6 +20,12 @@ DEMO_MODEL_DIR = Path(os.environ.get("LFP_DEMO_MODEL_DIR", REPO_ROOT / "data" / 
 RUNS_DIR = REPO_ROOT / "data" / "runs"
 
 
+def runs_dir() -> Path:
+    """Where the dashboard looks for runs: ``$LFP_RUNS_DIR``, else ``data/runs`` in the repo."""
+    env = os.environ.get("LFP_RUNS_DIR")
+    return Path(env).expanduser() if env else RUNS_DIR
+
+
 def default_data_dir() -> Path | None:
     """The public data sets folder: ``$LFP_DATA_DIR``, else ``../shared/data`` beside the repo.
 

@@ -130,7 +130,8 @@ def model_prompts(model, n: int, min_tokens: int, max_tokens: int, seed: int, ba
     rows: list[dict] = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        outs = sample_batch(model, [[] for _ in range(count)], max_tokens, seed=seed * 1_000_003 + start)
+        outs = sample_batch(model, [[] for _ in range(count)], max_tokens, seed=seed * 1_000_003 + start,
+                            allow_eos=False)
         for j, ids in enumerate(outs):
             ids = ids[: int(lengths[start + j])]
             rows.append({"prompt_id": start + j, "source": "model", "doc_id": None, "n_tokens": len(ids),

@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                             n_prompts=args.n_prompts, samples_per_prompt=args.samples_per_prompt,
                             gen_batch_size=args.gen_batch_size,
                             data_dir=str(Path(data_dir).resolve()) if data_dir else None)
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {cfg.device} requested but torch sees no CUDA device; use --device cpu")
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))
             log.info("moved the old %s aside to %s", DB_NAME, moved)

@@ -19,7 +19,8 @@ def _bos(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
+def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, seed: int,
+                 allow_eos: bool = True) -> list[list[int]]:
     """Sample ``max_new_tokens`` tokens after each prompt (all prompts the same length).
 
     Args:
@@ -27,6 +28,7 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, seed: int
         prompts: token ids without BOS, all of one length (may be empty: sample from BOS).
         max_new_tokens: tokens to sample per prompt.
         seed: seeds torch's generator for this batch.
+        allow_eos: when False the end-of-text token is never sampled (used for prompt prefixes).
 
     Returns:
         The new token ids of each prompt, cut at the first EOS.
@@ -48,6 +50,7 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, seed: int
         temperature=1.0,
         max_new_tokens=max_new_tokens,
         pad_token_id=tok.pad_token_id,
+        suppress_tokens=None if allow_eos or tok.eos_token_id is None else [tok.eos_token_id],
     )
     new = out[:, ids.shape[1]:].tolist()
     eos = tok.eos_token_id

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from lfp_core.config import RUNS_DIR
+from lfp_core.config import runs_dir
 from lfp_core.store import RunReader, StoreError, db_path, list_runs
 
 RUN_KEY = "lfp_run_dir"
@@ -49,7 +49,7 @@ def require_run() -> str:
     run = selected_run()
     if run is None:
         st.info(
-            f"No run selected. No runs were found under `{RUNS_DIR}`. Compute the demo run with "
+            f"No run selected. No runs were found under `{runs_dir()}`. Compute the demo run with "
             "`./lfp demo`, or any run with `python -m lfp_core.precompute --preset quick --out data/runs/quick`, "
             "or type a run directory in the sidebar."
         )
@@ -59,7 +59,7 @@ def require_run() -> str:
 
 def sidebar(default_run: str | None = None) -> None:
     """Draw the run picker and the selected run's model and task; store the choice in session state."""
-    runs = {p.name: str(p) for p in list_runs(RUNS_DIR)}
+    runs = {p.name: str(p) for p in list_runs(runs_dir())}
     qp = st.query_params.get("run")
     wanted = qp or st.session_state.get(RUN_KEY) or default_run
     with st.sidebar:
@@ -67,8 +67,8 @@ def sidebar(default_run: str | None = None) -> None:
         names = list(runs)
         if wanted and wanted not in runs.values() and wanted not in runs:
             p = Path(wanted)
-            if not p.is_absolute() and not p.exists() and (RUNS_DIR / wanted).exists():
-                p = RUNS_DIR / wanted
+            if not p.is_absolute() and not p.exists() and (runs_dir() / wanted).exists():
+                p = runs_dir() / wanted
             runs[str(wanted)] = str(p)
             names.append(str(wanted))
         index = 0

@@ -17,13 +17,14 @@ model = read(run_dir, "model_info", role="base")
 stages = read(run_dir, "stages")
 
 st.title(f"Run · {info.get('name', run_dir)}")
-st.caption(f"`{run_dir}` · preset **{info.get('preset')}** · created {info.get('created_at')}")
+model_line = f"model **{model['name']}** ({model['architecture']}) · " if model else ""
+st.caption(f"{model_line}preset **{info.get('preset')}** · created {info.get('created_at')} · `{run_dir}`")
 
 c1, c2, c3, c4 = st.columns(4)
 if model:
-    c1.metric("Model", model["name"])
-    c2.metric("Parameters", f"{model['n_params'] / 1e6:.2f} M")
-    c3.metric("Layers × d_model", f"{model['n_layers']} × {model['d_model']}")
+    c1.metric("Parameters", f"{model['n_params'] / 1e6:.2f} M")
+    c2.metric("Layers × d_model", f"{model['n_layers']} × {model['d_model']}")
+    c3.metric("Vocabulary", f"{model['vocab_size']:,}")
 summary = read(run_dir, "reward_summary", role="base")
 if summary:
     c4.metric("Base reward (mean ± s.e.)", f"{summary['mean']:+.3f} ± {summary['se']:.3f}", help=f"n = {summary['n']}")

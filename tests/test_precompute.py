@@ -174,3 +174,23 @@ def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     assert (after.text == after.text_before).all() and len(after) == len(stored_before)
     assert r.query("SELECT name, finished_at FROM stages WHERE name IN ('model', 'prompts') ORDER BY name").equals(
         finished_before)
+
+
+def test_without_data_prompts_are_sampled_from_the_model(tmp_path):
+    cfg = preset_config("quick", n_prompts=8, gen_batch_size=4, data_dir=None)
+    precompute.run_pipeline(cfg, tmp_path / "nodata")
+    prompts = RunReader(tmp_path / "nodata").prompts()
+    assert len(prompts) == 8 and (prompts.source == "model").all()
+    assert prompts.n_tokens.between(2, 9).all()
+    assert len(RunReader(tmp_path / "nodata").completions("base")) == 8
+    stage = {s.name: s for s in RunReader(tmp_path / "nodata").stages()}["prompts"]
+    assert stage.detail["source"] == "model-sampled"
+
+
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert precompute.main(["--preset", "quick", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

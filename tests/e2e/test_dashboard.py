@@ -1,0 +1,130 @@
+"""The served dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+Starts ``streamlit run app.py`` on a free loopback port, checks ``/_stcore/health``, and reads the
+Overview page as a user would. Skips when Chromium is absent, unless LFP_REQUIRE_E2E=1 (CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lfp_core.config import REPO_ROOT
+from lfp_core.store import RunWriter
+
+pytestmark = pytest.mark.e2e
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _chromium() -> str:
+    path = os.environ.get("LFP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        if os.environ.get("LFP_REQUIRE_E2E") == "1":
+            pytest.fail("LFP_REQUIRE_E2E=1 but no chromium binary was found")
+        pytest.skip("needs Chromium (Debian package 'chromium') for browser tests")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(quick_run, tmp_path_factory):
+    """A served dashboard over a runs folder holding the quick run and a run with HTML in its text."""
+    runs = quick_run.parent
+    evil = runs / "evil"
+    if not evil.exists():
+        w = RunWriter(evil)
+        w.set_config("quick", '{"model": "demo", "task": "vader"}')
+        with w.transaction() as con:
+            RunWriter.put_prompts(con, [{"prompt_id": 0, "source": "imdb", "doc_id": "x", "n_tokens": 1,
+                                         "token_ids": [1], "text": "<img src=x onerror=alert(1)>"}])
+            RunWriter.put_completions(con, [{
+                "role": "base", "prompt_id": 0, "sample_idx": 0, "seed": 0, "n_new": 2, "token_ids": [1, 2],
+                "text": " great <script>alert(1)</script>", "reward": 0.62, "raw_score": 3.1,
+                "lexicon_words": ["great"], "lexicon_valences": [3.1]}])
+    port = _free_port()
+    env = {**os.environ, "LFP_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO_ROOT)}
+    log = (tmp_path_factory.mktemp("srv") / "streamlit.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--", "--run", str(quick_run)],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                    if r.read().decode().strip() == "ok":
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"streamlit did not become healthy (exit {proc.poll()})")
+            time.sleep(0.5)
+        yield base, quick_run
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def test_health_endpoint(server):
+    base, _ = server
+    with urllib.request.urlopen(f"{base}/_stcore/health", timeout=5) as r:
+        assert r.read().decode().strip() == "ok"
+
+
+def test_overview_renders_the_run_in_chromium(server, browser):
+    base, run = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.goto(f"{base}/", wait_until="domcontentloaded")
+    page.get_by_text(f"Run · {run.name}").wait_for(timeout=60_000)
+    page.locator(".lfp-completion").first.wait_for(timeout=60_000)
+    assert page.locator(".lfp-completion").count() == 16
+    body = page.inner_text("body")
+    assert "Base reward (mean ± s.e.)" in body and "Stages" in body and "Base-model completions" in body
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=False)
+    page.close()
+
+
+def test_html_in_text_is_shown_not_run(server, browser):
+    base, _ = server
+    page = browser.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(f"{base}/?run=evil", wait_until="domcontentloaded")
+    page.locator(".lfp-completion").first.wait_for(timeout=60_000)
+    text = page.locator(".lfp-completion").first.inner_text()
+    assert "<script>alert(1)</script>" in text
+    assert page.locator(".lfp-completion img").count() == 0 and page.locator(".lfp-completion script").count() == 0
+    page.wait_for_timeout(500)
+    assert dialogs == []
+    page.close()
