@@ -49,7 +49,9 @@ class RunConfig:
         data_dir: public data sets folder (None: hub when online, else model-sampled prompts).
         seed: master seed; every stage derives its own from it.
         device: torch device for model work (``cpu`` or ``cuda``).
-        n_prompts: number of RL prompts built from IMDB review prefixes.
+        n_prompts: number of RL (training) prompts, prefixes of IMDB *train* reviews.
+        n_eval_prompts: number of held-out prompts, prefixes of IMDB *test* reviews; base and
+            tuned policies are evaluated on these with identical sampling.
         prompt_min_tokens / prompt_max_tokens: prefix length range, inclusive (paper: 2–9).
         min_new_tokens / max_new_tokens: completion length range, inclusive (paper: 8–19).
         samples_per_prompt: completions sampled per prompt for the base-model evaluation.
@@ -62,6 +64,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     n_prompts: int = 256
+    n_eval_prompts: int = 256
     prompt_min_tokens: int = 2
     prompt_max_tokens: int = 9
     min_new_tokens: int = 8
@@ -90,18 +93,18 @@ class RunConfig:
             raise ValueError("need 1 <= prompt_min_tokens <= prompt_max_tokens")
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("need 1 <= min_new_tokens <= max_new_tokens")
-        for name in ("n_prompts", "samples_per_prompt", "gen_batch_size"):
+        for name in ("n_prompts", "n_eval_prompts", "samples_per_prompt", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 PRESETS: dict[str, dict] = {
     # quick: a smoke run of every stage, for tests and first contact (<= 2 minutes on 2 cores).
-    "quick": {"n_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32},
+    "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32},
     # demo: the embedded demo run the quick start serves.
-    "demo": {"n_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64},
+    "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64},
     # paper: the paper's scale (1,000 completions per evaluation); meant for a GPU.
-    "paper": {"n_prompts": 1000, "samples_per_prompt": 1, "gen_batch_size": 128},
+    "paper": {"n_prompts": 1000, "n_eval_prompts": 1000, "samples_per_prompt": 1, "gen_batch_size": 128},
 }
 
 

@@ -83,25 +83,30 @@ def _hub_reachable() -> bool:
         os.environ.get("HF_DATASETS_OFFLINE", "0").lower() not in ("1", "true", "yes", "on")
 
 
-def imdb_reviews(data_dir: str | Path | None, split: str = "train") -> tuple[list[Review], str]:
-    """All labelled reviews of a split and where they came from ('local:<dir>' or 'hub:<name>').
+def imdb_reviews(data_dir: str | Path | None, splits: tuple[str, ...] = ("train", "test"),
+                 ) -> tuple[dict[str, list[Review]], str]:
+    """Labelled reviews per split (one pass over the archive) and where they came from
+    ('local:<dir>' or 'hub:<name>').
 
     Raises:
         FileNotFoundError: no local copy and the hub is unreachable.
     """
     d = imdb_dir(data_dir)
     if d is not None:
-        return list(iter_imdb(data_dir, (split,))), f"local:{d}"
+        out: dict[str, list[Review]] = {s: [] for s in splits}
+        for r in iter_imdb(data_dir, splits):
+            out[r.doc_id.split("/")[0]].append(r)
+        return out, f"local:{d}"
     if _hub_reachable():
         try:
-            return _hub_imdb(split), f"hub:{HUB_IMDB}"
+            return {s: _hub_imdb(s) for s in splits}, f"hub:{HUB_IMDB}"
         except Exception as exc:  # network errors come in many types
             raise FileNotFoundError(f"no local IMDB copy and the hub failed: {exc}") from exc
     raise FileNotFoundError("no local IMDB copy (set LFP_DATA_DIR or --data-dir) and the hub is offline")
 
 
 def imdb_prompts(tokenizer, reviews: list[Review], n: int, min_tokens: int, max_tokens: int,
-                 seed: int, min_chars: int = 200) -> list[dict]:
+                 seed: int, min_chars: int = 200, split: str = "train", first_id: int = 0) -> list[dict]:
     """The paper's prompts: the first k ~ U[min_tokens, max_tokens] tokens of reviews > min_chars.
 
     Reviews are drawn without replacement with a seeded generator; ``k`` is drawn per prompt.
@@ -116,12 +121,14 @@ def imdb_prompts(tokenizer, reviews: list[Review], n: int, min_tokens: int, max_
     for pid, (i, k) in enumerate(zip(picks, lengths)):
         r = pool[int(i)]
         ids = tokenizer(r.text[:400], add_special_tokens=False)["input_ids"][: int(k)]
-        rows.append({"prompt_id": pid, "source": "imdb", "doc_id": r.doc_id, "n_tokens": len(ids),
+        rows.append({"prompt_id": first_id + pid, "split": split, "source": "imdb", "doc_id": r.doc_id,
+                     "n_tokens": len(ids),
                      "token_ids": [int(t) for t in ids], "text": tokenizer.decode(ids)})
     return rows
 
 
-def model_prompts(model, n: int, min_tokens: int, max_tokens: int, seed: int, batch_size: int = 64) -> list[dict]:
+def model_prompts(model, n: int, min_tokens: int, max_tokens: int, seed: int, batch_size: int = 64,
+                  split: str = "train", first_id: int = 0) -> list[dict]:
     """Prefixes sampled from the model itself (pure sampling from BOS), for when no data set is reachable."""
     from lfp_core.sampling import sample_batch
 
@@ -134,6 +141,7 @@ def model_prompts(model, n: int, min_tokens: int, max_tokens: int, seed: int, ba
                             allow_eos=False)
         for j, ids in enumerate(outs):
             ids = ids[: int(lengths[start + j])]
-            rows.append({"prompt_id": start + j, "source": "model", "doc_id": None, "n_tokens": len(ids),
+            rows.append({"prompt_id": first_id + start + j, "split": split, "source": "model", "doc_id": None,
+                         "n_tokens": len(ids),
                          "token_ids": [int(t) for t in ids], "text": model.tokenizer.decode(ids)})
     return rows

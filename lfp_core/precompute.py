@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", default=None, help="public data sets folder (default: $LFP_DATA_DIR or ../shared/data)")
     ap.add_argument("--device", default=None, help="cpu or cuda")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--n-prompts", type=int, default=None)
+    ap.add_argument("--n-prompts", type=int, default=None, help="RL (training) prompts")
+    ap.add_argument("--n-eval-prompts", type=int, default=None, help="held-out evaluation prompts")
     ap.add_argument("--samples-per-prompt", type=int, default=None)
     ap.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generation batch")
     ap.add_argument("--until", choices=[s.name for s in STAGES], default=None, help="stop after this stage")
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist")
         cfg = preset_config(args.preset, model=args.model, device=args.device, seed=args.seed,
-                            n_prompts=args.n_prompts, samples_per_prompt=args.samples_per_prompt,
+                            n_prompts=args.n_prompts, n_eval_prompts=args.n_eval_prompts,
+                            samples_per_prompt=args.samples_per_prompt,
                             gen_batch_size=args.gen_batch_size,
                             data_dir=str(Path(data_dir).resolve()) if data_dir else None)
         if cfg.device.startswith("cuda"):

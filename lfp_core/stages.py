@@ -96,19 +96,25 @@ def stage_model(ctx: Context, config_hash: str) -> None:
 
 
 def stage_prompts(ctx: Context, config_hash: str) -> None:
-    """The paper's prompt set; model-sampled prefixes when no IMDB copy is reachable."""
+    """The paper's prompt sets: RL prompts from IMDB train reviews, held-out prompts from IMDB test
+    reviews; model-sampled prefixes (two seeds) when no IMDB copy is reachable."""
     cfg, m = ctx.cfg, ctx.model
+    lo, hi = cfg.prompt_min_tokens, cfg.prompt_max_tokens
     try:
-        reviews, where = corpora.imdb_reviews(cfg.data_dir, "train")
-        rows = corpora.imdb_prompts(m.tokenizer, reviews, cfg.n_prompts, cfg.prompt_min_tokens,
-                                    cfg.prompt_max_tokens, cfg.seed)
+        reviews, where = corpora.imdb_reviews(cfg.data_dir, ("train", "test"))
+        rows = corpora.imdb_prompts(m.tokenizer, reviews["train"], cfg.n_prompts, lo, hi, cfg.seed)
+        rows += corpora.imdb_prompts(m.tokenizer, reviews["test"], cfg.n_eval_prompts, lo, hi, cfg.seed + 1,
+                                     split="eval", first_id=len(rows))
     except FileNotFoundError as exc:
         log.warning("IMDB not reachable (%s): sampling prompt prefixes from the model itself", exc)
         where = "model-sampled"
-        rows = corpora.model_prompts(m, cfg.n_prompts, cfg.prompt_min_tokens, cfg.prompt_max_tokens,
-                                     cfg.seed, cfg.gen_batch_size)
-    log.info("built %d prompts from %s", len(rows), where)
-    ctx.commit(lambda con: RunWriter.put_prompts(con, rows), {"n_prompts": len(rows), "source": where})
+        rows = corpora.model_prompts(m, cfg.n_prompts, lo, hi, cfg.seed, cfg.gen_batch_size)
+        rows += corpora.model_prompts(m, cfg.n_eval_prompts, lo, hi, cfg.seed + 1, cfg.gen_batch_size,
+                                      split="eval", first_id=len(rows))
+    n_train = sum(r["split"] == "train" for r in rows)
+    log.info("built %d RL and %d held-out prompts from %s", n_train, len(rows) - n_train, where)
+    ctx.commit(lambda con: RunWriter.put_prompts(con, rows),
+               {"n_train": n_train, "n_eval": len(rows) - n_train, "source": where})
 
 
 def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], outs) -> list[dict]:
@@ -126,13 +132,14 @@ def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], out
 
 
 def stage_base_samples(ctx: Context, config_hash: str) -> None:
-    """Sample base-model completions (8–19 new tokens, pure sampling) and score them.
+    """Sample base-model completions of the held-out prompts (8–19 new tokens, pure sampling) and
+    score them; the tuned policy is later sampled on the same prompts with the same seeds.
 
     Committed chunk by chunk (rows + a chunk marker in one transaction); a killed run resumes
     at the first unfinished chunk, and the primary key forbids duplicate rows.
     """
     cfg, m, w = ctx.cfg, ctx.model, ctx.writer
-    prompts = w.reader().prompts()
+    prompts = w.reader().prompts("eval")
     rng = np.random.default_rng([cfg.seed, 17])
     jobs = [(int(pid), s, int(rng.integers(cfg.min_new_tokens, cfg.max_new_tokens + 1)))
             for pid in prompts.prompt_id for s in range(cfg.samples_per_prompt)]
@@ -158,11 +165,12 @@ def stage_base_samples(ctx: Context, config_hash: str) -> None:
 STAGES: list[Stage] = [
     Stage("model", ("model", "device"), (), stage_model, {"models": ("role = ?", ["base"])},
           fingerprint=model_fingerprint, describe="load the base model (HF + transformer-lens)"),
-    Stage("prompts", ("data_dir", "n_prompts", "prompt_min_tokens", "prompt_max_tokens", "seed"), ("model",),
-          stage_prompts, {"prompts": ("true", [])}, describe="build the RL prompt set (IMDB prefixes)"),
+    Stage("prompts", ("data_dir", "n_prompts", "n_eval_prompts", "prompt_min_tokens", "prompt_max_tokens", "seed"),
+          ("model",), stage_prompts, {"prompts": ("true", [])},
+          describe="build the RL and held-out prompt sets (IMDB train / test prefixes)"),
     Stage("base_samples", ("min_new_tokens", "max_new_tokens", "samples_per_prompt", "gen_batch_size", "seed"),
           ("prompts",), stage_base_samples, {"completions": ("role = ?", ["base"])}, chunked=True,
-          describe="sample base-model completions and score them with the VADER reward"),
+          describe="sample base-model completions of held-out prompts, score them with the VADER reward"),
 ]
 
 

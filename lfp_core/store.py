@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS models (
     role VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, location VARCHAR,
     architecture VARCHAR, n_params BIGINT, n_layers INTEGER, d_model INTEGER, vocab_size INTEGER);
 CREATE TABLE IF NOT EXISTS prompts (
-    prompt_id INTEGER PRIMARY KEY, source VARCHAR NOT NULL, doc_id VARCHAR,
+    prompt_id INTEGER PRIMARY KEY, split VARCHAR NOT NULL, source VARCHAR NOT NULL, doc_id VARCHAR,
     n_tokens INTEGER NOT NULL, token_ids INTEGER[] NOT NULL, text VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS completions (
     role VARCHAR NOT NULL, prompt_id INTEGER NOT NULL, sample_idx INTEGER NOT NULL,
@@ -204,11 +204,12 @@ class RunReader:
         df = self.query("SELECT * FROM models WHERE role = ?", [role])
         return None if df.empty else {k: (v.item() if hasattr(v, "item") else v) for k, v in df.iloc[0].items()}
 
-    def prompts(self, limit: int | None = None) -> pd.DataFrame:
-        sql = "SELECT prompt_id, source, doc_id, n_tokens, token_ids, text FROM prompts ORDER BY prompt_id"
-        if limit is not None:
-            return self.query(sql + " LIMIT ?", [int(limit)])
-        return self.query(sql)
+    def prompts(self, split: str | None = None) -> pd.DataFrame:
+        """Prompts of one split ('train': RL prompts, 'eval': held-out), or all when None."""
+        sql = "SELECT prompt_id, split, source, doc_id, n_tokens, token_ids, text FROM prompts"
+        if split is not None:
+            return self.query(sql + " WHERE split = ? ORDER BY prompt_id", [split])
+        return self.query(sql + " ORDER BY prompt_id")
 
     def completions(self, role: str = "base", limit: int | None = None, order: str = "id") -> pd.DataFrame:
         """Completions of a policy role with their prompts; ``order`` is 'id', 'reward' or '-reward'."""
@@ -346,7 +347,7 @@ class RunWriter:
     def put_prompts(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
         if not rows:
             return
-        df = pd.DataFrame(rows, columns=["prompt_id", "source", "doc_id", "n_tokens", "token_ids", "text"])
+        df = pd.DataFrame(rows, columns=["prompt_id", "split", "source", "doc_id", "n_tokens", "token_ids", "text"])
         con.register("_prompts_in", df)
         con.execute("INSERT INTO prompts SELECT * FROM _prompts_in")
         con.unregister("_prompts_in")

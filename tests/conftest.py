@@ -49,7 +49,7 @@ def quick_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "quick16"
     data_dir = default_data_dir()
-    cfg = preset_config("quick", n_prompts=16, gen_batch_size=8,
+    cfg = preset_config("quick", n_prompts=16, n_eval_prompts=16, gen_batch_size=8,
                         data_dir=str(data_dir) if data_dir else None)
     run_pipeline(cfg, out)
     return out

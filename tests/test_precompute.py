@@ -27,10 +27,11 @@ def test_quick_run_contents(quick_run):
     r = RunReader(quick_run)
     assert _finished(quick_run) == {"model": "done", "prompts": "done", "base_samples": "done"}
     prompts = r.prompts()
-    assert len(prompts) == 16
+    assert len(prompts) == 32 and (prompts.split == "train").sum() == 16
     assert prompts.n_tokens.between(2, 9).all()
     comps = r.completions("base")
-    assert len(comps) == 16
+    assert len(comps) == 16  # one per held-out prompt
+    assert set(comps.prompt_id) == set(r.prompts("eval").prompt_id)
     assert comps.n_new.between(1, 19).all() and (comps.n_new >= 8).mean() > 0.8  # EOS may end one early
     # Stored rewards are the reward of the stored text, and lexicon words carry their valences.
     from lfp_core import reward
@@ -40,10 +41,11 @@ def test_quick_run_contents(quick_run):
         assert sum(row.lexicon_valences) == pytest.approx(row.raw_score)
 
 
-def test_prompts_come_from_imdb_train_reviews(quick_run, shared_data):
-    prompts = RunReader(quick_run).prompts()
-    assert (prompts.source == "imdb").all()
-    assert prompts.doc_id.str.startswith("train/").all()
+def test_prompts_come_from_imdb_train_and_test_reviews(quick_run, shared_data):
+    r = RunReader(quick_run)
+    assert (r.prompts().source == "imdb").all()
+    assert r.prompts("train").doc_id.str.startswith("train/").all()
+    assert r.prompts("eval").doc_id.str.startswith("test/").all()
 
 
 def test_rerun_skips_finished_stages(quick_run):
@@ -134,7 +136,8 @@ def test_cli_corrupt_db(tmp_path, capsys):
 @pytest.mark.slow
 def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     run = tmp_path / "killed"
-    args = ["--preset", "quick", "--out", str(run), "--n-prompts", "48", "--samples-per-prompt", "2"]
+    args = ["--preset", "quick", "--out", str(run), "--n-prompts", "8", "--n-eval-prompts", "48",
+            "--samples-per-prompt", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -177,10 +180,10 @@ def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
 
 
 def test_without_data_prompts_are_sampled_from_the_model(tmp_path):
-    cfg = preset_config("quick", n_prompts=8, gen_batch_size=4, data_dir=None)
+    cfg = preset_config("quick", n_prompts=8, n_eval_prompts=8, gen_batch_size=4, data_dir=None)
     precompute.run_pipeline(cfg, tmp_path / "nodata")
     prompts = RunReader(tmp_path / "nodata").prompts()
-    assert len(prompts) == 8 and (prompts.source == "model").all()
+    assert len(prompts) == 16 and (prompts.source == "model").all()
     assert prompts.n_tokens.between(2, 9).all()
     assert len(RunReader(tmp_path / "nodata").completions("base")) == 8
     stage = {s.name: s for s in RunReader(tmp_path / "nodata").stages()}["prompts"]

@@ -12,7 +12,7 @@ from lfp_core.store import (
 
 
 def _prompt(pid: int) -> dict:
-    return {"prompt_id": pid, "source": "imdb", "doc_id": f"train/pos/{pid}", "n_tokens": 2,
+    return {"prompt_id": pid, "split": "train", "source": "imdb", "doc_id": f"train/pos/{pid}", "n_tokens": 2,
             "token_ids": [1, 2], "text": "a b"}
 
 

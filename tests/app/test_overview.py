@@ -81,7 +81,7 @@ def test_html_in_generated_text_is_escaped(monkeypatch, tmp_path, evil):
     w = RunWriter(run)
     w.set_config("quick", '{"model": "demo", "task": "vader"}')
     with w.transaction() as con:
-        RunWriter.put_prompts(con, [{"prompt_id": 0, "source": "imdb", "doc_id": "x", "n_tokens": 1,
+        RunWriter.put_prompts(con, [{"prompt_id": 0, "split": "eval", "source": "imdb", "doc_id": "x", "n_tokens": 1,
                                      "token_ids": [1], "text": evil}])
         RunWriter.put_completions(con, [{
             "role": "base", "prompt_id": 0, "sample_idx": 0, "seed": 0, "n_new": 3, "token_ids": [1, 2, 3],

@@ -50,7 +50,7 @@ def server(quick_run, tmp_path_factory):
         w = RunWriter(evil)
         w.set_config("quick", '{"model": "demo", "task": "vader"}')
         with w.transaction() as con:
-            RunWriter.put_prompts(con, [{"prompt_id": 0, "source": "imdb", "doc_id": "x", "n_tokens": 1,
+            RunWriter.put_prompts(con, [{"prompt_id": 0, "split": "eval", "source": "imdb", "doc_id": "x", "n_tokens": 1,
                                          "token_ids": [1], "text": "<img src=x onerror=alert(1)>"}])
             RunWriter.put_completions(con, [{
                 "role": "base", "prompt_id": 0, "sample_idx": 0, "seed": 0, "n_new": 2, "token_ids": [1, 2],
