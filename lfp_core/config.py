@@ -56,6 +56,12 @@ class RunConfig:
         min_new_tokens / max_new_tokens: completion length range, inclusive (paper: 8–19).
         samples_per_prompt: completions sampled per prompt for the base-model evaluation.
         gen_batch_size: prompts per generation batch (also the resume granularity).
+        rl_steps / rl_lr / rl_beta: GRPO optimiser steps, learning rate and KL coefficient.
+        rl_prompts_per_step / rl_generations: prompts per step and completions per prompt (group).
+        rl_save_every: checkpoint interval in steps (an interrupted RL stage resumes from it).
+        n_selected_layers: how many of the most divergent layers later stages study.
+        divergence_measure: which divergence picks the layers: 'param' (the paper's) or 'activation'.
+        divergence_sequences: held-out sequences for the activation divergence.
     """
 
     model: str = "demo"
@@ -71,6 +77,15 @@ class RunConfig:
     max_new_tokens: int = 19
     samples_per_prompt: int = 1
     gen_batch_size: int = 64
+    rl_steps: int = 150
+    rl_lr: float = 2e-4
+    rl_beta: float = 0.1
+    rl_prompts_per_step: int = 4
+    rl_generations: int = 8
+    rl_save_every: int = 25
+    n_selected_layers: int = 2
+    divergence_measure: str = "param"
+    divergence_sequences: int = 256
     preset: str = "custom"
     extra: dict = field(default_factory=dict)
 
@@ -87,13 +102,18 @@ class RunConfig:
         """Raise ValueError with a specific message for an impossible configuration."""
         if self.task != "vader":
             raise ValueError(f"task {self.task!r} is not available yet; supported: 'vader'")
+        if self.divergence_measure not in ("param", "activation"):
+            raise ValueError(f"divergence_measure must be 'param' or 'activation', got {self.divergence_measure!r}")
+        if self.rl_steps < 1 or self.rl_generations < 2:
+            raise ValueError("need rl_steps >= 1 and rl_generations >= 2 (GRPO compares a group)")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not 1 <= self.prompt_min_tokens <= self.prompt_max_tokens:
             raise ValueError("need 1 <= prompt_min_tokens <= prompt_max_tokens")
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("need 1 <= min_new_tokens <= max_new_tokens")
-        for name in ("n_prompts", "n_eval_prompts", "samples_per_prompt", "gen_batch_size"):
+        for name in ("n_prompts", "n_eval_prompts", "samples_per_prompt", "gen_batch_size", "n_selected_layers",
+                     "rl_prompts_per_step", "rl_save_every", "divergence_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -11,6 +11,7 @@ success, 2 on bad input (with a one-line reason), 1 on a failure inside a stage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from lfp_core.config import PRESETS, RunConfig, default_data_dir, preset_config, stage_hash
 from lfp_core.models import ModelLoadError
-from lfp_core.stages import STAGES, Context
+from lfp_core.pipeline import STAGES, Context
 from lfp_core.store import DB_NAME, RunWriter, StoreError, db_path
 
 log = logging.getLogger("lfp_core.precompute")
@@ -75,6 +76,31 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
     return outcome
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["rl_steps=300", "rl_beta=0.2"]`` -> typed RunConfig overrides; unknown fields are refused."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields or key in ("extra", "preset"):
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(sorted(k for k in fields if k not in ('extra', 'preset')))}")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                out[key] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                out[key] = int(raw)
+            elif isinstance(default, float):
+                out[key] = float(raw)
+            else:
+                out[key] = None if raw.lower() == "none" else raw
+        except ValueError as exc:
+            raise ValueError(f"--set {item!r}: {key} needs a {type(default).__name__}") from exc
+    return out
+
+
 def _move_aside(path: Path) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     dest = path.with_name(f"{path.name}.old-{stamp}")
@@ -98,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-eval-prompts", type=int, default=None, help="held-out evaluation prompts")
     ap.add_argument("--samples-per-prompt", type=int, default=None)
     ap.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generation batch")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override any RunConfig field, e.g. --set rl_steps=300 --set rl_beta=0.2 (repeatable)")
     ap.add_argument("--until", choices=[s.name for s in STAGES], default=None, help="stop after this stage")
     ap.add_argument("--rebuild", action="store_true",
                     help="move an existing run.duckdb aside (kept as run.duckdb.old-*) and start afresh")
@@ -118,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.data_dir or default_data_dir()
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist")
-        cfg = preset_config(args.preset, model=args.model, device=args.device, seed=args.seed,
-                            n_prompts=args.n_prompts, n_eval_prompts=args.n_eval_prompts,
-                            samples_per_prompt=args.samples_per_prompt,
-                            gen_batch_size=args.gen_batch_size,
-                            data_dir=str(Path(data_dir).resolve()) if data_dir else None)
+        values = dict(model=args.model, device=args.device, seed=args.seed, n_prompts=args.n_prompts,
+                      n_eval_prompts=args.n_eval_prompts, samples_per_prompt=args.samples_per_prompt,
+                      gen_batch_size=args.gen_batch_size,
+                      data_dir=str(Path(data_dir).resolve()) if data_dir else None)
+        values.update(parse_overrides(args.set))
+        cfg = preset_config(args.preset, **values)
         if cfg.device.startswith("cuda"):
             import torch
 

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from lfp_core.stages import STAGES
+from lfp_core.pipeline import STAGES
 from lfp_core.store import SCHEMA_VERSION, RunReader, StoreError
 
 
@@ -20,17 +20,30 @@ def build_report(run_dir: str) -> dict:
     """The run's headline figures as a JSON-ready dict (stages never run are 'pending')."""
     r = RunReader(run_dir)
     info = r.run_info()
-    recorded = {s.name: s.status for s in r.stages()}
+    records = {s.name: s for s in r.stages()}
+    recorded = {s.name: s.status for s in records.values()}
     stages = {s.name: recorded.get(s.name, "pending") for s in STAGES}
     stages.update({k: v for k, v in recorded.items() if k not in stages})
     model = r.model_info("base")
-    return {
+    rep = {
         "schema_version": SCHEMA_VERSION,
         "run": {"name": info.get("name"), "preset": info.get("preset"), "dir": str(r.run_dir)},
         "model": None if model is None else {k: model[k] for k in ("name", "n_params", "n_layers", "d_model")},
         "stages": stages,
         "base_reward": r.reward_summary("base"),
     }
+    ev = records.get("rl_eval")
+    if ev is not None and ev.status == "done":
+        d = ev.detail
+        rep["rlhf"] = {k: d[k] for k in ("reward_base", "reward_tuned", "difference", "kl_per_token",
+                                          "distinct2_base", "distinct2_tuned")}
+    dv = records.get("divergence")
+    if dv is not None and dv.status == "done":
+        div = r.layer_divergence()
+        rep["divergence"] = {"param": [float(x) for x in div.param], "activation": [float(x) for x in div.act_cos],
+                             "activation_rel_l2": [float(x) for x in div.act_rel_l2],
+                             "measure": dv.detail.get("measure"), "selected_layers": dv.detail.get("selected_layers")}
+    return rep
 
 
 def format_report(rep: dict) -> str:
@@ -43,6 +56,17 @@ def format_report(rep: dict) -> str:
     b = rep["base_reward"]
     lines.append("base-model reward: " + ("not computed yet" if b is None else
                                           f"mean {b['mean']:.3f} ± {b['se']:.3f} (s.e.), n = {b['n']}"))
+    if "rlhf" in rep:
+        x = rep["rlhf"]
+        d = x["difference"]
+        lines.append(f"tuned-policy reward: mean {x['reward_tuned']['mean']:.3f} ± {x['reward_tuned']['se']:.3f}; "
+                     f"gain {d['mean']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}, {d['n_se']:.1f} s.e.)")
+        lines.append(f"KL(tuned||base) per token {x['kl_per_token']:.4f}; distinct-2 base {x['distinct2_base']:.3f}, "
+                     f"tuned {x['distinct2_tuned']:.3f}")
+    if "divergence" in rep:
+        v = rep["divergence"]
+        lines.append("layer divergence (param): " + ", ".join(f"L{i} {p:.3g}" for i, p in enumerate(v["param"]))
+                     + f"; selected layers {v['selected_layers']}")
     return "\n".join(lines)
 
 

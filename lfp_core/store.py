@@ -57,8 +57,19 @@ CREATE TABLE IF NOT EXISTS completions (
     text VARCHAR NOT NULL, reward DOUBLE NOT NULL, raw_score DOUBLE NOT NULL,
     lexicon_words VARCHAR[], lexicon_valences DOUBLE[],
     PRIMARY KEY (role, prompt_id, sample_idx));
+CREATE TABLE IF NOT EXISTS rl_steps (
+    step INTEGER PRIMARY KEY, reward DOUBLE, reward_std DOUBLE, kl DOUBLE, mean_length DOUBLE);
+CREATE TABLE IF NOT EXISTS rl_samples (
+    step INTEGER NOT NULL, idx INTEGER NOT NULL, prompt VARCHAR, completion VARCHAR, reward DOUBLE,
+    PRIMARY KEY (step, idx));
+CREATE TABLE IF NOT EXISTS word_shifts (
+    word VARCHAR PRIMARY KEY, base_count INTEGER, tuned_count INTEGER, delta INTEGER, valence DOUBLE,
+    direction VARCHAR);
+CREATE TABLE IF NOT EXISTS layer_divergence (
+    layer INTEGER PRIMARY KEY, param DOUBLE, act_cos DOUBLE, act_rel_l2 DOUBLE, selected BOOLEAN);
 """
-_TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions")
+_TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions", "rl_steps",
+           "rl_samples", "word_shifts", "layer_divergence")
 
 
 class StoreError(RuntimeError):
@@ -226,6 +237,26 @@ class RunReader:
             params.append(int(limit))
         return self.query(sql, params)
 
+    def paired_completions(self, limit: int | None = None) -> pd.DataFrame:
+        """Base and tuned completions of the same held-out prompt and seed, side by side."""
+        sql = ("SELECT b.prompt_id, b.sample_idx, p.text AS prompt, b.text AS base, b.reward AS base_reward, "
+               "t.text AS tuned, t.reward AS tuned_reward FROM completions b "
+               "JOIN completions t ON t.role = 'tuned' AND t.prompt_id = b.prompt_id AND t.sample_idx = b.sample_idx "
+               "JOIN prompts p ON p.prompt_id = b.prompt_id WHERE b.role = 'base' ORDER BY b.prompt_id, b.sample_idx")
+        return self.query(sql + (" LIMIT ?" if limit is not None else ""), [int(limit)] if limit is not None else [])
+
+    def rl_steps(self) -> pd.DataFrame:
+        return self.query("SELECT * FROM rl_steps ORDER BY step")
+
+    def rl_samples(self) -> pd.DataFrame:
+        return self.query("SELECT * FROM rl_samples ORDER BY step, idx")
+
+    def word_shifts(self) -> pd.DataFrame:
+        return self.query("SELECT * FROM word_shifts ORDER BY direction DESC, abs(delta) DESC, word")
+
+    def layer_divergence(self) -> pd.DataFrame:
+        return self.query("SELECT * FROM layer_divergence ORDER BY layer")
+
     def reward_summary(self, role: str = "base") -> dict | None:
         df = self.query(
             "SELECT count(*) AS n, avg(reward) AS mean, stddev_samp(reward) AS sd FROM completions WHERE role = ?",
@@ -345,23 +376,27 @@ class RunWriter:
 
     @staticmethod
     def put_prompts(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
-        if not rows:
-            return
-        df = pd.DataFrame(rows, columns=["prompt_id", "split", "source", "doc_id", "n_tokens", "token_ids", "text"])
-        con.register("_prompts_in", df)
-        con.execute("INSERT INTO prompts SELECT * FROM _prompts_in")
-        con.unregister("_prompts_in")
+        put_rows(con, "prompts", rows)
 
     @staticmethod
     def put_completions(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
-        if not rows:
-            return
-        cols = ["role", "prompt_id", "sample_idx", "seed", "n_new", "token_ids", "text", "reward",
-                "raw_score", "lexicon_words", "lexicon_valences"]
-        df = pd.DataFrame(rows, columns=cols)
-        con.register("_completions_in", df)
-        con.execute(f"INSERT INTO completions SELECT {', '.join(cols)} FROM _completions_in")
-        con.unregister("_completions_in")
+        put_rows(con, "completions", rows)
+
+
+def _insert_frame(con: duckdb.DuckDBPyConnection, table: str, df: pd.DataFrame) -> None:
+    """Insert a DataFrame's columns (by name) into a schema table."""
+    if table not in _TABLES:
+        raise ValueError(f"unknown table {table}")
+    if df.empty:
+        return
+    con.register("_frame_in", df)
+    con.execute(f"INSERT INTO {table} ({', '.join(df.columns)}) SELECT {', '.join(df.columns)} FROM _frame_in")
+    con.unregister("_frame_in")
+
+
+def put_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict] | pd.DataFrame) -> None:
+    """Insert rows (dicts with the table's column names, or a DataFrame) inside a transaction."""
+    _insert_frame(con, table, rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows))
 
 
 def list_runs(runs_dir: str | Path) -> list[Path]:

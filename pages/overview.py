@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from lfp_core.stages import describe_stages
+from lfp_core.pipeline import describe_stages
 from pages.common import frame, read, require_run
 
 run_dir = require_run()

@@ -15,6 +15,7 @@ import pytest
 
 from lfp_core import precompute, report
 from lfp_core.config import REPO_ROOT, preset_config
+from lfp_core.pipeline import stage_names
 from lfp_core.store import RunReader, db_path
 
 
@@ -25,7 +26,7 @@ def _finished(run) -> dict:
 
 def test_quick_run_contents(quick_run):
     r = RunReader(quick_run)
-    assert _finished(quick_run) == {"model": "done", "prompts": "done", "base_samples": "done"}
+    assert _finished(quick_run) == {name: "done" for name in stage_names()}
     prompts = r.prompts()
     assert len(prompts) == 32 and (prompts.split == "train").sum() == 16
     assert prompts.n_tokens.between(2, 9).all()
@@ -69,7 +70,7 @@ def test_config_change_recomputes_only_downstream(tmp_path, quick_run):
     shutil.copytree(quick_run, run)
     before = RunReader(run).query("SELECT name, finished_at FROM stages ORDER BY name").set_index("name")
     cfg = preset_config("quick", **{**_cfg_of(run), "max_new_tokens": 12})
-    outcome = precompute.run_pipeline(cfg, run)
+    outcome = precompute.run_pipeline(cfg, run, until="base_samples")
     assert outcome == {"model": "skipped", "prompts": "skipped", "base_samples": "done"}
     comps = RunReader(run).completions("base")
     assert len(comps) == 16 and comps.n_new.max() <= 12
@@ -82,7 +83,7 @@ def test_report_json_has_every_headline_key(quick_run, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["schema_version"] == 1
     assert set(rep["model"]) == {"name", "n_params", "n_layers", "d_model"}
-    assert rep["stages"] == {"model": "done", "prompts": "done", "base_samples": "done"}
+    assert rep["stages"] == {name: "done" for name in stage_names()}
     b = rep["base_reward"]
     assert b["n"] == 16 and b["se"] > 0
     comps = RunReader(quick_run).completions("base")
@@ -137,7 +138,7 @@ def test_cli_corrupt_db(tmp_path, capsys):
 def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     run = tmp_path / "killed"
     args = ["--preset", "quick", "--out", str(run), "--n-prompts", "8", "--n-eval-prompts", "48",
-            "--samples-per-prompt", "2"]
+            "--samples-per-prompt", "2", "--until", "base_samples"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -181,7 +182,7 @@ def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
 
 def test_without_data_prompts_are_sampled_from_the_model(tmp_path):
     cfg = preset_config("quick", n_prompts=8, n_eval_prompts=8, gen_batch_size=4, data_dir=None)
-    precompute.run_pipeline(cfg, tmp_path / "nodata")
+    precompute.run_pipeline(cfg, tmp_path / "nodata", until="base_samples")
     prompts = RunReader(tmp_path / "nodata").prompts()
     assert len(prompts) == 16 and (prompts.source == "model").all()
     assert prompts.n_tokens.between(2, 9).all()

@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from lfp_core.config import REPO_ROOT
+from lfp_core.pipeline import stage_names
 from lfp_core.store import RunWriter, db_path
 
 APP = str(REPO_ROOT / "app.py")
@@ -34,7 +35,7 @@ def test_overview_of_a_finished_run(monkeypatch, quick_run):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Parameters"].endswith("M") and "±" in metrics["Base reward (mean ± s.e.)"]
     stages = at.dataframe[0].value
-    assert list(stages.stage) == ["model", "prompts", "base_samples"] and (stages.status == "done").all()
+    assert list(stages.stage) == stage_names() and (stages.status == "done").all()
     html = _all_html(at)
     assert html.count('class="lfp-completion"') == 16
     assert not at.warning  # nothing missing

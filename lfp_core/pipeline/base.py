@@ -1,76 +1,21 @@
-"""The precompute stages of the foundation: load the model, build prompts, sample and score.
-
-Each stage is a function of (config, earlier stages' outputs) that writes its rows through the
-store. A stage declares the config fields it reads; the runner in :mod:`lfp_core.precompute`
-hashes them (with the upstream stages' hashes) to decide what to skip or recompute.
-"""
+"""Foundation stages: load the model, build the prompt sets, sample and score base completions."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from lfp_core import corpora, reward, sampling
 from lfp_core.config import RunConfig
-from lfp_core.models import LoadedModel, load_model, resolve_spec
+from lfp_core.models import resolve_spec
+from lfp_core.pipeline.core import Context, Stage
 from lfp_core.store import RunWriter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Context:
-    """What stages share within one precompute invocation (the model is loaded once)."""
-
-    cfg: RunConfig
-    writer: RunWriter
-    _model: LoadedModel | None = None
-    finisher: Callable[[Any, dict], None] | None = None
-
-    @property
-    def model(self) -> LoadedModel:
-        if self._model is None:
-            self._model = load_model(self.cfg.model, device=self.cfg.device)
-        return self._model
-
-    def commit(self, write: Callable[[Any], None], detail: dict) -> None:
-        """Write a stage's final rows and mark it done, in one transaction."""
-        with self.writer.transaction() as con:
-            write(con)
-            assert self.finisher is not None
-            self.finisher(con, detail)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A precompute stage.
-
-    Attributes:
-        name: stage id (also shown in the dashboard and reports).
-        fields: RunConfig fields the stage reads.
-        after: stages whose outputs it reads.
-        run: ``run(ctx, config_hash) -> None``; must end with ``ctx.commit``.
-        clears: rows the stage owns, ``{table: (where_sql, params)}``, deleted before a recompute.
-        chunked: whether the stage commits chunk by chunk and resumes from the last chunk.
-        fingerprint: optional extra input to the hash (e.g. the model files' identity).
-        describe: one line shown for a stage that has not run yet.
-    """
-
-    name: str
-    fields: tuple[str, ...]
-    after: tuple[str, ...]
-    run: Callable[[Context, str], None]
-    clears: dict = field(default_factory=dict)
-    chunked: bool = False
-    fingerprint: Callable[[RunConfig], str] | None = None
-    describe: str = ""
 
 
 def model_fingerprint(cfg: RunConfig) -> str:
@@ -131,38 +76,45 @@ def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], out
     return rows
 
 
-def stage_base_samples(ctx: Context, config_hash: str) -> None:
-    """Sample base-model completions of the held-out prompts (8–19 new tokens, pure sampling) and
-    score them; the tuned policy is later sampled on the same prompts with the same seeds.
+def sample_role(ctx: Context, config_hash: str, stage: str, role: str, model) -> None:
+    """Sample and score completions of the held-out prompts for one policy role, resumably.
 
-    Committed chunk by chunk (rows + a chunk marker in one transaction); a killed run resumes
-    at the first unfinished chunk, and the primary key forbids duplicate rows.
+    Jobs (prompt, sample index, length 8–19) and per-chunk seeds depend only on the config, so
+    every role is sampled on the same prompts with the same lengths and seeds. Committed chunk by
+    chunk (rows + a chunk marker in one transaction): a killed run resumes at the first
+    unfinished chunk, and the primary key forbids duplicate rows.
     """
-    cfg, m, w = ctx.cfg, ctx.model, ctx.writer
+    cfg, w = ctx.cfg, ctx.writer
     prompts = w.reader().prompts("eval")
+    if prompts.empty:
+        raise ValueError("the held-out prompt set is empty: run the prompts stage with --n-eval-prompts >= 1")
     rng = np.random.default_rng([cfg.seed, 17])
     jobs = [(int(pid), s, int(rng.integers(cfg.min_new_tokens, cfg.max_new_tokens + 1)))
             for pid in prompts.prompt_id for s in range(cfg.samples_per_prompt)]
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
     chunk_size = cfg.gen_batch_size * 2
     chunks = [jobs[i : i + chunk_size] for i in range(0, len(jobs), chunk_size)]
-    done = w.done_chunks("base_samples", config_hash)
+    done = w.done_chunks(stage, config_hash)
     if done:
-        log.info("resuming base_samples: %d of %d chunks already stored", len(done), len(chunks))
-    for ci, chunk in enumerate(tqdm(chunks, desc="base samples", unit="chunk")):
+        log.info("resuming %s: %d of %d chunks already stored", stage, len(done), len(chunks))
+    for ci, chunk in enumerate(tqdm(chunks, desc=f"{role} samples", unit="chunk")):
         if ci in done:
             continue
-        outs = sampling.sample_completions(m, [list(ids_of[j[0]]) for j in chunk], [j[2] for j in chunk],
+        outs = sampling.sample_completions(model, [list(ids_of[j[0]]) for j in chunk], [j[2] for j in chunk],
                                            seed=cfg.seed * 7919 + ci, batch_size=cfg.gen_batch_size)
-        rows = _completion_rows(m.tokenizer, "base", chunk, outs)
+        rows = _completion_rows(model.tokenizer, role, chunk, outs)
         with w.transaction() as con:
             RunWriter.put_completions(con, rows)
-            RunWriter.add_chunk_marker(con, "base_samples", config_hash, ci)
-    summary = w.reader().reward_summary("base") or {}
-    ctx.commit(lambda con: None, {"reward": summary, "n_chunks": len(chunks)})
+            RunWriter.add_chunk_marker(con, stage, config_hash, ci)
 
 
-STAGES: list[Stage] = [
+def stage_base_samples(ctx: Context, config_hash: str) -> None:
+    """Base-model completions of the held-out prompts (8–19 new tokens, pure sampling), scored."""
+    sample_role(ctx, config_hash, "base_samples", "base", ctx.model)
+    ctx.commit(lambda con: None, {"reward": ctx.writer.reader().reward_summary("base") or {}})
+
+
+STAGES = [
     Stage("model", ("model", "device"), (), stage_model, {"models": ("role = ?", ["base"])},
           fingerprint=model_fingerprint, describe="load the base model (HF + transformer-lens)"),
     Stage("prompts", ("data_dir", "n_prompts", "n_eval_prompts", "prompt_min_tokens", "prompt_max_tokens", "seed"),
@@ -172,12 +124,3 @@ STAGES: list[Stage] = [
           ("prompts",), stage_base_samples, {"completions": ("role = ?", ["base"])}, chunked=True,
           describe="sample base-model completions of held-out prompts, score them with the VADER reward"),
 ]
-
-
-def stage_names() -> list[str]:
-    return [s.name for s in STAGES]
-
-
-def describe_stages() -> dict[str, str]:
-    return {s.name: s.describe for s in STAGES}
-

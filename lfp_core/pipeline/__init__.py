@@ -1,0 +1,24 @@
+"""The precompute pipeline: every stage, in order.
+
+Each stage is a function of (config, earlier stages' outputs) that writes its rows through the
+store. A stage declares the config fields it reads; the runner in :mod:`lfp_core.precompute`
+hashes them (with the upstream stages' hashes) to decide what to skip or recompute.
+"""
+
+from __future__ import annotations
+
+from lfp_core.pipeline import base, rl
+from lfp_core.pipeline.core import Context, Stage
+
+STAGES: list[Stage] = [*base.STAGES, *rl.STAGES]
+
+
+def stage_names() -> list[str]:
+    return [s.name for s in STAGES]
+
+
+def describe_stages() -> dict[str, str]:
+    return {s.name: s.describe for s in STAGES}
+
+
+__all__ = ["STAGES", "Context", "Stage", "describe_stages", "stage_names"]

@@ -1,0 +1,109 @@
+"""The RL stages: GRPO raises the reward, evaluation and divergence are stored and reported, the
+tuned policy loads back through lfp_core.models, and bad input is refused clearly."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lfp_core import report, rlhf
+from lfp_core.config import REPO_ROOT
+from lfp_core.models import load_model
+from lfp_core.store import RunReader, artifacts_dir
+
+
+def test_tuned_policy_is_stored_and_loads_back(quick_run):
+    base = load_model("demo")
+    policy = artifacts_dir(quick_run) / "policy"
+    tuned = rlhf.load_policy(policy, base)
+    assert tuned.spec.source == "local" and tuned.info()["n_params"] == base.info()["n_params"]
+    assert not (artifacts_dir(quick_run) / "policy.tmp").exists()
+    assert not (artifacts_dir(quick_run) / "rlhf_checkpoints").exists()
+    r = RunReader(quick_run)
+    assert r.model_info("tuned")["location"] == str(policy)
+
+
+def test_rl_logs_steps_and_samples(quick_run):
+    r = RunReader(quick_run)
+    steps = r.rl_steps()
+    assert list(steps.step) == list(range(1, len(steps) + 1)) and len(steps) == 20
+    assert steps.reward.notna().all() and (steps.kl.iloc[1:] >= 0).all()
+    samples = r.rl_samples()
+    assert len(samples) > 0 and samples.completion.str.len().gt(0).all()
+
+
+def test_rl_eval_is_paired_and_reported(quick_run):
+    r = RunReader(quick_run)
+    pairs = r.paired_completions()
+    assert len(pairs) == 16
+    rep = report.build_report(str(quick_run))
+    x = rep["rlhf"]
+    assert x["reward_base"]["n"] == x["reward_tuned"]["n"] == 16
+    assert x["reward_tuned"]["mean"] == pytest.approx(pairs.tuned_reward.mean())
+    assert x["difference"]["mean"] == pytest.approx((pairs.tuned_reward - pairs.base_reward).mean())
+    assert x["kl_per_token"] > 0 and 0 < x["distinct2_tuned"] <= 1
+    d = rep["divergence"]
+    assert len(d["param"]) == len(d["activation"]) == 4
+    assert len(d["selected_layers"]) == 2 and d["selected_layers"] == sorted(d["selected_layers"])
+    top = sorted(range(4), key=lambda i: -d["param"][i])[:2]
+    assert sorted(top) == d["selected_layers"]
+
+
+def test_reward_nan_names_the_text(monkeypatch):
+    monkeypatch.setattr(rlhf.vader, "rewards", lambda texts: [float("nan")] * len(texts))
+    with pytest.raises(rlhf.RewardError, match="'a weird completion'"):
+        rlhf.checked_rewards(["a weird completion"])
+
+
+def test_empty_prompt_set_is_refused(tmp_path, demo_model_dir):
+    with pytest.raises(ValueError, match="prompt set is empty"):
+        rlhf.train_policy(load_model("demo"), [], rlhf.RLSettings(steps=1), tmp_path)
+
+
+def test_missing_or_foreign_policy_is_refused(tmp_path, demo_model_dir):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    base = load_model("demo")
+    with pytest.raises(FileNotFoundError, match="re-run the rlhf stage"):
+        rlhf.load_policy(tmp_path / "policy", base)
+    other = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=base.info()["vocab_size"], hidden_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, intermediate_size=128))
+    other.save_pretrained(tmp_path / "policy")
+    base.tokenizer.save_pretrained(tmp_path / "policy")
+    with pytest.raises(ValueError, match="not a fine-tune"):
+        rlhf.load_policy(tmp_path / "policy", base)
+
+
+@pytest.mark.slow
+def test_rl_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
+    run = tmp_path / "rl"
+    args = [sys.executable, "-m", "lfp_core.precompute", "--preset", "quick", "--out", str(run),
+            "--n-prompts", "8", "--n-eval-prompts", "8", "--until", "rlhf",
+            "--set", "rl_steps=12", "--set", "rl_save_every=4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = artifacts_dir(run) / "rlhf_checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any((p / "trainer_state.json").exists() for p in ckpt.glob("checkpoint-*")):
+            time.sleep(0.5)  # let the checkpoint finish writing
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (artifacts_dir(run) / "policy").exists()  # no half-written model for later stages
+    done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming RL from" in done.stderr
+    steps = RunReader(run).rl_steps()
+    assert steps.step.max() == 12
+    assert (Path(artifacts_dir(run)) / "policy" / "config.json").exists()
+    assert all(math.isfinite(x) for x in steps.reward)
