@@ -56,3 +56,50 @@ def reward_histogram(df: pd.DataFrame, column: str = "reward", title: str = "Rew
     fig.update_layout(title=title, xaxis_title="VADER reward (sum of valences / 5, clipped ±10)",
                       yaxis_title="completions", height=320, margin=dict(l=40, r=20, t=50, b=40))
     return fig
+
+
+def rl_curves(steps: pd.DataFrame) -> go.Figure:
+    """Per-step mean reward (with ±1 std band of the batch) and KL to the base model."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Mean reward per step", "KL(policy ‖ base) per step"))
+    fig.add_trace(go.Scatter(x=steps.step, y=steps.reward + steps.reward_std, line=dict(width=0),
+                             showlegend=False, hoverinfo="skip"), 1, 1)
+    fig.add_trace(go.Scatter(x=steps.step, y=steps.reward - steps.reward_std, fill="tonexty", line=dict(width=0),
+                             fillcolor="rgba(76,120,168,0.2)", name="± batch std", hoverinfo="skip"), 1, 1)
+    fig.add_trace(go.Scatter(x=steps.step, y=steps.reward, name="reward", line=dict(color="#4c78a8")), 1, 1)
+    fig.add_trace(go.Scatter(x=steps.step, y=steps.kl, name="KL", line=dict(color="#e45756")), 1, 2)
+    fig.update_xaxes(title_text="GRPO step")
+    fig.update_layout(height=320, margin=dict(l=40, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def divergence_bars(div: pd.DataFrame) -> go.Figure:
+    """Parameter and activation divergence per layer, selected layers outlined and starred."""
+    from plotly.subplots import make_subplots
+
+    labels = [f"L{int(r.layer)}{' ★' if r.selected else ''}" for r in div.itertuples()]
+    line = dict(color=["#222" if s else "rgba(0,0,0,0)" for s in div.selected], width=2)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(
+        "Parameter divergence Σ‖θ_base − θ_tuned‖_F", "MLP-out 1 − cos (mean over tokens)",
+        "MLP-out relative L2"))
+    fig.add_trace(go.Bar(x=labels, y=div.param, marker=dict(color="#4c78a8", line=line), name="param"), 1, 1)
+    fig.add_trace(go.Bar(x=labels, y=div.act_cos, marker=dict(color="#f58518", line=line), name="1 − cos"), 1, 2)
+    fig.add_trace(go.Bar(x=labels, y=div.act_rel_l2, marker=dict(color="#54a24b", line=line), name="rel. L2"), 1, 3)
+    fig.update_layout(height=340, showlegend=False, margin=dict(l=40, r=20, t=60, b=40))
+    return fig
+
+
+def paired_html(prompt: str, base: str, base_reward: float, tuned: str, tuned_reward: float) -> str:
+    """A held-out prompt with the base and the tuned completion side by side."""
+    cell = 'style="padding:4px 8px;vertical-align:top;font-family:monospace;white-space:pre-wrap;width:50%"'
+    return (
+        f'<tr class="lfp-pair"><td {cell}><span style="color:#888">{html.escape(prompt)}</span>{valence_html(base)}'
+        f' <b>[{base_reward:+.2f}]</b></td><td {cell}><span style="color:#888">{html.escape(prompt)}</span>'
+        f'{valence_html(tuned)} <b>[{tuned_reward:+.2f}]</b></td></tr>'
+    )
+
+
+def paired_table(rows: list[str]) -> str:
+    head = '<tr><th style="text-align:left">base model</th><th style="text-align:left">tuned policy</th></tr>'
+    return f'<table class="lfp-pairs" style="width:100%;border-collapse:collapse">{head}{"".join(rows)}</table>'

@@ -63,3 +63,37 @@ else:
     with st.expander("All completions as a table"):
         st.dataframe(comps[["prompt_id", "sample_idx", "prompt", "completion", "n_new", "reward", "raw_score"]],
                      hide_index=True, width="stretch")
+
+st.subheader("RL fine-tuning (GRPO against the VADER reward)")
+steps = frame(run_dir, "rl_steps")
+evals = {s.name: s for s in stages}.get("rl_eval")
+if steps.empty:
+    st.info("The policy has not been fine-tuned yet: the rlhf stage has not run.")
+else:
+    if evals is not None and evals.status == "done":
+        d = evals.detail
+        diff = d["difference"]
+        e1, e2, e3, e4 = st.columns(4)
+        e1.metric("Tuned reward (held-out)", f"{d['reward_tuned']['mean']:+.3f} ± {d['reward_tuned']['se']:.3f}",
+                  delta=f"{diff['mean']:+.3f} vs base", help=f"n = {d['reward_tuned']['n']} paired completions")
+        e2.metric("Gain, 95% CI", f"[{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]",
+                  help=f"{diff['n_se']:.1f} standard errors; paired t-test p = {diff['p_value']:.2g}")
+        e3.metric("KL(tuned ‖ base) per token", f"{d['kl_per_token']:.4f}")
+        e4.metric("Distinct-2 tuned / base", f"{d['distinct2_tuned']:.3f} / {d['distinct2_base']:.3f}",
+                  help="unique word bigrams / all bigrams; a collapse to repetition shows here")
+    st.plotly_chart(viz.rl_curves(steps), width="stretch")
+    pairs = frame(run_dir, "paired_completions", limit=200)
+    if not pairs.empty:
+        left, right = st.columns([3, 2])
+        with left:
+            st.markdown("**Same held-out prompt, same seed: base vs tuned**")
+            shown = pairs.assign(gain=pairs.tuned_reward - pairs.base_reward).sort_values("gain", ascending=False)
+            st.html(viz.paired_table([viz.paired_html(r.prompt, r.base, r.base_reward, r.tuned, r.tuned_reward)
+                                      for r in shown.head(12).itertuples()]))
+        with right:
+            shifts = frame(run_dir, "word_shifts")
+            st.markdown("**Words RL made more / less frequent**")
+            for direction in ("raised", "lowered"):
+                part = shifts[shifts.direction == direction][["word", "base_count", "tuned_count", "valence"]]
+                st.caption(direction)
+                st.dataframe(part.head(10), hide_index=True, width="stretch")

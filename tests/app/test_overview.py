@@ -94,3 +94,15 @@ def test_html_in_generated_text_is_escaped(monkeypatch, tmp_path, evil):
     assert "lfp-completion" in html
     assert "<script" not in html and "<img" not in html
     assert "&lt;script&gt;" in html or "&lt;img" in html
+
+
+def test_overview_shows_rl_curves_pairs_and_word_shifts(monkeypatch, quick_run):
+    at = _app(monkeypatch, quick_run.parent, run=str(quick_run))
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert "Tuned reward (held-out)" in metrics and metrics["Gain, 95% CI"].startswith("[")
+    assert len(at.get("plotly_chart")) == 2  # reward histogram + RL curves
+    html = _all_html(at)
+    assert html.count('class="lfp-pair"') == 12
+    tables = [d.value for d in at.dataframe]
+    assert any(set(t.columns) == {"word", "base_count", "tuned_count", "valence"} for t in tables)
