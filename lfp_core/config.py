@@ -39,13 +39,17 @@ def default_data_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+TASKS = ("vader", "hh")
+
+
 @dataclass
 class RunConfig:
     """Everything a run depends on. Field groups mirror the precompute stages.
 
     Attributes:
         model: ``demo`` (the shipped model), a local HF directory, or a hub id.
-        task: the feedback task; ``vader`` is the paper's sentiment-lexicon task.
+        task: the feedback task: ``vader`` (the paper's sentiment-lexicon reward, RL with GRPO) or
+            ``hh`` (Anthropic HH-RLHF preference pairs, DPO).
         data_dir: public data sets folder (None: hub when online, else model-sampled prompts).
         seed: master seed; every stage derives its own from it.
         device: torch device for model work (``cpu`` or ``cuda``).
@@ -62,6 +66,9 @@ class RunConfig:
         n_selected_layers: how many of the most divergent layers later stages study.
         divergence_measure: which divergence picks the layers: 'param' (the paper's) or 'activation'.
         divergence_sequences: held-out sequences for the activation divergence.
+        n_pairs / n_eval_pairs: HH task: DPO training pairs and held-out evaluation pairs.
+        dpo_*: HH task: DPO β, learning rate, epochs, batch size, max length and max prompt length
+            (paper: β 0.1, length 256, prompt 128).
     """
 
     model: str = "demo"
@@ -86,6 +93,14 @@ class RunConfig:
     n_selected_layers: int = 2
     divergence_measure: str = "param"
     divergence_sequences: int = 256
+    n_pairs: int = 512
+    n_eval_pairs: int = 256
+    dpo_beta: float = 0.1
+    dpo_lr: float = 5e-5
+    dpo_epochs: int = 1
+    dpo_batch_size: int = 8
+    dpo_max_length: int = 256
+    dpo_max_prompt_length: int = 128
     preset: str = "custom"
     extra: dict = field(default_factory=dict)
 
@@ -100,8 +115,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a specific message for an impossible configuration."""
-        if self.task != "vader":
-            raise ValueError(f"task {self.task!r} is not available yet; supported: 'vader'")
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is not available; supported: {', '.join(TASKS)}")
         if self.divergence_measure not in ("param", "activation"):
             raise ValueError(f"divergence_measure must be 'param' or 'activation', got {self.divergence_measure!r}")
         if self.rl_steps < 1 or self.rl_generations < 2:
@@ -113,14 +128,16 @@ class RunConfig:
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("need 1 <= min_new_tokens <= max_new_tokens")
         for name in ("n_prompts", "n_eval_prompts", "samples_per_prompt", "gen_batch_size", "n_selected_layers",
-                     "rl_prompts_per_step", "rl_save_every", "divergence_sequences"):
+                     "rl_prompts_per_step", "rl_save_every", "divergence_sequences", "n_pairs", "n_eval_pairs",
+                     "dpo_epochs", "dpo_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 PRESETS: dict[str, dict] = {
     # quick: a smoke run of every stage, for tests and first contact (<= 2 minutes on 2 cores).
-    "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32},
+    "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32,
+              "rl_steps": 60, "n_pairs": 128, "n_eval_pairs": 64, "dpo_max_length": 128, "dpo_max_prompt_length": 64},
     # demo: the embedded demo run the quick start serves.
     "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64},
     # paper: the paper's scale (1,000 completions per evaluation); meant for a GPU.

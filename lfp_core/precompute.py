@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from lfp_core.config import PRESETS, RunConfig, default_data_dir, preset_config, stage_hash
+from lfp_core.config import PRESETS, TASKS, RunConfig, default_data_dir, preset_config, stage_hash
 from lfp_core.models import ModelLoadError
-from lfp_core.pipeline import STAGES, Context
+from lfp_core.pipeline import STAGES, Context, stages_for
 from lfp_core.store import DB_NAME, RunWriter, StoreError, db_path
 
 log = logging.getLogger("lfp_core.precompute")
@@ -39,7 +39,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
     ctx = Context(cfg=cfg, writer=writer)
     hashes: dict[str, str] = {}
     outcome: dict[str, str] = {}
-    for pos, stage in enumerate(STAGES):
+    for pos, stage in enumerate(stages_for(cfg.task)):
         upstream = tuple(hashes[u] for u in stage.after)
         if stage.fingerprint is not None:
             upstream += (stage.fingerprint(cfg),)
@@ -115,6 +115,7 @@ def _move_aside(path: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lfp_core.precompute", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    ap.add_argument("--task", choices=TASKS, default=None, help="vader (GRPO on the VADER reward) or hh (DPO)")
     ap.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id")
     ap.add_argument("--out", required=True, type=Path, help="run directory (created if missing)")
     ap.add_argument("--data-dir", default=None, help="public data sets folder (default: $LFP_DATA_DIR or ../shared/data)")
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generation batch")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override any RunConfig field, e.g. --set rl_steps=300 --set rl_beta=0.2 (repeatable)")
-    ap.add_argument("--until", choices=[s.name for s in STAGES], default=None, help="stop after this stage")
+    ap.add_argument("--until", choices=sorted({s.name for s in STAGES}), default=None, help="stop after this stage")
     ap.add_argument("--rebuild", action="store_true",
                     help="move an existing run.duckdb aside (kept as run.duckdb.old-*) and start afresh")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.data_dir or default_data_dir()
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist")
-        values = dict(model=args.model, device=args.device, seed=args.seed, n_prompts=args.n_prompts,
+        values = dict(model=args.model, task=args.task, device=args.device, seed=args.seed, n_prompts=args.n_prompts,
                       n_eval_prompts=args.n_eval_prompts, samples_per_prompt=args.samples_per_prompt,
                       gen_batch_size=args.gen_batch_size,
                       data_dir=str(Path(data_dir).resolve()) if data_dir else None)

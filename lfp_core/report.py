@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from lfp_core.pipeline import STAGES
+from lfp_core.pipeline import stages_for
 from lfp_core.store import SCHEMA_VERSION, RunReader, StoreError
 
 
@@ -22,12 +22,13 @@ def build_report(run_dir: str) -> dict:
     info = r.run_info()
     records = {s.name: s for s in r.stages()}
     recorded = {s.name: s.status for s in records.values()}
-    stages = {s.name: recorded.get(s.name, "pending") for s in STAGES}
+    task = info.get("config", {}).get("task", "vader")
+    stages = {s.name: recorded.get(s.name, "pending") for s in stages_for(task)}
     stages.update({k: v for k, v in recorded.items() if k not in stages})
     model = r.model_info("base")
     rep = {
         "schema_version": SCHEMA_VERSION,
-        "run": {"name": info.get("name"), "preset": info.get("preset"), "dir": str(r.run_dir)},
+        "run": {"name": info.get("name"), "preset": info.get("preset"), "task": task, "dir": str(r.run_dir)},
         "model": None if model is None else {k: model[k] for k in ("name", "n_params", "n_layers", "d_model")},
         "stages": stages,
         "base_reward": r.reward_summary("base"),
@@ -35,8 +36,9 @@ def build_report(run_dir: str) -> dict:
     ev = records.get("rl_eval")
     if ev is not None and ev.status == "done":
         d = ev.detail
-        rep["rlhf"] = {k: d[k] for k in ("reward_base", "reward_tuned", "difference", "kl_per_token",
-                                          "distinct2_base", "distinct2_tuned")}
+        keys = ("reward_base", "reward_tuned", "difference", "kl_per_token", "distinct2_base", "distinct2_tuned") \
+            if task == "vader" else ("eval_margin", "eval_accuracy", "train_margin", "train_accuracy", "n_eval", "n_train")
+        rep["rlhf"] = {k: d[k] for k in keys}
     dv = records.get("divergence")
     if dv is not None and dv.status == "done":
         div = r.layer_divergence()
@@ -54,9 +56,15 @@ def format_report(rep: dict) -> str:
                               f"{m['name']}: {m['n_params']:,} parameters, {m['n_layers']} layers, d_model {m['d_model']}"))
     lines.append("stages: " + ", ".join(f"{k} {v}" for k, v in rep["stages"].items()))
     b = rep["base_reward"]
-    lines.append("base-model reward: " + ("not computed yet" if b is None else
-                                          f"mean {b['mean']:.3f} ± {b['se']:.3f} (s.e.), n = {b['n']}"))
-    if "rlhf" in rep:
+    if rep["run"].get("task", "vader") == "vader":
+        lines.append("base-model reward: " + ("not computed yet" if b is None else
+                                              f"mean {b['mean']:.3f} ± {b['se']:.3f} (s.e.), n = {b['n']}"))
+    if "rlhf" in rep and "eval_accuracy" in rep["rlhf"]:
+        x = rep["rlhf"]
+        lines.append(f"DPO implicit reward, held-out pairs: accuracy {x['eval_accuracy']:.3f}, margin "
+                     f"{x['eval_margin']['mean']:+.4f} ± {x['eval_margin']['se']:.4f}; training pairs: accuracy "
+                     f"{x['train_accuracy']:.3f}, margin {x['train_margin']['mean']:+.4f}")
+    elif "rlhf" in rep:
         x = rep["rlhf"]
         d = x["difference"]
         lines.append(f"tuned-policy reward: mean {x['reward_tuned']['mean']:.3f} ± {x['reward_tuned']['se']:.3f}; "

@@ -104,13 +104,7 @@ def train_policy(base, prompt_ids: list[list[int]], settings: RLSettings, artifa
     bos = tok.bos_token or ""
     texts = [bos + tok.decode(ids) for ids in prompt_ids]
     dataset = Dataset.from_dict({"prompt": texts})
-    ckpt_dir = artifacts / "rlhf_checkpoints"
-    final_dir = artifacts / "policy"
-    stamp = ckpt_dir / "CONFIG_HASH"
-    if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != config_hash):
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(config_hash)
+    ckpt_dir, final_dir = _fresh_checkpoint_dir(artifacts, config_hash), artifacts / "policy"
     samples: list[dict] = []
 
     def reward_fn(prompts, completions, **kwargs):
@@ -170,13 +164,7 @@ def train_policy(base, prompt_ids: list[list[int]], settings: RLSettings, artifa
                   "kl": float(e.get("kl", nan)), "mean_length": float(e.get("completions/mean_length", nan))}
                  for e in trainer.state.log_history if "reward" in e]
 
-    tmp = artifacts / "policy.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(tmp, final_dir)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    _publish(trainer.model, tok, artifacts, ckpt_dir, final_dir)
     return final_dir, steps_log, samples
 
 
@@ -200,3 +188,131 @@ def load_policy(policy_dir: Path, base) -> "LoadedModel":  # noqa: F821
     if tuned.tokenizer.get_vocab() != base.tokenizer.get_vocab():
         raise ValueError(f"tuned policy at {policy_dir} has a different tokenizer from the base model {b['name']}")
     return tuned
+
+
+# --- DPO on preference pairs (the HH task) -------------------------------------------------------
+@dataclass
+class DPOSettings:
+    """DPO hyper-parameters (paper: β 0.1, max length 256, prompt 128)."""
+
+    beta: float = 0.1
+    lr: float = 5e-5
+    epochs: int = 1
+    batch_size: int = 8
+    max_length: int = 256
+    max_prompt_length: int = 128
+    save_every: int = 25
+    seed: int = 0
+    device: str = "cpu"
+
+
+def truncate_pair(tok, pair: dict, s: DPOSettings) -> dict:
+    """Keep the last ``max_prompt_length`` prompt tokens (the latest turns) and cut the responses so
+    prompt + response fits ``max_length``; returns texts re-decoded from the kept tokens."""
+    p = tok(pair["prompt"], add_special_tokens=False)["input_ids"][-s.max_prompt_length:]
+    room = s.max_length - len(p)
+    out = {"prompt": tok.decode(p)}
+    for key in ("chosen", "rejected"):
+        out[key] = tok.decode(tok(pair[key], add_special_tokens=False)["input_ids"][:room])
+    return out
+
+
+def train_dpo(base, pairs: list[dict], settings: DPOSettings, artifacts: Path, config_hash: str = "",
+              ) -> tuple[Path, list[dict]]:
+    """DPO-tune a copy of ``base`` on {prompt, chosen, rejected} pairs with trl's DPOTrainer.
+
+    Resumes from ``artifacts/rlhf_checkpoints`` like :func:`train_policy`; the final policy is
+    renamed into ``artifacts/policy`` only when complete.
+
+    Returns:
+        (policy directory, per-step log rows with loss, reward margin and accuracy on the batch).
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    if not pairs:
+        raise ValueError("the preference-pair set is empty")
+    tok = base.tokenizer
+    data = Dataset.from_list([truncate_pair(tok, p, settings) for p in pairs])
+    ckpt_dir, final_dir = _fresh_checkpoint_dir(artifacts, config_hash), artifacts / "policy"
+    cfg = DPOConfig(
+        output_dir=str(ckpt_dir), learning_rate=settings.lr, beta=settings.beta, max_length=settings.max_length,
+        truncation_mode="keep_start", num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size, logging_steps=1, save_strategy="steps",
+        save_steps=settings.save_every, save_total_limit=1, report_to=[], use_cpu=settings.device == "cpu",
+        seed=settings.seed, data_seed=settings.seed, disable_tqdm=True, lr_scheduler_type="constant",
+        gradient_checkpointing=False, dataset_num_proc=None,
+    )
+    policy = AutoModelForCausalLM.from_pretrained(base.spec.location, dtype=torch.float32)
+    trainer = DPOTrainer(model=policy, args=cfg, train_dataset=data, processing_class=tok)
+    resume = _last_checkpoint(ckpt_dir)
+    if resume:
+        log.info("resuming DPO from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    nan = float("nan")
+    steps = [{"step": int(e["step"]), "reward": float(e.get("rewards/margins", nan)),
+              "reward_std": nan, "kl": nan, "mean_length": nan, "loss": float(e.get("loss", nan)),
+              "accuracy": float(e.get("rewards/accuracies", nan))}
+             for e in trainer.state.log_history if "loss" in e and "step" in e]
+    _publish(trainer.model, tok, artifacts, ckpt_dir, final_dir)
+    return final_dir, steps
+
+
+@torch.no_grad()
+def implicit_rewards(policy_hf, ref_hf, tok, pairs: list[dict], settings: DPOSettings,
+                     batch_size: int = 16) -> tuple[list[float], list[float]]:
+    """DPO implicit rewards β·(log π(y|x) − log π_ref(y|x)) of each pair's chosen and rejected response."""
+    def seqs(key):
+        out = []
+        for pair in pairs:
+            t = truncate_pair(tok, pair, settings)
+            p = tok(t["prompt"], add_special_tokens=False)["input_ids"]
+            c = tok(t[key], add_special_tokens=False)["input_ids"][: settings.max_length - len(p)]
+            out.append((p, c))
+        return out
+
+    def logp(model, items):
+        res = []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            width = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id or 0, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, (p, c) in enumerate(chunk):
+                ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+                mask[r, : len(p) + len(c)] = 1
+            lp = torch.log_softmax(model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+                                   .logits.float(), -1).cpu()
+            for r, (p, c) in enumerate(chunk):
+                pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)  # positions predicting the response
+                res.append(float(lp[r, pos, torch.tensor(c)].sum()) if c else 0.0)
+        return res
+
+    out = []
+    for key in ("chosen", "rejected"):
+        items = seqs(key)
+        out.append([settings.beta * (a - b) for a, b in zip(logp(policy_hf, items), logp(ref_hf, items))])
+    return out[0], out[1]
+
+
+def _fresh_checkpoint_dir(artifacts: Path, config_hash: str) -> Path:
+    """``artifacts/rlhf_checkpoints``, emptied when it holds checkpoints of other settings."""
+    ckpt_dir = artifacts / "rlhf_checkpoints"
+    stamp = ckpt_dir / "CONFIG_HASH"
+    if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != config_hash):
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(config_hash)
+    return ckpt_dir
+
+
+def _publish(model, tok, artifacts: Path, ckpt_dir: Path, final_dir: Path) -> None:
+    """Write the policy to a temporary directory, rename it into place, drop the checkpoints."""
+    tmp = artifacts / "policy.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp, final_dir)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -58,7 +58,11 @@ CREATE TABLE IF NOT EXISTS completions (
     lexicon_words VARCHAR[], lexicon_valences DOUBLE[],
     PRIMARY KEY (role, prompt_id, sample_idx));
 CREATE TABLE IF NOT EXISTS rl_steps (
-    step INTEGER PRIMARY KEY, reward DOUBLE, reward_std DOUBLE, kl DOUBLE, mean_length DOUBLE);
+    step INTEGER PRIMARY KEY, reward DOUBLE, reward_std DOUBLE, kl DOUBLE, mean_length DOUBLE,
+    loss DOUBLE, accuracy DOUBLE);
+CREATE TABLE IF NOT EXISTS pairs (
+    pair_id INTEGER PRIMARY KEY, split VARCHAR NOT NULL, subset VARCHAR, prompt VARCHAR NOT NULL,
+    chosen VARCHAR NOT NULL, rejected VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS rl_samples (
     step INTEGER NOT NULL, idx INTEGER NOT NULL, prompt VARCHAR, completion VARCHAR, reward DOUBLE,
     PRIMARY KEY (step, idx));
@@ -69,7 +73,7 @@ CREATE TABLE IF NOT EXISTS layer_divergence (
     layer INTEGER PRIMARY KEY, param DOUBLE, act_cos DOUBLE, act_rel_l2 DOUBLE, selected BOOLEAN);
 """
 _TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions", "rl_steps",
-           "rl_samples", "word_shifts", "layer_divergence")
+           "rl_samples", "word_shifts", "layer_divergence", "pairs")
 
 
 class StoreError(RuntimeError):
@@ -244,6 +248,13 @@ class RunReader:
                "JOIN completions t ON t.role = 'tuned' AND t.prompt_id = b.prompt_id AND t.sample_idx = b.sample_idx "
                "JOIN prompts p ON p.prompt_id = b.prompt_id WHERE b.role = 'base' ORDER BY b.prompt_id, b.sample_idx")
         return self.query(sql + (" LIMIT ?" if limit is not None else ""), [int(limit)] if limit is not None else [])
+
+    def pairs(self, split: str | None = None) -> pd.DataFrame:
+        """HH preference pairs of one split ('train' or 'eval'), or all."""
+        sql = "SELECT * FROM pairs"
+        if split is not None:
+            return self.query(sql + " WHERE split = ? ORDER BY pair_id", [split])
+        return self.query(sql + " ORDER BY pair_id")
 
     def rl_steps(self) -> pd.DataFrame:
         return self.query("SELECT * FROM rl_steps ORDER BY step")

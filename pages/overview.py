@@ -32,7 +32,7 @@ if summary:
 st.subheader("Stages")
 recorded = {s.name: s for s in stages}
 rows = []
-for name, what in describe_stages().items():
+for name, what in describe_stages(info.get("config", {}).get("task", "vader")).items():
     s = recorded.get(name)
     rows.append({"stage": name, "status": s.status if s else "pending", "what it does": what,
                  "seconds": round(s.seconds, 1) if s and s.seconds else None,
@@ -48,52 +48,82 @@ if missing:
 with st.expander("Run config"):
     st.code(json.dumps(info.get("config", {}), indent=2), language="json")
 
-st.subheader("Base-model completions")
-comps = frame(run_dir, "completions", role="base")
-if comps.empty:
-    st.info("No completions yet: the base_samples stage has not run.")
-else:
-    st.plotly_chart(viz.reward_histogram(comps), width="stretch")
-    order = st.radio("Order", ["highest reward", "lowest reward", "prompt order"], horizontal=True, key="ov_order")
-    sort = {"highest reward": ("reward", False), "lowest reward": ("reward", True), "prompt order": ("prompt_id", True)}[order]
-    shown = comps.sort_values(sort[0], ascending=sort[1]).head(30)
-    st.caption("Prompt in grey, completion with VADER-lexicon words coloured by valence (hover for the value), "
-               "reward in brackets.")
-    st.html("".join(viz.completion_html(r.prompt, r.completion, r.reward) for r in shown.itertuples()))
-    with st.expander("All completions as a table"):
-        st.dataframe(comps[["prompt_id", "sample_idx", "prompt", "completion", "n_new", "reward", "raw_score"]],
-                     hide_index=True, width="stretch")
 
-st.subheader("RL fine-tuning (GRPO against the VADER reward)")
-steps = frame(run_dir, "rl_steps")
-evals = {s.name: s for s in stages}.get("rl_eval")
-if steps.empty:
-    st.info("The policy has not been fine-tuned yet: the rlhf stage has not run.")
+
+def hh_sections() -> None:
+    """HH task: the DPO curve and the implicit-reward evaluation on held-out and training pairs."""
+    st.subheader("DPO on HH-RLHF preference pairs")
+    steps = frame(run_dir, "rl_steps")
+    ev = {s.name: s for s in stages}.get("rl_eval")
+    if steps.empty:
+        st.info("The policy has not been DPO-tuned yet: the rlhf stage has not run.")
+        return
+    if ev is not None and ev.status == "done":
+        d = ev.detail
+        e1, e2, e3 = st.columns(3)
+        e1.metric("Held-out implicit-reward accuracy", f"{d['eval_accuracy']:.3f}", help=f"n = {d['n_eval']} pairs")
+        e2.metric("Held-out margin (chosen − rejected)", f"{d['eval_margin']['mean']:+.4f} ± {d['eval_margin']['se']:.4f}")
+        e3.metric("Training-pair accuracy", f"{d['train_accuracy']:.3f}", help=f"n = {d['n_train']} pairs")
+    st.line_chart(steps.set_index("step")[["loss", "reward"]].rename(columns={"reward": "batch margin"}))
+    pairs = frame(run_dir, "pairs", split="eval")
+    st.caption("Held-out pairs (first 5); the prompt ends at the last \"Assistant:\" turn.")
+    st.dataframe(pairs.head(5)[["subset", "prompt", "chosen", "rejected"]], hide_index=True, width="stretch")
+
+
+def vader_sections() -> None:
+    """VADER task: base completions, the RL curves, held-out gain, paired completions, word shifts."""
+    st.subheader("Base-model completions")
+    comps = frame(run_dir, "completions", role="base")
+    if comps.empty:
+        st.info("No completions yet: the base_samples stage has not run.")
+    else:
+        st.plotly_chart(viz.reward_histogram(comps), width="stretch")
+        order = st.radio("Order", ["highest reward", "lowest reward", "prompt order"], horizontal=True, key="ov_order")
+        sort = {"highest reward": ("reward", False), "lowest reward": ("reward", True), "prompt order": ("prompt_id", True)}[order]
+        shown = comps.sort_values(sort[0], ascending=sort[1]).head(30)
+        st.caption("Prompt in grey, completion with VADER-lexicon words coloured by valence (hover for the value), "
+                   "reward in brackets.")
+        st.html("".join(viz.completion_html(r.prompt, r.completion, r.reward) for r in shown.itertuples()))
+        with st.expander("All completions as a table"):
+            st.dataframe(comps[["prompt_id", "sample_idx", "prompt", "completion", "n_new", "reward", "raw_score"]],
+                         hide_index=True, width="stretch")
+
+    st.subheader("RL fine-tuning (GRPO against the VADER reward)")
+    steps = frame(run_dir, "rl_steps")
+    evals = {s.name: s for s in stages}.get("rl_eval")
+    if steps.empty:
+        st.info("The policy has not been fine-tuned yet: the rlhf stage has not run.")
+    else:
+        if evals is not None and evals.status == "done":
+            d = evals.detail
+            diff = d["difference"]
+            e1, e2, e3, e4 = st.columns(4)
+            e1.metric("Tuned reward (held-out)", f"{d['reward_tuned']['mean']:+.3f} ± {d['reward_tuned']['se']:.3f}",
+                      delta=f"{diff['mean']:+.3f} vs base", help=f"n = {d['reward_tuned']['n']} paired completions")
+            e2.metric("Gain, 95% CI", f"[{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]",
+                      help=f"{diff['n_se']:.1f} standard errors; paired t-test p = {diff['p_value']:.2g}")
+            e3.metric("KL(tuned ‖ base) per token", f"{d['kl_per_token']:.4f}")
+            e4.metric("Distinct-2 tuned / base", f"{d['distinct2_tuned']:.3f} / {d['distinct2_base']:.3f}",
+                      help="unique word bigrams / all bigrams; a collapse to repetition shows here")
+        st.plotly_chart(viz.rl_curves(steps), width="stretch")
+        pairs = frame(run_dir, "paired_completions", limit=200)
+        if not pairs.empty:
+            left, right = st.columns([3, 2])
+            with left:
+                st.markdown("**Same held-out prompt, same seed: base vs tuned**")
+                shown = pairs.assign(gain=pairs.tuned_reward - pairs.base_reward).sort_values("gain", ascending=False)
+                st.html(viz.paired_table([viz.paired_html(r.prompt, r.base, r.base_reward, r.tuned, r.tuned_reward)
+                                          for r in shown.head(12).itertuples()]))
+            with right:
+                shifts = frame(run_dir, "word_shifts")
+                st.markdown("**Words RL made more / less frequent**")
+                for direction in ("raised", "lowered"):
+                    part = shifts[shifts.direction == direction][["word", "base_count", "tuned_count", "valence"]]
+                    st.caption(direction)
+                    st.dataframe(part.head(10), hide_index=True, width="stretch")
+
+
+if info.get("config", {}).get("task", "vader") == "hh":
+    hh_sections()
 else:
-    if evals is not None and evals.status == "done":
-        d = evals.detail
-        diff = d["difference"]
-        e1, e2, e3, e4 = st.columns(4)
-        e1.metric("Tuned reward (held-out)", f"{d['reward_tuned']['mean']:+.3f} ± {d['reward_tuned']['se']:.3f}",
-                  delta=f"{diff['mean']:+.3f} vs base", help=f"n = {d['reward_tuned']['n']} paired completions")
-        e2.metric("Gain, 95% CI", f"[{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]",
-                  help=f"{diff['n_se']:.1f} standard errors; paired t-test p = {diff['p_value']:.2g}")
-        e3.metric("KL(tuned ‖ base) per token", f"{d['kl_per_token']:.4f}")
-        e4.metric("Distinct-2 tuned / base", f"{d['distinct2_tuned']:.3f} / {d['distinct2_base']:.3f}",
-                  help="unique word bigrams / all bigrams; a collapse to repetition shows here")
-    st.plotly_chart(viz.rl_curves(steps), width="stretch")
-    pairs = frame(run_dir, "paired_completions", limit=200)
-    if not pairs.empty:
-        left, right = st.columns([3, 2])
-        with left:
-            st.markdown("**Same held-out prompt, same seed: base vs tuned**")
-            shown = pairs.assign(gain=pairs.tuned_reward - pairs.base_reward).sort_values("gain", ascending=False)
-            st.html(viz.paired_table([viz.paired_html(r.prompt, r.base, r.base_reward, r.tuned, r.tuned_reward)
-                                      for r in shown.head(12).itertuples()]))
-        with right:
-            shifts = frame(run_dir, "word_shifts")
-            st.markdown("**Words RL made more / less frequent**")
-            for direction in ("raised", "lowered"):
-                part = shifts[shifts.direction == direction][["word", "base_count", "tuned_count", "valence"]]
-                st.caption(direction)
-                st.dataframe(part.head(10), hide_index=True, width="stretch")
+    vader_sections()

@@ -13,12 +13,17 @@ from lfp_core.pipeline.core import Context, Stage
 STAGES: list[Stage] = [*base.STAGES, *rl.STAGES]
 
 
-def stage_names() -> list[str]:
-    return [s.name for s in STAGES]
+def stages_for(task: str = "vader") -> list[Stage]:
+    """The stages of a task, in order."""
+    return [s for s in STAGES if task in s.tasks]
 
 
-def describe_stages() -> dict[str, str]:
-    return {s.name: s.describe for s in STAGES}
+def stage_names(task: str = "vader") -> list[str]:
+    return [s.name for s in stages_for(task)]
 
 
-__all__ = ["STAGES", "Context", "Stage", "describe_stages", "stage_names"]
+def describe_stages(task: str = "vader") -> dict[str, str]:
+    return {s.name: s.describe for s in stages_for(task)}
+
+
+__all__ = ["STAGES", "Context", "Stage", "describe_stages", "stage_names", "stages_for"]

@@ -13,7 +13,7 @@ from lfp_core import corpora, reward, sampling
 from lfp_core.config import RunConfig
 from lfp_core.models import resolve_spec
 from lfp_core.pipeline.core import Context, Stage
-from lfp_core.store import RunWriter
+from lfp_core.store import RunWriter, put_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,21 @@ def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], out
     return rows
 
 
+def stage_pairs(ctx: Context, config_hash: str) -> None:
+    """HH task: preference pairs split at the last "\n\nAssistant:", shuffled with the run's seed
+    into held-out evaluation pairs and DPO training pairs."""
+    cfg = ctx.cfg
+    pairs, where = corpora.hh_pairs(cfg.data_dir)
+    order = np.random.default_rng([cfg.seed, 29]).permutation(len(pairs))
+    n_eval = min(cfg.n_eval_pairs, len(pairs) // 2)
+    n_train = min(cfg.n_pairs, len(pairs) - n_eval)
+    rows = [{"pair_id": k, "split": "eval" if k < n_eval else "train", "subset": pairs[i].get("subset"),
+             "prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
+            for k, i in enumerate(order[: n_eval + n_train])]
+    log.info("HH pairs from %s: %d training, %d held-out", where, n_train, n_eval)
+    ctx.commit(lambda con: put_rows(con, "pairs", rows), {"n_train": n_train, "n_eval": n_eval, "source": where})
+
+
 def sample_role(ctx: Context, config_hash: str, stage: str, role: str, model) -> None:
     """Sample and score completions of the held-out prompts for one policy role, resumably.
 
@@ -118,9 +133,12 @@ STAGES = [
     Stage("model", ("model", "device"), (), stage_model, {"models": ("role = ?", ["base"])},
           fingerprint=model_fingerprint, describe="load the base model (HF + transformer-lens)"),
     Stage("prompts", ("data_dir", "n_prompts", "n_eval_prompts", "prompt_min_tokens", "prompt_max_tokens", "seed"),
-          ("model",), stage_prompts, {"prompts": ("true", [])},
+          ("model",), stage_prompts, {"prompts": ("true", [])}, tasks=("vader",),
           describe="build the RL and held-out prompt sets (IMDB train / test prefixes)"),
     Stage("base_samples", ("min_new_tokens", "max_new_tokens", "samples_per_prompt", "gen_batch_size", "seed"),
-          ("prompts",), stage_base_samples, {"completions": ("role = ?", ["base"])}, chunked=True,
+          ("prompts",), stage_base_samples, {"completions": ("role = ?", ["base"])}, chunked=True, tasks=("vader",),
           describe="sample base-model completions of held-out prompts, score them with the VADER reward"),
+    Stage("pairs", ("data_dir", "n_pairs", "n_eval_pairs", "seed"), ("model",), stage_pairs,
+          {"pairs": ("true", [])}, tasks=("hh",),
+          describe="load HH-RLHF preference pairs; split into DPO training and held-out pairs"),
 ]

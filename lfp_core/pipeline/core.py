@@ -48,6 +48,7 @@ class Stage:
         chunked: whether the stage commits chunk by chunk and resumes from the last chunk.
         fingerprint: optional extra input to the hash (e.g. the model files' identity).
         describe: one line shown for a stage that has not run yet.
+        tasks: the tasks the stage belongs to (a stage may exist per task under one name).
     """
 
     name: str
@@ -58,5 +59,6 @@ class Stage:
     chunked: bool = False
     fingerprint: Callable[[RunConfig], str] | None = None
     describe: str = ""
+    tasks: tuple[str, ...] = ("vader", "hh")
 
 

@@ -22,6 +22,45 @@ def tuned_policy(ctx: Context):
     return ctx.cache["tuned"]
 
 
+def _dpo_settings(cfg) -> rlhf.DPOSettings:
+    return rlhf.DPOSettings(beta=cfg.dpo_beta, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, batch_size=cfg.dpo_batch_size,
+                            max_length=cfg.dpo_max_length, max_prompt_length=cfg.dpo_max_prompt_length,
+                            save_every=cfg.rl_save_every, seed=cfg.seed, device=cfg.device)
+
+
+def stage_dpo(ctx: Context, config_hash: str) -> None:
+    """HH task: DPO on the training pairs (the policy starts from, and is regularised to, the base)."""
+    pairs = ctx.writer.reader().pairs("train").to_dict("records")
+    ctx.cache.pop("tuned", None)
+    policy_dir, steps = rlhf.train_dpo(ctx.model, pairs, _dpo_settings(ctx.cfg), artifacts_dir(ctx.writer.run_dir),
+                                       config_hash)
+    tuned = tuned_policy(ctx)
+    info = {**tuned.info(), "name": f"{ctx.model.spec.name} + DPO (HH)"}
+
+    def write(con):
+        RunWriter.put_model(con, "tuned", info)
+        put_rows(con, "rl_steps", steps)
+
+    ctx.commit(write, {"policy_dir": str(policy_dir), "steps": len(steps)})
+
+
+def stage_dpo_eval(ctx: Context, config_hash: str) -> None:
+    """HH task: implicit-reward margin and accuracy of the DPO policy on held-out and training pairs."""
+    r = ctx.writer.reader()
+    tuned, base, s = tuned_policy(ctx), ctx.model, _dpo_settings(ctx.cfg)
+    detail = {}
+    for split, n in (("eval", None), ("train", len(r.pairs("eval")))):
+        pairs = r.pairs(split).head(n).to_dict("records") if n else r.pairs(split).to_dict("records")
+        chosen, rejected = rlhf.implicit_rewards(tuned.hf, base.hf, base.tokenizer, pairs, s)
+        margin = np.asarray(chosen) - np.asarray(rejected)
+        detail[f"{split}_margin"] = evaluation.reward_stats(margin)
+        detail[f"{split}_accuracy"] = float((margin > 0).mean())
+        detail[f"n_{split}"] = len(pairs)
+    log.info("DPO implicit-reward accuracy: held-out %.3f, training %.3f", detail["eval_accuracy"],
+             detail["train_accuracy"])
+    ctx.commit(lambda con: None, detail)
+
+
 def stage_rlhf(ctx: Context, config_hash: str) -> None:
     """GRPO fine-tuning on the RL prompts; logs per-step reward/KL and sample completions."""
     cfg = ctx.cfg
@@ -92,6 +131,11 @@ def stage_divergence(ctx: Context, config_hash: str) -> None:
     base = r.completions("base", limit=cfg.divergence_sequences)
     bos = [ctx.model.tokenizer.bos_token_id] if ctx.model.tokenizer.bos_token_id is not None else []
     seqs = [bos + list(ids_of[int(p)]) + list(c) for p, c in zip(base.prompt_id, base.token_ids)]
+    if cfg.task == "hh":  # held-out dialogues: prompt + chosen response, first 64 tokens
+        tok = ctx.model.tokenizer
+        texts = [p + c for p, c in r.pairs("eval").head(cfg.divergence_sequences)[["prompt", "chosen"]].itertuples(
+            index=False)]
+        seqs = [bos + tok(t, add_special_tokens=False)["input_ids"][:64] for t in texts]
     act_cos, act_rel = divergence.activation_divergence(ctx.model.hooked(), tuned.hooked(), seqs)
     scores = param if cfg.divergence_measure == "param" else act_cos
     selected = divergence.select_layers(scores, cfg.n_selected_layers)
@@ -104,15 +148,24 @@ def stage_divergence(ctx: Context, config_hash: str) -> None:
 _RL_FIELDS = ("rl_steps", "rl_lr", "rl_beta", "rl_prompts_per_step", "rl_generations", "rl_save_every",
               "min_new_tokens", "max_new_tokens", "seed", "device")
 
+_DPO_FIELDS = ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch_size", "dpo_max_length", "dpo_max_prompt_length",
+               "rl_save_every", "seed", "device")
+_RL_CLEARS = {"rl_steps": ("true", []), "rl_samples": ("true", []), "models": ("role = ?", ["tuned"])}
+_DIV = ("n_selected_layers", "divergence_measure", "divergence_sequences")
+
 STAGES = [
-    Stage("rlhf", _RL_FIELDS, ("prompts",), stage_rlhf,
-          {"rl_steps": ("true", []), "rl_samples": ("true", []), "models": ("role = ?", ["tuned"])},
+    Stage("rlhf", _RL_FIELDS, ("prompts",), stage_rlhf, _RL_CLEARS, tasks=("vader",),
           describe="fine-tune the policy with GRPO against the VADER reward (KL to the base model)"),
     Stage("rl_eval", ("min_new_tokens", "max_new_tokens", "samples_per_prompt", "gen_batch_size", "seed"),
           ("rlhf", "base_samples"), stage_rl_eval,
-          {"completions": ("role = ?", ["tuned"]), "word_shifts": ("true", [])}, chunked=True,
+          {"completions": ("role = ?", ["tuned"]), "word_shifts": ("true", [])}, chunked=True, tasks=("vader",),
           describe="sample the tuned policy on the held-out prompts; reward gain, KL, distinct-2, word shifts"),
-    Stage("divergence", ("n_selected_layers", "divergence_measure", "divergence_sequences"), ("rlhf", "base_samples"),
-          stage_divergence, {"layer_divergence": ("true", [])},
-          describe="per-layer parameter and activation divergence; choose the layers to study"),
+    Stage("rlhf", _DPO_FIELDS, ("pairs",), stage_dpo, _RL_CLEARS, tasks=("hh",),
+          describe="fine-tune the policy with DPO on HH-RLHF chosen/rejected pairs"),
+    Stage("rl_eval", (), ("rlhf",), stage_dpo_eval, {}, tasks=("hh",),
+          describe="DPO implicit-reward margin and accuracy on held-out and training pairs"),
+    Stage("divergence", _DIV, ("rlhf", "base_samples"), stage_divergence, {"layer_divergence": ("true", [])},
+          tasks=("vader",), describe="per-layer parameter and activation divergence; choose the layers to study"),
+    Stage("divergence", _DIV, ("rlhf", "pairs"), stage_divergence, {"layer_divergence": ("true", [])},
+          tasks=("hh",), describe="per-layer parameter and activation divergence; choose the layers to study"),
 ]
