@@ -17,6 +17,7 @@ from lfp_core import precompute, report
 from lfp_core.config import REPO_ROOT, preset_config
 from lfp_core.pipeline import stage_names
 from lfp_core.store import RunReader, db_path
+from tests.helpers import old_schema_run
 
 
 def _finished(run) -> dict:
@@ -113,11 +114,7 @@ def test_cli_out_is_a_file(tmp_path, capsys):
 
 
 def test_cli_old_schema_then_rebuild_keeps_the_old_file(tmp_path, capsys):
-    run = tmp_path / "r"
-    run.mkdir()
-    con = duckdb.connect(str(db_path(run)))
-    con.execute("CREATE TABLE meta (key VARCHAR, value VARCHAR); INSERT INTO meta VALUES ('schema_version', '0')")
-    con.close()
+    run = old_schema_run(tmp_path / "r")
     assert precompute.main(["--preset", "quick", "--out", str(run), "--until", "model"]) == 2
     assert "--rebuild" in capsys.readouterr().err
     assert precompute.main(["--preset", "quick", "--out", str(run), "--until", "model", "--rebuild"]) == 0

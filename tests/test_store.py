@@ -6,9 +6,17 @@ import duckdb
 import pytest
 
 from lfp_core.store import (
-    SCHEMA_VERSION, CorruptStoreError, RunNotFoundError, RunReader, RunWriter, SchemaVersionError,
-    StoreError, db_path, list_runs,
+    SCHEMA_VERSION,
+    CorruptStoreError,
+    RunNotFoundError,
+    RunReader,
+    RunWriter,
+    SchemaVersionError,
+    StoreError,
+    db_path,
+    list_runs,
 )
+from tests.helpers import old_schema_run
 
 
 def _prompt(pid: int) -> dict:
@@ -57,11 +65,7 @@ def test_reader_is_read_only(tmp_path):
 
 
 def test_old_schema_version_names_both_versions_and_the_fix(tmp_path):
-    d = tmp_path / "r"
-    d.mkdir()
-    con = duckdb.connect(str(db_path(d)))
-    con.execute("CREATE TABLE meta (key VARCHAR, value VARCHAR); INSERT INTO meta VALUES ('schema_version', '0')")
-    con.close()
+    d = old_schema_run(tmp_path / "r")
     for opener in (RunReader, RunWriter):
         with pytest.raises(SchemaVersionError) as e:
             opener(d)

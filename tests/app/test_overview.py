@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from lfp_core.config import REPO_ROOT
 from lfp_core.pipeline import stage_names
-from lfp_core.store import RunWriter, db_path
+from lfp_core.store import RunWriter
+from tests.helpers import old_schema_run
 
 APP = str(REPO_ROOT / "app.py")
 
@@ -54,11 +54,7 @@ def test_bad_run_path_is_a_message_not_a_traceback(monkeypatch, tmp_path):
 
 
 def test_old_schema_db_is_a_message(monkeypatch, tmp_path):
-    run = tmp_path / "old"
-    run.mkdir()
-    con = duckdb.connect(str(db_path(run)))
-    con.execute("CREATE TABLE meta (key VARCHAR, value VARCHAR); INSERT INTO meta VALUES ('schema_version', '0')")
-    con.close()
+    run = old_schema_run(tmp_path / "old")
     at = _app(monkeypatch, tmp_path, run=str(run))
     assert not at.exception
     assert any("schema version 0" in e.value and "--rebuild" in e.value for e in at.error)
