@@ -30,48 +30,30 @@ import math
 import os
 import platform
 import random
-import re
-import tarfile
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lfp_core.corpora import iter_imdb  # noqa: E402
+
 log = logging.getLogger("train_demo_lm")
 
 EOT = "<|endoftext|>"
-_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
-_WS = re.compile(r"[ \t]+")
-
-
-def clean_review(text: str) -> str:
-    """Strip IMDB's HTML line breaks and collapse runs of spaces."""
-    return _WS.sub(" ", _BR.sub(" ", text)).strip()
 
 
 def read_imdb(data_dir: Path) -> tuple[list[str], list[str]]:
-    """Return (train_texts, heldout_texts) from the IMDB tarballs in ``data_dir``.
+    """Return (train_texts, heldout_texts) from the IMDB archives in ``data_dir`` (the imdb folder).
 
     Train: train/pos, train/neg and train/unsup. Held-out: test/pos and test/neg.
     """
     train: list[str] = []
     heldout: list[str] = []
-    for name in ("aclImdb_v1_labeled.tar.gz", "aclImdb_v1_unsup.tar.gz"):
-        path = data_dir / name
-        if not path.exists():
-            raise FileNotFoundError(f"IMDB archive not found: {path}")
-        with tarfile.open(path, "r:gz") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".txt"):
-                    continue
-                parts = member.name.split("/")
-                if len(parts) != 4 or parts[2] not in ("pos", "neg", "unsup"):
-                    continue
-                f = tar.extractfile(member)
-                assert f is not None
-                text = clean_review(f.read().decode("utf-8", errors="replace"))
-                (heldout if parts[1] == "test" else train).append(text)
+    for r in iter_imdb(data_dir.parent, splits=("train", "test"), labels=("pos", "neg", "unsup")):
+        (heldout if r.doc_id.startswith("test/") else train).append(r.text)
     return train, heldout
 
 
@@ -195,7 +177,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--max-reviews", type=int, default=0, help="use only this many training reviews (smoke tests)")
+    ap.add_argument("--card-only", action="store_true",
+                    help="rewrite MODEL_CARD.md from the train_result.json in --out (no training)")
     args = ap.parse_args()
+    if args.card_only:
+        saved = json.loads((args.out / "train_result.json").read_text())
+        prompts, samples = zip(*saved.pop("samples"))
+        write_model_card(args.out, saved, list(prompts), list(samples))
+        return
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -296,6 +285,7 @@ def write_model_card(out: Path, r: dict, prompts: list[str], samples: list[str])
         "  parallel residual, rotary on 25% of head dims, untied unembedding, GELU, LayerNorm.",
         f"- {r['n_params']:,} parameters; byte-level BPE tokenizer (`tokenizers`), vocab {r['vocab']};",
         "  `<|endoftext|>` (id 0) is BOS, EOS, PAD and UNK.",
+        "- Weights are stored in float16 (half the size; trained in float32, loaders upcast to float32).",
         "",
         "## Data",
         "- Training: IMDB (Maas et al. 2011) `train/pos`, `train/neg`, `train/unsup` — 75,000 reviews,",
