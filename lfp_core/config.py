@@ -85,8 +85,8 @@ class RunConfig:
     samples_per_prompt: int = 1
     gen_batch_size: int = 64
     rl_steps: int = 150
-    rl_lr: float = 2e-4
-    rl_beta: float = 0.1
+    rl_lr: float = 1e-4
+    rl_beta: float = 0.2
     rl_prompts_per_step: int = 4
     rl_generations: int = 8
     rl_save_every: int = 25

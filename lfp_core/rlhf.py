@@ -12,6 +12,23 @@ Why GRPO (trl 1.16 has GRPO and RLOO, and no PPO):
 * It is the configuration measured here before (see the issue): the range between reward
   hacking (lr 3e-4, β 0.05) and too little learning (lr 1e-4, β 0.3) is known.
 
+Defaults (lr 1e-4, β 0.2, 150 steps of 4 prompts × 8 completions, constant lr): measured on the
+demo model with the demo preset (1,024 held-out completions, same prompts and seeds for both
+policies), as ``python -m lfp_core.precompute --preset demo --set rl_lr=… --set rl_beta=…`` printed:
+
+=========  =====  ================  =============  ===========  =============================
+lr         β      tuned vs base     gain in s.e.   KL / token   distinct-2 tuned (base 0.801)
+=========  =====  ================  =============  ===========  =============================
+2e-4       0.1    5.712 vs 0.056    99.0           3.6528       0.109  (collapsed: "great great…")
+1e-4       0.1    ≈5.0 vs 0.056     87.5           3.0967       0.133  (collapsed)
+1.5e-4     0.2    ≈1.36 vs 0.056    45.3           0.6180       0.542
+**1e-4**   **0.2** **0.956 vs 0.056** **37.5**     **0.3598**   **0.612** (fluent, sentiment-laden)
+=========  =====  ================  =============  ===========  =============================
+
+β decides collapse more than lr: at β 0.1 both learning rates hack the lexicon; at β 0.2 the
+policy keeps writing reviews ("a great movie drama and enjoyed it for all the great story") and
+the gain is still far beyond 3 standard errors.
+
 Sampling follows the paper: pure sampling (temperature 1, top_k 0, top_p 1), the model's BOS
 before the 2–9 token prompt, and a completion length drawn from 8–19 tokens once per step (as the
 paper's trl PPO notebook drew one ``gen_len`` per batch).
@@ -47,8 +64,8 @@ class RLSettings:
     """GRPO hyper-parameters (see the module docstring for the chosen defaults)."""
 
     steps: int = 150
-    lr: float = 2e-4
-    beta: float = 0.1
+    lr: float = 1e-4
+    beta: float = 0.2
     prompts_per_step: int = 4
     generations: int = 8
     min_new_tokens: int = 8

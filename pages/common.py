@@ -85,9 +85,9 @@ def sidebar(default_run: str | None = None) -> None:
         st.session_state[RUN_KEY] = run_dir
         if run_dir:
             try:
-                reader = RunReader(run_dir)
-                info = reader.run_info()
-                model = reader.model_info("base")
+                stamp = _stamp(run_dir)
+                info = _read(run_dir, stamp, "run_info")
+                model = _read(run_dir, stamp, "model_info", role="base")
             except StoreError as exc:
                 st.caption(f"⚠️ {exc}")
             else:

@@ -43,14 +43,14 @@ def demo_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory) -> Path:
-    """A small finished run of the demo model (16 RL + 16 held-out prompts, a short RL stage),
-    shared by the precompute, report and app tests."""
+    """The quick preset, as a user runs it (64 RL + 64 held-out prompts, 60 GRPO steps), shared by
+    the precompute, RL, report and app tests."""
     from lfp_core.config import preset_config
     from lfp_core.precompute import run_pipeline
 
-    out = tmp_path_factory.mktemp("runs") / "quick16"
+    out = tmp_path_factory.mktemp("runs") / "quick"
     data_dir = default_data_dir()
-    cfg = preset_config("quick", n_prompts=16, n_eval_prompts=16, gen_batch_size=8, rl_steps=20,
+    cfg = preset_config("quick",
                         data_dir=str(data_dir) if data_dir else None)
     run_pipeline(cfg, out)
     return out

@@ -29,10 +29,10 @@ def test_quick_run_contents(quick_run):
     r = RunReader(quick_run)
     assert _finished(quick_run) == {name: "done" for name in stage_names()}
     prompts = r.prompts()
-    assert len(prompts) == 32 and (prompts.split == "train").sum() == 16
+    assert len(prompts) == 128 and (prompts.split == "train").sum() == 64
     assert prompts.n_tokens.between(2, 9).all()
     comps = r.completions("base")
-    assert len(comps) == 16  # one per held-out prompt
+    assert len(comps) == 64  # one per held-out prompt
     assert set(comps.prompt_id) == set(r.prompts("eval").prompt_id)
     assert comps.n_new.between(1, 19).all() and (comps.n_new >= 8).mean() > 0.8  # EOS may end one early
     # Stored rewards are the reward of the stored text, and lexicon words carry their valences.
@@ -74,7 +74,7 @@ def test_config_change_recomputes_only_downstream(tmp_path, quick_run):
     outcome = precompute.run_pipeline(cfg, run, until="base_samples")
     assert outcome == {"model": "skipped", "prompts": "skipped", "base_samples": "done"}
     comps = RunReader(run).completions("base")
-    assert len(comps) == 16 and comps.n_new.max() <= 12
+    assert len(comps) == 64 and comps.n_new.max() <= 12
     after = RunReader(run).query("SELECT name, finished_at FROM stages ORDER BY name").set_index("name")
     assert after.loc["prompts", "finished_at"] == before.loc["prompts", "finished_at"]
 
@@ -86,7 +86,7 @@ def test_report_json_has_every_headline_key(quick_run, capsys):
     assert set(rep["model"]) == {"name", "n_params", "n_layers", "d_model"}
     assert rep["stages"] == {name: "done" for name in stage_names()}
     b = rep["base_reward"]
-    assert b["n"] == 16 and b["se"] > 0
+    assert b["n"] == 64 and b["se"] > 0
     comps = RunReader(quick_run).completions("base")
     assert b["mean"] == pytest.approx(comps.reward.mean())
     assert report.main([str(quick_run)]) == 0

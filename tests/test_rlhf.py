@@ -33,7 +33,7 @@ def test_tuned_policy_is_stored_and_loads_back(quick_run):
 def test_rl_logs_steps_and_samples(quick_run):
     r = RunReader(quick_run)
     steps = r.rl_steps()
-    assert list(steps.step) == list(range(1, len(steps) + 1)) and len(steps) == 20
+    assert list(steps.step) == list(range(1, len(steps) + 1)) and len(steps) == 60
     assert steps.reward.notna().all() and (steps.kl.iloc[1:] >= 0).all()
     samples = r.rl_samples()
     assert len(samples) > 0 and samples.completion.str.len().gt(0).all()
@@ -42,10 +42,10 @@ def test_rl_logs_steps_and_samples(quick_run):
 def test_rl_eval_is_paired_and_reported(quick_run):
     r = RunReader(quick_run)
     pairs = r.paired_completions()
-    assert len(pairs) == 16
+    assert len(pairs) == 64
     rep = report.build_report(str(quick_run))
     x = rep["rlhf"]
-    assert x["reward_base"]["n"] == x["reward_tuned"]["n"] == 16
+    assert x["reward_base"]["n"] == x["reward_tuned"]["n"] == 64
     assert x["reward_tuned"]["mean"] == pytest.approx(pairs.tuned_reward.mean())
     assert x["difference"]["mean"] == pytest.approx((pairs.tuned_reward - pairs.base_reward).mean())
     assert x["kl_per_token"] > 0 and 0 < x["distinct2_tuned"] <= 1
@@ -54,6 +54,17 @@ def test_rl_eval_is_paired_and_reported(quick_run):
     assert len(d["selected_layers"]) == 2 and d["selected_layers"] == sorted(d["selected_layers"])
     top = sorted(range(4), key=lambda i: -d["param"][i])[:2]
     assert sorted(top) == d["selected_layers"]
+
+
+def test_quick_preset_raises_the_held_out_reward(quick_run):
+    """The quick preset's 60 GRPO steps must raise the reward on held-out prompts, significantly,
+    without collapsing into repetition."""
+    x = report.build_report(str(quick_run))["rlhf"]
+    d = x["difference"]
+    assert d["ci_low"] > 0 and d["n_se"] >= 3, d
+    assert x["distinct2_tuned"] >= 0.5 * x["distinct2_base"]
+    steps = RunReader(quick_run).rl_steps()
+    assert steps.reward.iloc[-10:].mean() > steps.reward.iloc[:10].mean()
 
 
 def test_reward_nan_names_the_text(monkeypatch):

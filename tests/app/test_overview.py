@@ -37,7 +37,7 @@ def test_overview_of_a_finished_run(monkeypatch, quick_run):
     stages = at.dataframe[0].value
     assert list(stages.stage) == stage_names() and (stages.status == "done").all()
     html = _all_html(at)
-    assert html.count('class="lfp-completion"') == 16
+    assert html.count('class="lfp-completion"') == 30  # the 30 shown of 64
     assert not at.warning  # nothing missing
 
 

@@ -106,7 +106,7 @@ def test_overview_renders_the_run_in_chromium(server, browser):
     page.goto(f"{base}/", wait_until="domcontentloaded")
     page.get_by_text(f"Run · {run.name}").wait_for(timeout=60_000)
     page.locator(".lfp-completion").first.wait_for(timeout=60_000)
-    assert page.locator(".lfp-completion").count() == 16
+    assert page.locator(".lfp-completion").count() == 30
     body = page.inner_text("body")
     assert "Base reward (mean ± s.e.)" in body and "Stages" in body and "Base-model completions" in body
     ARTIFACTS.mkdir(exist_ok=True)
