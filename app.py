@@ -1,7 +1,7 @@
 """LFP Explorer dashboard: ``streamlit run app.py [-- --run RUN_DIR]``.
 
 The entry point only sets up navigation and the shared sidebar (run picker); each page lives in
-pages/ and reads the selected run through lfp_core.store.
+views/ and reads the selected run through lfp_core.store.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import streamlit as st
 
-from pages.common import sidebar
+from views.common import sidebar
 
 st.set_page_config(page_title="LFP Explorer", page_icon="🔎", layout="wide")
 
@@ -20,8 +20,8 @@ _parser.add_argument("--run", default=None)
 cli, _ = _parser.parse_known_args(sys.argv[1:])
 
 nav = st.navigation([
-    st.Page("pages/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
-    st.Page("pages/layers.py", title="Layers", icon="🧱", url_path="layers"),
+    st.Page("views/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
+    st.Page("views/layers.py", title="Layers", icon="🧱", url_path="layers"),
 ])
 sidebar(default_run=cli.run)
 nav.run()

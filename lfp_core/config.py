@@ -64,7 +64,9 @@ class RunConfig:
         rl_prompts_per_step / rl_generations: prompts per step and completions per prompt (group).
         rl_save_every: checkpoint interval in steps (an interrupted RL stage resumes from it).
         n_selected_layers: how many of the most divergent layers later stages study.
-        divergence_measure: which divergence picks the layers: 'param' (the paper's) or 'activation'.
+        divergence_measure: which divergence picks the layers: 'activation' (default; MLP-output
+            1 − cos) or 'param' (the paper's; nearly flat across equal-shaped layers under Adam, see
+            lfp_core.divergence).
         divergence_sequences: held-out sequences for the activation divergence.
         n_pairs / n_eval_pairs: HH task: DPO training pairs and held-out evaluation pairs.
         dpo_*: HH task: DPO β, learning rate, epochs, batch size, max length and max prompt length
@@ -91,7 +93,7 @@ class RunConfig:
     rl_generations: int = 8
     rl_save_every: int = 25
     n_selected_layers: int = 2
-    divergence_measure: str = "param"
+    divergence_measure: str = "activation"
     divergence_sequences: int = 256
     n_pairs: int = 512
     n_eval_pairs: int = 256

@@ -73,8 +73,9 @@ def format_report(rep: dict) -> str:
                      f"tuned {x['distinct2_tuned']:.3f}")
     if "divergence" in rep:
         v = rep["divergence"]
-        lines.append("layer divergence (param): " + ", ".join(f"L{i} {p:.3g}" for i, p in enumerate(v["param"]))
-                     + f"; selected layers {v['selected_layers']}")
+        lines.append("layer divergence, parameter: " + ", ".join(f"L{i} {p:.3g}" for i, p in enumerate(v["param"])))
+        lines.append("layer divergence, MLP-out 1 - cos: " + ", ".join(f"L{i} {p:.3g}" for i, p in enumerate(v["activation"])))
+        lines.append(f"selected layers (by {v['measure']}): {v['selected_layers']}")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8501")
-    ap.add_argument("--page", default="overview", help="url path of the page (overview, layers, ...)")
+    ap.add_argument("--page", default="", help="url path of the page ('' for Overview, layers, ...)")
     ap.add_argument("--query", default="", help="extra query string, e.g. run=demo")
     ap.add_argument("--out", required=True)
     ap.add_argument("--wait-for", default="Run ·", help="text to wait for before the shot")
@@ -34,6 +34,9 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1400, "height": args.height})
         page.goto(f"{args.url}/{args.page}{'?' + args.query if args.query else ''}", wait_until="domcontentloaded")
         page.get_by_text(args.wait_for).first.wait_for(timeout=90_000)
+        # Streamlit draws skeletons while a script runs; wait until the last one is replaced.
+        page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0",
+                               timeout=90_000)
         page.wait_for_timeout(2500)  # let charts draw
         page.screenshot(path=args.out, full_page=args.full_page)
         browser.close()

@@ -52,7 +52,8 @@ def test_rl_eval_is_paired_and_reported(quick_run):
     d = rep["divergence"]
     assert len(d["param"]) == len(d["activation"]) == 4
     assert len(d["selected_layers"]) == 2 and d["selected_layers"] == sorted(d["selected_layers"])
-    top = sorted(range(4), key=lambda i: -d["param"][i])[:2]
+    assert d["measure"] == "activation"
+    top = sorted(range(4), key=lambda i: -d["activation"][i])[:2]
     assert sorted(top) == d["selected_layers"]
 
 

@@ -15,7 +15,7 @@ def _layers(monkeypatch, runs, run) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.query_params["run"] = str(run)
     at.run()
-    return at.switch_page("pages/layers.py").run()
+    return at.switch_page("views/layers.py").run()
 
 
 def test_layers_page_shows_both_measures_and_the_choice(monkeypatch, quick_run):

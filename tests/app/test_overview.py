@@ -96,9 +96,10 @@ def test_overview_shows_rl_curves_pairs_and_word_shifts(monkeypatch, quick_run):
     at = _app(monkeypatch, quick_run.parent, run=str(quick_run))
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
-    assert "Tuned reward (held-out)" in metrics and metrics["Gain, 95% CI"].startswith("[")
+    assert "Tuned reward (held-out)" in metrics and metrics["Gain over base"].startswith(("+", "-"))
+    assert any("95% CI [" in c.value for c in at.caption)
     assert len(at.get("plotly_chart")) == 2  # reward histogram + RL curves
     html = _all_html(at)
-    assert html.count('class="lfp-pair"') == 12
+    assert html.count('class="lfp-pair"') == 8
     tables = [d.value for d in at.dataframe]
     assert any(set(t.columns) == {"word", "base_count", "tuned_count", "valence"} for t in tables)

@@ -127,3 +127,15 @@ def test_html_in_text_is_shown_not_run(server, browser):
     page.wait_for_timeout(500)
     assert dialogs == []
     page.close()
+
+
+def test_deep_links_reach_each_page_through_the_app(server, browser):
+    """/layers?run=NAME must run app.py (sidebar, navigation, run from the URL), not a bare page file."""
+    base, run = server
+    page = browser.new_page()
+    page.goto(f"{base}/layers?run={run.name}", wait_until="domcontentloaded")
+    page.get_by_text("Selected layers").wait_for(timeout=60_000)
+    body = page.inner_text("body")
+    assert "LFP Explorer" in body and "Overview" in body  # the shared sidebar and navigation
+    assert "Page not found" not in body
+    page.close()

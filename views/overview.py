@@ -9,7 +9,7 @@ import streamlit as st
 
 from lfp_core import viz
 from lfp_core.pipeline import describe_stages
-from pages.common import frame, read, require_run
+from views.common import frame, read, require_run
 
 run_dir = require_run()
 info = read(run_dir, "run_info")
@@ -100,11 +100,14 @@ def vader_sections() -> None:
             e1, e2, e3, e4 = st.columns(4)
             e1.metric("Tuned reward (held-out)", f"{d['reward_tuned']['mean']:+.3f} ± {d['reward_tuned']['se']:.3f}",
                       delta=f"{diff['mean']:+.3f} vs base", help=f"n = {d['reward_tuned']['n']} paired completions")
-            e2.metric("Gain, 95% CI", f"[{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]",
+            e2.metric("Gain over base", f"{diff['mean']:+.3f}",
                       help=f"{diff['n_se']:.1f} standard errors; paired t-test p = {diff['p_value']:.2g}")
             e3.metric("KL(tuned ‖ base) per token", f"{d['kl_per_token']:.4f}")
             e4.metric("Distinct-2 tuned / base", f"{d['distinct2_tuned']:.3f} / {d['distinct2_base']:.3f}",
                       help="unique word bigrams / all bigrams; a collapse to repetition shows here")
+            st.caption(f"Gain 95% CI [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}], {diff['n_se']:.1f} standard errors, "
+                       f"paired t-test p = {diff['p_value']:.2g}, over {d['reward_tuned']['n']} held-out completions "
+                       "(same prompts, lengths and seeds for both policies).")
         st.plotly_chart(viz.rl_curves(steps), width="stretch")
         pairs = frame(run_dir, "paired_completions", limit=200)
         if not pairs.empty:
@@ -113,7 +116,7 @@ def vader_sections() -> None:
                 st.markdown("**Same held-out prompt, same seed: base vs tuned**")
                 shown = pairs.assign(gain=pairs.tuned_reward - pairs.base_reward).sort_values("gain", ascending=False)
                 st.html(viz.paired_table([viz.paired_html(r.prompt, r.base, r.base_reward, r.tuned, r.tuned_reward)
-                                          for r in shown.head(12).itertuples()]))
+                                          for r in shown.head(8).itertuples()]))
             with right:
                 shifts = frame(run_dir, "word_shifts")
                 st.markdown("**Words RL made more / less frequent**")

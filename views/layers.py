@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from lfp_core import viz
-from pages.common import frame, read, require_run
+from views.common import frame, read, require_run
 
 run_dir = require_run()
 st.title("Layers")
@@ -17,8 +17,8 @@ if div.empty:
 detail = {s.name: s for s in read(run_dir, "stages")}["divergence"].detail
 selected = [int(x) for x in div[div.selected].layer]
 st.markdown(f"Selected layers (★): **{', '.join(map(str, selected))}**, the top {len(selected)} by "
-            f"**{'parameter' if detail.get('measure') == 'param' else 'activation'}** divergence. Later stages "
-            "train SAEs on these layers' MLP outputs.")
+            f"**{'parameter' if detail.get('measure') == 'param' else 'MLP-output (1 − cos)'}** divergence. Later "
+            "stages train SAEs on these layers' MLP outputs.")
 st.plotly_chart(viz.divergence_bars(div), width="stretch")
 st.caption("Parameter divergence: the paper's Σ over the layer's tensors of the Frobenius norm of the weight "
            "change (float32). Activation divergence: base vs tuned `hook_mlp_out` on the same held-out "
