@@ -54,8 +54,9 @@ def word_shifts(base_texts: list[str], tuned_texts: list[str], top: int = 15) ->
     """Words whose count RL raised or lowered most (equal numbers of completions on each side).
 
     Returns:
-        Rows (word, base_count, tuned_count, delta, valence, direction), ``top`` raised then ``top``
-        lowered, by count difference.
+        Rows (word, base_count, tuned_count, delta, valence, direction): the ``top`` most raised and
+        most lowered words by count difference, plus the ``top`` most raised and lowered among
+        VADER-lexicon words (function words otherwise crowd those out).
     """
     b = Counter(w for t in base_texts for w in words_of(t))
     u = Counter(w for t in tuned_texts for w in words_of(t))
@@ -64,9 +65,13 @@ def word_shifts(base_texts: list[str], tuned_texts: list[str], top: int = 15) ->
                         "valence": lex.get(w, 0.0)} for w in set(b) | set(u)])
     if df.empty:
         return df.assign(direction=[])
-    raised = df[df.delta > 0].sort_values(["delta", "word"], ascending=[False, True]).head(top)
-    lowered = df[df.delta < 0].sort_values(["delta", "word"], ascending=[True, True]).head(top)
-    return pd.concat([raised.assign(direction="raised"), lowered.assign(direction="lowered")], ignore_index=True)
+    parts = []
+    for subset in (df, df[df.valence != 0]):
+        parts.append(subset[subset.delta > 0].sort_values(["delta", "word"], ascending=[False, True]).head(top)
+                     .assign(direction="raised"))
+        parts.append(subset[subset.delta < 0].sort_values(["delta", "word"], ascending=[True, True]).head(top)
+                     .assign(direction="lowered"))
+    return pd.concat(parts, ignore_index=True).drop_duplicates("word").reset_index(drop=True)
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
     hashes: dict[str, str] = {}
     outcome: dict[str, str] = {}
     for pos, stage in enumerate(stages_for(cfg.task)):
-        upstream = tuple(hashes[u] for u in stage.after)
+        upstream = tuple(hashes[u] for u in stage.after) + (f"v{stage.version}",)
         if stage.fingerprint is not None:
             upstream += (stage.fingerprint(cfg),)
         h = stage_hash(cfg, stage.fields, upstream)

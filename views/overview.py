@@ -120,6 +120,8 @@ def vader_sections() -> None:
             with right:
                 shifts = frame(run_dir, "word_shifts")
                 st.markdown("**Words RL made more / less frequent**")
+                if st.toggle("VADER-lexicon words only", key="ov_lexicon_only"):
+                    shifts = shifts[shifts.valence != 0]
                 for direction in ("raised", "lowered"):
                     part = shifts[shifts.direction == direction][["word", "base_count", "tuned_count", "valence"]]
                     st.caption(direction)

@@ -49,6 +49,8 @@ class Stage:
         fingerprint: optional extra input to the hash (e.g. the model files' identity).
         describe: one line shown for a stage that has not run yet.
         tasks: the tasks the stage belongs to (a stage may exist per task under one name).
+        version: bumped when the stage's computation changes, so stored results of an older
+            version are recomputed rather than reused.
     """
 
     name: str
@@ -60,5 +62,6 @@ class Stage:
     fingerprint: Callable[[RunConfig], str] | None = None
     describe: str = ""
     tasks: tuple[str, ...] = ("vader", "hh")
+    version: int = 1
 
 

@@ -159,6 +159,7 @@ STAGES = [
     Stage("rl_eval", ("min_new_tokens", "max_new_tokens", "samples_per_prompt", "gen_batch_size", "seed"),
           ("rlhf", "base_samples"), stage_rl_eval,
           {"completions": ("role = ?", ["tuned"]), "word_shifts": ("true", [])}, chunked=True, tasks=("vader",),
+          version=2,  # 2: word shifts also list the top lexicon words
           describe="sample the tuned policy on the held-out prompts; reward gain, KL, distinct-2, word shifts"),
     Stage("rlhf", _DPO_FIELDS, ("pairs",), stage_dpo, _RL_CLEARS, tasks=("hh",),
           describe="fine-tune the policy with DPO on HH-RLHF chosen/rejected pairs"),

@@ -103,3 +103,11 @@ def test_overview_shows_rl_curves_pairs_and_word_shifts(monkeypatch, quick_run):
     assert html.count('class="lfp-pair"') == 8
     tables = [d.value for d in at.dataframe]
     assert any(set(t.columns) == {"word", "base_count", "tuned_count", "valence"} for t in tables)
+
+
+def test_word_shift_toggle_keeps_only_lexicon_words(monkeypatch, quick_run):
+    at = _app(monkeypatch, quick_run.parent, run=str(quick_run))
+    at.toggle(key="ov_lexicon_only").set_value(True).run()
+    assert not at.exception
+    tables = [d.value for d in at.dataframe if "valence" in d.value.columns and "word" in d.value.columns]
+    assert tables and all((t.valence != 0).all() for t in tables)
