@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 from lfp_core.config import runs_dir
@@ -95,7 +94,3 @@ def sidebar(default_run: str | None = None) -> None:
                 st.caption(f"**Model:** {model['name'] if model else cfg.get('model', '?')}  \n"
                            f"**Task:** {cfg.get('task', '?')}  \n**Preset:** {info.get('preset', '?')}")
 
-
-def frame(run_dir: str, what: str, **kwargs) -> pd.DataFrame:
-    """Typed alias of :func:`read` for DataFrame-returning readers."""
-    return read(run_dir, what, **kwargs)

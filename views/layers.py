@@ -5,11 +5,11 @@ from __future__ import annotations
 import streamlit as st
 
 from lfp_core import viz
-from views.common import frame, read, require_run
+from views.common import read, require_run
 
 run_dir = require_run()
 st.title("Layers")
-div = frame(run_dir, "layer_divergence")
+div = read(run_dir, "layer_divergence")
 if div.empty:
     st.info(f"No divergence yet: the divergence stage has not run. Compute it with "
             f"`python -m lfp_core.precompute --out {run_dir}` (finished stages are kept).")

@@ -9,7 +9,7 @@ import streamlit as st
 
 from lfp_core import viz
 from lfp_core.pipeline import describe_stages
-from views.common import frame, read, require_run
+from views.common import read, require_run
 
 run_dir = require_run()
 info = read(run_dir, "run_info")
@@ -53,7 +53,7 @@ with st.expander("Run config"):
 def hh_sections() -> None:
     """HH task: the DPO curve and the implicit-reward evaluation on held-out and training pairs."""
     st.subheader("DPO on HH-RLHF preference pairs")
-    steps = frame(run_dir, "rl_steps")
+    steps = read(run_dir, "rl_steps")
     ev = {s.name: s for s in stages}.get("rl_eval")
     if steps.empty:
         st.info("The policy has not been DPO-tuned yet: the rlhf stage has not run.")
@@ -65,7 +65,7 @@ def hh_sections() -> None:
         e2.metric("Held-out margin (chosen − rejected)", f"{d['eval_margin']['mean']:+.4f} ± {d['eval_margin']['se']:.4f}")
         e3.metric("Training-pair accuracy", f"{d['train_accuracy']:.3f}", help=f"n = {d['n_train']} pairs")
     st.line_chart(steps.set_index("step")[["loss", "reward"]].rename(columns={"reward": "batch margin"}))
-    pairs = frame(run_dir, "pairs", split="eval")
+    pairs = read(run_dir, "pairs", split="eval")
     st.caption("Held-out pairs (first 5); the prompt ends at the last \"Assistant:\" turn.")
     st.dataframe(pairs.head(5)[["subset", "prompt", "chosen", "rejected"]], hide_index=True, width="stretch")
 
@@ -73,7 +73,7 @@ def hh_sections() -> None:
 def vader_sections() -> None:
     """VADER task: base completions, the RL curves, held-out gain, paired completions, word shifts."""
     st.subheader("Base-model completions")
-    comps = frame(run_dir, "completions", role="base")
+    comps = read(run_dir, "completions", role="base")
     if comps.empty:
         st.info("No completions yet: the base_samples stage has not run.")
     else:
@@ -89,7 +89,7 @@ def vader_sections() -> None:
                          hide_index=True, width="stretch")
 
     st.subheader("RL fine-tuning (GRPO against the VADER reward)")
-    steps = frame(run_dir, "rl_steps")
+    steps = read(run_dir, "rl_steps")
     evals = {s.name: s for s in stages}.get("rl_eval")
     if steps.empty:
         st.info("The policy has not been fine-tuned yet: the rlhf stage has not run.")
@@ -109,7 +109,7 @@ def vader_sections() -> None:
                        f"paired t-test p = {diff['p_value']:.2g}, over {d['reward_tuned']['n']} held-out completions "
                        "(same prompts, lengths and seeds for both policies).")
         st.plotly_chart(viz.rl_curves(steps), width="stretch")
-        pairs = frame(run_dir, "paired_completions", limit=200)
+        pairs = read(run_dir, "paired_completions", limit=200)
         if not pairs.empty:
             left, right = st.columns([3, 2])
             with left:
@@ -118,7 +118,7 @@ def vader_sections() -> None:
                 st.html(viz.paired_table([viz.paired_html(r.prompt, r.base, r.base_reward, r.tuned, r.tuned_reward)
                                           for r in shown.head(8).itertuples()]))
             with right:
-                shifts = frame(run_dir, "word_shifts")
+                shifts = read(run_dir, "word_shifts")
                 st.markdown("**Words RL made more / less frequent**")
                 if st.toggle("VADER-lexicon words only", key="ov_lexicon_only"):
                     shifts = shifts[shifts.valence != 0]

@@ -120,22 +120,26 @@ def stage_rl_eval(ctx: Context, config_hash: str) -> None:
     ctx.commit(lambda con: put_rows(con, "word_shifts", shifts), detail)
 
 
+def _held_out_sequences(ctx: Context) -> list[list[int]]:
+    """BOS + held-out text token ids: VADER: prompt + base completion; HH: the first 64 tokens of
+    prompt + chosen response of the held-out pairs."""
+    cfg, tok, r = ctx.cfg, ctx.model.tokenizer, ctx.writer.reader()
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    if cfg.task == "hh":
+        pairs = r.pairs("eval").head(cfg.divergence_sequences)
+        return [bos + tok(p + c, add_special_tokens=False)["input_ids"][:64] for p, c in zip(pairs.prompt, pairs.chosen)]
+    prompts = r.prompts("eval")
+    ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
+    base = r.completions("base", limit=cfg.divergence_sequences)
+    return [bos + list(ids_of[int(p)]) + list(c) for p, c in zip(base.prompt_id, base.token_ids)]
+
+
 def stage_divergence(ctx: Context, config_hash: str) -> None:
     """Per-layer parameter and MLP-output divergence; select the top layers."""
     cfg = ctx.cfg
     tuned = tuned_policy(ctx)
-    r = ctx.writer.reader()
     param = divergence.parameter_divergence(ctx.model.hf, tuned.hf)
-    prompts = r.prompts("eval")
-    ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
-    base = r.completions("base", limit=cfg.divergence_sequences)
-    bos = [ctx.model.tokenizer.bos_token_id] if ctx.model.tokenizer.bos_token_id is not None else []
-    seqs = [bos + list(ids_of[int(p)]) + list(c) for p, c in zip(base.prompt_id, base.token_ids)]
-    if cfg.task == "hh":  # held-out dialogues: prompt + chosen response, first 64 tokens
-        tok = ctx.model.tokenizer
-        texts = [p + c for p, c in r.pairs("eval").head(cfg.divergence_sequences)[["prompt", "chosen"]].itertuples(
-            index=False)]
-        seqs = [bos + tok(t, add_special_tokens=False)["input_ids"][:64] for t in texts]
+    seqs = _held_out_sequences(ctx)
     act_cos, act_rel = divergence.activation_divergence(ctx.model.hooked(), tuned.hooked(), seqs)
     scores = param if cfg.divergence_measure == "param" else act_cos
     selected = divergence.select_layers(scores, cfg.n_selected_layers)
