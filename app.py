@@ -21,7 +21,7 @@ cli, _ = _parser.parse_known_args(sys.argv[1:])
 
 nav = st.navigation([
     st.Page("views/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
-    st.Page("views/layers.py", title="Layers", icon="🧱", url_path="layers"),
+    st.Page("views/layers.py", title="Layers & SAEs", icon="🧱", url_path="layers"),
 ])
 sidebar(default_run=cli.run)
 nav.run()

@@ -71,6 +71,21 @@ class RunConfig:
         n_pairs / n_eval_pairs: HH task: DPO training pairs and held-out evaluation pairs.
         dpo_*: HH task: DPO β, learning rate, epochs, batch size, max length and max prompt length
             (paper: β 0.1, length 256, prompt 128).
+        sae_corpus_docs / sae_doc_tokens: activation corpus: held-out IMDB (test) reviews, each cut
+            to its first ``sae_doc_tokens`` tokens (model-sampled documents when IMDB is not
+            reachable), plus every base and tuned completion of the held-out prompts.
+        sae_eval_every: every Nth corpus document is held out from SAE training (metrics use it).
+        sae_arch / sae_expansion / sae_k / sae_l1: the main SAE of each (model, selected layer):
+            architecture (topk, relu, tied), dictionary size as a multiple of d_model, TopK k,
+            L1 coefficient (relu/tied).
+        sae_lr / sae_batch_size / sae_train_tokens: SAE training (one pass over that many tokens).
+        sae_variants: extra SAEs of the tuned model per selected layer, ``ARCH-Nx`` comma-separated
+            (the paper's L1 ReLU at 1x and 2x, and its tied-decoder SAE), for the 1x/2x MMCS.
+        sae_sweep_l1: L1 coefficients of the sweep (relu, 1x, tuned model, first selected layer).
+        sae_ce_docs: held-out documents for the next-token loss (clean / spliced / zero-ablated).
+        mfr_n / mfr_coefficient / mfr_warmup_frac: Mutual Feature Regularization group on the first
+            selected layer (0 disables): members, penalty weight, warm-up share of training.
+        feature_top_k / feature_window: top activating contexts per feature and their ±window.
     """
 
     model: str = "demo"
@@ -103,6 +118,24 @@ class RunConfig:
     dpo_batch_size: int = 8
     dpo_max_length: int = 256
     dpo_max_prompt_length: int = 128
+    sae_corpus_docs: int = 3000
+    sae_doc_tokens: int = 128
+    sae_eval_every: int = 10
+    sae_arch: str = "topk"
+    sae_expansion: int = 2
+    sae_k: int = 32
+    sae_l1: float = 1.0
+    sae_lr: float = 3e-3
+    sae_batch_size: int = 256
+    sae_train_tokens: int = 300_000
+    sae_variants: str = "relu-1x,relu-2x,tied-1x"
+    sae_sweep_l1: str = "0.25,0.5,1,2,4"
+    sae_ce_docs: int = 128
+    mfr_n: int = 2
+    mfr_coefficient: float = 30.0
+    mfr_warmup_frac: float = 0.2
+    feature_top_k: int = 20
+    feature_window: int = 8
     preset: str = "custom"
     extra: dict = field(default_factory=dict)
 
@@ -129,6 +162,16 @@ class RunConfig:
             raise ValueError("need 1 <= prompt_min_tokens <= prompt_max_tokens")
         if not 1 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("need 1 <= min_new_tokens <= max_new_tokens")
+        if self.sae_arch not in ("topk", "relu", "tied"):
+            raise ValueError(f"sae_arch must be topk, relu or tied, got {self.sae_arch!r}")
+        self.variants()
+        self.sweep_l1()
+        if self.mfr_n == 1 or self.mfr_n < 0:
+            raise ValueError("mfr_n must be 0 (off) or >= 2 (MFR regularises SAEs towards each other)")
+        for name in ("sae_corpus_docs", "sae_doc_tokens", "sae_eval_every", "sae_expansion", "sae_k",
+                     "sae_batch_size", "sae_train_tokens", "sae_ce_docs", "feature_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_prompts", "n_eval_prompts", "samples_per_prompt", "gen_batch_size", "n_selected_layers",
                      "rl_prompts_per_step", "rl_save_every", "divergence_sequences", "n_pairs", "n_eval_pairs",
                      "dpo_epochs", "dpo_batch_size"):
@@ -136,10 +179,31 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+    def variants(self) -> list[tuple[str, int]]:
+        """``sae_variants`` parsed: [(arch, expansion)], e.g. 'relu-1x,tied-1x' -> [('relu', 1), ('tied', 1)]."""
+        out = []
+        for item in filter(None, (x.strip() for x in (self.sae_variants or "").split(","))):
+            arch, _, mult = item.partition("-")
+            if arch not in ("topk", "relu", "tied") or not mult.endswith("x") or not mult[:-1].isdigit():
+                raise ValueError(f"sae_variants item {item!r}: expected ARCH-Nx with ARCH topk, relu or tied, e.g. relu-2x")
+            out.append((arch, int(mult[:-1])))
+        return out
+
+    def sweep_l1(self) -> list[float]:
+        try:
+            vals = [float(x) for x in (self.sae_sweep_l1 or "").split(",") if x.strip()]
+        except ValueError as exc:
+            raise ValueError(f"sae_sweep_l1 must be comma-separated numbers, got {self.sae_sweep_l1!r}") from exc
+        if any(v <= 0 for v in vals):
+            raise ValueError("sae_sweep_l1 coefficients must be > 0")
+        return vals
+
+
 PRESETS: dict[str, dict] = {
     # quick: a smoke run of every stage, for tests and first contact (<= 2 minutes on 2 cores).
     "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32,
-              "rl_steps": 60, "n_pairs": 128, "n_eval_pairs": 64, "dpo_max_length": 128, "dpo_max_prompt_length": 64},
+              "rl_steps": 60, "n_pairs": 128, "n_eval_pairs": 64, "dpo_max_length": 128, "dpo_max_prompt_length": 64,
+              "sae_corpus_docs": 300, "sae_train_tokens": 30_000, "sae_sweep_l1": "0.5,2", "sae_ce_docs": 32},
     # demo: the embedded demo run the quick start serves.
     "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64},
     # paper: the paper's scale (1,000 completions per evaluation); meant for a GPU.

@@ -45,7 +45,19 @@ def build_report(run_dir: str) -> dict:
         rep["divergence"] = {"param": [float(x) for x in div.param], "activation": [float(x) for x in div.act_cos],
                              "activation_rel_l2": [float(x) for x in div.act_rel_l2],
                              "measure": dv.detail.get("measure"), "selected_layers": dv.detail.get("selected_layers")}
+    st = records.get("saes")
+    if st is not None and st.status == "done":
+        table = r.saes()
+        table = table[table.kind != "sweep"]
+        rep["saes"] = [{"layer": int(x.layer), "role": x.role, "kind": x.kind, "sae_id": x.sae_id, "arch": x.arch,
+                        "d_sae": int(x.d_sae), **{k: float(getattr(x, k)) for k in _SAE_KEYS}}
+                       for x in table.itertuples()]
+        rep["sae_comparisons"] = {"mfr_vs_independent": st.detail.get("mfr", {}),
+                                  "mmcs": r.sae_pairs().drop(columns=["mmcs_max"]).to_dict("records")}
     return rep
+
+
+_SAE_KEYS = ("fvu", "mse", "l0", "dead_frac", "cos_sim", "l2_ratio", "ce_loss_recovered")
 
 
 def format_report(rep: dict) -> str:
@@ -76,6 +88,16 @@ def format_report(rep: dict) -> str:
         lines.append("layer divergence, parameter: " + ", ".join(f"L{i} {p:.3g}" for i, p in enumerate(v["param"])))
         lines.append("layer divergence, MLP-out 1 - cos: " + ", ".join(f"L{i} {p:.3g}" for i, p in enumerate(v["activation"])))
         lines.append(f"selected layers (by {v['measure']}): {v['selected_layers']}")
+    for x in rep.get("saes", []):
+        if x["kind"] in ("main", "variant"):
+            lines.append(f"SAE {x['sae_id']} ({x['arch']}, {x['d_sae']} features): FVU {x['fvu']:.3f}, L0 {x['l0']:.1f}, "
+                         f"dead {x['dead_frac']:.3f}, cos {x['cos_sim']:.3f}, loss recovered {x['ce_loss_recovered']:.1%}")
+    mfr = rep.get("sae_comparisons", {}).get("mfr_vs_independent", {})
+    if "mfr" in mfr and "independent" in mfr:
+        a, b = mfr["mfr"], mfr["independent"]
+        lines.append(f"MFR vs independent (L0 {a['l0']:.0f} both): MMCS {a['mmcs']:.3f} vs {b['mmcs']:.3f}, FVU "
+                     f"{a['fvu']:.3f} vs {b['fvu']:.3f}, loss recovered {a['ce_loss_recovered']:.1%} vs "
+                     f"{b['ce_loss_recovered']:.1%}")
     return "\n".join(lines)
 
 

@@ -30,7 +30,10 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions a writer upgrades in place: their tables are a subset of the current schema's, so
+# creating the missing tables is the whole migration (computed stages are kept).
+_UPGRADABLE = {1}
 DB_NAME = "run.duckdb"
 ARTIFACTS = "artifacts"
 
@@ -71,9 +74,33 @@ CREATE TABLE IF NOT EXISTS word_shifts (
     direction VARCHAR);
 CREATE TABLE IF NOT EXISTS layer_divergence (
     layer INTEGER PRIMARY KEY, param DOUBLE, act_cos DOUBLE, act_rel_l2 DOUBLE, selected BOOLEAN);
+CREATE TABLE IF NOT EXISTS act_docs (
+    doc_id INTEGER PRIMARY KEY, source VARCHAR NOT NULL, split VARCHAR NOT NULL, n_tokens INTEGER NOT NULL,
+    token_ids INTEGER[] NOT NULL, text VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS saes (
+    sae_id VARCHAR PRIMARY KEY, role VARCHAR NOT NULL, layer INTEGER NOT NULL, kind VARCHAR NOT NULL,
+    arch VARCHAR NOT NULL, d_sae INTEGER, k INTEGER, l1_coefficient DOUBLE, seed INTEGER, hook_name VARCHAR,
+    path VARCHAR, train_tokens BIGINT, seconds DOUBLE, mse DOUBLE, fvu DOUBLE, l0 DOUBLE, dead_frac DOUBLE,
+    dead_tokens BIGINT, n_eval_tokens BIGINT, cos_sim DOUBLE, l2_ratio DOUBLE, ce_clean DOUBLE, ce_spliced DOUBLE,
+    ce_zero DOUBLE, ce_loss_recovered DOUBLE, ce_tokens BIGINT);
+CREATE TABLE IF NOT EXISTS sae_pairs (
+    a VARCHAR NOT NULL, b VARCHAR NOT NULL, comparison VARCHAR NOT NULL, layer INTEGER,
+    mmcs_hungarian DOUBLE, mmcs_max DOUBLE, PRIMARY KEY (a, b));
+CREATE TABLE IF NOT EXISTS features (
+    role VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, density DOUBLE, n_fired BIGINT,
+    mean_act DOUBLE, max_act DOUBLE, hist_counts BIGINT[], freq_base_text DOUBLE, freq_tuned_text DOUBLE,
+    top_logit_tokens VARCHAR[], top_logit_values DOUBLE[], bottom_logit_tokens VARCHAR[],
+    bottom_logit_values DOUBLE[], neighbours INTEGER[], neighbour_cos DOUBLE[],
+    PRIMARY KEY (role, layer, feature));
+CREATE TABLE IF NOT EXISTS feature_examples (
+    role VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, kind VARCHAR NOT NULL,
+    rank INTEGER NOT NULL, interval INTEGER, doc_id INTEGER, pos INTEGER, act DOUBLE, center INTEGER,
+    tokens VARCHAR[], token_ids INTEGER[], acts DOUBLE[]);
+CREATE INDEX IF NOT EXISTS feature_examples_by_feature ON feature_examples (role, layer, feature);
 """
 _TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions", "rl_steps",
-           "rl_samples", "word_shifts", "layer_divergence", "pairs")
+           "rl_samples", "word_shifts", "layer_divergence", "pairs", "act_docs", "saes", "sae_pairs", "features",
+           "feature_examples")
 
 
 class StoreError(RuntimeError):
@@ -137,7 +164,7 @@ def _connect(path: Path, read_only: bool, retries: int = 20) -> duckdb.DuckDBPyC
     raise AssertionError("unreachable")
 
 
-def _check_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, upgrade: bool = False) -> None:
     try:
         row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except duckdb.CatalogException as exc:
@@ -146,11 +173,22 @@ def _check_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
             f"Point at a run directory made by python -m lfp_core.precompute"
         ) from exc
     version = int(row[0]) if row else None
-    if version != SCHEMA_VERSION:
+    if version == SCHEMA_VERSION:
+        return
+    if version in _UPGRADABLE:
+        if upgrade:
+            con.execute(_SCHEMA)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+            log.info("upgraded %s from schema version %s to %s", path, version, SCHEMA_VERSION)
+            return
         raise SchemaVersionError(
-            f"{path} has run-store schema version {version}; this LFP Explorer reads version "
-            f"{SCHEMA_VERSION}. Rebuild it: python -m lfp_core.precompute --out {path.parent} --rebuild"
+            f"{path} has run-store schema version {version}; this LFP Explorer reads version {SCHEMA_VERSION}. "
+            f"Upgrade it in place (computed stages are kept): python -m lfp_core.precompute --out {path.parent}"
         )
+    raise SchemaVersionError(
+        f"{path} has run-store schema version {version}; this LFP Explorer reads version "
+        f"{SCHEMA_VERSION}. Rebuild it: python -m lfp_core.precompute --out {path.parent} --rebuild"
+    )
 
 
 @dataclass
@@ -268,6 +306,45 @@ class RunReader:
     def layer_divergence(self) -> pd.DataFrame:
         return self.query("SELECT * FROM layer_divergence ORDER BY layer")
 
+    # --- SAEs and features -----------------------------------------------------------------
+    def act_docs_summary(self) -> pd.DataFrame:
+        """The activation corpus: documents and tokens per text source and split."""
+        return self.query("SELECT source, split, count(*) AS docs, sum(n_tokens) AS tokens FROM act_docs "
+                          "GROUP BY source, split ORDER BY source, split")
+
+    def act_docs(self, doc_ids: Sequence[int]) -> pd.DataFrame:
+        return self.query("SELECT * FROM act_docs WHERE doc_id IN (SELECT unnest(?)) ORDER BY doc_id",
+                          [list(map(int, doc_ids))])
+
+    def saes(self, kind: str | None = None) -> pd.DataFrame:
+        """Trained SAEs with their metrics; ``kind`` is main, variant, sweep, mfr or independent."""
+        sql = "SELECT * FROM saes"
+        if kind is not None:
+            return self.query(sql + " WHERE kind = ? ORDER BY role DESC, layer, sae_id", [kind])
+        return self.query(sql + " ORDER BY kind, role DESC, layer, sae_id")
+
+    def sae_pairs(self) -> pd.DataFrame:
+        return self.query("SELECT * FROM sae_pairs ORDER BY comparison, layer, a, b")
+
+    def feature_layers(self) -> pd.DataFrame:
+        """(role, layer, n_features) of the SAEs whose features were analysed."""
+        return self.query("SELECT role, layer, count(*) AS n_features FROM features GROUP BY role, layer "
+                          "ORDER BY role DESC, layer")
+
+    def features(self, role: str, layer: int) -> pd.DataFrame:
+        """Summary statistics of every feature of one (role, layer) SAE."""
+        return self.query("SELECT feature, density, n_fired, mean_act, max_act, freq_base_text, freq_tuned_text "
+                          "FROM features WHERE role = ? AND layer = ? ORDER BY feature", [role, int(layer)])
+
+    def feature(self, role: str, layer: int, feature: int) -> dict | None:
+        df = self.query("SELECT * FROM features WHERE role = ? AND layer = ? AND feature = ?",
+                        [role, int(layer), int(feature)])
+        return None if df.empty else df.iloc[0].to_dict()
+
+    def feature_examples(self, role: str, layer: int, feature: int, kind: str = "top") -> pd.DataFrame:
+        return self.query("SELECT * FROM feature_examples WHERE role = ? AND layer = ? AND feature = ? AND kind = ? "
+                          "ORDER BY interval DESC, rank", [role, int(layer), int(feature), kind])
+
     def reward_summary(self, role: str = "base") -> dict | None:
         df = self.query(
             "SELECT count(*) AS n, avg(reward) AS mean, stddev_samp(reward) AS sd FROM completions WHERE role = ?",
@@ -294,7 +371,7 @@ class RunWriter:
         artifacts_dir(self.run_dir).mkdir(exist_ok=True)
         with self.transaction() as con:
             if existed:
-                _check_schema(con, self.path)
+                _check_schema(con, self.path, upgrade=True)
             else:
                 con.execute(_SCHEMA)
                 con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('created_by', 'lfp_core')",

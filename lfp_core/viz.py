@@ -103,3 +103,18 @@ def paired_html(prompt: str, base: str, base_reward: float, tuned: str, tuned_re
 def paired_table(rows: list[str]) -> str:
     head = '<tr><th style="text-align:left">base model</th><th style="text-align:left">tuned policy</th></tr>'
     return f'<table class="lfp-pairs" style="width:100%;border-collapse:collapse">{head}{"".join(rows)}</table>'
+
+
+def l1_sweep_chart(sweep: pd.DataFrame) -> go.Figure:
+    """The paper's sparsity trade-off: reconstruction error (FVU) and L0 against the L1 coefficient."""
+    from plotly.subplots import make_subplots
+
+    d = sweep.sort_values("l1_coefficient")
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_scatter(x=d.l1_coefficient, y=d.fvu, mode="lines+markers", name="FVU (held out)")
+    fig.add_scatter(x=d.l1_coefficient, y=d.l0, mode="lines+markers", name="L0", secondary_y=True)
+    fig.update_xaxes(type="log", title="L1 coefficient")
+    fig.update_yaxes(title="FVU", secondary_y=False, rangemode="tozero")
+    fig.update_yaxes(title="L0 (features active per token)", secondary_y=True, rangemode="tozero")
+    fig.update_layout(height=340, margin={"t": 30, "b": 40}, legend={"orientation": "h", "y": 1.12})
+    return fig

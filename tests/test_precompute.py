@@ -16,7 +16,7 @@ import pytest
 from lfp_core import precompute, report
 from lfp_core.config import REPO_ROOT, preset_config
 from lfp_core.pipeline import stage_names
-from lfp_core.store import RunReader, db_path
+from lfp_core.store import SCHEMA_VERSION, RunReader, db_path
 from tests.helpers import old_schema_run
 
 
@@ -82,7 +82,7 @@ def test_config_change_recomputes_only_downstream(tmp_path, quick_run):
 def test_report_json_has_every_headline_key(quick_run, capsys):
     assert report.main([str(quick_run), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["schema_version"] == 1
+    assert rep["schema_version"] == SCHEMA_VERSION
     assert set(rep["model"]) == {"name", "n_params", "n_layers", "d_model"}
     assert rep["stages"] == {name: "done" for name in stage_names()}
     b = rep["base_reward"]

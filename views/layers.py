@@ -1,14 +1,16 @@
-"""Layers: where RL changed the model — per-layer divergence, with the layers chosen for SAEs."""
+"""Layers & SAEs: where RL changed the model (per-layer divergence, the layers chosen), and the SAEs
+trained there: quality metrics, the L1 sweep, dictionary similarity and MFR vs independent training."""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
 from views.common import read, require_run
 
 run_dir = require_run()
-st.title("Layers")
+st.title("Layers & SAEs")
 div = read(run_dir, "layer_divergence")
 if div.empty:
     st.info(f"No divergence yet: the divergence stage has not run. Compute it with "
@@ -25,3 +27,64 @@ st.caption("Parameter divergence: the paper's Σ over the layer's tensors of the
            "sequences, BOS excluded.")
 st.dataframe(div.rename(columns={"act_cos": "1 − cos", "act_rel_l2": "relative L2"}), hide_index=True,
              width="stretch")
+
+# --- SAEs on the selected layers -------------------------------------------------------------------
+st.header("SAEs")
+stages = {s.name: s for s in read(run_dir, "stages")}
+sae_stage = stages.get("saes")
+if sae_stage is None or sae_stage.status != "done":
+    st.info("No SAEs yet: the `saes` stage has not finished. Compute it (finished stages are kept) with "
+            f"`python -m lfp_core.precompute --out {run_dir}`.")
+    st.stop()
+table = read(run_dir, "saes")
+cols = ["sae_id", "role", "layer", "arch", "d_sae", "k", "l1_coefficient", "fvu", "mse", "l0", "dead_frac",
+        "cos_sim", "l2_ratio", "ce_clean", "ce_spliced", "ce_zero", "ce_loss_recovered", "seconds"]
+labels = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "dead_frac": "dead", "cos_sim": "cos(x, x̂)",
+          "l2_ratio": "‖x̂‖/‖x‖", "ce_clean": "CE clean", "ce_spliced": "CE spliced", "ce_zero": "CE zero-abl.",
+          "ce_loss_recovered": "loss recovered", "l1_coefficient": "L1"}
+act = stages.get("activations")
+if act is not None:
+    d = act.detail
+    st.markdown(f"Trained with sae-lens on `hook_mlp_out` activations of **{d.get('n_train_rows', 0):,}** tokens; "
+                f"metrics on **{d.get('n_eval_rows', 0):,}** held-out tokens (whole documents held out). "
+                f"Corpus: {d.get('n_docs', 0):,} documents ({d.get('source')}) plus base and tuned completions.")
+main = table[table.kind.isin(["main", "variant"])]
+st.subheader("Quality")
+st.dataframe(main[cols].rename(columns=labels), hide_index=True, width="stretch",
+             column_config={"loss recovered": st.column_config.ProgressColumn(format="percent", min_value=0,
+                                                                              max_value=1)})
+st.caption("FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² with the mean taken per dimension. Dead = share of features that never "
+           "fire on any harvested token. Loss recovered = (CE zero-ablated − CE spliced) / (CE zero-ablated − CE "
+           "clean), next-token cross-entropy on held-out documents with the SAE's reconstruction (or zeros) in "
+           "place of the layer's MLP output. Main SAEs of both models feed the feature pages; variants are the "
+           "paper's L1 ReLU (1× and 2× d_model) and tied-decoder SAEs of the tuned model.")
+bars = sae_stage.detail.get("bars", {})
+missed = [f"{k}: {', '.join(b for b, ok in v.items() if not ok)}" for k, v in bars.items() if not all(v.values())]
+if missed:
+    st.warning("Main SAEs below the quality bars (FVU ≤ 0.2, loss recovered ≥ 80%, dead ≤ 20%): " + "; ".join(missed))
+
+sweep = table[table.kind == "sweep"]
+if not sweep.empty:
+    st.subheader(f"L1 sweep (ReLU SAE, 1×, tuned model, layer {int(sweep.layer.iloc[0])})")
+    st.plotly_chart(viz.l1_sweep_chart(sweep), width="stretch")
+    st.caption("A higher coefficient buys sparsity (lower L0) with reconstruction. More points: "
+               f"`python -m lfp_core.precompute --out {run_dir} --set sae_sweep_l1=0.1,0.25,0.5,1,2,4,8`.")
+
+pairs = read(run_dir, "sae_pairs")
+if not pairs.empty:
+    st.subheader("Dictionary similarity (MMCS)")
+    st.dataframe(pairs.rename(columns={"mmcs_hungarian": "MMCS (Hungarian)", "mmcs_max": "MMCS (max)"}),
+                 hide_index=True, width="stretch")
+    st.caption("Mean max cosine similarity between two SAEs' decoder directions. Hungarian: features paired one to "
+               "one (each feature of the smaller dictionary with a distinct feature of the other). base_vs_tuned: "
+               "how much the basis moved with RL; relu_1x_vs_2x: features shared across dictionary sizes.")
+
+mfr = sae_stage.detail.get("mfr", {})
+if "mfr" in mfr and "independent" in mfr:
+    st.subheader("Mutual Feature Regularization vs independent SAEs")
+    st.dataframe(pd.DataFrame([{"training": k, "SAEs": v["n"], "L0": v["l0"], "FVU": v["fvu"],
+                                "loss recovered": v["ce_loss_recovered"], "MMCS between them": v["mmcs"]}
+                               for k, v in mfr.items()]), hide_index=True, width="stretch")
+    st.caption("TopK SAEs with the same k (so equal L0), trained jointly with a penalty on low MMCS between their "
+               "dictionaries (MFR) or independently with different seeds. MFR's claim: features that several SAEs "
+               "agree on are more likely real.")

@@ -24,9 +24,36 @@ def test_layers_page_shows_both_measures_and_the_choice(monkeypatch, quick_run):
     selected = list(RunReader(quick_run).layer_divergence().query("selected").layer)
     text = " ".join(m.value for m in at.markdown)
     assert f"Selected layers (★): **{', '.join(map(str, selected))}**" in text
-    assert len(at.get("plotly_chart")) == 1
+    assert len(at.get("plotly_chart")) == 2  # divergence bars and the L1 sweep
     table = at.dataframe[0].value
     assert {"param", "1 − cos", "relative L2", "selected"} <= set(table.columns) and len(table) == 4
+
+
+def test_layers_page_shows_sae_quality_sweep_mmcs_and_mfr(monkeypatch, quick_run):
+    at = _layers(monkeypatch, quick_run.parent, quick_run)
+    assert not at.exception
+    subheaders = [h.value for h in at.subheader]
+    assert "Quality" in subheaders and "Dictionary similarity (MMCS)" in subheaders
+    assert any(h.startswith("L1 sweep") for h in subheaders)
+    assert "Mutual Feature Regularization vs independent SAEs" in subheaders
+    quality = at.dataframe[1].value
+    stored = RunReader(quick_run).saes()
+    assert len(quality) == int(stored.kind.isin(["main", "variant"]).sum())
+    assert {"FVU", "L0", "dead", "loss recovered", "cos(x, x̂)", "‖x̂‖/‖x‖"} <= set(quality.columns)
+    mfr = at.dataframe[3].value
+    assert list(mfr.training) == ["mfr", "independent"] and mfr.L0.nunique() == 1
+
+
+def test_layers_page_before_the_sae_stage(monkeypatch, tmp_path, quick_run):
+    import shutil
+
+    run = tmp_path / "no_saes"
+    shutil.copytree(quick_run, run, ignore=shutil.ignore_patterns("artifacts"))
+    with RunWriter(run).transaction() as con:
+        con.execute("DELETE FROM stages WHERE name IN ('saes', 'features')")
+    at = _layers(monkeypatch, tmp_path, run)
+    assert not at.exception
+    assert "No SAEs yet: the `saes` stage has not finished" in at.info[0].value
 
 
 def test_layers_page_before_the_divergence_stage(monkeypatch, tmp_path):

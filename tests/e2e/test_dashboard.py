@@ -135,7 +135,12 @@ def test_deep_links_reach_each_page_through_the_app(server, browser):
     page = browser.new_page()
     page.goto(f"{base}/layers?run={run.name}", wait_until="domcontentloaded")
     page.get_by_text("Selected layers").wait_for(timeout=60_000)
+    page.get_by_text("Dictionary similarity (MMCS)").wait_for(timeout=60_000)
     body = page.inner_text("body")
     assert "LFP Explorer" in body and "Overview" in body  # the shared sidebar and navigation
     assert "Page not found" not in body
+    assert "L1 sweep" in body and "Mutual Feature Regularization vs independent SAEs" in body
+    assert page.locator(".stException").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "layers.png"), full_page=True)
     page.close()

@@ -1,0 +1,472 @@
+"""Sparse autoencoders with sae-lens: train, save/load with checks, evaluate, compare.
+
+Training goes through sae-lens's ``SAETrainer`` (one SAE) and ``MultiSAETrainer`` (SAEs trained
+in lockstep), fed from harvested activations (:mod:`lfp_core.activations`). Architectures:
+
+* ``topk``  — sae-lens TopK (the default: sparsity fixed at k, no coefficient to tune);
+* ``relu``  — the paper's L1-penalised ReLU SAE (sae-lens "standard"), dictionary 1x or 2x d_model;
+* ``tied``  — the paper's tied-decoder ReLU SAE (encoder = decoder transposed), registered with
+  sae-lens's registry as a training architecture; saved as a "standard" SAE with the encoder
+  written out, which is the same function at inference;
+* ``mfr_topk`` — TopK members of a Mutual Feature Regularization group (Marks et al. 2024, "Enhancing
+  Neural Network Interpretability with Feature-Aligned Sparse Autoencoders"): each member's loss
+  adds ``mfr * (1 - MMCS)`` between its decoder and its peers' (linear warm-up), trained jointly.
+
+Metrics (:func:`reconstruction_metrics`, :func:`ce_metrics`) are computed on held-out documents.
+FVU divides by the per-dimension variance, Σ‖x − x̂‖² / Σ‖x − mean‖², not by the variance of the
+flattened activations (which counts the mean offset as "explained" and flatters bad SAEs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sae_lens import SAE
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
+from sae_lens.saes.standard_sae import StandardSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+from sae_lens.training.sae_trainer import SAETrainer
+from torch import nn
+
+from lfp_core.activations import NonFiniteActivationError
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("topk", "relu", "tied")
+
+
+class SAEMismatchError(ValueError):
+    """An SAE file that does not fit the model or hook it is used with."""
+
+
+class CorpusTooSmallError(ValueError):
+    """Fewer harvested training tokens than requested."""
+
+
+# --- architectures sae-lens lacks, registered through its registry ---------------------------------
+@dataclass
+class TiedTrainingSAEConfig(StandardTrainingSAEConfig):
+    """L1 ReLU SAE whose encoder is the transposed decoder (the paper's SAE)."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "tied"
+
+    def get_inference_config_class(self):
+        return StandardSAEConfig
+
+
+class TiedTrainingSAE(StandardTrainingSAE):
+    """Encoder weights are ``W_dec.T`` (a view, not a parameter); saved with the encoder written out."""
+
+    def initialize_weights(self) -> None:
+        # as sae-lens's standard initialisation, minus the encoder parameter (tied to the decoder)
+        c, kw = self.cfg, {"dtype": self.dtype, "device": self.device}
+        self.b_dec = nn.Parameter(torch.zeros(c.d_in, **kw))
+        w = torch.empty(c.d_sae, c.d_in, **kw)
+        nn.init.kaiming_uniform_(w)
+        if c.decoder_init_norm is not None:
+            w = w / w.norm(dim=-1, keepdim=True) * c.decoder_init_norm
+        self.W_dec = nn.Parameter(w)
+        self.b_enc = nn.Parameter(torch.zeros(c.d_sae, **kw))
+
+    @property
+    def W_enc(self) -> torch.Tensor:  # type: ignore[override]
+        return self.W_dec.T
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict) -> None:
+        state_dict["W_enc"] = self.W_dec.detach().T.contiguous().clone()
+
+
+@dataclass
+class MFRTopKTrainingSAEConfig(TopKTrainingSAEConfig):
+    """A TopK member of a Mutual Feature Regularization group."""
+
+    mfr_coefficient: float = 1.0
+    mfr_warm_up_steps: int = 0
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "mfr_topk"
+
+    def get_inference_config_class(self):
+        return TopKSAEConfig
+
+
+class MFRTopKTrainingSAE(TopKTrainingSAE):
+    """TopK SAE whose loss adds ``mfr * (1 − MMCS(self, peer))`` averaged over its peers.
+
+    Peers are the other members of the group (set with :func:`link_peers`); their decoders enter
+    detached, so each member's gradient is exactly the gradient of the group's summed penalty
+    with respect to that member's weights, and stepping the members in lockstep trains the group
+    jointly.
+    """
+
+    def __init__(self, cfg, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._peers: list = []  # a plain list: peers must not become submodules
+
+    def get_coefficients(self):
+        return {**super().get_coefficients(),
+                "mfr": TrainCoefficientConfig(value=self.cfg.mfr_coefficient, warm_up_steps=self.cfg.mfr_warm_up_steps)}
+
+    def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts, hidden_pre, sae_out):
+        losses = super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
+        if self._peers:
+            pen = torch.stack([1 - soft_mmcs(self.W_dec, p.W_dec.detach()) for p in self._peers]).mean()
+            losses["mfr_loss"] = step_input.coefficients["mfr"] * pen
+        return losses
+
+
+def _register() -> None:
+    for arch, cls, cfg_cls in (("tied", TiedTrainingSAE, TiedTrainingSAEConfig),
+                               ("mfr_topk", MFRTopKTrainingSAE, MFRTopKTrainingSAEConfig)):
+        if arch not in SAE_TRAINING_CLASS_REGISTRY:
+            register_sae_training_class(arch, cls, cfg_cls)
+
+
+_register()
+
+
+def link_peers(saes: list[MFRTopKTrainingSAE]) -> None:
+    for s in saes:
+        s._peers = [p for p in saes if p is not s]
+
+
+# --- comparing dictionaries -------------------------------------------------------------------------
+def _unit_rows(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def soft_mmcs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Differentiable symmetric MMCS (mean over both dictionaries of each row's best cosine)."""
+    c = _unit_rows(a) @ _unit_rows(b).T
+    return 0.5 * (c.max(dim=1).values.mean() + c.max(dim=0).values.mean())
+
+
+def mmcs(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> dict:
+    """Mean max cosine similarity between two dictionaries' decoder rows.
+
+    Returns:
+        ``hungarian``: mean cosine over a one-to-one matching (Hungarian algorithm) that maximises
+        total similarity — each feature of the smaller dictionary is paired with a distinct
+        feature of the larger; ``max``: mean over the smaller dictionary's rows of their best cosine
+        in the other (no one-to-one constraint), as often reported.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    a, b = torch.as_tensor(np.asarray(a, dtype=np.float32)), torch.as_tensor(np.asarray(b, dtype=np.float32))
+    if a.shape[1] != b.shape[1]:
+        raise SAEMismatchError(f"dictionaries live in different spaces (d_in {a.shape[1]} vs {b.shape[1]})")
+    if a.shape[0] > b.shape[0]:
+        a, b = b, a
+    c = (_unit_rows(a) @ _unit_rows(b).T).numpy().astype(np.float64)
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    return {"hungarian": float(c[rows, cols].mean()), "max": float(c.max(axis=1).mean())}
+
+
+# --- data ---------------------------------------------------------------------------------------------
+class ActivationSource:
+    """Shuffled float32 batches of selected rows of a (memory-mapped) activation array.
+
+    Epochs repeat so sae-lens may draw a few batches for its normalisation estimate; the training
+    budget itself is checked against the rows available (see :func:`train_sae`).
+    """
+
+    def __init__(self, acts: np.ndarray, rows: np.ndarray, batch_size: int, seed: int, layer: int | str = "?"):
+        self.acts, self.rows, self.batch_size, self.layer = acts, np.asarray(rows), batch_size, layer
+        self.rng = np.random.default_rng(seed)
+        self.batch_no = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            perm = self.rows[self.rng.permutation(len(self.rows))]
+            for start in range(0, len(perm) - self.batch_size + 1, self.batch_size):
+                idx = np.sort(perm[start : start + self.batch_size])
+                x = torch.from_numpy(np.asarray(self.acts[idx], dtype=np.float32))
+                if not torch.isfinite(x).all():
+                    raise NonFiniteActivationError(
+                        f"non-finite activations (NaN/inf) in SAE training data at layer {self.layer}, "
+                        f"batch {self.batch_no} (rows {idx[:4].tolist()}...)")
+                self.batch_no += 1
+                yield x
+
+
+# --- training -----------------------------------------------------------------------------------------
+@dataclass
+class SAESpec:
+    """What to train. ``d_sae`` is the dictionary size; ``k`` is used by topk, ``l1`` by relu/tied."""
+
+    arch: str = "topk"
+    d_sae: int = 512
+    k: int = 32
+    l1: float = 1.0
+    lr: float = 1e-3
+    train_tokens: int = 200_000
+    batch_size: int = 1024
+    seed: int = 0
+    device: str = "cpu"
+    mfr: float = 0.0
+    mfr_warm_up_frac: float = 0.2
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        sparsity = f"k={self.k}" if self.arch == "topk" else f"l1={self.l1:g}"
+        return f"{self.arch} d_sae={self.d_sae} {sparsity}"
+
+
+def _steps(spec: SAESpec) -> int:
+    return spec.train_tokens // spec.batch_size
+
+
+def _training_cfg(spec: SAESpec, d_in: int, hook: str, model_name: str, arch: str | None = None):
+    arch = arch or spec.arch
+    common = dict(d_in=d_in, d_sae=spec.d_sae, device=spec.device, normalize_activations="expected_average_only_in")
+    if arch in ("topk", "mfr_topk"):
+        cfg = (TopKTrainingSAEConfig(k=spec.k, **common) if arch == "topk" else
+               MFRTopKTrainingSAEConfig(k=spec.k, mfr_coefficient=spec.mfr,
+                                        mfr_warm_up_steps=int(spec.mfr_warm_up_frac * _steps(spec)), **common))
+    elif arch == "relu":
+        cfg = StandardTrainingSAEConfig(l1_coefficient=spec.l1, l1_warm_up_steps=_steps(spec) // 10, **common)
+    elif arch == "tied":
+        cfg = TiedTrainingSAEConfig(l1_coefficient=spec.l1, l1_warm_up_steps=_steps(spec) // 10, **common)
+    else:
+        raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    cfg.metadata.hook_name = hook
+    cfg.metadata.model_name = model_name
+    return cfg
+
+
+def _trainer_cfg(spec: SAESpec) -> SAETrainerConfig:
+    steps = _steps(spec)
+    return SAETrainerConfig(
+        total_training_samples=steps * spec.batch_size, train_batch_size_samples=spec.batch_size, lr=spec.lr,
+        lr_end=spec.lr / 10, lr_scheduler_name="cosineannealing" if steps >= 20 else "constant",
+        lr_warm_up_steps=steps // 20,
+        device=spec.device, dead_feature_window=max(10, steps // 10), feature_sampling_window=max(10, steps // 5),
+        n_batches_for_norm_estimate=min(20, max(1, steps)), logger=LoggingConfig(log_to_wandb=False),
+    )
+
+
+def _check_budget(spec: SAESpec, source: ActivationSource) -> None:
+    if _steps(spec) < 1:
+        raise ValueError(f"sae_train_tokens {spec.train_tokens} is less than one batch ({spec.batch_size})")
+    if spec.train_tokens > len(source):
+        raise CorpusTooSmallError(
+            f"requested {spec.train_tokens:,} SAE training tokens but the corpus has only {len(source):,} training "
+            f"tokens at layer {source.layer}; lower sae_train_tokens or enlarge the corpus (sae_corpus_docs)")
+
+
+def _to_inference(training_sae) -> SAE:
+    """The inference SAE (sae-lens's own conversion: save the inference model, load it back)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        training_sae.save_inference_model(tmp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae = SAE.load_from_disk(tmp, device=str(training_sae.device))
+    sae.eval()
+    return sae
+
+
+def _quiet():
+    import contextlib
+    import os
+
+    return contextlib.redirect_stderr(open(os.devnull, "w"))  # noqa: SIM115 - sae-lens's tqdm bars
+
+
+def train_sae(spec: SAESpec, source: ActivationSource, hook: str, model_name: str = "") -> tuple[SAE, dict]:
+    """Train one SAE with sae-lens's SAETrainer. Returns (inference SAE, {seconds, l0_train})."""
+    _check_budget(spec, source)
+    torch.manual_seed(spec.seed)
+    from sae_lens.registry import get_sae_training_class
+
+    cls, _ = get_sae_training_class({"relu": "standard"}.get(spec.arch, spec.arch))
+    sae = cls(_training_cfg(spec, source.acts.shape[1], hook, model_name))
+    t0 = time.time()
+    with _quiet():
+        trainer = SAETrainer(_trainer_cfg(spec), sae, iter(source))
+        trained = trainer.fit()
+    secs = time.time() - t0
+    return _to_inference(trained), {"seconds": secs, "tokens_per_s": spec.train_tokens / max(secs, 1e-9)}
+
+
+def train_mfr(spec: SAESpec, source: ActivationSource, hook: str, n: int = 2, model_name: str = ""
+              ) -> tuple[list[SAE], dict]:
+    """Train ``n`` TopK SAEs jointly with Mutual Feature Regularization (sae-lens MultiSAETrainer)."""
+    _check_budget(spec, source)
+    saes = []
+    for i in range(n):
+        torch.manual_seed(spec.seed + 1000 * i)
+        saes.append(MFRTopKTrainingSAE(_training_cfg(spec, source.acts.shape[1], hook, model_name, "mfr_topk")))
+    link_peers(saes)
+    names = {f"m{i}": hook for i in range(n)}
+
+    def multi() -> Iterator[dict[str, torch.Tensor]]:
+        for x in source:
+            yield {hook: x}
+
+    t0 = time.time()
+    with _quiet():
+        trainer = MultiSAETrainer(_trainer_cfg(spec), dict(zip(names, saes)), names, multi())
+        trained = trainer.fit()
+    for s in saes:
+        s._peers = []
+    return [_to_inference(trained[k]) for k in names], {"seconds": time.time() - t0}
+
+
+# --- saving and loading -------------------------------------------------------------------------------
+def save_sae(sae: SAE, path: Path) -> Path:
+    """Save in sae-lens's format (cfg.json + safetensors) via a temp dir and an atomic rename."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_model(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def load_sae(path: str | Path, d_in: int | None = None, hook: str | None = None, device: str = "cpu") -> SAE:
+    """Load an SAE saved by :func:`save_sae` (or any sae-lens SAE folder), checking that it fits.
+
+    Raises:
+        FileNotFoundError: no SAE at ``path``.
+        SAEMismatchError: its input width or hook differs from the model/hook it is meant for.
+    """
+    path = Path(path)
+    cfg_file = path / "cfg.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"no SAE at {path} (expected cfg.json and sae_weights.safetensors)")
+    cfg = json.loads(cfg_file.read_text())
+    their_hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    if d_in is not None and int(cfg["d_in"]) != int(d_in):
+        raise SAEMismatchError(f"SAE at {path} reads d_in={cfg['d_in']} but the model's {hook or 'hook'} has "
+                               f"width {d_in}: it was trained on another model")
+    if hook is not None and their_hook is not None and their_hook != hook:
+        raise SAEMismatchError(f"SAE at {path} was trained on {their_hook}, not {hook}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae = SAE.load_from_disk(str(path), device=device)
+    sae.eval()
+    return sae
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_batches(sae: SAE, acts: np.ndarray, rows: np.ndarray | None = None, batch_size: int = 8192
+                   ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Yield (row indices, x, feature activations) over ``rows`` (all rows when None), in order."""
+    rows = np.arange(acts.shape[0]) if rows is None else np.asarray(rows)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
+        x = torch.from_numpy(np.asarray(acts[idx], dtype=np.float32)).to(sae.device)
+        yield idx, x, sae.encode(x)
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, acts: np.ndarray, eval_rows: np.ndarray, all_rows: np.ndarray | None = None
+                           ) -> dict:
+    """MSE, FVU (per-dimension variance), L0, mean cos(x, x̂), mean ‖x̂‖/‖x‖ on ``eval_rows``;
+    dead fraction (features that never fire) over ``all_rows`` (all harvested rows by default)."""
+    d = acts.shape[1]
+    s1 = torch.zeros(d, dtype=torch.float64)
+    s2 = torch.zeros(d, dtype=torch.float64)
+    err = l0 = cos = ratio = 0.0
+    n = 0
+    for _, x, f in encode_batches(sae, acts, eval_rows):
+        xh = sae.decode(f)
+        x64 = x.double()
+        s1 += x64.sum(0)
+        s2 += (x64 ** 2).sum(0)
+        err += float(((x - xh).double() ** 2).sum())
+        l0 += float((f > 0).sum())
+        xn, xhn = x.norm(dim=-1), xh.norm(dim=-1)
+        cos += float((torch.nn.functional.cosine_similarity(x, xh, dim=-1)).double().sum())
+        ratio += float((xhn / xn.clamp_min(1e-8)).double().sum())
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("no held-out activations to evaluate the SAE on")
+    total_var = float((s2 - s1 ** 2 / n).sum())  # Σ_rows ‖x − mean‖², mean per dimension
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    n_all = 0
+    for _, _, f in encode_batches(sae, acts, all_rows):
+        fired |= (f > 0).any(0).cpu()
+        n_all += f.shape[0]
+    return {"mse": err / (n * d), "fvu": err / total_var, "l0": l0 / n, "cos_sim": cos / n, "l2_ratio": ratio / n,
+            "dead_frac": float((~fired).float().mean()), "dead_tokens": n_all, "n_eval_tokens": n}
+
+
+@torch.no_grad()
+def ce_metrics(hooked, sae: SAE, layer: int, sequences: list[list[int]], batch_size: int = 32) -> dict:
+    """Next-token cross-entropy on ``sequences`` (BOS + tokens): clean, with the SAE spliced in at
+    ``blocks.L.hook_mlp_out`` (its reconstruction replaces the MLP output), and with the MLP
+    output zero-ablated; loss recovered = (zero − spliced) / (zero − clean)."""
+    from collections import defaultdict
+
+    hook = f"blocks.{layer}.hook_mlp_out"
+    by_len: dict[int, list[list[int]]] = defaultdict(list)
+    for s in sequences:
+        if len(s) >= 2:
+            by_len[len(s)].append(s)
+    tot = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    n = 0
+
+    def zero(x, hook):  # noqa: ARG001
+        return torch.zeros_like(x)
+
+    for length in sorted(by_len):
+        group = by_len[length]
+        for start in range(0, len(group), batch_size):
+            toks = torch.tensor(group[start : start + batch_size], device=hooked.cfg.device)
+            runs = {
+                "clean": hooked(toks),
+                "spliced": hooked.run_with_saes(toks, saes=[sae], use_error_term=False),
+                "zero": hooked.run_with_hooks(toks, fwd_hooks=[(hook, zero)]),
+            }
+            for k, logits in runs.items():
+                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                tot[k] += float(-lp.gather(-1, toks[:, 1:, None]).sum())
+            n += toks[:, 1:].numel()
+    if n == 0:
+        raise ValueError("no sequences of at least two tokens to measure the loss on")
+    out = {f"ce_{k}": v / n for k, v in tot.items()}
+    gap = out["ce_zero"] - out["ce_clean"]
+    out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap > 0 else float("nan")
+    out["ce_tokens"] = n
+    return out
+
+
+def decoder(sae: SAE) -> np.ndarray:
+    return sae.W_dec.detach().float().cpu().numpy()
+
+
+def sae_record(sae: SAE, spec: SAESpec) -> dict:
+    return {"arch": spec.arch, "d_sae": int(sae.cfg.d_sae), "k": spec.k if spec.arch in ("topk", "mfr_topk") else None,
+            "l1_coefficient": spec.l1 if spec.arch in ("relu", "tied") else None}
+
+
+def with_arch(spec: SAESpec, **kw) -> SAESpec:
+    return replace(spec, **kw)
+
+
+__all__ = ["ARCHS", "ActivationSource", "CorpusTooSmallError", "SAEMismatchError", "SAESpec", "ce_metrics",
+           "decoder", "load_sae", "mmcs", "reconstruction_metrics", "save_sae", "train_mfr", "train_sae"]

@@ -1,0 +1,103 @@
+"""L1 sweep: the paper's sparsity/reconstruction curve for a run's activations.
+
+    python -m lfp_core.sweep --run data/runs/demo --l1 0.1,0.3,1,3,10 [--layer 2] [--role tuned]
+                             [--expansion 1] [--arch relu|tied] [--tokens 300000] [--plot sweep.html]
+
+Trains one SAE per coefficient with sae-lens on the run's harvested activations (the run needs
+its ``activations`` stage), evaluates each like the ``saes`` stage (held-out FVU, L0, dead
+fraction, loss recovered), stores them in the run as ``sweep`` SAEs (the Layers & SAEs page plots
+them) and prints the table. Exit status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from lfp_core import activations, saes
+from lfp_core.config import RunConfig
+from lfp_core.pipeline import Context
+from lfp_core.pipeline import saes as stage
+from lfp_core.store import RunReader, RunWriter, StoreError, put_rows
+
+log = logging.getLogger("lfp_core.sweep")
+
+
+def run_sweep(run_dir: str | Path, coefficients: list[float], layer: int | None = None, role: str = "tuned",
+              expansion: int = 1, arch: str = "relu", tokens: int | None = None) -> list[dict]:
+    """Train and evaluate one SAE per L1 coefficient; store and return their rows."""
+    r = RunReader(run_dir)  # a missing or foreign run is an error here, never created
+    writer = RunWriter(run_dir)
+    status = {s.name: s for s in r.stages()}
+    if "activations" not in status or status["activations"].status != "done":
+        raise StoreError(f"{run_dir} has no harvested activations yet; run python -m lfp_core.precompute --out {run_dir}")
+    if arch not in ("relu", "tied"):
+        raise ValueError("the L1 sweep is for the L1-penalised architectures: relu or tied")
+    cfg = RunConfig.from_json(json.dumps(r.run_info()["config"]))
+    ctx = Context(cfg=cfg, writer=writer)
+    layers = status["activations"].detail["layers"]
+    layer = layers[0] if layer is None else layer
+    activations.check_layers([layer], ctx.model.hooked().cfg.n_layers)
+    if layer not in layers:
+        raise ValueError(f"layer {layer} has no harvested activations; this run harvested layers {layers}")
+    h = stage.harvest_dir(ctx)
+    train_rows = np.nonzero(~h.index()["is_eval"])[0]
+    base_spec = stage._spec(cfg, ctx.model.hooked().cfg.d_model, arch, expansion)
+    if tokens is not None:
+        base_spec = replace(base_spec, train_tokens=tokens)
+    rows = []
+    for i, c in enumerate(coefficients):
+        job = {"kind": "sweep", "role": role, "layer": layer, "spec": replace(base_spec, l1=c),
+               "name": f"{arch}-{expansion}x-l1={c:g}" if (arch, expansion) != ("relu", 1) else f"l1={c:g}"}
+        src = saes.ActivationSource(h.acts(role, layer), train_rows, base_spec.batch_size, seed=cfg.seed + 500 + i,
+                                    layer=layer)
+        sae, info = saes.train_sae(job["spec"], src, activations.hook_name(layer), f"{ctx.model.spec.name}:{role}")
+        rows.append(stage._record(ctx, job, stage.sae_id(job), sae, info, base_spec.seed))
+    with writer.transaction() as con:
+        con.execute("DELETE FROM saes WHERE sae_id IN (SELECT unnest(?))", [[x["sae_id"] for x in rows]])
+        put_rows(con, "saes", rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lfp_core.sweep", description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("--l1", required=True, help="comma-separated L1 coefficients, e.g. 0.1,0.3,1,3")
+    ap.add_argument("--layer", type=int, default=None, help="default: the first selected layer")
+    ap.add_argument("--role", choices=("tuned", "base"), default="tuned")
+    ap.add_argument("--expansion", type=int, default=1, help="dictionary size as a multiple of d_model")
+    ap.add_argument("--arch", choices=("relu", "tied"), default="relu")
+    ap.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default: the run's)")
+    ap.add_argument("--plot", type=Path, default=None, help="also write the curve as an HTML file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        coefs = [float(x) for x in args.l1.split(",") if x.strip()]
+        if not coefs or any(c <= 0 for c in coefs):
+            raise ValueError("--l1 needs one or more positive numbers")
+        rows = run_sweep(args.run, coefs, args.layer, args.role, args.expansion, args.arch, args.tokens)
+    except (ValueError, StoreError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'L1':>8} {'L0':>8} {'FVU':>7} {'MSE':>8} {'dead':>6} {'recovered':>9}")
+    for x in sorted(rows, key=lambda x: x["l1_coefficient"]):
+        print(f"{x['l1_coefficient']:>8g} {x['l0']:>8.1f} {x['fvu']:>7.3f} {x['mse']:>8.4f} {x['dead_frac']:>6.3f} "
+              f"{x['ce_loss_recovered']:>9.1%}")
+    if args.plot:
+        import pandas as pd
+
+        from lfp_core.viz import l1_sweep_chart
+
+        l1_sweep_chart(pd.DataFrame(rows)).write_html(args.plot)
+        print(f"curve written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
