@@ -105,3 +105,21 @@ def test_l1_sweep_command_stores_the_curve(tmp_path, quick_run, capsys):
     assert sweep.main(["--run", str(run), "--l1", "-1"]) == 2
     assert sweep.main(["--run", str(tmp_path / "missing"), "--l1", "1"]) == 2
     assert not (tmp_path / "missing").exists()
+
+
+def test_without_imdb_the_activation_corpus_is_sampled_from_the_model(quick_run, tmp_path):
+    from dataclasses import replace
+
+    from lfp_core.config import RunConfig
+    from lfp_core.pipeline import Context
+    from lfp_core.pipeline.saes import build_corpus
+
+    cfg = RunConfig.from_json(json.dumps(RunReader(quick_run).run_info()["config"]))
+    cfg = replace(cfg, data_dir=str(tmp_path), sae_corpus_docs=6, sae_doc_tokens=12, gen_batch_size=4)
+    docs, where = build_corpus(Context(cfg=cfg, writer=RunWriter(quick_run)))
+    assert where == "model-sampled"
+    sampled = [d for d in docs if d.source == "model_sampled"]
+    assert len(sampled) == 6 and all(len(d.token_ids) == 12 for d in sampled)
+    n_completions = len(RunReader(quick_run).completions("base")) + len(RunReader(quick_run).completions("tuned"))
+    assert len(docs) == 6 + n_completions
+    assert {d.split for d in docs} == {"train", "eval"}

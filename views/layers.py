@@ -37,8 +37,8 @@ if sae_stage is None or sae_stage.status != "done":
             f"`python -m lfp_core.precompute --out {run_dir}`.")
     st.stop()
 table = read(run_dir, "saes")
-cols = ["sae_id", "role", "layer", "arch", "d_sae", "k", "l1_coefficient", "fvu", "mse", "l0", "dead_frac",
-        "cos_sim", "l2_ratio", "ce_clean", "ce_spliced", "ce_zero", "ce_loss_recovered", "seconds"]
+cols = ["sae_id", "role", "layer", "arch", "d_sae", "l0", "fvu", "ce_loss_recovered", "dead_frac", "cos_sim",
+        "l2_ratio", "mse", "ce_clean", "ce_spliced", "ce_zero", "k", "l1_coefficient", "seconds"]
 labels = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "dead_frac": "dead", "cos_sim": "cos(x, x̂)",
           "l2_ratio": "‖x̂‖/‖x‖", "ce_clean": "CE clean", "ce_spliced": "CE spliced", "ce_zero": "CE zero-abl.",
           "ce_loss_recovered": "loss recovered", "l1_coefficient": "L1"}
@@ -77,7 +77,9 @@ if not pairs.empty:
                  hide_index=True, width="stretch")
     st.caption("Mean max cosine similarity between two SAEs' decoder directions. Hungarian: features paired one to "
                "one (each feature of the smaller dictionary with a distinct feature of the other). base_vs_tuned: "
-               "how much the basis moved with RL; relu_1x_vs_2x: features shared across dictionary sizes.")
+               "how much the basis moved with RL — read it against `independent` (same model and settings, another "
+               "seed), which is how similar two SAEs are by chance; relu_1x_vs_2x: features shared across "
+               "dictionary sizes.")
 
 mfr = sae_stage.detail.get("mfr", {})
 if "mfr" in mfr and "independent" in mfr:
