@@ -22,6 +22,8 @@ cli, _ = _parser.parse_known_args(sys.argv[1:])
 nav = st.navigation([
     st.Page("views/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
     st.Page("views/layers.py", title="Layers & SAEs", icon="🧱", url_path="layers"),
+    st.Page("views/token_scores.py", title="Token scores", icon="🎯", url_path="token-scores"),
+    st.Page("views/separation.py", title="Separation", icon="↔️", url_path="separation"),
 ])
 sidebar(default_run=cli.run)
 nav.run()

@@ -55,6 +55,10 @@ class Doc:
     source: str
     split: str  # 'train' (SAE training) or 'eval' (held out for metrics)
     token_ids: list[int]
+    label: str | None = None  # e.g. an IMDB review's pos/neg
+    prompt_id: int | None = None  # completions: the held-out prompt and sample they come from
+    sample_idx: int | None = None
+    n_prefix: int = 0  # completions: how many leading tokens are the prompt
 
 
 @dataclass

@@ -86,6 +86,8 @@ class RunConfig:
         mfr_n / mfr_coefficient / mfr_warmup_frac: Mutual Feature Regularization group on the first
             selected layer (0 disables): members, penalty weight, warm-up share of training.
         feature_top_k / feature_window: top activating contexts per feature and their ±window.
+        probe_min_points: fewest lexicon-word positions the probe stage accepts.
+        probe_contrast_items: lexicon-word occurrences swapped for the contrastive variant.
     """
 
     model: str = "demo"
@@ -136,6 +138,8 @@ class RunConfig:
     mfr_warmup_frac: float = 0.2
     feature_top_k: int = 20
     feature_window: int = 8
+    probe_min_points: int = 200
+    probe_contrast_items: int = 1500
     preset: str = "custom"
     extra: dict = field(default_factory=dict)
 

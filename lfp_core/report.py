@@ -54,6 +54,13 @@ def build_report(run_dir: str) -> dict:
                        for x in table.itertuples()]
         rep["sae_comparisons"] = {"mfr_vs_independent": st.detail.get("mfr", {}),
                                   "mmcs": r.sae_pairs().drop(columns=["mmcs_max"]).to_dict("records")}
+    pr = records.get("probes")
+    if pr is not None and pr.status == "done":
+        t = pr.detail.get("tuned", {})
+        keys = ("tau_occurrence", "tau_word", "tau_baseline", "tau_shuffled", "tau_contrastive", "sign_acc_pos",
+                "sign_acc_neg", "irm", "logistic", "pca_var_ratio")
+        rep["probe"] = {k: t[k] for k in keys if k in t}
+        rep["probe"]["base_model"] = {k: pr.detail.get("base", {}).get(k) for k in ("tau_occurrence", "tau_word")}
     return rep
 
 
@@ -92,6 +99,19 @@ def format_report(rep: dict) -> str:
         if x["kind"] in ("main", "variant"):
             lines.append(f"SAE {x['sae_id']} ({x['arch']}, {x['d_sae']} features): FVU {x['fvu']:.3f}, L0 {x['l0']:.1f}, "
                          f"dead {x['dead_frac']:.3f}, cos {x['cos_sim']:.3f}, loss recovered {x['ce_loss_recovered']:.1%}")
+    if "probe" in rep:
+        p = rep["probe"]
+        for split in ("occurrence", "word"):
+            x = p[f"tau_{split}"]
+            lines.append(f"probe, {split} split: Kendall τ {x['tau']:.3f} (p {x['p']:.1e}, {x['n_words']} words); base "
+                         f"model {p['base_model'][f'tau_{split}']['tau']:.3f}")
+        lines.append(f"probe controls: untrained map τ {p['tau_baseline']['tau']:.3f}, shuffled targets τ "
+                     f"{p['tau_shuffled']['tau']:.3f}; sign accuracy {p['sign_acc_pos']:.2f} (positive words), "
+                     f"{p['sign_acc_neg']:.2f} (negative); IRM vs reward Pearson {p['irm']['pearson']:.3f}")
+        if "logistic" in p:
+            lg = p["logistic"]["imdb"]
+            lines.append(f"IMDB pos/neg logistic probe on SAE features: {lg['acc']:.3f} (95% CI {lg['ci_low']:.3f}–"
+                         f"{lg['ci_high']:.3f}), raw activations {lg['raw_acc']:.3f}, majority {lg['majority_acc']:.3f}")
     mfr = rep.get("sae_comparisons", {}).get("mfr_vs_independent", {})
     if "mfr" in mfr and "independent" in mfr:
         a, b = mfr["mfr"], mfr["independent"]

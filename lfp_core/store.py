@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS layer_divergence (
     layer INTEGER PRIMARY KEY, param DOUBLE, act_cos DOUBLE, act_rel_l2 DOUBLE, selected BOOLEAN);
 CREATE TABLE IF NOT EXISTS act_docs (
     doc_id INTEGER PRIMARY KEY, source VARCHAR NOT NULL, split VARCHAR NOT NULL, n_tokens INTEGER NOT NULL,
-    token_ids INTEGER[] NOT NULL, text VARCHAR NOT NULL);
+    token_ids INTEGER[] NOT NULL, text VARCHAR NOT NULL, label VARCHAR, prompt_id INTEGER, sample_idx INTEGER,
+    n_prefix INTEGER);
 CREATE TABLE IF NOT EXISTS saes (
     sae_id VARCHAR PRIMARY KEY, role VARCHAR NOT NULL, layer INTEGER NOT NULL, kind VARCHAR NOT NULL,
     arch VARCHAR NOT NULL, d_sae INTEGER, k INTEGER, l1_coefficient DOUBLE, seed INTEGER, hook_name VARCHAR,
@@ -97,10 +98,24 @@ CREATE TABLE IF NOT EXISTS feature_examples (
     rank INTEGER NOT NULL, interval INTEGER, doc_id INTEGER, pos INTEGER, act DOUBLE, center INTEGER,
     tokens VARCHAR[], token_ids INTEGER[], acts DOUBLE[]);
 CREATE INDEX IF NOT EXISTS feature_examples_by_feature ON feature_examples (role, layer, feature);
+CREATE TABLE IF NOT EXISTS vocab (token_id INTEGER PRIMARY KEY, text VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS probe_words (
+    role VARCHAR NOT NULL, split VARCHAR NOT NULL, word VARCHAR NOT NULL, valence DOUBLE, pred DOUBLE,
+    pred_rescaled DOUBLE, n_test INTEGER, tuned_count INTEGER, abs_error DOUBLE, PRIMARY KEY (role, split, word));
+CREATE TABLE IF NOT EXISTS probe_tokens (
+    role VARCHAR NOT NULL, doc_id INTEGER NOT NULL, pos INTEGER NOT NULL, word VARCHAR, valence DOUBLE,
+    pred DOUBLE, occurrence_split VARCHAR, word_split VARCHAR, top_layers INTEGER[], top_features INTEGER[],
+    top_contributions DOUBLE[], PRIMARY KEY (role, doc_id, pos));
+CREATE TABLE IF NOT EXISTS probe_features (
+    role VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, weight DOUBLE, mean_act DOUBLE,
+    importance DOUBLE, rank INTEGER, PRIMARY KEY (role, layer, feature));
+CREATE TABLE IF NOT EXISTS probe_pca (
+    role VARCHAR NOT NULL, task VARCHAR NOT NULL, doc_id INTEGER NOT NULL, label VARCHAR, pc1 DOUBLE, pc2 DOUBLE,
+    PRIMARY KEY (role, task, doc_id));
 """
 _TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions", "rl_steps",
            "rl_samples", "word_shifts", "layer_divergence", "pairs", "act_docs", "saes", "sae_pairs", "features",
-           "feature_examples")
+           "feature_examples", "vocab", "probe_words", "probe_tokens", "probe_features", "probe_pca")
 
 
 class StoreError(RuntimeError):
@@ -345,6 +360,35 @@ class RunReader:
         return self.query("SELECT * FROM feature_examples WHERE role = ? AND layer = ? AND feature = ? AND kind = ? "
                           "ORDER BY interval DESC, rank", [role, int(layer), int(feature), kind])
 
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Display strings of token ids (the model's vocabulary, stored by the activations stage)."""
+        df = self.query("SELECT token_id, text FROM vocab WHERE token_id IN (SELECT unnest(?))",
+                        [sorted({int(t) for t in token_ids})])
+        text = dict(zip(df.token_id.astype(int), df.text))
+        return [text.get(int(t), f"<{int(t)}>") for t in token_ids]
+
+    # --- probes ----------------------------------------------------------------------------
+    def probe_words(self, role: str = "tuned") -> pd.DataFrame:
+        return self.query("SELECT * FROM probe_words WHERE role = ? ORDER BY split, word", [role])
+
+    def probe_docs(self, role: str = "tuned", limit: int = 200) -> pd.DataFrame:
+        """Documents with the most scored words, for the token-score viewer."""
+        return self.query("SELECT t.doc_id, d.source, count(*) AS n_words, any_value(d.text) AS text "
+                          "FROM probe_tokens t JOIN act_docs d USING (doc_id) WHERE t.role = ? "
+                          "GROUP BY t.doc_id, d.source ORDER BY n_words DESC, t.doc_id LIMIT ?", [role, int(limit)])
+
+    def probe_doc(self, role: str, doc_id: int) -> tuple[dict | None, pd.DataFrame]:
+        """One document (token ids) and its scored positions with their top contributing features."""
+        doc = self.query("SELECT * FROM act_docs WHERE doc_id = ?", [int(doc_id)])
+        toks = self.query("SELECT * FROM probe_tokens WHERE role = ? AND doc_id = ? ORDER BY pos", [role, int(doc_id)])
+        return (None if doc.empty else doc.iloc[0].to_dict()), toks
+
+    def probe_features(self, role: str = "tuned", limit: int = 50) -> pd.DataFrame:
+        return self.query("SELECT * FROM probe_features WHERE role = ? ORDER BY rank LIMIT ?", [role, int(limit)])
+
+    def probe_pca(self, role: str = "tuned", task: str = "imdb") -> pd.DataFrame:
+        return self.query("SELECT * FROM probe_pca WHERE role = ? AND task = ? ORDER BY doc_id", [role, task])
+
     def reward_summary(self, role: str = "base") -> dict | None:
         df = self.query(
             "SELECT count(*) AS n, avg(reward) AS mean, stddev_samp(reward) AS sd FROM completions WHERE role = ?",
@@ -372,6 +416,7 @@ class RunWriter:
         with self.transaction() as con:
             if existed:
                 _check_schema(con, self.path, upgrade=True)
+                con.execute(_SCHEMA)  # tables are created if missing (idempotent)
             else:
                 con.execute(_SCHEMA)
                 con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('created_by', 'lfp_core')",

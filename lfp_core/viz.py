@@ -118,3 +118,72 @@ def l1_sweep_chart(sweep: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(title="L0 (features active per token)", secondary_y=True, rangemode="tozero")
     fig.update_layout(height=340, margin={"t": 30, "b": 40}, legend={"orientation": "h", "y": 1.12})
     return fig
+
+
+def probe_scatter(words: pd.DataFrame, taus: dict[str, dict]) -> go.Figure:
+    """Per word: VADER valence (x) against the probe's rescaled prediction (y), one colour per split,
+    with Kendall τ and p of each split in the legend."""
+    fig = go.Figure()
+    for split, colour in (("occurrence", "#1f77b4"), ("word", "#ff7f0e")):
+        d = words[words.split == split]
+        if d.empty:
+            continue
+        t = taus.get(split, {})
+        fig.add_scatter(x=d.valence, y=d.pred_rescaled, mode="markers", name=f"{split} split: τ {t.get('tau', float('nan')):.3f}, "
+                        f"p {t.get('p', float('nan')):.1e}, {t.get('n_words', len(d))} words",
+                        marker={"color": colour, "size": 6, "opacity": 0.6},
+                        text=[html.escape(str(w)) for w in d.word], hovertemplate="%{text}: VADER %{x}, probe %{y:.2f}")
+    lim = [-4.2, 4.2]
+    fig.add_scatter(x=lim, y=lim, mode="lines", line={"dash": "dot", "color": "grey"}, showlegend=False, hoverinfo="skip")
+    fig.update_layout(height=430, xaxis_title="VADER valence", yaxis_title="probe prediction (rescaled)",
+                      margin={"t": 30}, legend={"orientation": "h", "y": 1.1})
+    return fig
+
+
+def sign_accuracy_bars(rows: list[dict]) -> go.Figure:
+    """rows: {split, polarity, accuracy}."""
+    d = pd.DataFrame(rows)
+    fig = go.Figure()
+    for pol, colour in (("positive words", "rgba(34,139,34,0.8)"), ("negative words", "rgba(200,30,30,0.8)")):
+        s = d[d.polarity == pol]
+        fig.add_bar(x=s.split, y=s.accuracy, name=pol, marker_color=colour, text=[f"{v:.2f}" for v in s.accuracy])
+    fig.add_hline(y=0.5, line_dash="dot", annotation_text="chance")
+    fig.update_layout(height=320, barmode="group", yaxis={"range": [0, 1], "title": "sign accuracy"}, margin={"t": 30})
+    return fig
+
+
+def error_vs_frequency(words: pd.DataFrame) -> go.Figure:
+    d = words[words.tuned_count > 0]
+    fig = go.Figure(go.Scatter(x=d.tuned_count, y=d.abs_error, mode="markers", marker={"size": 6, "opacity": 0.6},
+                               text=[html.escape(str(w)) for w in d.word],
+                               hovertemplate="%{text}: generated %{x} times, |error| %{y:.2f}"))
+    fig.update_layout(height=320, xaxis={"type": "log", "title": "times the tuned policy generated the word"},
+                      yaxis_title="|rescaled prediction − VADER|", margin={"t": 30})
+    return fig
+
+
+def pca_scatter(df: pd.DataFrame, ratio: list[float]) -> go.Figure:
+    fig = go.Figure()
+    for label, colour in (("pos", "rgba(34,139,34,0.6)"), ("neg", "rgba(200,30,30,0.6)")):
+        d = df[df.label == label]
+        fig.add_scatter(x=d.pc1, y=d.pc2, mode="markers", name=label, marker={"color": colour, "size": 5})
+    fig.update_layout(height=420, margin={"t": 30},
+                      xaxis_title=f"PC1 ({ratio[0]:.1%} of variance)" if ratio else "PC1",
+                      yaxis_title=f"PC2 ({ratio[1]:.1%} of variance)" if len(ratio) > 1 else "PC2")
+    return fig
+
+
+def token_scores_html(tokens: list[str], true: list[float | None], pred: list[float | None]) -> str:
+    """Tokens (escaped) on two rows of colour: the probe's predicted valence and VADER's, at the
+    positions the probe scores (a word's last token); the values are in the hover title."""
+    cells = []
+    for tok, t, p in zip(tokens, true, pred):
+        text = html.escape(tok).replace(" ", "&nbsp;") or "&nbsp;"
+        if p is None:
+            cells.append(f"<span class='lfp-tok'>{text}</span>")
+            continue
+        title = html.escape(f"probe {p:+.2f} · VADER {t:+.2f}")
+        cells.append(f"<span class='lfp-tok' title='{title}' style='background:{_valence_colour(p)};"
+                     f"border-bottom:4px solid {_valence_colour(t)}'>{text}</span>")
+    return ("<div class='lfp-tokens' style='line-height:2.1;font-family:monospace'>" + "".join(cells) + "</div>"
+            "<div style='font-size:0.8em;color:grey'>fill: probe prediction · underline: VADER valence</div>")

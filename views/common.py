@@ -94,3 +94,16 @@ def sidebar(default_run: str | None = None) -> None:
                 st.caption(f"**Model:** {model['name'] if model else cfg.get('model', '?')}  \n"
                            f"**Task:** {cfg.get('task', '?')}  \n**Preset:** {info.get('preset', '?')}")
 
+
+
+def require_stage(run_dir: str, name: str, what: str):
+    """The finished stage record ``name``, or a message saying how to compute it and a stop.
+
+    ``what`` is the page's noun for the missing results, e.g. "SAEs" -> "No SAEs yet: ...".
+    """
+    rec = {s.name: s for s in read(run_dir, "stages")}.get(name)
+    if rec is None or rec.status != "done":
+        st.info(f"No {what} yet: the `{name}` stage has not finished. Compute it (finished stages are kept) with "
+                f"`python -m lfp_core.precompute --out {run_dir}`.")
+        st.stop()
+    return rec

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from views.common import read, require_run
+from views.common import read, require_run, require_stage
 
 run_dir = require_run()
 st.title("Layers & SAEs")
@@ -30,19 +30,14 @@ st.dataframe(div.rename(columns={"act_cos": "1 − cos", "act_rel_l2": "relative
 
 # --- SAEs on the selected layers -------------------------------------------------------------------
 st.header("SAEs")
-stages = {s.name: s for s in read(run_dir, "stages")}
-sae_stage = stages.get("saes")
-if sae_stage is None or sae_stage.status != "done":
-    st.info("No SAEs yet: the `saes` stage has not finished. Compute it (finished stages are kept) with "
-            f"`python -m lfp_core.precompute --out {run_dir}`.")
-    st.stop()
+sae_stage = require_stage(run_dir, "saes", "SAEs")
 table = read(run_dir, "saes")
 cols = ["sae_id", "role", "layer", "arch", "d_sae", "l0", "fvu", "ce_loss_recovered", "dead_frac", "cos_sim",
         "l2_ratio", "mse", "ce_clean", "ce_spliced", "ce_zero", "k", "l1_coefficient", "seconds"]
 labels = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "dead_frac": "dead", "cos_sim": "cos(x, x̂)",
           "l2_ratio": "‖x̂‖/‖x‖", "ce_clean": "CE clean", "ce_spliced": "CE spliced", "ce_zero": "CE zero-abl.",
           "ce_loss_recovered": "loss recovered", "l1_coefficient": "L1"}
-act = stages.get("activations")
+act = {s.name: s for s in read(run_dir, "stages")}.get("activations")
 if act is not None:
     d = act.detail
     st.markdown(f"Trained with sae-lens on `hook_mlp_out` activations of **{d.get('n_train_rows', 0):,}** tokens; "

@@ -46,7 +46,7 @@ def build_corpus(ctx: Context) -> tuple[list[activations.Doc], str]:
     every base and tuned completion (prompt + completion). Every ``sae_eval_every``-th document
     is held out from SAE training."""
     cfg, tok, r = ctx.cfg, ctx.model.tokenizer, ctx.writer.reader()
-    texts: list[tuple[str, list[int]]] = []
+    texts: list[tuple[str, list[int], dict]] = []
     try:
         reviews, where = corpora.imdb_reviews(cfg.data_dir, ("test",))
         pool = sorted(reviews["test"], key=lambda x: x.doc_id)
@@ -54,7 +54,7 @@ def build_corpus(ctx: Context) -> tuple[list[activations.Doc], str]:
         for i in pick:
             ids = tok(pool[int(i)].text[: cfg.sae_doc_tokens * 12], add_special_tokens=False)["input_ids"]
             if len(ids) >= 16:
-                texts.append(("imdb", ids[: cfg.sae_doc_tokens]))
+                texts.append(("imdb", ids[: cfg.sae_doc_tokens], {"label": pool[int(i)].label}))
             if len(texts) >= cfg.sae_corpus_docs:
                 break
     except FileNotFoundError as exc:
@@ -66,14 +66,16 @@ def build_corpus(ctx: Context) -> tuple[list[activations.Doc], str]:
             n = min(cfg.gen_batch_size, cfg.sae_corpus_docs - start)
             for ids in sample_batch(ctx.model, [[] for _ in range(n)], cfg.sae_doc_tokens,
                                     seed=cfg.seed * 31 + start, allow_eos=False):
-                texts.append(("model_sampled", list(ids)))
+                texts.append(("model_sampled", list(ids), {}))
     prompts = r.prompts("eval")
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
     for role in ("base", "tuned"):
         c = r.completions(role)
-        texts += [(f"{role}_completion", list(ids_of[int(p)]) + list(t)) for p, t in zip(c.prompt_id, c.token_ids)]
-    docs = [activations.Doc(i, src, "eval" if i % cfg.sae_eval_every == 0 else "train", [int(t) for t in ids])
-            for i, (src, ids) in enumerate(texts)]
+        texts += [(f"{role}_completion", list(ids_of[int(p)]) + list(t),
+                   {"prompt_id": int(p), "sample_idx": int(s), "n_prefix": len(ids_of[int(p)])})
+                  for p, s, t in zip(c.prompt_id, c.sample_idx, c.token_ids)]
+    docs = [activations.Doc(i, src, "eval" if i % cfg.sae_eval_every == 0 else "train", [int(t) for t in ids], **meta)
+            for i, (src, ids, meta) in enumerate(texts)]
     return docs, where
 
 
@@ -93,10 +95,17 @@ def stage_activations(ctx: Context, config_hash: str) -> None:
         detail[role] = activations.harvest_role(m.hooked(), docs, layers, h.root, role, bos, special,
                                                 device=cfg.device)
     rows = [{"doc_id": d.doc_id, "source": d.source, "split": d.split, "n_tokens": len(d.token_ids),
-             "token_ids": d.token_ids, "text": tok.decode(d.token_ids)} for d in docs]
+             "token_ids": d.token_ids, "text": tok.decode(d.token_ids), "label": d.label, "prompt_id": d.prompt_id,
+             "sample_idx": d.sample_idx, "n_prefix": d.n_prefix} for d in docs]
     log.info("activation corpus: %d documents from %s, %d rows (%d held out) at layers %s", len(docs), where,
              detail["n_rows"], detail["n_eval_rows"], layers)
-    ctx.commit(lambda con: put_rows(con, "act_docs", rows), detail)
+    vocab = [{"token_id": i, "text": tok.decode([i])} for i in range(ctx.model.hooked().cfg.d_vocab)]
+
+    def write(con):
+        put_rows(con, "act_docs", rows)
+        put_rows(con, "vocab", vocab)
+
+    ctx.commit(write, detail)
 
 
 # --- SAE training ------------------------------------------------------------------------------------
@@ -298,7 +307,7 @@ _SAE_FIELDS = ("sae_arch", "sae_expansion", "sae_k", "sae_l1", "sae_lr", "sae_ba
 
 STAGES = [
     Stage("activations", ("data_dir", "sae_corpus_docs", "sae_doc_tokens", "sae_eval_every", "seed", "device"),
-          ("divergence", "rl_eval"), stage_activations, {"act_docs": ("true", [])}, tasks=("vader",),
+          ("divergence", "rl_eval"), stage_activations, {"act_docs": ("true", []), "vocab": ("true", [])}, tasks=("vader",), version=2,
           describe="harvest MLP outputs of the tuned and base models at the selected layers (held-out IMDB text "
                    "and completions)"),
     Stage("saes", _SAE_FIELDS, ("activations",), stage_saes, {"saes": ("true", []), "sae_pairs": ("true", [])},

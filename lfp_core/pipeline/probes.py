@@ -1,0 +1,262 @@
+"""Probe stage: recover the VADER feedback from SAE features (per token), the implicit reward model,
+attributions, and the logistic/PCA separation of IMDB reviews — for the tuned and the base model,
+each through its own SAEs."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+
+from lfp_core import probes, reward, saes
+from lfp_core.features import RowLookup
+from lfp_core.pipeline.core import Context, Stage
+from lfp_core.pipeline.saes import ROLES, harvest_dir, selected_layers
+from lfp_core.store import put_rows
+
+log = logging.getLogger(__name__)
+
+
+def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) -> np.ndarray:
+    """SAE features of ``role``'s activations through ``role``'s own main SAEs, layers in numeric order."""
+    h, r = harvest_dir(ctx), ctx.writer.reader()
+    main = r.saes("main")
+    parts = []
+    for layer in sorted(layers):
+        sel = main[(main.role == role) & (main.layer == layer)]
+        if sel.empty:
+            raise RuntimeError(f"no main SAE for {role} layer {layer}; run the saes stage")
+        path = sel.path.iloc[0]
+        sae = saes.load_sae(ctx.writer.run_dir / path, d_in=ctx.model.hooked().cfg.d_model,
+                            hook=f"blocks.{layer}.hook_mlp_out")
+        if not str(sae.cfg.metadata.model_name or "").endswith(f":{role}"):
+            raise RuntimeError(f"SAE {path} was trained on {sae.cfg.metadata.model_name}, not the {role} model")
+        acts = h.acts(role, layer)
+        parts.append(np.concatenate([f.cpu().numpy() for _, _, f in saes.encode_batches(sae, acts, rows)])
+                     if len(rows) else np.zeros((0, sae.cfg.d_sae), dtype=np.float32))
+    return np.concatenate(parts, axis=1)
+
+
+def _pooled(ctx: Context, role: str, layers: list[int], doc_rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over each document's rows of its SAE features and of its raw activations."""
+    flat = np.concatenate(doc_rows)
+    feats = role_features(ctx, role, layers, flat)
+    h = harvest_dir(ctx)
+    raw = np.concatenate([np.asarray(h.acts(role, layer)[np.sort(flat)], dtype=np.float32)[np.argsort(np.argsort(flat))]
+                          for layer in sorted(layers)], axis=1)
+    bounds = np.cumsum([0] + [len(x) for x in doc_rows])
+    pool = lambda m: np.stack([m[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])  # noqa: E731
+    return pool(feats), pool(raw)
+
+
+def last_position_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]],
+                           batch_size: int = 64) -> np.ndarray:
+    """SAE features (own SAEs, layers concatenated) at the last token of each sequence (BOS included)."""
+    import torch
+
+    from lfp_core.pipeline.saes import role_model
+
+    hooked = role_model(ctx, role).hooked()
+    main = ctx.writer.reader().saes("main")
+    sae_of = {layer: saes.load_sae(ctx.writer.run_dir / main[(main.role == role) & (main.layer == layer)].path.iloc[0])
+              for layer in layers}
+    names = [f"blocks.{layer}.hook_mlp_out" for layer in sorted(layers)]
+    out = [None] * len(seqs)
+    by_len: dict[int, list[int]] = {}
+    for i, sq in enumerate(seqs):
+        by_len.setdefault(len(sq), []).append(i)
+    with torch.no_grad():
+        for idxs in by_len.values():
+            for start in range(0, len(idxs), batch_size):
+                part = idxs[start : start + batch_size]
+                _, cache = hooked.run_with_cache(torch.tensor([seqs[i] for i in part]), names_filter=names,
+                                                 stop_at_layer=max(layers) + 1)
+                f = np.concatenate([sae_of[layer].encode(cache[n][:, -1]).numpy()
+                                    for layer, n in zip(sorted(layers), names)], axis=1)
+                for i, row in zip(part, f):
+                    out[i] = row
+    return np.stack(out)
+
+
+def contrastive(ctx: Context, role: str, layers: list[int], items: list[tuple[list[int], int, str, float]],
+                swaps: tuple[dict, dict], lexicon: dict) -> dict:
+    """The paper's contrastive variant: per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the word
+    (sign of the word's valence), also for the word swapped to an opposite-valence one; per-word means
+    against VADER valence by Kendall τ."""
+    neutral, opposite = swaps
+    tok = ctx.model.tokenizer
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    seqs, meta = [], []
+    for ids, pos, word, val in items:
+        t = ids[pos]
+        if t not in neutral:
+            continue
+        prefix = bos + list(ids[:pos])
+        i_orig, i_neu = len(seqs), len(seqs) + 1
+        seqs += [prefix + [t], prefix + [neutral[t]]]
+        meta.append((word, val, i_orig, i_neu))
+        if t in opposite:
+            ow = tok.decode([opposite[t]]).strip().lower()
+            meta.append((ow, lexicon[ow], len(seqs), i_neu))
+            seqs.append(prefix + [opposite[t]])
+    if not meta:
+        return {}
+    F = last_position_features(ctx, role, layers, seqs)
+    words, targets = [], []
+    for word, val, i, j in meta:
+        words.append(word)
+        targets.append(np.sign(val) * float(np.linalg.norm(F[i] - F[j])))
+    uw, tw, _ = probes.per_word(np.array(words, dtype=object), np.array(targets))
+    vw = np.array([lexicon[w] for w in uw])
+    return {**probes.tau_groups(tw, vw)["all"], "pos": probes.tau_groups(tw, vw)["pos"],
+            "neg": probes.tau_groups(tw, vw)["neg"], "n_sentences": len(seqs)}
+
+
+def stage_probes(ctx: Context, config_hash: str) -> None:
+    cfg, r, tok = ctx.cfg, ctx.writer.reader(), ctx.model.tokenizer
+    layers = selected_layers(ctx)
+    docs = r.query("SELECT doc_id, source, label, n_prefix, prompt_id, sample_idx, token_ids FROM act_docs "
+                   "WHERE source IN ('imdb', 'model_sampled', 'tuned_completion') ORDER BY doc_id")
+    if docs.empty:
+        raise RuntimeError("no activation corpus: run the activations stage")
+    idx = harvest_dir(ctx).index()
+    lookup = RowLookup(idx["doc_id"], idx["pos"])
+    pts = probes.word_end_positions(tok, list(zip(docs.doc_id.astype(int), docs.token_ids)), lexicon_only=False)
+    doc_a = np.array([p[0] for p in pts])
+    pos_a = np.array([p[1] for p in pts])
+    rows_all = lookup(doc_a, pos_a)
+    in_lex = np.array([p[4] for p in pts]) & (rows_all >= 0)
+    n_lex = int(in_lex.sum())
+    if n_lex < cfg.probe_min_points:
+        raise probes.ProbeDataError(
+            f"only {n_lex} lexicon-word positions in the activation corpus; the probe needs at least "
+            f"{cfg.probe_min_points}: raise sae_corpus_docs (or lower probe_min_points)")
+    rows = rows_all[in_lex]
+    words = np.array([p[2] for p in pts], dtype=object)[in_lex]
+    y = np.array([p[3] for p in pts])[in_lex]
+    occ = probes.occurrence_split(len(y), cfg.seed)
+    wsp = probes.word_split(words, cfg.seed)
+    assert not set(words[wsp]) & set(words[~wsp]), "word split leaks test words into training"
+    lex = reward.lexicon()
+    lex_min, lex_max = min(lex.values()), max(lex.values())
+    tuned_counts = Counter(w for ws in r.completions("tuned").lexicon_words for w in (ws if ws is not None else []))
+    # completion words for the implicit reward model: every word of each tuned completion
+    comp = docs[docs.source == "tuned_completion"]
+    prefix = dict(zip(comp.doc_id.astype(int), comp.n_prefix.astype(int)))
+    in_comp = np.array([d in prefix and p >= prefix[d] for d, p in zip(doc_a, pos_a)]) & (rows_all >= 0)
+    swaps = probes.swap_tables(tok, lex)
+    ids_of = dict(zip(docs.doc_id.astype(int), docs.token_ids))
+    contrast_items = []
+    for dd, pp, w, v in zip(doc_a[in_lex], pos_a[in_lex], words, y):
+        ids = list(ids_of[int(dd)])
+        if tok.decode([ids[pp]]).strip().lower() == w and len(contrast_items) < cfg.probe_contrast_items:
+            contrast_items.append((ids, int(pp), w, float(v)))
+    detail: dict = {"layers": layers, "n_points": int(len(y)), "n_words": int(len(np.unique(words))),
+                    "n_test_occurrence": int(occ.sum()), "n_test_word": int(wsp.sum())}
+    word_rows, token_rows, feat_rows, pca_rows = [], [], [], []
+    for role in ROLES:
+        X = role_features(ctx, role, layers, rows)
+        res = {"occurrence": probes.evaluate_split(X, y, words, occ, lex_min, lex_max, cfg.seed),
+               "word": probes.evaluate_split(X, y, words, wsp, lex_min, lex_max, cfg.seed)}
+        base = probes.baselines(X, y, words, occ, cfg.seed)
+        d: dict = {}
+        for split, e in res.items():
+            t = e["words"]
+            err = np.abs(t["pred_rescaled"] - t["valence"])
+            counts = np.array([tuned_counts.get(w, 0) for w in t["word"]])
+            d[f"tau_{split}"] = {**e["tau"]["all"], "pos": e["tau"]["pos"], "neg": e["tau"]["neg"]}
+            d[f"sign_acc_pos_{split}"], d[f"sign_acc_neg_{split}"] = e["sign_acc_pos"], e["sign_acc_neg"]
+            d[f"alpha_{split}"] = e["alpha"]
+            d[f"error_vs_tuned_freq_{split}"] = probes.correlation(err, counts)
+            word_rows += [{"role": role, "split": split, "word": w, "valence": float(v), "pred": float(p),
+                           "pred_rescaled": float(s), "n_test": int(n), "tuned_count": int(c), "abs_error": float(a)}
+                          for w, v, p, s, n, c, a in zip(t["word"], t["valence"], t["pred"], t["pred_rescaled"],
+                                                          t["n_test"], counts, err)]
+        d["tau_baseline"], d["tau_shuffled"] = base["untrained"], base["shuffled"]
+        d["sign_acc_pos"], d["sign_acc_neg"] = d["sign_acc_pos_occurrence"], d["sign_acc_neg_occurrence"]
+        model = res["occurrence"]["model"]
+        # implicit reward model: out-of-fold predictions at lexicon words, the model at other words
+        oof = probes.out_of_fold(X, y, res["occurrence"]["alpha"], cfg.seed)
+        pred_of = dict(zip(zip(doc_a[in_lex], pos_a[in_lex]), oof))
+        other = in_comp & ~in_lex
+        Xo = role_features(ctx, role, layers, rows_all[other]) if other.any() else np.zeros((0, X.shape[1]))
+        pred_of.update(zip(zip(doc_a[other], pos_a[other]), model.predict(Xo) if len(Xo) else []))
+        irm_lex, irm_all = Counter(), Counter()
+        for dd, pp, lexw, ok in zip(doc_a, pos_a, in_lex, in_comp):
+            if ok and (dd, pp) in pred_of:
+                irm_all[dd] += pred_of[(dd, pp)]
+                if lexw:
+                    irm_lex[dd] += pred_of[(dd, pp)]
+        comps = r.completions("tuned")
+        key = {(int(a), int(b)): int(dd) for dd, a, b in zip(comp.doc_id, comp.prompt_id, comp.sample_idx)}
+        true_raw = np.array(comps.raw_score)
+        docs_c = [key[(int(a), int(b))] for a, b in zip(comps.prompt_id, comps.sample_idx)]
+        lex_sum = np.array([irm_lex.get(x, 0.0) for x in docs_c])
+        all_sum = np.array([irm_all.get(x, 0.0) for x in docs_c])
+        d["irm"] = probes.correlation(lex_sum, true_raw)
+        d["irm_all_words"] = probes.correlation(all_sum, true_raw)
+        z = lambda v: (v - v.mean()) / (v.std() or 1.0)  # noqa: E731
+        gap = z(all_sum) - z(true_raw)
+        worst = np.argsort(-np.abs(gap))[:10]
+        d["irm_disagreements"] = [{"prompt": comps.prompt.iloc[i], "completion": comps.completion.iloc[i],
+                                   "reward_raw": float(true_raw[i]), "irm": float(all_sum[i])} for i in worst]
+        # attributions: weights per (layer, feature), importance |w * mean activation|, per-token top contributions
+        w_eff = probes.effective_weights(model)
+        mean_act = X.mean(0)
+        imp = np.abs(w_eff * mean_act)
+        order = np.argsort(-imp)
+        rank = np.empty(len(order), dtype=int)
+        rank[order] = np.arange(len(order))
+        d_sae = X.shape[1] // len(layers)
+        for j in range(X.shape[1]):
+            feat_rows.append({"role": role, "layer": sorted(layers)[j // d_sae], "feature": j % d_sae,
+                              "weight": float(w_eff[j]), "mean_act": float(mean_act[j]), "importance": float(imp[j]),
+                              "rank": int(rank[j])})
+        top_i, top_v = probes.contributions(model, X)
+        for k in range(len(y)):
+            token_rows.append({"role": role, "doc_id": int(doc_a[in_lex][k]), "pos": int(pos_a[in_lex][k]),
+                               "word": words[k], "valence": float(y[k]), "pred": float(oof[k]),
+                               "occurrence_split": "test" if occ[k] else "train",
+                               "word_split": "test" if wsp[k] else "train",
+                               "top_layers": [sorted(layers)[j // d_sae] for j in top_i[k]],
+                               "top_features": [int(j % d_sae) for j in top_i[k]],
+                               "top_contributions": [float(v) for v in top_v[k]]})
+        # IMDB positive vs negative: mean-pooled SAE features vs raw activations, and PCA
+        imdb = docs[docs.label.isin(["pos", "neg"])]
+        if len(imdb) >= 20:
+            doc_rows = [np.nonzero(idx["doc_id"] == dd)[0] for dd in imdb.doc_id.astype(int)]
+            keep = [i for i, x in enumerate(doc_rows) if len(x)]
+            pooled, raw = _pooled(ctx, role, layers, [doc_rows[i] for i in keep])
+            labels = imdb.label.to_numpy()[keep]
+            lg = probes.logistic_probe(pooled, labels, cfg.seed)
+            lg["raw_acc"] = probes.logistic_probe(raw, labels, cfg.seed)["acc"]
+            d["logistic"] = {"imdb": lg}
+            coords, ratio = probes.pca(pooled)
+            d["pca_var_ratio"] = ratio
+            pca_rows += [{"role": role, "task": "imdb", "doc_id": int(dd), "label": lb, "pc1": float(a), "pc2": float(b)}
+                         for dd, lb, (a, b) in zip(imdb.doc_id.to_numpy()[keep], labels, coords)]
+        d["tau_contrastive"] = contrastive(ctx, role, layers, contrast_items, swaps, lex)
+        detail[role] = d
+        log.info("probe (%s): τ occurrence %.3f (p %.1e, %d words), τ word %.3f (p %.1e, %d words), untrained %.3f, "
+                 "shuffled %.3f, sign acc %.2f/%.2f, IRM pearson %.3f%s", role, d["tau_occurrence"]["tau"],
+                 d["tau_occurrence"]["p"], d["tau_occurrence"]["n_words"], d["tau_word"]["tau"], d["tau_word"]["p"],
+                 d["tau_word"]["n_words"], d["tau_baseline"]["tau"], d["tau_shuffled"]["tau"], d["sign_acc_pos"],
+                 d["sign_acc_neg"], d["irm"]["pearson"],
+                 f", IMDB logistic {d['logistic']['imdb']['acc']:.3f} (raw {d['logistic']['imdb']['raw_acc']:.3f})"
+                 if "logistic" in d else "")
+
+    def write(con):
+        for table, rows_ in (("probe_words", word_rows), ("probe_tokens", token_rows), ("probe_features", feat_rows),
+                             ("probe_pca", pca_rows)):
+            put_rows(con, table, rows_)
+
+    ctx.commit(write, detail)
+
+
+STAGES = [
+    Stage("probes", ("probe_min_points", "probe_contrast_items", "seed"), ("saes",), stage_probes,
+          {t: ("true", []) for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")}, tasks=("vader",),
+          describe="ridge probes from SAE features to VADER valence (two splits, controls), IRM, attributions, "
+                   "IMDB logistic probe and PCA"),
+]

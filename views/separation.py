@@ -1,0 +1,34 @@
+"""Separation: do SAE features separate positive from negative reviews? Logistic probes on
+mean-pooled features (with raw activations and the majority class for reference) and a PCA view."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from lfp_core import viz
+from views.common import read, require_run, require_stage
+
+run_dir = require_run()
+st.title("Separation")
+pr = require_stage(run_dir, "probes", "probes")
+rows = []
+for role in ("tuned", "base"):
+    for task, r in pr.detail.get(role, {}).get("logistic", {}).items():
+        rows.append({"model": role, "task": task, "accuracy (SAE features)": r["acc"], "95% CI low": r["ci_low"],
+                     "95% CI high": r["ci_high"], "raw activations": r["raw_acc"], "majority class": r["majority_acc"],
+                     "test texts": r["n_test"]})
+if not rows:
+    st.info("This run's corpus has no labelled texts (IMDB was not reachable when it was built), so there is "
+            "nothing to separate.")
+    st.stop()
+st.subheader("Logistic probes (held-out accuracy)")
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+st.caption("Each text's SAE features (selected layers, concatenated) are averaged over its tokens; an L2 logistic "
+           "regression (penalty by 5-fold CV) is fitted on 70% of the texts and scored on the rest. The 95% CI is "
+           "Wilson's. 'raw activations': the same probe on the averaged MLP outputs.")
+role = st.radio("Model", ["tuned", "base"], horizontal=True)
+pca = read(run_dir, "probe_pca", role=role, task="imdb")
+ratio = pr.detail.get(role, {}).get("pca_var_ratio", [])
+st.subheader("PCA of the mean-pooled SAE features")
+st.plotly_chart(viz.pca_scatter(pca, ratio), width="stretch")

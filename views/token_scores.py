@@ -1,0 +1,102 @@
+"""Token scores: how well a probe from SAE features recovers VADER's per-word feedback — τ per split
+with controls, sign accuracy, error vs frequency, the implicit reward model, and a token viewer
+with each scored word's top contributing features."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from lfp_core import viz
+from views.common import read, require_run, require_stage
+
+run_dir = require_run()
+st.title("Token scores")
+pr = require_stage(run_dir, "probes", "probe")
+role = st.radio("Model", ["tuned", "base"], horizontal=True, key="probe_role",
+                help="Each model's activations through its own SAEs (never mixed).")
+d = pr.detail.get(role, {})
+st.markdown(f"Ridge probe from the SAE features of layers {', '.join(map(str, pr.detail['layers']))} (concatenated) "
+            f"to the VADER valence of **{pr.detail['n_points']:,}** lexicon-word positions "
+            f"(**{pr.detail['n_words']:,}** distinct words), scored at each word's last token.")
+c = st.columns(5)
+c[0].metric("τ, occurrence split", f"{d['tau_occurrence']['tau']:.3f}", help=f"p = {d['tau_occurrence']['p']:.1e}, "
+            f"{d['tau_occurrence']['n_words']} test words; a word may also occur in training")
+c[1].metric("τ, word split", f"{d['tau_word']['tau']:.3f}", help=f"p = {d['tau_word']['p']:.1e}, "
+            f"{d['tau_word']['n_words']} test words never seen in training")
+c[2].metric("τ, untrained map", f"{d['tau_baseline']['tau']:.3f}", help="random linear map (the paper's baseline)")
+c[3].metric("τ, shuffled targets", f"{d['tau_shuffled']['tau']:.3f}", help="probe fitted to permuted valences")
+c[4].metric("IRM vs reward (Pearson)", f"{d['irm']['pearson']:.3f}",
+            help=f"Spearman {d['irm']['spearman']:.3f} over {d['irm']['n']} held-out tuned completions")
+
+words = read(run_dir, "probe_words", role=role)
+st.plotly_chart(viz.probe_scatter(words, {"occurrence": d["tau_occurrence"], "word": d["tau_word"]}), width="stretch")
+
+
+def _tau(split: str, group: str) -> dict:
+    t = d[f"tau_{split}"]
+    return t if group == "all" else t[group]
+
+
+taus = pd.DataFrame([{"split": s, "words": g, "τ": _tau(s, g)["tau"], "p": _tau(s, g)["p"], "n": _tau(s, g)["n_words"]}
+                     for s in ("occurrence", "word") for g in ("all", "pos", "neg")])
+left, right = st.columns(2)
+with left:
+    st.subheader("Kendall τ by word polarity")
+    st.dataframe(taus, hide_index=True, width="stretch")
+with right:
+    st.subheader("Sign accuracy")
+    st.plotly_chart(viz.sign_accuracy_bars(
+        [{"split": s, "polarity": f"{pol} words", "accuracy": d[f"sign_acc_{pol[:3]}_{s}"]}
+         for s in ("occurrence", "word") for pol in ("positive", "negative")]), width="stretch")
+ct = d.get("tau_contrastive") or {}
+if ct:
+    st.markdown(f"**Contrastive variant** (the paper's): per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the "
+                f"word, also after swapping in an opposite-valence word; τ with VADER **{ct['tau']:.3f}** (p "
+                f"{ct['p']:.1e}, {ct['n_words']} words; positive words {ct['pos']['tau']:.3f}, negative "
+                f"{ct['neg']['tau']:.3f}) from {ct['n_sentences']:,} sentence variants.")
+st.caption("Predictions are averaged per word and rescaled as in the paper (10th–90th percentile → the lexicon's "
+           "[min, max]) before the sign is read.")
+
+st.subheader("Error against how often the tuned policy generates the word")
+occ = words[words.split == "occurrence"]
+e = d["error_vs_tuned_freq_occurrence"]
+st.plotly_chart(viz.error_vs_frequency(occ), width="stretch")
+st.caption(f"Spearman ρ(|error|, count) = {e['spearman']:.3f} over {e['n']} test words (occurrence split).")
+b, w = st.columns(2)
+cols = ["word", "valence", "pred_rescaled", "abs_error", "n_test", "tuned_count"]
+b.markdown("**Best recovered words**")
+b.dataframe(occ.nsmallest(10, "abs_error")[cols], hide_index=True, width="stretch")
+w.markdown("**Worst recovered words**")
+w.dataframe(occ.nlargest(10, "abs_error")[cols], hide_index=True, width="stretch")
+
+st.subheader("Implicit reward model: where it disagrees with VADER")
+st.caption("Sum of the probe's predictions over a completion's words (out-of-fold at lexicon words) against the raw "
+           f"VADER score; all words: Pearson {d['irm_all_words']['pearson']:.3f}.")
+st.dataframe(pd.DataFrame(d.get("irm_disagreements", [])), hide_index=True, width="stretch")
+
+st.subheader("Token viewer")
+docs = read(run_dir, "probe_docs", role=role)
+if docs.empty:
+    st.info("No scored documents.")
+    st.stop()
+labels = {int(r.doc_id): f"#{int(r.doc_id)} · {r.source} · {int(r.n_words)} words · {r.text[:60]}…"
+          for r in docs.itertuples()}
+# options are the display strings themselves (AppTest and format_func do not mix)
+doc_of = {v: k for k, v in labels.items()}
+doc_id = doc_of[st.selectbox("Document", list(doc_of), key="probe_doc")]
+doc, toks = read(run_dir, "probe_doc", role=role, doc_id=doc_id)
+if doc is None:
+    st.error(f"document {doc_id} is not in this run")
+    st.stop()
+by_pos = {int(r.pos): r for r in toks.itertuples()}
+strings = read(run_dir, "token_strings", token_ids=tuple(int(t) for t in doc["token_ids"]))
+st.markdown(viz.token_scores_html(strings, [by_pos[i].valence if i in by_pos else None for i in range(len(strings))],
+                                  [by_pos[i].pred if i in by_pos else None for i in range(len(strings))]),
+            unsafe_allow_html=True)
+pos_of = {f"{r.word} (position {p})": p for p, r in by_pos.items()}
+pick = pos_of[st.selectbox("Scored word", list(pos_of), key="probe_word")]
+row = by_pos[pick]
+st.markdown(f"**{row.word}**: VADER {row.valence:+.2f}, probe {row.pred:+.2f} (out-of-fold). Top contributing features:")
+st.dataframe(pd.DataFrame({"layer": row.top_layers, "feature": row.top_features,
+                           "contribution w·f": row.top_contributions}), hide_index=True, width="stretch")
