@@ -144,3 +144,20 @@ def test_deep_links_reach_each_page_through_the_app(server, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "layers.png"), full_page=True)
     page.close()
+
+
+def test_probe_pages_render_in_chromium(server, browser):
+    base, run = server
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    page.goto(f"{base}/token-scores?run={run.name}", wait_until="domcontentloaded")
+    page.get_by_text("Token viewer").wait_for(timeout=60_000)
+    page.locator(".lfp-tokens").first.wait_for(timeout=60_000)
+    body = page.inner_text("body")
+    assert "τ, occurrence split" in body and "Sign accuracy" in body and "Implicit reward model" in body
+    assert page.locator(".stException").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "token_scores.png"))
+    page.goto(f"{base}/separation?run={run.name}", wait_until="domcontentloaded")
+    page.get_by_text("PCA of the mean-pooled SAE features").wait_for(timeout=60_000)
+    assert "Logistic probes" in page.inner_text("body") and page.locator(".stException").count() == 0
+    page.close()
