@@ -88,6 +88,7 @@ class RunConfig:
         feature_top_k / feature_window: top activating contexts per feature and their ±window.
         probe_min_points: fewest lexicon-word positions the probe stage accepts.
         probe_contrast_items: lexicon-word occurrences swapped for the contrastive variant.
+        probe_texts_per_class: texts per class for the HH (chosen/rejected) and toxicity separation probes.
     """
 
     model: str = "demo"
@@ -140,6 +141,7 @@ class RunConfig:
     feature_window: int = 8
     probe_min_points: int = 200
     probe_contrast_items: int = 1500
+    probe_texts_per_class: int = 300
     preset: str = "custom"
     extra: dict = field(default_factory=dict)
 

@@ -205,7 +205,7 @@ def logistic_probe(X: np.ndarray, labels: np.ndarray, seed: int, test_frac: floa
     if len(np.unique(labels)) < 2:
         raise ProbeDataError("the logistic probe needs two classes; only one is present")
     test = occurrence_split(len(labels), seed + 7, test_frac)
-    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=5, max_iter=2000))
+    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=3, max_iter=500))
     model.fit(X[~test], labels[~test])
     acc = float((model.predict(X[test]) == labels[test]).mean())
     n = int(test.sum())

@@ -164,7 +164,8 @@ def error_vs_frequency(words: pd.DataFrame) -> go.Figure:
 
 def pca_scatter(df: pd.DataFrame, ratio: list[float]) -> go.Figure:
     fig = go.Figure()
-    for label, colour in (("pos", "rgba(34,139,34,0.6)"), ("neg", "rgba(200,30,30,0.6)")):
+    palette = ["rgba(34,139,34,0.6)", "rgba(200,30,30,0.6)"]
+    for label, colour in zip(sorted(df.label.unique(), reverse=True), palette):
         d = df[df.label == label]
         fig.add_scatter(x=d.pc1, y=d.pc2, mode="markers", name=label, marker={"color": colour, "size": 5})
     fig.update_layout(height=420, margin={"t": 30},

@@ -1,5 +1,6 @@
-"""Separation: do SAE features separate positive from negative reviews? Logistic probes on
-mean-pooled features (with raw activations and the majority class for reference) and a PCA view."""
+"""Separation: do SAE features separate positive from negative reviews, chosen from rejected HH
+responses, toxic from non-toxic tweets? Logistic probes on mean-pooled features (with raw
+activations and the majority class for reference) and a PCA view."""
 
 from __future__ import annotations
 
@@ -25,10 +26,14 @@ if not rows:
 st.subheader("Logistic probes (held-out accuracy)")
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 st.caption("Each text's SAE features (selected layers, concatenated) are averaged over its tokens; an L2 logistic "
-           "regression (penalty by 5-fold CV) is fitted on 70% of the texts and scored on the rest. The 95% CI is "
+           "regression (penalty by 3-fold CV) is fitted on 70% of the texts and scored on the rest. The 95% CI is "
            "Wilson's. 'raw activations': the same probe on the averaged MLP outputs.")
-role = st.radio("Model", ["tuned", "base"], horizontal=True)
-pca = read(run_dir, "probe_pca", role=role, task="imdb")
-ratio = pr.detail.get(role, {}).get("pca_var_ratio", [])
+left, right = st.columns(2)
+role = left.radio("Model", ["tuned", "base"], horizontal=True, key="sep_role")
+ratios = pr.detail.get(role, {}).get("pca_var_ratio_by_task") or {"imdb": pr.detail.get(role, {}).get("pca_var_ratio", [])}
+names = {"imdb": "IMDB pos/neg", "hh": "HH chosen/rejected", "toxicity": "toxic/non-toxic"}
+task_of = {names.get(t, t): t for t in ratios}
+task = task_of[right.radio("Texts", list(task_of), horizontal=True, key="sep_task")]
+pca = read(run_dir, "probe_pca", role=role, task=task)
 st.subheader("PCA of the mean-pooled SAE features")
-st.plotly_chart(viz.pca_scatter(pca, ratio), width="stretch")
+st.plotly_chart(viz.pca_scatter(pca, ratios[task]), width="stretch")

@@ -79,6 +79,66 @@ def last_position_features(ctx: Context, role: str, layers: list[int], seqs: lis
     return np.stack(out)
 
 
+def pooled_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int = 32
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over each sequence's tokens (BOS excluded) of its SAE features (own SAEs, layers
+    concatenated) and of its raw MLP outputs. Sequences are batched by length: nothing is padded."""
+    import torch
+
+    from lfp_core.pipeline.saes import role_model
+
+    hooked = role_model(ctx, role).hooked()
+    main = ctx.writer.reader().saes("main")
+    sae_of = {layer: saes.load_sae(ctx.writer.run_dir / main[(main.role == role) & (main.layer == layer)].path.iloc[0])
+              for layer in layers}
+    names = [f"blocks.{layer}.hook_mlp_out" for layer in sorted(layers)]
+    feats, raws = [None] * len(seqs), [None] * len(seqs)
+    by_len: dict[int, list[int]] = {}
+    for i, sq in enumerate(seqs):
+        by_len.setdefault(len(sq), []).append(i)
+    with torch.no_grad():
+        for idxs in by_len.values():
+            for start in range(0, len(idxs), batch_size):
+                part = idxs[start : start + batch_size]
+                _, cache = hooked.run_with_cache(torch.tensor([seqs[i] for i in part]), names_filter=names,
+                                                 stop_at_layer=max(layers) + 1)
+                f = torch.cat([sae_of[layer].encode(cache[n][:, 1:]) for layer, n in zip(sorted(layers), names)], -1)
+                raw = torch.cat([cache[n][:, 1:] for n in names], -1)
+                for i, a, b in zip(part, f.mean(1).numpy(), raw.mean(1).numpy()):
+                    feats[i], raws[i] = a, b
+    return np.stack(feats), np.stack(raws)
+
+
+def labelled_texts(cfg, tok, n: int) -> dict[str, tuple[list[list[int]], np.ndarray]]:
+    """The other separation tasks, when their data is reachable: HH-RLHF chosen vs rejected responses
+    and toxic (hate/offensive) vs non-toxic tweets (Davidson et al.), ``n`` texts per class, first 64 tokens."""
+    from lfp_core import corpora
+
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    enc = lambda t: bos + tok(t, add_special_tokens=False)["input_ids"][:64]  # noqa: E731
+    rng = np.random.default_rng([cfg.seed, 67])
+    out = {}
+    try:
+        pairs, _ = corpora.hh_pairs(cfg.data_dir)
+        pick = rng.permutation(len(pairs))[:n]
+        texts = [enc(pairs[i]["chosen"]) for i in pick] + [enc(pairs[i]["rejected"]) for i in pick]
+        out["hh"] = (texts, np.array(["chosen"] * len(pick) + ["rejected"] * len(pick)))
+    except (FileNotFoundError, corpora.DataFormatError) as exc:
+        log.warning("HH-RLHF not reachable for the separation probe: %s", exc)
+    try:
+        if cfg.data_dir is None:
+            raise FileNotFoundError("no data dir")
+        tweets = corpora.davidson_tweets(cfg.data_dir)
+        toxic = [t for t in tweets if t["label"] in (0, 1)]
+        clean = [t for t in tweets if t["label"] == 2]
+        a = [toxic[i] for i in rng.permutation(len(toxic))[:n]]
+        b = [clean[i] for i in rng.permutation(len(clean))[:n]]
+        out["toxicity"] = ([enc(t["text"]) for t in a + b], np.array(["toxic"] * len(a) + ["non-toxic"] * len(b)))
+    except (FileNotFoundError, corpora.DataFormatError) as exc:
+        log.warning("toxicity data not reachable for the separation probe: %s", exc)
+    return {k: ([t for t in texts if len(t) > 1], lab[[len(t) > 1 for t in texts]]) for k, (texts, lab) in out.items()}
+
+
 def contrastive(ctx: Context, role: str, layers: list[int], items: list[tuple[list[int], int, str, float]],
                 swaps: tuple[dict, dict], lexicon: dict) -> dict:
     """The paper's contrastive variant: per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the word
@@ -152,6 +212,7 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
         ids = list(ids_of[int(dd)])
         if tok.decode([ids[pp]]).strip().lower() == w and len(contrast_items) < cfg.probe_contrast_items:
             contrast_items.append((ids, int(pp), w, float(v)))
+    extra_tasks = labelled_texts(cfg, tok, cfg.probe_texts_per_class)
     detail: dict = {"layers": layers, "n_points": int(len(y)), "n_words": int(len(np.unique(words))),
                     "n_test_occurrence": int(occ.sum()), "n_test_word": int(wsp.sum())}
     word_rows, token_rows, feat_rows, pca_rows = [], [], [], []
@@ -234,9 +295,19 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
             d["logistic"] = {"imdb": lg}
             coords, ratio = probes.pca(pooled)
             d["pca_var_ratio"] = ratio
+            d["pca_var_ratio_by_task"] = {"imdb": ratio}
             pca_rows += [{"role": role, "task": "imdb", "doc_id": int(dd), "label": lb, "pc1": float(a), "pc2": float(b)}
                          for dd, lb, (a, b) in zip(imdb.doc_id.to_numpy()[keep], labels, coords)]
         d["tau_contrastive"] = contrastive(ctx, role, layers, contrast_items, swaps, lex)
+        for task, (seqs, lab) in extra_tasks.items():
+            pooled, raw = pooled_features(ctx, role, layers, seqs)
+            lg = probes.logistic_probe(pooled, lab, cfg.seed)
+            lg["raw_acc"] = probes.logistic_probe(raw, lab, cfg.seed)["acc"]
+            d.setdefault("logistic", {})[task] = lg
+            coords, ratio = probes.pca(pooled)
+            d.setdefault("pca_var_ratio_by_task", {})[task] = ratio
+            pca_rows += [{"role": role, "task": task, "doc_id": i, "label": lb, "pc1": float(a), "pc2": float(b)}
+                         for i, (lb, (a, b)) in enumerate(zip(lab, coords))]
         detail[role] = d
         log.info("probe (%s): τ occurrence %.3f (p %.1e, %d words), τ word %.3f (p %.1e, %d words), untrained %.3f, "
                  "shuffled %.3f, sign acc %.2f/%.2f, IRM pearson %.3f%s", role, d["tau_occurrence"]["tau"],
@@ -255,7 +326,7 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
 
 
 STAGES = [
-    Stage("probes", ("probe_min_points", "probe_contrast_items", "seed"), ("saes",), stage_probes,
+    Stage("probes", ("data_dir", "probe_min_points", "probe_contrast_items", "probe_texts_per_class", "seed"), ("saes",), stage_probes,
           {t: ("true", []) for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")}, tasks=("vader",),
           describe="ridge probes from SAE features to VADER valence (two splits, controls), IRM, attributions, "
                    "IMDB logistic probe and PCA"),

@@ -43,8 +43,13 @@ def test_separation_page(monkeypatch, quick_run):
     at = _page(monkeypatch, quick_run.parent, quick_run, "views/separation.py")
     assert not at.exception
     table = at.dataframe[0].value
-    assert list(table.model) == ["tuned", "base"] and (table["accuracy (SAE features)"] > 0.5).all()
+    assert set(table.model) == {"tuned", "base"} and set(table.task) == {"imdb", "hh", "toxicity"}
+    assert ((table["95% CI low"] <= table["accuracy (SAE features)"]) &
+            (table["accuracy (SAE features)"] <= table["95% CI high"])).all()
     assert len(at.get("plotly_chart")) == 1
+    at.radio(key="sep_task").set_value("toxic/non-toxic").run()
+    at.radio(key="sep_role").set_value("base").run()
+    assert not at.exception and len(at.get("plotly_chart")) == 1
 
 
 def test_probe_pages_before_the_probe_stage(monkeypatch, tmp_path):
