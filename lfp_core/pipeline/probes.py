@@ -18,11 +18,10 @@ from lfp_core.store import put_rows
 log = logging.getLogger(__name__)
 
 
-def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) -> np.ndarray:
-    """SAE features of ``role``'s activations through ``role``'s own main SAEs, layers in numeric order."""
-    h, r = harvest_dir(ctx), ctx.writer.reader()
-    main = r.saes("main")
-    parts = []
+def own_saes(ctx: Context, role: str, layers: list[int]) -> dict:
+    """``{layer: SAE}`` of ``role``'s main SAEs, checked to read that layer's hook and to come from that model."""
+    main = ctx.writer.reader().saes("main")
+    out = {}
     for layer in sorted(layers):
         sel = main[(main.role == role) & (main.layer == layer)]
         if sel.empty:
@@ -32,6 +31,15 @@ def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) 
                             hook=f"blocks.{layer}.hook_mlp_out")
         if not str(sae.cfg.metadata.model_name or "").endswith(f":{role}"):
             raise RuntimeError(f"SAE {path} was trained on {sae.cfg.metadata.model_name}, not the {role} model")
+        out[layer] = sae
+    return out
+
+
+def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) -> np.ndarray:
+    """SAE features of ``role``'s activations through ``role``'s own main SAEs, layers in numeric order."""
+    h = harvest_dir(ctx)
+    parts = []
+    for layer, sae in own_saes(ctx, role, layers).items():
         acts = h.acts(role, layer)
         parts.append(np.concatenate([f.cpu().numpy() for _, _, f in saes.encode_batches(sae, acts, rows)])
                      if len(rows) else np.zeros((0, sae.cfg.d_sae), dtype=np.float32))
@@ -50,19 +58,16 @@ def _pooled(ctx: Context, role: str, layers: list[int], doc_rows: list[np.ndarra
     return pool(feats), pool(raw)
 
 
-def last_position_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]],
-                           batch_size: int = 64) -> np.ndarray:
-    """SAE features (own SAEs, layers concatenated) at the last token of each sequence (BOS included)."""
+def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int):
+    """Run ``role``'s model over ``seqs`` batched by length (nothing padded); yield (sequence indices,
+    SAE features [batch, pos, d_sae·L] through its own SAEs, raw MLP outputs [batch, pos, d_model·L])."""
     import torch
 
     from lfp_core.pipeline.saes import role_model
 
     hooked = role_model(ctx, role).hooked()
-    main = ctx.writer.reader().saes("main")
-    sae_of = {layer: saes.load_sae(ctx.writer.run_dir / main[(main.role == role) & (main.layer == layer)].path.iloc[0])
-              for layer in layers}
-    names = [f"blocks.{layer}.hook_mlp_out" for layer in sorted(layers)]
-    out = [None] * len(seqs)
+    sae_of = own_saes(ctx, role, layers)
+    names = [f"blocks.{layer}.hook_mlp_out" for layer in sae_of]
     by_len: dict[int, list[int]] = {}
     for i, sq in enumerate(seqs):
         by_len.setdefault(len(sq), []).append(i)
@@ -72,10 +77,17 @@ def last_position_features(ctx: Context, role: str, layers: list[int], seqs: lis
                 part = idxs[start : start + batch_size]
                 _, cache = hooked.run_with_cache(torch.tensor([seqs[i] for i in part]), names_filter=names,
                                                  stop_at_layer=max(layers) + 1)
-                f = np.concatenate([sae_of[layer].encode(cache[n][:, -1]).numpy()
-                                    for layer, n in zip(sorted(layers), names)], axis=1)
-                for i, row in zip(part, f):
-                    out[i] = row
+                yield (part, torch.cat([sae.encode(cache[n]) for sae, n in zip(sae_of.values(), names)], -1),
+                       torch.cat([cache[n] for n in names], -1))
+
+
+def last_position_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]],
+                           batch_size: int = 64) -> np.ndarray:
+    """SAE features (own SAEs, layers concatenated) at the last token of each sequence (BOS included)."""
+    out = [None] * len(seqs)
+    for part, f, _ in _forward_batches(ctx, role, layers, seqs, batch_size):
+        for i, row in zip(part, f[:, -1].numpy()):
+            out[i] = row
     return np.stack(out)
 
 
@@ -83,29 +95,10 @@ def pooled_features(ctx: Context, role: str, layers: list[int], seqs: list[list[
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Mean over each sequence's tokens (BOS excluded) of its SAE features (own SAEs, layers
     concatenated) and of its raw MLP outputs. Sequences are batched by length: nothing is padded."""
-    import torch
-
-    from lfp_core.pipeline.saes import role_model
-
-    hooked = role_model(ctx, role).hooked()
-    main = ctx.writer.reader().saes("main")
-    sae_of = {layer: saes.load_sae(ctx.writer.run_dir / main[(main.role == role) & (main.layer == layer)].path.iloc[0])
-              for layer in layers}
-    names = [f"blocks.{layer}.hook_mlp_out" for layer in sorted(layers)]
     feats, raws = [None] * len(seqs), [None] * len(seqs)
-    by_len: dict[int, list[int]] = {}
-    for i, sq in enumerate(seqs):
-        by_len.setdefault(len(sq), []).append(i)
-    with torch.no_grad():
-        for idxs in by_len.values():
-            for start in range(0, len(idxs), batch_size):
-                part = idxs[start : start + batch_size]
-                _, cache = hooked.run_with_cache(torch.tensor([seqs[i] for i in part]), names_filter=names,
-                                                 stop_at_layer=max(layers) + 1)
-                f = torch.cat([sae_of[layer].encode(cache[n][:, 1:]) for layer, n in zip(sorted(layers), names)], -1)
-                raw = torch.cat([cache[n][:, 1:] for n in names], -1)
-                for i, a, b in zip(part, f.mean(1).numpy(), raw.mean(1).numpy()):
-                    feats[i], raws[i] = a, b
+    for part, f, raw in _forward_batches(ctx, role, layers, seqs, batch_size):
+        for i, a, b in zip(part, f[:, 1:].mean(1).numpy(), raw[:, 1:].mean(1).numpy()):
+            feats[i], raws[i] = a, b
     return np.stack(feats), np.stack(raws)
 
 
@@ -169,8 +162,8 @@ def contrastive(ctx: Context, role: str, layers: list[int], items: list[tuple[li
         targets.append(np.sign(val) * float(np.linalg.norm(F[i] - F[j])))
     uw, tw, _ = probes.per_word(np.array(words, dtype=object), np.array(targets))
     vw = np.array([lexicon[w] for w in uw])
-    return {**probes.tau_groups(tw, vw)["all"], "pos": probes.tau_groups(tw, vw)["pos"],
-            "neg": probes.tau_groups(tw, vw)["neg"], "n_sentences": len(seqs)}
+    t = probes.tau_groups(tw, vw)
+    return {**t["all"], "pos": t["pos"], "neg": t["neg"], "n_sentences": len(seqs)}
 
 
 def stage_probes(ctx: Context, config_hash: str) -> None:
