@@ -22,6 +22,8 @@ cli, _ = _parser.parse_known_args(sys.argv[1:])
 nav = st.navigation([
     st.Page("views/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
     st.Page("views/layers.py", title="Layers & SAEs", icon="🧱", url_path="layers"),
+    st.Page("views/browser.py", title="Feature browser", icon="🗂️", url_path="features"),
+    st.Page("views/feature.py", title="Feature", icon="🔬", url_path="feature"),
     st.Page("views/token_scores.py", title="Token scores", icon="🎯", url_path="token-scores"),
     st.Page("views/separation.py", title="Separation", icon="↔️", url_path="separation"),
 ])

@@ -32,6 +32,7 @@ class FeatureSettings:
     n_bins: int = 20
     n_logits: int = 10
     n_neighbours: int = 10
+    n_top_tokens: int = 8
     subsample_cap: int = 400
     seed: int = 0
 
@@ -140,6 +141,12 @@ def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_toke
                 examples.append((feat, "interval", rank, iv, int(samp_r[p]), float(samp_v[p])))
 
     ex_rows = _contexts(sae, acts, index, doc_tokens, examples, s.window, token_str, role, layer)
+    top_tokens: dict[int, list[str]] = {}
+    for e in ex_rows:  # distinct tokens the feature fires on most, in rank order (searchable in the browser)
+        if e["kind"] == "top":
+            toks = top_tokens.setdefault(e["feature"], [])
+            if e["tokens"][e["center"]] not in toks and len(toks) < s.n_top_tokens:
+                toks.append(e["tokens"][e["center"]])
 
     # logit effects and decoder neighbours
     W_dec = sae.W_dec.detach().float().cpu()
@@ -159,7 +166,7 @@ def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_toke
             "role": role, "layer": layer, "feature": feat,
             "density": c / n_rows, "n_fired": int(c),
             "mean_act": float(total[feat]) / c if c else 0.0, "max_act": float(vmax[feat]),
-            "hist_counts": hist[feat].tolist(),
+            "hist_counts": hist[feat].tolist(), "top_tokens": top_tokens.get(feat, []),
             "freq_base_text": float(sources["base_completion"][feat]) / n_src["base_completion"]
             if n_src["base_completion"] else None,
             "freq_tuned_text": float(sources["tuned_completion"][feat]) / n_src["tuned_completion"]

@@ -30,10 +30,12 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Versions a writer upgrades in place: their tables are a subset of the current schema's, so
-# creating the missing tables is the whole migration (computed stages are kept).
-_UPGRADABLE = {1}
+# creating the missing tables and adding the columns of _ADDED_COLUMNS is the whole migration
+# (computed stages are kept; a stage whose output gained a column is re-run by its version).
+_UPGRADABLE = {1, 2}
+_ADDED_COLUMNS = [("features", "top_tokens", "VARCHAR[]")]  # (table, column, type) added in version 3
 DB_NAME = "run.duckdb"
 ARTIFACTS = "artifacts"
 
@@ -89,7 +91,8 @@ CREATE TABLE IF NOT EXISTS sae_pairs (
     mmcs_hungarian DOUBLE, mmcs_max DOUBLE, PRIMARY KEY (a, b));
 CREATE TABLE IF NOT EXISTS features (
     role VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, density DOUBLE, n_fired BIGINT,
-    mean_act DOUBLE, max_act DOUBLE, hist_counts BIGINT[], freq_base_text DOUBLE, freq_tuned_text DOUBLE,
+    mean_act DOUBLE, max_act DOUBLE, hist_counts BIGINT[], top_tokens VARCHAR[], freq_base_text DOUBLE,
+    freq_tuned_text DOUBLE,
     top_logit_tokens VARCHAR[], top_logit_values DOUBLE[], bottom_logit_tokens VARCHAR[],
     bottom_logit_values DOUBLE[], neighbours INTEGER[], neighbour_cos DOUBLE[],
     PRIMARY KEY (role, layer, feature));
@@ -98,6 +101,11 @@ CREATE TABLE IF NOT EXISTS feature_examples (
     rank INTEGER NOT NULL, interval INTEGER, doc_id INTEGER, pos INTEGER, act DOUBLE, center INTEGER,
     tokens VARCHAR[], token_ids INTEGER[], acts DOUBLE[]);
 CREATE INDEX IF NOT EXISTS feature_examples_by_feature ON feature_examples (role, layer, feature);
+CREATE INDEX IF NOT EXISTS features_by_density ON features (role, layer, density);
+CREATE TABLE IF NOT EXISTS feature_labels (
+    role VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, labeller VARCHAR NOT NULL,
+    explanation VARCHAR, relevant BOOLEAN, detection_acc DOUBLE, detection_f1 DOUBLE, detection_auc DOUBLE,
+    n_unparsed INTEGER, PRIMARY KEY (role, layer, feature));
 CREATE TABLE IF NOT EXISTS vocab (token_id INTEGER PRIMARY KEY, text VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS probe_words (
     role VARCHAR NOT NULL, split VARCHAR NOT NULL, word VARCHAR NOT NULL, valence DOUBLE, pred DOUBLE,
@@ -115,7 +123,13 @@ CREATE TABLE IF NOT EXISTS probe_pca (
 """
 _TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions", "rl_steps",
            "rl_samples", "word_shifts", "layer_divergence", "pairs", "act_docs", "saes", "sae_pairs", "features",
-           "feature_examples", "vocab", "probe_words", "probe_tokens", "probe_features", "probe_pca")
+           "feature_examples", "feature_labels", "vocab", "probe_words", "probe_tokens", "probe_features", "probe_pca")
+
+
+# Feature-browser sort keys -> SQL expressions (the only values ever placed in ORDER BY).
+FEATURE_SORTS = {"probe_rank": "p.rank", "probe_weight": "abs(p.weight)", "density": "f.density",
+                 "max_act": "f.max_act", "freq_shift": "abs(f.freq_tuned_text - f.freq_base_text)",
+                 "feature": "f.feature", "layer": "f.layer"}
 
 
 class StoreError(RuntimeError):
@@ -192,6 +206,10 @@ def _check_schema(con: duckdb.DuckDBPyConnection, path: Path, upgrade: bool = Fa
         return
     if version in _UPGRADABLE:
         if upgrade:
+            for table, column, kind in _ADDED_COLUMNS:  # before _SCHEMA, whose indexes may name new columns
+                if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                               [table]).fetchone()[0]:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
             con.execute(_SCHEMA)
             con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
             log.info("upgraded %s from schema version %s to %s", path, version, SCHEMA_VERSION)
@@ -352,9 +370,41 @@ class RunReader:
                           "FROM features WHERE role = ? AND layer = ? ORDER BY feature", [role, int(layer)])
 
     def feature(self, role: str, layer: int, feature: int) -> dict | None:
-        df = self.query("SELECT * FROM features WHERE role = ? AND layer = ? AND feature = ?",
-                        [role, int(layer), int(feature)])
+        """One feature's statistics with its probe weight/rank and label (None where absent)."""
+        df = self.query("SELECT f.*, p.weight AS probe_weight, p.importance AS probe_importance, p.rank AS probe_rank, "
+                        "p.mean_act AS probe_mean_act, l.labeller, l.explanation, l.relevant, l.detection_acc, "
+                        "l.detection_f1 FROM features f LEFT JOIN probe_features p USING (role, layer, feature) "
+                        "LEFT JOIN feature_labels l USING (role, layer, feature) "
+                        "WHERE f.role = ? AND f.layer = ? AND f.feature = ?", [role, int(layer), int(feature)])
         return None if df.empty else df.iloc[0].to_dict()
+
+    def feature_table(self, role: str | None = None, layer: int | None = None, search: str = "",
+                      min_density: float = 0.0, relevant_only: bool = False, sort: str = "probe_rank",
+                      descending: bool = False, limit: int = 100, offset: int = 0) -> tuple[pd.DataFrame, int]:
+        """A page of the feature browser and the number of features matching the filters.
+
+        ``search`` is matched (case-insensitive substring) against the label and the top tokens;
+        ``sort`` is one of :data:`FEATURE_SORTS`. Every user value is a bound parameter.
+        """
+        if sort not in FEATURE_SORTS:
+            raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(FEATURE_SORTS)}")
+        needle = search.strip().lower()
+        df = self.query(
+            "SELECT f.role, f.layer, f.feature, f.density, f.max_act, f.freq_tuned_text - f.freq_base_text AS freq_shift, "
+            "p.weight AS probe_weight, p.rank AS probe_rank, l.explanation AS label, l.relevant, l.labeller, "
+            "f.top_tokens, count(*) OVER () AS n_match "
+            "FROM features f LEFT JOIN probe_features p USING (role, layer, feature) "
+            "LEFT JOIN feature_labels l USING (role, layer, feature) "
+            "WHERE (CAST(? AS VARCHAR) IS NULL OR f.role = ?) AND (CAST(? AS INTEGER) IS NULL OR f.layer = ?) "
+            "AND f.density >= ? AND (NOT ? OR l.relevant) "
+            "AND (? = '' OR contains(lower(coalesce(l.explanation, '')), ?) "
+            "     OR contains(lower(array_to_string(f.top_tokens, chr(31))), ?)) "
+            f"ORDER BY {FEATURE_SORTS[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, f.role DESC, f.layer, f.feature "
+            "LIMIT ? OFFSET ?",
+            [role, role, layer, layer, float(min_density), bool(relevant_only), needle, needle, needle,
+             int(limit), int(offset)])
+        n = int(df.n_match.iloc[0]) if len(df) else 0
+        return df.drop(columns="n_match"), n
 
     def feature_examples(self, role: str, layer: int, feature: int, kind: str = "top") -> pd.DataFrame:
         return self.query("SELECT * FROM feature_examples WHERE role = ? AND layer = ? AND feature = ? AND kind = ? "

@@ -188,3 +188,32 @@ def token_scores_html(tokens: list[str], true: list[float | None], pred: list[fl
                      f"border-bottom:4px solid {_valence_colour(t)}'>{text}</span>")
     return ("<div class='lfp-tokens' style='line-height:2.1;font-family:monospace'>" + "".join(cells) + "</div>"
             "<div style='font-size:0.8em;color:grey'>fill: probe prediction · underline: VADER valence</div>")
+
+
+def _token_text(tok: str) -> str:
+    """A token as escaped HTML that keeps its spaces and shows a newline as ⏎."""
+    return html.escape(tok).replace("\n", "⏎").replace(" ", "&nbsp;") or "&nbsp;"
+
+
+def activation_context_html(tokens: list[str], acts: list[float], center: int, vmax: float) -> str:
+    """One example context: each (escaped) token shaded by the feature's activation on it (value on
+    hover), the example's own token outlined."""
+    cells = []
+    scale = vmax if vmax and vmax > 0 else max([a for a in acts if a] + [1.0])
+    for i, (tok, a) in enumerate(zip(tokens, acts)):
+        alpha = min(1.0, max(0.0, float(a)) / scale) * 0.85
+        outline = "outline:2px solid #333;" if i == center else ""
+        cells.append(f"<span class='lfp-act' title='{float(a):.3f}' style='background:rgba(245,133,24,{alpha:.2f});"
+                     f"{outline}border-radius:2px'>{_token_text(tok)}</span>")
+    return "<div class='lfp-context' style='font-family:monospace;line-height:1.9;margin:2px 0'>" + "".join(cells) + "</div>"
+
+
+def activation_histogram(counts: list[int], max_act: float) -> go.Figure:
+    """Histogram of a feature's non-zero activations (equal bins over [0, max])."""
+    n = len(counts)
+    width = max_act / n if n and max_act > 0 else 1.0
+    fig = go.Figure(go.Bar(x=[(i + 0.5) * width for i in range(n)], y=list(counts), width=width * 0.95,
+                           marker_color="#f58518", hovertemplate="%{x:.3f}: %{y} tokens<extra></extra>"))
+    fig.update_layout(height=260, margin={"t": 20, "b": 40, "l": 40, "r": 10}, xaxis_title="activation (non-zero)",
+                      yaxis_title="tokens", yaxis_type="log" if sum(counts) > 0 else None)
+    return fig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import duckdb
+import pandas as pd
 import pytest
 
 from lfp_core.store import (
@@ -100,3 +101,58 @@ def test_missing_run_and_file_as_run(tmp_path):
     f.write_text("x")
     with pytest.raises(StoreError, match="is a file"):
         RunWriter(f)
+
+
+def _feature(layer: int, f: int, tokens: list[str], density: float) -> dict:
+    return {"role": "tuned", "layer": layer, "feature": f, "density": density, "n_fired": 1, "mean_act": 1.0,
+            "max_act": 1.0 + f, "hist_counts": [1], "top_tokens": tokens, "freq_base_text": 0.1,
+            "freq_tuned_text": 0.1 + 0.01 * f, "top_logit_tokens": [], "top_logit_values": [], "bottom_logit_tokens": [],
+            "bottom_logit_values": [], "neighbours": [], "neighbour_cos": []}
+
+
+def test_feature_table_filters_searches_sorts_with_bound_parameters(tmp_path):
+    from lfp_core.store import put_rows
+
+    w = RunWriter(tmp_path / "r")
+    with w.transaction() as con:
+        put_rows(con, "features", [_feature(2, 0, [" great", " good"], 0.01), _feature(2, 1, [" awful"], 0.2),
+                                   _feature(3, 0, ["'; DROP TABLE features; --"], 0.05)])
+        put_rows(con, "probe_features", [{"role": "tuned", "layer": 2, "feature": 1, "weight": -0.5, "mean_act": 1.0,
+                                          "importance": 0.5, "rank": 0}])
+        put_rows(con, "feature_labels", [{"role": "tuned", "layer": 2, "feature": 0, "labeller": "offline",
+                                          "explanation": "Praise words", "relevant": True}])
+    r = RunReader(tmp_path / "r")
+    df, n = r.feature_table()
+    assert n == 3 and (df.layer.iloc[0], df.feature.iloc[0]) == (2, 1)  # probe rank first, unranked last
+    assert r.feature_table(search="GREAT")[1] == 1 and r.feature_table(search="praise")[0].feature.tolist() == [0]
+    assert r.feature_table(search="drop table")[1] == 1 and len(r.query("SELECT * FROM features")) == 3
+    assert r.feature_table(search="%")[1] == 0  # no wildcards: a literal substring
+    assert r.feature_table(layer=3)[1] == 1 and r.feature_table(min_density=0.04)[1] == 2
+    assert r.feature_table(relevant_only=True)[0].label.tolist() == ["Praise words"]
+    assert r.feature_table(sort="density", descending=True)[0].density.tolist() == [0.2, 0.05, 0.01]
+    page, n = r.feature_table(sort="feature", limit=1, offset=2)
+    assert n == 3 and len(page) == 1
+    with pytest.raises(ValueError, match="cannot sort by"):
+        r.feature_table(sort="density; DROP TABLE features")
+    one = r.feature("tuned", 2, 1)
+    assert one["probe_weight"] == -0.5 and one["probe_rank"] == 0 and pd.isna(one["labeller"])
+    assert r.feature("tuned", 2, 99) is None
+
+
+def test_schema_2_run_gains_the_new_columns_in_place(tmp_path):
+    run = tmp_path / "v2"
+    run.mkdir()
+    con = duckdb.connect(str(db_path(run)))
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    con.execute("CREATE TABLE features (role VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, "
+                "density DOUBLE, PRIMARY KEY (role, layer, feature))")
+    con.execute("INSERT INTO features VALUES ('tuned', 2, 7, 0.5)")
+    con.close()
+    with pytest.raises(SchemaVersionError, match="Upgrade it in place"):
+        RunReader(run)
+    RunWriter(run)
+    r = RunReader(run)
+    cols = set(r.query("DESCRIBE features").column_name)
+    assert "top_tokens" in cols and r.query("SELECT density FROM features").density.tolist() == [0.5]
+    assert r.query("SELECT count(*) AS n FROM feature_labels").n[0] == 0

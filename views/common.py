@@ -82,6 +82,8 @@ def sidebar(default_run: str | None = None) -> None:
                               placeholder="/path/to/data/runs/NAME")
         run_dir = typed.strip() or (runs[choice] if choice else None)
         st.session_state[RUN_KEY] = run_dir
+        if run_dir and st.query_params.get("run") != run_param(run_dir):
+            st.query_params["run"] = run_param(run_dir)  # the address bar names the run shown (shareable)
         if run_dir:
             try:
                 stamp = _stamp(run_dir)
@@ -107,3 +109,22 @@ def require_stage(run_dir: str, name: str, what: str):
                 f"`python -m lfp_core.precompute --out {run_dir}`.")
         st.stop()
     return rec
+
+
+def run_param(run_dir: str) -> str:
+    """How a link names the run: its folder name when it lives under data/runs, else its path."""
+    p = Path(run_dir)
+    try:
+        if p.resolve().parent == runs_dir().resolve():
+            return p.name
+    except OSError:
+        pass
+    return str(run_dir)
+
+
+def feature_url(run_dir: str, role: str, layer: int, feature: int) -> str:
+    """A relative deep link to a feature page (works under any base path)."""
+    from urllib.parse import urlencode
+
+    return "feature?" + urlencode({"run": run_param(run_dir), "role": role, "layer": int(layer),
+                                   "feature": int(feature)})

@@ -314,6 +314,6 @@ STAGES = [
           chunked=True, tasks=("vader",),
           describe="train SAEs with sae-lens (main, paper variants, L1 sweep, MFR); FVU, L0, dead, loss recovered, MMCS"),
     Stage("features", ("feature_top_k", "feature_window", "seed"), ("saes",), stage_features,
-          {"features": ("true", []), "feature_examples": ("true", [])}, chunked=True, tasks=("vader",),
+          {"features": ("true", []), "feature_examples": ("true", [])}, chunked=True, tasks=("vader",), version=2,
           describe="per-feature density, histograms, top and interval examples, logit effects, neighbours"),
 ]

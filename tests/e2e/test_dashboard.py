@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from lfp_core.config import REPO_ROOT
-from lfp_core.store import RunWriter
+from lfp_core.store import RunWriter, put_rows
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -55,6 +55,19 @@ def server(quick_run, tmp_path_factory):
                 "role": "base", "prompt_id": 0, "sample_idx": 0, "seed": 0, "n_new": 2, "token_ids": [1, 2],
                 "text": " great <script>alert(1)</script>", "reward": 0.62, "raw_score": 3.1,
                 "lexicon_words": ["great"], "lexicon_valences": [3.1]}])
+            evil_tokens = ["<script>alert(1)</script>", " <img src=x onerror=alert(1)>", " fine"]
+            put_rows(con, "features", [{"role": "tuned", "layer": 0, "feature": f, "density": 0.01, "n_fired": 3,
+                                        "mean_act": 1.0, "max_act": 2.0, "hist_counts": [1, 2], "top_tokens": evil_tokens,
+                                        "freq_base_text": 0.0, "freq_tuned_text": 0.1,
+                                        "top_logit_tokens": evil_tokens, "top_logit_values": [1.0, 0.5, 0.1],
+                                        "bottom_logit_tokens": evil_tokens, "bottom_logit_values": [-1.0, -0.5, -0.1],
+                                        "neighbours": [1 - f], "neighbour_cos": [0.5]} for f in (0, 1)])
+            put_rows(con, "feature_examples", [{"role": "tuned", "layer": 0, "feature": 0, "kind": "top", "rank": 0,
+                                                "interval": -1, "doc_id": 0, "pos": 1, "act": 2.0, "center": 1,
+                                                "tokens": evil_tokens, "token_ids": [1, 2, 3], "acts": [0.0, 2.0, 1.0]}])
+            put_rows(con, "feature_labels", [{"role": "tuned", "layer": 0, "feature": 0, "labeller": "offline",
+                                              "explanation": "<img src=x onerror=alert(1)> praise", "relevant": True}])
+            w.mark_stage("features", 0, "x", "done", con=con)
     port = _free_port()
     env = {**os.environ, "LFP_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO_ROOT)}
     log = (tmp_path_factory.mktemp("srv") / "streamlit.log").open("w")
@@ -152,12 +165,55 @@ def test_probe_pages_render_in_chromium(server, browser):
     page.goto(f"{base}/token-scores?run={run.name}", wait_until="domcontentloaded")
     page.get_by_text("Token viewer").wait_for(timeout=60_000)
     page.locator(".lfp-tokens").first.wait_for(timeout=60_000)
-    body = page.inner_text("body")
-    assert "τ, occurrence split" in body and "Sign accuracy" in body and "Implicit reward model" in body
+    for text in ("τ, occurrence split", "Sign accuracy", "Implicit reward model"):
+        page.get_by_text(text).first.wait_for(timeout=30_000)
     assert page.locator(".stException").count() == 0
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "token_scores.png"))
     page.goto(f"{base}/separation?run={run.name}", wait_until="domcontentloaded")
     page.get_by_text("PCA of the mean-pooled SAE features").wait_for(timeout=60_000)
     assert "Logistic probes" in page.inner_text("body") and page.locator(".stException").count() == 0
+    page.close()
+
+
+PAGES = {"": "Stages", "layers": "Selected layers", "features": "Feature browser", "feature": "Density",
+         "token-scores": "Token viewer", "separation": "Logistic probes"}
+
+
+def test_every_page_renders_without_an_exception(server, browser):
+    base, run = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    ARTIFACTS.mkdir(exist_ok=True)
+    for path, key_text in PAGES.items():
+        page.goto(f"{base}/{path}?run={run.name}", wait_until="domcontentloaded")
+        page.get_by_text(key_text).first.wait_for(timeout=60_000)
+        page.wait_for_timeout(300)
+        assert page.locator(".stException").count() == 0, path
+        assert "Page not found" not in page.inner_text("body"), path
+        page.screenshot(path=str(ARTIFACTS / f"page-{path or 'overview'}.png"))
+    # the browser's link opens the feature page of that row
+    page.goto(f"{base}/features?run={run.name}", wait_until="domcontentloaded")
+    page.get_by_text("features match").wait_for(timeout=60_000)
+    page.goto(f"{base}/feature?run={run.name}&role=tuned&layer=99&feature=zz", wait_until="domcontentloaded")
+    page.get_by_text("must be a whole number").or_(page.get_by_text("not in this run")).first.wait_for(timeout=60_000)
+    assert page.locator(".stException").count() == 0
+    page.close()
+
+
+def test_feature_page_shows_html_tokens_and_labels_as_text(server, browser):
+    base, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(f"{base}/feature?run=evil&role=tuned&layer=0&feature=0", wait_until="domcontentloaded")
+    page.locator(".lfp-context").first.wait_for(timeout=60_000)
+    ctx = page.locator(".lfp-context").first.inner_text()
+    assert "<script>alert(1)</script>" in ctx and "<img src=x onerror=alert(1)>" in ctx.replace("\xa0", " ")
+    assert page.locator(".lfp-context img").count() == 0 and page.locator(".lfp-context script").count() == 0
+    assert "<img src=x onerror=alert(1)> praise" in page.inner_text("body")
+    assert page.locator("img[src='x']").count() == 0
+    page.goto(f"{base}/features?run=evil", wait_until="domcontentloaded")
+    page.get_by_text("features match").wait_for(timeout=60_000)
+    page.wait_for_timeout(1000)
+    assert dialogs == [] and page.locator(".stException").count() == 0
     page.close()

@@ -1,0 +1,67 @@
+"""Benchmarks: ``python -m bench dashboard [--run data/runs/demo] [--features 50000]``.
+
+Prints the figures recorded in bench/RESULTS.md. Run it alone on the machine (other CPU work
+inflates every figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lfp_core.config import REPO_ROOT
+
+
+def _machine() -> str:
+    import os
+
+    import torch
+
+    return f"{platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, python {platform.python_version()}"
+
+
+def dashboard(args) -> int:
+    from bench import dashboard as d
+
+    print(f"machine: {_machine()}")
+    run = Path(args.run)
+    print(f"\n## Page render time (AppTest, server side) on {run}: first render, then median/max of {args.repeats}")
+    print(f"{'page':28s} {'first ms':>9s} {'median ms':>10s} {'max ms':>8s}")
+    for r in d.page_render_times(run, args.repeats):
+        print(f"{r['page']:28s} {r['first_ms']:9.0f} {r['median_ms']:10.0f} {r['max_ms']:8.0f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        store = d.build_synthetic_store(Path(tmp) / "synthetic", n_features=args.features)
+        size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+        print(f"\n## Synthetic store: {args.features:,} features × 20 examples × 64 tokens, built in "
+              f"{time.perf_counter() - t:.1f} s, {size / 1e6:.0f} MB")
+        q = d.query_latency(store, args.queries)
+        for name, v in q.items():
+            print(f"{name:14s} p50 {v['p50_ms']:6.1f} ms  p95 {v['p95_ms']:6.1f} ms  (n {v['n']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = p.add_subparsers(dest="what", required=True)
+    b = sub.add_parser("dashboard", help="page render times and feature-page/browser query latency")
+    b.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--features", type=int, default=50_000)
+    b.add_argument("--queries", type=int, default=60)
+    args = p.parse_args(argv)
+    if args.what == "dashboard":
+        if not (Path(args.run) / "run.duckdb").exists():
+            print(f"no run at {args.run}: compute it with ./lfp demo (or python -m lfp_core.precompute --preset demo "
+                  f"--out {args.run})", file=sys.stderr)
+            return 2
+        return dashboard(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

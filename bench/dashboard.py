@@ -1,0 +1,109 @@
+"""Dashboard benchmarks: server-side render time of every page (AppTest) on a run, and the feature
+page's and feature browser's query latency on a synthetic store of many features.
+
+Figures are medians / percentiles of repeats; nothing here is a timed assertion.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lfp_core.config import REPO_ROOT
+from lfp_core.store import RunReader, RunWriter
+
+PAGES = ["views/overview.py", "views/layers.py", "views/browser.py", "views/feature.py", "views/token_scores.py",
+         "views/separation.py"]
+
+
+def page_render_times(run_dir: Path, repeats: int = 5) -> list[dict]:
+    """Per page: the first render (cold caches) and the median of ``repeats`` re-renders, in ms."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["LFP_RUNS_DIR"] = str(Path(run_dir).parent)
+    out = []
+    for page in PAGES:
+        at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=120)
+        at.query_params["run"] = str(run_dir)
+        at.run()
+        t = time.perf_counter()
+        at.switch_page(page).run()
+        cold = time.perf_counter() - t
+        if at.exception:
+            raise RuntimeError(f"{page} raised: {at.exception[0].value}")
+        warm = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            at.run()
+            warm.append(time.perf_counter() - t)
+        out.append({"page": page, "first_ms": cold * 1e3, "median_ms": statistics.median(warm) * 1e3,
+                    "max_ms": max(warm) * 1e3})
+    return out
+
+
+def build_synthetic_store(run_dir: Path, n_features: int = 50_000, n_examples: int = 20, n_tokens: int = 64,
+                          n_layers: int = 2, seed: int = 0) -> Path:
+    """A run store with ``n_features`` features (split over ``n_layers`` layers of the tuned model),
+    each with ``n_examples`` top examples of ``n_tokens`` tokens, probe weights and labels.
+
+    Generated inside DuckDB (one INSERT … SELECT per table) so building 1M examples takes seconds.
+    """
+    w = RunWriter(run_dir)
+    w.set_config("synthetic", '{"model": "synthetic", "task": "vader"}')
+    per = n_features // n_layers
+    with w.transaction() as con:
+        con.execute("SELECT setseed(?)", [seed / 1000])
+        con.execute(
+            "INSERT INTO features SELECT 'tuned', l, f, random() * 0.05, (random() * 1e4)::BIGINT, random(), "
+            "1 + random() * 9, list_transform(range(20), i -> (random() * 100)::BIGINT), "
+            "list_transform(range(8), i -> ' tok' || ((f * 7 + i * 13) % 4096)::VARCHAR), random() * 0.05, "
+            "random() * 0.05, list_transform(range(10), i -> ' up' || i::VARCHAR), list_transform(range(10), i -> random()), "
+            "list_transform(range(10), i -> ' down' || i::VARCHAR), list_transform(range(10), i -> -random()), "
+            "list_transform(range(10), i -> ((f + i + 1) % ?)::INTEGER), list_transform(range(10), i -> random()) "
+            "FROM range(?) AS a(l), range(?) AS b(f)", [per, n_layers, per])
+        con.execute(
+            "INSERT INTO feature_examples SELECT 'tuned', l, f, 'top', r, -1, (f * 31 + r) % 100000, 10, 10 - r * 0.3, "
+            "10, list_transform(range(?), i -> ' tok' || ((f + i) % 4096)::VARCHAR), "
+            "list_transform(range(?), i -> ((f + i) % 4096)::INTEGER), list_transform(range(?), i -> random()) "
+            "FROM range(?) AS a(l), range(?) AS b(f), range(?) AS c(r)",
+            [n_tokens, n_tokens, n_tokens, n_layers, per, n_examples])
+        con.execute("INSERT INTO probe_features SELECT 'tuned', l, f, random() - 0.5, random(), random(), "
+                    "(row_number() OVER ()) - 1 FROM range(?) AS a(l), range(?) AS b(f)", [n_layers, per])
+        con.execute("INSERT INTO feature_labels SELECT 'tuned', l, f, 'synthetic', 'fires on token ' || (f % 4096)::VARCHAR "
+                    "|| CASE WHEN f % 5 = 0 THEN ' (praise)' ELSE '' END, f % 5 = 0, random(), random(), NULL, 0 "
+                    "FROM range(?) AS a(l), range(?) AS b(f)", [n_layers, per])
+        con.execute("INSERT INTO stages VALUES ('features', 0, 'x', 'done', now(), now(), 0, '{}', NULL)")
+    return run_dir
+
+
+def _pcts(xs: list[float]) -> dict:
+    a = np.array(xs) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(a)}
+
+
+def query_latency(run_dir: Path, repeats: int = 50, seed: int = 0) -> dict:
+    """p50/p95 of the feature page's queries (one feature with probe and label, its top and interval
+    examples) and of browser searches/sorts, each through a fresh RunReader as a page render does."""
+    rng = np.random.default_rng(seed)
+    layers = RunReader(run_dir).feature_layers()
+    feature_page, browser = [], []
+    searches = ["tok12", "praise", "", "zzz-no-match", "down"]
+    sorts = ["probe_rank", "density", "freq_shift", "max_act"]
+    for i in range(repeats):
+        row = layers.iloc[int(rng.integers(len(layers)))]
+        fid = int(rng.integers(int(row.n_features)))
+        t = time.perf_counter()
+        r = RunReader(run_dir)
+        r.feature(row.role, int(row.layer), fid)
+        r.feature_examples(row.role, int(row.layer), fid, "top")
+        r.feature_examples(row.role, int(row.layer), fid, "interval")
+        feature_page.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        RunReader(run_dir).feature_table(search=searches[i % len(searches)], sort=sorts[i % len(sorts)],
+                                         descending=bool(i % 2), limit=100, offset=100 * (i % 3))
+        browser.append(time.perf_counter() - t)
+    return {"feature_page": _pcts(feature_page), "browser": _pcts(browser)}
