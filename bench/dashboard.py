@@ -59,16 +59,16 @@ def build_synthetic_store(run_dir: Path, n_features: int = 50_000, n_examples: i
         con.execute("SELECT setseed(?)", [seed / 1000])
         con.execute(
             "INSERT INTO features SELECT 'tuned', l, f, random() * 0.05, (random() * 1e4)::BIGINT, random(), "
-            "1 + random() * 9, list_transform(range(20), i -> (random() * 100)::BIGINT), "
-            "list_transform(range(8), i -> ' tok' || ((f * 7 + i * 13) % 4096)::VARCHAR), random() * 0.05, "
-            "random() * 0.05, list_transform(range(10), i -> ' up' || i::VARCHAR), list_transform(range(10), i -> random()), "
-            "list_transform(range(10), i -> ' down' || i::VARCHAR), list_transform(range(10), i -> -random()), "
-            "list_transform(range(10), i -> ((f + i + 1) % ?)::INTEGER), list_transform(range(10), i -> random()) "
+            "1 + random() * 9, list_transform(range(20), lambda i: (random() * 100)::BIGINT), "
+            "list_transform(range(8), lambda i: ' tok' || ((f * 7 + i * 13) % 4096)::VARCHAR), random() * 0.05, "
+            "random() * 0.05, list_transform(range(10), lambda i: ' up' || i::VARCHAR), list_transform(range(10), lambda i: random()), "
+            "list_transform(range(10), lambda i: ' down' || i::VARCHAR), list_transform(range(10), lambda i: -random()), "
+            "list_transform(range(10), lambda i: ((f + i + 1) % ?)::INTEGER), list_transform(range(10), lambda i: random()) "
             "FROM range(?) AS a(l), range(?) AS b(f)", [per, n_layers, per])
         con.execute(
             "INSERT INTO feature_examples SELECT 'tuned', l, f, 'top', r, -1, (f * 31 + r) % 100000, 10, 10 - r * 0.3, "
-            "10, list_transform(range(?), i -> ' tok' || ((f + i) % 4096)::VARCHAR), "
-            "list_transform(range(?), i -> ((f + i) % 4096)::INTEGER), list_transform(range(?), i -> random()) "
+            "10, list_transform(range(?), lambda i: ' tok' || ((f + i) % 4096)::VARCHAR), "
+            "list_transform(range(?), lambda i: ((f + i) % 4096)::INTEGER), list_transform(range(?), lambda i: random()) "
             "FROM range(?) AS a(l), range(?) AS b(f), range(?) AS c(r)",
             [n_tokens, n_tokens, n_tokens, n_layers, per, n_examples])
         con.execute("INSERT INTO probe_features SELECT 'tuned', l, f, random() - 0.5, random(), random(), "
@@ -87,23 +87,31 @@ def _pcts(xs: list[float]) -> dict:
 
 def query_latency(run_dir: Path, repeats: int = 50, seed: int = 0) -> dict:
     """p50/p95 of the feature page's queries (one feature with probe and label, its top and interval
-    examples) and of browser searches/sorts, each through a fresh RunReader as a page render does."""
-    rng = np.random.default_rng(seed)
+    examples) and of browser searches/sorts (a page of 100 rows and the match count): through the
+    dashboard's kept read-only connection, and through a fresh connection (the first query after
+    the reader let go of it when idle)."""
     layers = RunReader(run_dir).feature_layers()
-    feature_page, browser = [], []
     searches = ["tok12", "praise", "", "zzz-no-match", "down"]
     sorts = ["probe_rank", "density", "freq_shift", "max_act"]
-    for i in range(repeats):
-        row = layers.iloc[int(rng.integers(len(layers)))]
-        fid = int(rng.integers(int(row.n_features)))
-        t = time.perf_counter()
-        r = RunReader(run_dir)
-        r.feature(row.role, int(row.layer), fid)
-        r.feature_examples(row.role, int(row.layer), fid, "top")
-        r.feature_examples(row.role, int(row.layer), fid, "interval")
-        feature_page.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        RunReader(run_dir).feature_table(search=searches[i % len(searches)], sort=sorts[i % len(sorts)],
-                                         descending=bool(i % 2), limit=100, offset=100 * (i % 3))
-        browser.append(time.perf_counter() - t)
-    return {"feature_page": _pcts(feature_page), "browser": _pcts(browser)}
+    out: dict[str, list[float]] = {}
+    # the kept connection first, then fresh ones (separately: DuckDB reuses a file already open in-process)
+    for suffix, keep in (("", True), ("_cold", False)):
+        rng = np.random.default_rng(seed)
+        kept = RunReader(run_dir, keep_open=True, idle_s=600) if keep else None
+        page, browse = out.setdefault("feature_page" + suffix, []), out.setdefault("browser" + suffix, [])
+        for i in range(repeats):
+            row = layers.iloc[int(rng.integers(len(layers)))]
+            fid = int(rng.integers(int(row.n_features)))
+            t = time.perf_counter()
+            r = kept or RunReader(run_dir)
+            r.feature(row.role, int(row.layer), fid)
+            r.feature_examples(row.role, int(row.layer), fid, "top")
+            r.feature_examples(row.role, int(row.layer), fid, "interval")
+            page.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            (kept or RunReader(run_dir)).feature_table(search=searches[i % len(searches)], sort=sorts[i % len(sorts)],
+                                                       descending=bool(i % 2), limit=100, offset=100 * (i % 3))
+            browse.append(time.perf_counter() - t)
+        if kept is not None:
+            kept.close()
+    return {k: _pcts(v) for k, v in out.items()}

@@ -58,7 +58,7 @@ def build_report(run_dir: str) -> dict:
     if pr is not None and pr.status == "done":
         t = pr.detail.get("tuned", {})
         keys = ("tau_occurrence", "tau_word", "tau_baseline", "tau_shuffled", "tau_contrastive", "sign_acc_pos",
-                "sign_acc_neg", "irm", "logistic", "pca_var_ratio")
+                "sign_acc_neg", "irm", "logistic", "pca_var_ratio", "inputs")
         rep["probe"] = {k: t[k] for k in keys if k in t}
         rep["probe"]["base_model"] = {k: pr.detail.get("base", {}).get(k) for k in ("tau_occurrence", "tau_word")}
     return rep
@@ -108,6 +108,10 @@ def format_report(rep: dict) -> str:
         lines.append(f"probe controls: untrained map τ {p['tau_baseline']['tau']:.3f}, shuffled targets τ "
                      f"{p['tau_shuffled']['tau']:.3f}; sign accuracy {p['sign_acc_pos']:.2f} (positive words), "
                      f"{p['sign_acc_neg']:.2f} (negative); IRM vs reward Pearson {p['irm']['pearson']:.3f}")
+        for name, x in p.get("inputs", {}).items():
+            if name != "sae_selected":
+                lines.append(f"probe on {name.replace('_', ' ')} ({x['dim']} dims): τ occurrence {x['occurrence']['tau']:.3f}, "
+                             f"τ word {x['word']['tau']:.3f}")
         if "logistic" in p:
             lg = p["logistic"]["imdb"]
             lines.append(f"IMDB pos/neg logistic probe on SAE features: {lg['acc']:.3f} (95% CI {lg['ci_low']:.3f}–"

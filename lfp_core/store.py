@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -236,11 +237,22 @@ class StageRecord:
 
 
 class RunReader:
-    """Read-only access to a run. Opens a short-lived connection per query batch."""
+    """Read-only access to a run.
 
-    def __init__(self, run_dir: str | Path):
+    By default each query opens and closes its own connection. With ``keep_open`` (the dashboard)
+    one read-only connection is reused while queries keep coming and released after ``idle_s``
+    seconds without one, because DuckDB lets a file be open by one writing process *or* by
+    readers: a precompute can write to the run between a user's clicks (its writer retries for a
+    few seconds).
+    """
+
+    def __init__(self, run_dir: str | Path, keep_open: bool = False, idle_s: float = 2.0):
         self.run_dir = Path(run_dir)
         self.path = db_path(self.run_dir)
+        self.keep_open, self.idle_s = keep_open, idle_s
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
         if not self.run_dir.exists():
             raise RunNotFoundError(f"run directory {self.run_dir} does not exist")
         if not self.run_dir.is_dir():
@@ -254,11 +266,33 @@ class RunReader:
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = _connect(self.path, read_only=True)
-        try:
-            yield con
-        finally:
-            con.close()
+        if not self.keep_open:
+            con = _connect(self.path, read_only=True)
+            try:
+                yield con
+            finally:
+                con.close()
+            return
+        with self._lock:  # one query at a time on the shared connection; the idle timer waits for it
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._con is None:
+                if not self.path.exists():
+                    raise RunNotFoundError(f"run directory {self.run_dir} (or its {DB_NAME}) no longer exists")
+                self._con = _connect(self.path, read_only=True)
+            try:
+                yield self._con
+            finally:
+                self._timer = threading.Timer(self.idle_s, self.close)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def close(self) -> None:
+        """Release the kept connection (reopened by the next query)."""
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
         """Run a parameterised read query (internal: pages call the typed functions below)."""

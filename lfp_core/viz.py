@@ -215,5 +215,7 @@ def activation_histogram(counts: list[int], max_act: float) -> go.Figure:
     fig = go.Figure(go.Bar(x=[(i + 0.5) * width for i in range(n)], y=list(counts), width=width * 0.95,
                            marker_color="#f58518", hovertemplate="%{x:.3f}: %{y} tokens<extra></extra>"))
     fig.update_layout(height=260, margin={"t": 20, "b": 40, "l": 40, "r": 10}, xaxis_title="activation (non-zero)",
-                      yaxis_title="tokens", yaxis_type="log" if sum(counts) > 0 else None)
+                      yaxis_title="tokens")
+    if sum(counts) > 0:
+        fig.update_yaxes(type="log", dtick=1)  # ticks at 1, 10, 100, … (activation counts are heavy-tailed)
     return fig

@@ -66,7 +66,7 @@ else:
     st.dataframe(
         df[["open", "role", "layer", "feature", "density", "max_act", "freq_shift", "probe_weight", "probe_rank",
             "label", "top_tokens"]],
-        hide_index=True, width="stretch", key="fb_table",
+        hide_index=True, width="stretch", height=min(len(df), 20) * 35 + 38, key="fb_table",
         column_config={
             "open": st.column_config.LinkColumn("page", display_text="open", width="small"),
             "density": st.column_config.NumberColumn(format="%.4f"),

@@ -22,11 +22,17 @@ def _stamp(run_dir: str) -> float:
     return max(p.stat().st_mtime if p.exists() else 0.0, wal.stat().st_mtime if wal.exists() else 0.0)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _reader(run_dir: str, stamp: float) -> RunReader:
+    """One read-only reader per run version, shared by sessions; it keeps its DuckDB connection while
+    queries come and lets go of it when idle, so a precompute can still write to the run."""
+    return RunReader(run_dir, keep_open=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
 def _read(run_dir: str, stamp: float, what: str, **kwargs):
     """One cached read of the run; ``what`` names a RunReader method."""
-    reader = RunReader(run_dir)
-    return getattr(reader, what)(**kwargs)
+    return getattr(_reader(run_dir, stamp), what)(**kwargs)
 
 
 def read(run_dir: str, what: str, **kwargs):

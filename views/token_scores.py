@@ -49,6 +49,19 @@ with right:
     st.plotly_chart(viz.sign_accuracy_bars(
         [{"split": s, "polarity": f"{pol} words", "accuracy": d[f"sign_acc_{pol[:3]}_{s}"]}
          for s in ("occurrence", "word") for pol in ("positive", "negative")]), width="stretch")
+inputs = d.get("inputs") or {}
+if inputs:
+    st.subheader("Where the feedback signal lives")
+    names = {"sae_selected": f"SAE features, layers {', '.join(map(str, pr.detail['layers']))} (the probe)",
+             "raw_selected": f"raw MLP outputs, layers {', '.join(map(str, pr.detail['layers']))}",
+             "raw_all_layers": "raw MLP outputs, every layer"}
+    st.dataframe(pd.DataFrame([{"probe input": names.get(k, k), "dimensions": v["dim"],
+                                "τ occurrence": v["occurrence"]["tau"], "τ word": v["word"]["tau"],
+                                "p (word)": v["word"]["p"]} for k, v in inputs.items()]),
+                 hide_index=True, width="stretch")
+    st.caption("The same ridge probe, splits and targets on other inputs. SAE vs raw at the same layers: what the "
+               "sparse basis keeps. Every layer vs the selected ones: how much of the lexicon's valence is read "
+               "from layers RL changed less (word identity is largely decoded in early layers).")
 ct = d.get("tau_contrastive") or {}
 if ct:
     st.markdown(f"**Contrastive variant** (the paper's): per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the "

@@ -47,15 +47,27 @@ def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) 
 
 
 def _pooled(ctx: Context, role: str, layers: list[int], doc_rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over each document's rows of its SAE features and of its raw activations."""
+    """Mean over each document's harvest rows of its SAE features and of its raw activations (layers
+    concatenated), accumulated batch by batch: memory holds one batch and the per-document sums."""
+    import torch
+
     flat = np.concatenate(doc_rows)
-    feats = role_features(ctx, role, layers, flat)
+    owner = torch.from_numpy(np.repeat(np.arange(len(doc_rows)), [len(x) for x in doc_rows]))
+    counts = np.array([len(x) for x in doc_rows], dtype=np.float64)[:, None]
     h = harvest_dir(ctx)
-    raw = np.concatenate([np.asarray(h.acts(role, layer)[np.sort(flat)], dtype=np.float32)[np.argsort(np.argsort(flat))]
-                          for layer in sorted(layers)], axis=1)
-    bounds = np.cumsum([0] + [len(x) for x in doc_rows])
-    pool = lambda m: np.stack([m[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])  # noqa: E731
-    return pool(feats), pool(raw)
+    feats, raws = [], []
+    for layer, sae in own_saes(ctx, role, layers).items():
+        fsum = torch.zeros(len(doc_rows), int(sae.cfg.d_sae), dtype=torch.float64)
+        rsum = torch.zeros(len(doc_rows), int(sae.cfg.d_in), dtype=torch.float64)
+        start = 0
+        for idx, x, f in saes.encode_batches(sae, h.acts(role, layer), flat):
+            who = owner[start : start + len(idx)]
+            fsum.index_add_(0, who, f.double().cpu())
+            rsum.index_add_(0, who, x.double().cpu())
+            start += len(idx)
+        feats.append(fsum.numpy() / counts)
+        raws.append(rsum.numpy() / counts)
+    return np.concatenate(feats, axis=1), np.concatenate(raws, axis=1)
 
 
 def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int):
@@ -100,6 +112,58 @@ def pooled_features(ctx: Context, role: str, layers: list[int], seqs: list[list[
         for i, a, b in zip(part, f[:, 1:].mean(1).numpy(), raw[:, 1:].mean(1).numpy()):
             feats[i], raws[i] = a, b
     return np.stack(feats), np.stack(raws)
+
+
+def mlp_outputs_at(ctx: Context, role: str, doc_tokens: dict[int, list[int]], doc_a: np.ndarray, pos_a: np.ndarray,
+                   layers: list[int], batch_size: int = 32) -> np.ndarray:
+    """Raw ``hook_mlp_out`` of ``layers`` (concatenated, numeric order) at each (document, position),
+    with BOS prepended as in the harvest; documents batched by length (nothing padded)."""
+    import torch
+
+    from lfp_core.pipeline.saes import role_model
+
+    hooked = role_model(ctx, role).hooked()
+    bos = [ctx.model.tokenizer.bos_token_id] if ctx.model.tokenizer.bos_token_id is not None else []
+    names = [f"blocks.{layer}.hook_mlp_out" for layer in sorted(layers)]
+    out = np.zeros((len(doc_a), hooked.cfg.d_model * len(names)), dtype=np.float32)
+    where: dict[int, list[int]] = {}
+    for i, d in enumerate(doc_a):
+        where.setdefault(int(d), []).append(i)
+    by_len: dict[int, list[int]] = {}
+    for d in where:
+        by_len.setdefault(len(doc_tokens[d]), []).append(d)
+    with torch.no_grad():
+        for group in by_len.values():
+            for start in range(0, len(group), batch_size):
+                part = group[start : start + batch_size]
+                _, cache = hooked.run_with_cache(torch.tensor([bos + list(doc_tokens[d]) for d in part]),
+                                                 names_filter=names, stop_at_layer=max(layers) + 1)
+                acts = torch.cat([cache[n][:, len(bos):] for n in names], -1).numpy()  # [batch, pos, d_model·L]
+                for b, d in enumerate(part):
+                    idx = where[d]
+                    out[idx] = acts[b, pos_a[idx]]
+    return out
+
+
+def input_controls(ctx: Context, role: str, layers: list[int], rows: np.ndarray,
+                   doc_tokens: dict[int, list[int]], doc_a: np.ndarray, pos_a: np.ndarray, words: np.ndarray,
+                   y: np.ndarray, splits: dict[str, np.ndarray], lex_range: tuple[float, float]) -> dict:
+    """The same probe on other inputs, to say where the feedback signal lives: raw MLP outputs of the
+    selected layers (does the SAE basis lose anything?) and of every layer (how much of it sits
+    outside the layers RL changed most?). τ per split, as for the probe."""
+    h = harvest_dir(ctx)
+    n_layers = ctx.model.hooked().cfg.n_layers
+    inputs = {"raw_selected": np.concatenate([np.asarray(h.acts(role, layer)[rows], dtype=np.float32)
+                                              for layer in sorted(layers)], axis=1),
+              "raw_all_layers": mlp_outputs_at(ctx, role, doc_tokens, doc_a, pos_a, list(range(n_layers)))}
+    out = {}
+    for name, Z in inputs.items():
+        out[name] = {"dim": int(Z.shape[1])}
+        for split, test in splits.items():
+            e = probes.evaluate_split(Z, y, words, test, *lex_range, 0)
+            out[name][split] = {"tau": e["tau"]["all"]["tau"], "p": e["tau"]["all"]["p"],
+                                "n_words": e["tau"]["all"]["n_words"]}
+    return out
 
 
 def labelled_texts(cfg, tok, n: int) -> dict[str, tuple[list[list[int]], np.ndarray]]:
@@ -228,6 +292,10 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
                           for w, v, p, s, n, c, a in zip(t["word"], t["valence"], t["pred"], t["pred_rescaled"],
                                                           t["n_test"], counts, err)]
         d["tau_baseline"], d["tau_shuffled"] = base["untrained"], base["shuffled"]
+        d["inputs"] = {"sae_selected": {"dim": int(X.shape[1]), **{
+            split: {k: e["tau"]["all"][k] for k in ("tau", "p", "n_words")} for split, e in res.items()}}}
+        d["inputs"].update(input_controls(ctx, role, layers, rows, ids_of, doc_a[in_lex], pos_a[in_lex], words, y,
+                                          {"occurrence": occ, "word": wsp}, (lex_min, lex_max)))
         d["sign_acc_pos"], d["sign_acc_neg"] = d["sign_acc_pos_occurrence"], d["sign_acc_neg_occurrence"]
         model = res["occurrence"]["model"]
         # implicit reward model: out-of-fold predictions at lexicon words, the model at other words
@@ -320,7 +388,7 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
 
 STAGES = [
     Stage("probes", ("data_dir", "probe_min_points", "probe_contrast_items", "probe_texts_per_class", "seed"), ("saes",), stage_probes,
-          {t: ("true", []) for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")}, tasks=("vader",),
+          {t: ("true", []) for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")}, tasks=("vader",), version=3,
           describe="ridge probes from SAE features to VADER valence (two splits, controls), IRM, attributions, "
                    "IMDB logistic probe and PCA"),
 ]

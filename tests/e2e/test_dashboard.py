@@ -187,6 +187,7 @@ def test_every_page_renders_without_an_exception(server, browser):
     for path, key_text in PAGES.items():
         page.goto(f"{base}/{path}?run={run.name}", wait_until="domcontentloaded")
         page.get_by_text(key_text).first.wait_for(timeout=60_000)
+        page.wait_for_function("() => !document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=60_000)
         page.wait_for_timeout(300)
         assert page.locator(".stException").count() == 0, path
         assert "Page not found" not in page.inner_text("body"), path
