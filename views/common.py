@@ -35,6 +35,22 @@ def _read(run_dir: str, stamp: float, what: str, **kwargs):
     return getattr(_reader(run_dir, stamp), what)(**kwargs)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _report(run_dir: str, stamp: float) -> str:
+    from lfp_core.report import build_report, format_report
+
+    return format_report(build_report(run_dir))
+
+
+def report_text(run_dir: str) -> str:
+    """The run's headline figures as ``python -m lfp_core.report RUN`` prints them (cached)."""
+    try:
+        return _report(run_dir, _stamp(run_dir))
+    except StoreError as exc:
+        st.error(str(exc))
+        st.stop()
+
+
 def read(run_dir: str, what: str, **kwargs):
     """Cached ``RunReader(run_dir).<what>(**kwargs)``; a StoreError stops the page with its message."""
     try:

@@ -9,7 +9,7 @@ import streamlit as st
 
 from lfp_core import viz
 from lfp_core.pipeline import describe_stages
-from views.common import read, require_run
+from views.common import read, report_text, require_run
 
 run_dir = require_run()
 info = read(run_dir, "run_info")
@@ -44,6 +44,10 @@ if missing:
         f"Stages not finished: {', '.join(missing)}. Compute them (finished stages are kept) with\n\n"
         f"`python -m lfp_core.precompute --preset {info.get('preset', 'demo')} --out {run_dir}`"
     )
+
+st.subheader("Headline figures")
+st.code(report_text(run_dir), language=None)
+st.caption(f"The same text as `python -m lfp_core.report {run_dir}` (`--json` for a machine-readable version).")
 
 with st.expander("Run config"):
     st.code(json.dumps(info.get("config", {}), indent=2), language="json")

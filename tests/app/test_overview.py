@@ -39,6 +39,9 @@ def test_overview_of_a_finished_run(monkeypatch, quick_run):
     html = _all_html(at)
     assert html.count('class="lfp-completion"') == 30  # the 30 shown of 64
     assert not at.warning  # nothing missing
+    from lfp_core.report import build_report, format_report
+
+    assert at.code[0].value == format_report(build_report(str(quick_run)))  # the headline figures, as the CLI prints
 
 
 def test_no_runs_says_how_to_make_one(monkeypatch, tmp_path):
