@@ -25,6 +25,7 @@ nav = st.navigation([
     st.Page("views/browser.py", title="Feature browser", icon="🗂️", url_path="features"),
     st.Page("views/feature.py", title="Feature", icon="🔬", url_path="feature"),
     st.Page("views/token_scores.py", title="Token scores", icon="🎯", url_path="token-scores"),
+    st.Page("views/labels.py", title="Labels", icon="🏷️", url_path="labels"),
     st.Page("views/separation.py", title="Separation", icon="↔️", url_path="separation"),
 ])
 sidebar(default_run=cli.run)

@@ -89,6 +89,12 @@ class RunConfig:
         probe_min_points: fewest lexicon-word positions the probe stage accepts.
         probe_contrast_items: lexicon-word occurrences swapped for the contrastive variant.
         probe_texts_per_class: texts per class for the HH (chosen/rejected) and toxicity separation probes.
+        labeller: ``offline`` (deterministic, no network; named as such everywhere) or ``openai`` (any
+            OpenAI-compatible endpoint: ``llm_model``, ``llm_base_url``; the key from $OPENAI_API_KEY).
+        label_probe_top / label_random: features labelled per run: the probe's top-ranked features of
+            the tuned model, plus as many drawn at random from the rest (for the overlap test).
+        label_max_tokens: token budget of an LLM labelling run (estimated before it starts).
+        label_detection_n: held-out activating and non-activating excerpts per feature for detection scoring.
     """
 
     model: str = "demo"
@@ -142,6 +148,13 @@ class RunConfig:
     probe_min_points: int = 200
     probe_contrast_items: int = 1500
     probe_texts_per_class: int = 300
+    labeller: str = "offline"
+    llm_model: str = "gpt-4o"
+    llm_base_url: str | None = None
+    label_probe_top: int = 24
+    label_random: int = 24
+    label_max_tokens: int = 400_000
+    label_detection_n: int = 5
     preset: str = "custom"
     extra: dict = field(default_factory=dict)
 
@@ -172,6 +185,8 @@ class RunConfig:
             raise ValueError(f"sae_arch must be topk, relu or tied, got {self.sae_arch!r}")
         self.variants()
         self.sweep_l1()
+        if self.labeller not in ("offline", "openai"):
+            raise ValueError(f"labeller must be 'offline' or 'openai', got {self.labeller!r}")
         if self.mfr_n == 1 or self.mfr_n < 0:
             raise ValueError("mfr_n must be 0 (off) or >= 2 (MFR regularises SAEs towards each other)")
         for name in ("sae_corpus_docs", "sae_doc_tokens", "sae_eval_every", "sae_expansion", "sae_k",
@@ -209,7 +224,8 @@ PRESETS: dict[str, dict] = {
     # quick: a smoke run of every stage, for tests and first contact (<= 2 minutes on 2 cores).
     "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32,
               "rl_steps": 60, "n_pairs": 128, "n_eval_pairs": 64, "dpo_max_length": 128, "dpo_max_prompt_length": 64,
-              "sae_corpus_docs": 300, "sae_train_tokens": 30_000, "sae_sweep_l1": "0.5,2", "sae_ce_docs": 32},
+              "sae_corpus_docs": 300, "sae_train_tokens": 30_000, "sae_sweep_l1": "0.5,2", "sae_ce_docs": 32,
+              "label_probe_top": 8, "label_random": 8},
     # demo: the embedded demo run the quick start serves.
     "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64},
     # paper: the paper's scale (1,000 completions per evaluation); meant for a GPU.

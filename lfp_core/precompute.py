@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from lfp_core.autointerp import LLMError
 from lfp_core.config import PRESETS, TASKS, RunConfig, default_data_dir, preset_config, stage_hash
 from lfp_core.models import ModelLoadError
 from lfp_core.pipeline import STAGES, Context, stages_for
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-eval-prompts", type=int, default=None, help="held-out evaluation prompts")
     ap.add_argument("--samples-per-prompt", type=int, default=None)
     ap.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generation batch")
+    ap.add_argument("--labeller", choices=("offline", "openai"), default=None,
+                    help="labels stage: the offline labeller (default) or an OpenAI-compatible endpoint "
+                         "(key from $OPENAI_API_KEY)")
+    ap.add_argument("--llm-model", default=None, help="model name for --labeller openai (default gpt-4o)")
+    ap.add_argument("--llm-base-url", default=None, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL or OpenAI)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override any RunConfig field, e.g. --set rl_steps=300 --set rl_beta=0.2 (repeatable)")
     ap.add_argument("--until", choices=sorted({s.name for s in STAGES}), default=None, help="stop after this stage")
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist")
         values = dict(model=args.model, task=args.task, device=args.device, seed=args.seed, n_prompts=args.n_prompts,
                       n_eval_prompts=args.n_eval_prompts, samples_per_prompt=args.samples_per_prompt,
-                      gen_batch_size=args.gen_batch_size,
+                      gen_batch_size=args.gen_batch_size, labeller=args.labeller, llm_model=args.llm_model,
+                      llm_base_url=args.llm_base_url,
                       data_dir=str(Path(data_dir).resolve()) if data_dir else None)
         values.update(parse_overrides(args.set))
         cfg = preset_config(args.preset, **values)
@@ -158,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {cfg.device} requested but torch sees no CUDA device; use --device cpu")
+        if cfg.labeller == "openai" and not os.environ.get("OPENAI_API_KEY"):
+            raise ValueError("--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
+                             "(nothing was computed); or use --labeller offline")
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))
             log.info("moved the old %s aside to %s", DB_NAME, moved)
         outcome = run_pipeline(cfg, out, until=args.until)
-    except (ModelLoadError, StoreError, FileNotFoundError, ValueError) as exc:
+    except (ModelLoadError, StoreError, FileNotFoundError, ValueError, LLMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -61,6 +61,13 @@ def build_report(run_dir: str) -> dict:
                 "sign_acc_neg", "irm", "logistic", "pca_var_ratio", "inputs")
         rep["probe"] = {k: t[k] for k in keys if k in t}
         rep["probe"]["base_model"] = {k: pr.detail.get("base", {}).get(k) for k in ("tau_occurrence", "tau_word")}
+    lb = records.get("labels")
+    if lb is not None and lb.status == "done":
+        d = lb.detail
+        rep["labels"] = {"labeller": d.get("labeller"), "n_labelled": d.get("n_labelled"), "n_relevant": d.get("n_relevant"),
+                         "detection_acc_mean": d.get("detection_acc_mean"),
+                         "overlap": {k: d.get("overlap", {}).get(k) for k in ("n", "p", "expected", "n_flagged",
+                                                                               "n_probe_top", "n_labelled")}}
     return rep
 
 
@@ -116,6 +123,13 @@ def format_report(rep: dict) -> str:
             lg = p["logistic"]["imdb"]
             lines.append(f"IMDB pos/neg logistic probe on SAE features: {lg['acc']:.3f} (95% CI {lg['ci_low']:.3f}–"
                          f"{lg['ci_high']:.3f}), raw activations {lg['raw_acc']:.3f}, majority {lg['majority_acc']:.3f}")
+    if "labels" in rep:
+        lb, ov = rep["labels"], rep["labels"]["overlap"]
+        acc = lb["detection_acc_mean"]
+        lines.append(f"labels ({lb['labeller']}): {lb['n_labelled']} features, {lb['n_relevant']} reward-related, "
+                     f"detection accuracy {'n/a' if acc is None else f'{acc:.3f}'}; overlap with the probe's top "
+                     f"{ov['n_probe_top']}: {ov['n']} (expected {ov['expected'] or 0:.1f}, hypergeometric p "
+                     f"{ov['p'] if ov['p'] is not None else float('nan'):.1e})")
     mfr = rep.get("sae_comparisons", {}).get("mfr_vs_independent", {})
     if "mfr" in mfr and "independent" in mfr:
         a, b = mfr["mfr"], mfr["independent"]

@@ -106,7 +106,11 @@ CREATE INDEX IF NOT EXISTS features_by_density ON features (role, layer, density
 CREATE TABLE IF NOT EXISTS feature_labels (
     role VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, labeller VARCHAR NOT NULL,
     explanation VARCHAR, relevant BOOLEAN, detection_acc DOUBLE, detection_f1 DOUBLE, detection_auc DOUBLE,
-    n_unparsed INTEGER, PRIMARY KEY (role, layer, feature));
+    n_unparsed INTEGER, selection VARCHAR, detection_n INTEGER, relevance_rho DOUBLE, model VARCHAR,
+    PRIMARY KEY (role, layer, feature));
+CREATE TABLE IF NOT EXISTS llm_cache (
+    key VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, prompt VARCHAR NOT NULL, response VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS vocab (token_id INTEGER PRIMARY KEY, text VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS probe_words (
     role VARCHAR NOT NULL, split VARCHAR NOT NULL, word VARCHAR NOT NULL, valence DOUBLE, pred DOUBLE,
@@ -124,7 +128,7 @@ CREATE TABLE IF NOT EXISTS probe_pca (
 """
 _TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions", "rl_steps",
            "rl_samples", "word_shifts", "layer_divergence", "pairs", "act_docs", "saes", "sae_pairs", "features",
-           "feature_examples", "feature_labels", "vocab", "probe_words", "probe_tokens", "probe_features", "probe_pca")
+           "feature_examples", "feature_labels", "llm_cache", "vocab", "probe_words", "probe_tokens", "probe_features", "probe_pca")
 
 
 # Feature-browser sort keys -> SQL expressions (the only values ever placed in ORDER BY).
@@ -451,6 +455,18 @@ class RunReader:
         text = dict(zip(df.token_id.astype(int), df.text))
         return [text.get(int(t), f"<{int(t)}>") for t in token_ids]
 
+    def labels(self, role: str | None = None) -> pd.DataFrame:
+        """Every feature label with the feature's probe rank and density."""
+        return self.query("SELECT l.*, p.rank AS probe_rank, p.weight AS probe_weight, f.density, f.top_tokens "
+                          "FROM feature_labels l LEFT JOIN probe_features p USING (role, layer, feature) "
+                          "LEFT JOIN features f USING (role, layer, feature) "
+                          "WHERE (CAST(? AS VARCHAR) IS NULL OR l.role = ?) ORDER BY l.role DESC, p.rank NULLS LAST, "
+                          "l.layer, l.feature", [role, role])
+
+    def llm_cached(self, key: str) -> str | None:
+        df = self.query("SELECT response FROM llm_cache WHERE key = ?", [key])
+        return None if df.empty else str(df.response.iloc[0])
+
     # --- probes ----------------------------------------------------------------------------
     def probe_words(self, role: str = "tuned") -> pd.DataFrame:
         return self.query("SELECT * FROM probe_words WHERE role = ? ORDER BY split, word", [role])
@@ -581,6 +597,11 @@ class RunWriter:
     @staticmethod
     def add_chunk_marker(con: duckdb.DuckDBPyConnection, stage: str, config_hash: str, chunk: int) -> None:
         con.execute("INSERT INTO stage_chunks VALUES (?, ?, ?)", [stage, config_hash, chunk])
+
+    def put_llm_cache(self, key: str, model: str, prompt: str, response: str) -> None:
+        """Commit one LLM answer at once (an interrupted labelling run loses none of them)."""
+        with self.transaction() as con:
+            con.execute("INSERT OR REPLACE INTO llm_cache VALUES (?, ?, ?, ?, ?)", [key, model, prompt, response, _now()])
 
     @staticmethod
     def put_model(con: duckdb.DuckDBPyConnection, role: str, info: dict) -> None:

@@ -219,3 +219,13 @@ def activation_histogram(counts: list[int], max_act: float) -> go.Figure:
     if sum(counts) > 0:
         fig.update_yaxes(type="log", dtick=1)  # ticks at 1, 10, 100, … (activation counts are heavy-tailed)
     return fig
+
+
+def label_frequency_bars(freq: pd.DataFrame) -> go.Figure:
+    """Per feature set: firing rate on high- vs low-reward completions (the paper's frequency table)."""
+    fig = go.Figure()
+    fig.add_bar(x=freq["set"], y=freq.freq_high, name="high-reward completions", marker_color="rgba(34,139,34,0.8)")
+    fig.add_bar(x=freq["set"], y=freq.freq_low, name="low-reward completions", marker_color="rgba(200,30,30,0.8)")
+    fig.update_layout(height=320, barmode="group", yaxis={"title": "share of completions it fires on"},
+                      margin={"t": 30}, legend={"orientation": "h", "y": 1.12})
+    return fig

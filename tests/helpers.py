@@ -17,3 +17,18 @@ def old_schema_run(run_dir: Path, version: int = 0) -> Path:
     con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(version)])
     con.close()
     return run_dir
+
+
+def open_page(monkeypatch, runs: Path, page: str, **params):
+    """The dashboard (app.py, sidebar included) under AppTest with ``runs`` as the runs folder and
+    ``params`` as query parameters, switched to ``page`` (e.g. "views/labels.py") and run."""
+    from streamlit.testing.v1 import AppTest
+
+    from lfp_core.config import REPO_ROOT
+
+    monkeypatch.setenv("LFP_RUNS_DIR", str(runs))
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=60)
+    for k, v in params.items():
+        at.query_params[k] = str(v)
+    at.run()
+    return at.switch_page(page).run()

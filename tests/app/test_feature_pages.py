@@ -6,22 +6,9 @@ from __future__ import annotations
 import shutil
 
 import pandas as pd
-from streamlit.testing.v1 import AppTest
-
 from lfp_core import viz
-from lfp_core.config import REPO_ROOT
 from lfp_core.store import RunReader, RunWriter
-
-APP = str(REPO_ROOT / "app.py")
-
-
-def _page(monkeypatch, runs, page, **params) -> AppTest:
-    monkeypatch.setenv("LFP_RUNS_DIR", str(runs))
-    at = AppTest.from_file(APP, default_timeout=60)
-    for k, v in params.items():
-        at.query_params[k] = str(v)
-    at.run()
-    return at.switch_page(page).run()
+from tests.helpers import open_page as _page
 
 
 def _text(at) -> str:

@@ -6,16 +6,13 @@ from streamlit.testing.v1 import AppTest
 
 from lfp_core.config import REPO_ROOT
 from lfp_core.store import RunReader, RunWriter
+from tests.helpers import open_page
 
 APP = str(REPO_ROOT / "app.py")
 
 
 def _layers(monkeypatch, runs, run) -> AppTest:
-    monkeypatch.setenv("LFP_RUNS_DIR", str(runs))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params["run"] = str(run)
-    at.run()
-    return at.switch_page("views/layers.py").run()
+    return open_page(monkeypatch, runs, "views/layers.py", run=run)
 
 
 def test_layers_page_shows_both_measures_and_the_choice(monkeypatch, quick_run):

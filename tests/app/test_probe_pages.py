@@ -8,16 +8,13 @@ from streamlit.testing.v1 import AppTest
 from lfp_core import viz
 from lfp_core.config import REPO_ROOT
 from lfp_core.store import RunReader, RunWriter
+from tests.helpers import open_page
 
 APP = str(REPO_ROOT / "app.py")
 
 
 def _page(monkeypatch, runs, run, page) -> AppTest:
-    monkeypatch.setenv("LFP_RUNS_DIR", str(runs))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params["run"] = str(run)
-    at.run()
-    return at.switch_page(page).run()
+    return open_page(monkeypatch, runs, page, run=run)
 
 
 def test_token_scores_page(monkeypatch, quick_run):

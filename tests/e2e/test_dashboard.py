@@ -177,7 +177,7 @@ def test_probe_pages_render_in_chromium(server, browser):
 
 
 PAGES = {"": "Stages", "layers": "Selected layers", "features": "Feature browser", "feature": "Density",
-         "token-scores": "Token viewer", "separation": "Logistic probes"}
+         "token-scores": "Token viewer", "labels": "Labelled features", "separation": "Logistic probes"}
 
 
 def test_every_page_renders_without_an_exception(server, browser):
