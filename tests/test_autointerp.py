@@ -199,6 +199,11 @@ def test_labels_stage_resumes_without_repeating_a_request(server, monkeypatch, q
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     cfg = RunConfig.from_json(json.dumps(RunReader(run).run_info()["config"]))
     cfg = replace(cfg, labeller="openai", llm_model="test-model", llm_base_url=server.url)
+    from lfp_core.pipeline.labels import LabelBudgetError
+
+    with pytest.raises(LabelBudgetError, match="smaller than one feature"):
+        run_pipeline(replace(cfg, label_max_tokens=10), run)
+    assert server.bodies == []  # refused before any request
     server.fail_after = 20  # the endpoint goes down mid-run
     monkeypatch.setenv("LFP_LLM_BACKOFF", "0")
     with pytest.raises(ai.LLMUnavailableError):
