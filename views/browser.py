@@ -7,15 +7,11 @@ from __future__ import annotations
 import streamlit as st
 
 from lfp_core.store import FEATURE_SORTS
-from views.common import feature_url, read, require_run, require_stage
+from views.common import feature_url, read, require_feature_layers, require_run
 
 run_dir = require_run()
 st.title("Feature browser")
-require_stage(run_dir, "features", "feature statistics")
-layers = read(run_dir, "feature_layers")
-if layers.empty:
-    st.info("The features stage finished but stored no features (no SAEs on the selected layers).")
-    st.stop()
+layers = require_feature_layers(run_dir)
 total = int(layers.n_features.sum())
 SORT_LABELS = {"probe_rank": "probe attribution rank", "probe_weight": "|probe weight|", "density": "density",
                "max_act": "max activation", "freq_shift": "|tuned − base frequency|", "feature": "feature id",

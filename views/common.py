@@ -133,6 +133,16 @@ def require_stage(run_dir: str, name: str, what: str):
     return rec
 
 
+def require_feature_layers(run_dir: str):
+    """(role, layer, n_features) of the analysed SAEs, or a message (stage missing / nothing stored) and a stop."""
+    require_stage(run_dir, "features", "feature statistics")
+    layers = read(run_dir, "feature_layers")
+    if layers.empty:
+        st.info("The features stage finished but stored no features (no SAEs on the selected layers).")
+        st.stop()
+    return layers
+
+
 def run_param(run_dir: str) -> str:
     """How a link names the run: its folder name when it lives under data/runs, else its path."""
     p = Path(run_dir)

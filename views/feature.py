@@ -8,21 +8,18 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from views.common import feature_url, read, require_run, require_stage
+from views.common import feature_url, read, require_feature_layers, require_run
 
 run_dir = require_run()
 st.title("Feature")
-require_stage(run_dir, "features", "feature statistics")
-layers = read(run_dir, "feature_layers")
-if layers.empty:
-    st.info("The features stage finished but stored no features (no SAEs on the selected layers).")
-    st.stop()
+layers = require_feature_layers(run_dir)
 n_of = {(r.role, int(r.layer)): int(r.n_features) for r in layers.itertuples()}
 roles = list(dict.fromkeys(layers.role))
 
 
-def _param(name: str, allowed: list) -> tuple[object | None, str | None]:
-    """A query parameter checked against ``allowed`` (ints parsed); (value, None) or (None, message)."""
+def _param(name: str, allowed: list, outside: str | None = None) -> tuple[object | None, str | None]:
+    """A query parameter checked against ``allowed`` (ints parsed); (value, None), (None, message) or
+    (None, None) when absent. ``outside`` replaces the message for a value not in ``allowed``."""
     raw = st.query_params.get(name)
     if raw is None:
         return None, None
@@ -33,7 +30,8 @@ def _param(name: str, allowed: list) -> tuple[object | None, str | None]:
         except ValueError:
             return None, f"The link's `{name}` must be a whole number; it is {raw[:40]!r}."
     if value not in allowed:
-        return None, f"The link's `{name}` {str(value)[:40]!r} is not in this run (choose from {allowed[:12]})."
+        return None, (outside or "The link's `{name}` {value!r} is not in this run (choose from {allowed})").format(
+            name=name, value=str(value)[:40], allowed=allowed[:12]) + "."
     return value, None
 
 
@@ -47,18 +45,10 @@ q_layer, e = _param("layer", role_layers)
 errors += [e] if e else []
 layer = q_layer if q_layer is not None else role_layers[0]
 n_feat = n_of[(role, layer)]
-q_feat = None
-raw_feat = st.query_params.get("feature")
-if raw_feat is not None:
-    try:
-        q_feat = int(raw_feat)
-        e = None if 0 <= q_feat < n_feat else (f"Feature {q_feat} is out of range: the {role} model's layer-{layer} SAE "
-                                               f"has {n_feat} features (0–{n_feat - 1}).")
-    except ValueError:
-        q_feat, e = None, f"The link's `feature` must be a whole number; it is {raw_feat[:40]!r}."
-    if e:
-        q_feat = None
-        errors.append(e)
+q_feat, e = _param("feature", list(range(n_feat)),
+                   f"Feature {{value}} is out of range: the {role} model's layer-{layer} SAE has {n_feat} features "
+                   f"(0–{n_feat - 1})")
+errors += [e] if e else []
 wanted = (role, layer, q_feat if q_feat is not None else 0)
 if st.session_state.get("feat_synced") != wanted:  # a new link: its values win over old widget state
     st.session_state.update(feat_role=wanted[0], feat_layer=str(wanted[1]), feat_id=wanted[2], feat_synced=wanted)

@@ -61,16 +61,27 @@ def negative_pool(ctx: Context, layer: int, sae, n_windows: int = 300) -> tuple[
     docs = r.act_docs(sorted({int(idx["doc_id"][c]) for c in centres}))
     toks = {int(d): list(t) for d, t in zip(docs.doc_id, docs.token_ids)}
     w = ctx.cfg.feature_window
-    excerpts, maxes = [], []
-    for c in centres:
+    spans, owner, want = [], [], []
+    for k, c in enumerate(centres):
         d, p = int(idx["doc_id"][c]), int(idx["pos"][c])
-        ids = toks[d][max(0, p - w) : p + w + 1]
-        rows = lookup(np.full(len(ids), d), np.arange(max(0, p - w), max(0, p - w) + len(ids)))
-        rows = rows[rows >= 0]
-        f = np.concatenate([x.numpy() for _, _, x in saes.encode_batches(sae, h.acts("tuned", layer), rows)])
-        excerpts.append(autointerp.Excerpt(r.token_strings(ids), [0.0] * len(ids)))
-        maxes.append(f.max(0))
-    return excerpts, np.stack(maxes)
+        lo = max(0, p - w)
+        ids = toks[d][lo : p + w + 1]
+        rows = lookup(np.full(len(ids), d), np.arange(lo, lo + len(ids)))
+        spans.append(ids)
+        want.append(rows[rows >= 0])
+        owner.append(np.full(int((rows >= 0).sum()), k))
+    rows_a, owner_a = np.concatenate(want), np.concatenate(owner)
+    maxes = np.zeros((len(centres), int(sae.cfg.d_sae)), dtype=np.float32)
+    start = 0
+    for ix, _, f in saes.encode_batches(sae, h.acts("tuned", layer), rows_a):  # all windows in one pass
+        np.maximum.at(maxes, owner_a[start : start + len(ix)], f.numpy())
+        start += len(ix)
+    text = r.token_strings([t for ids in spans for t in ids])  # one vocabulary lookup
+    excerpts, at = [], 0
+    for ids in spans:
+        excerpts.append(autointerp.Excerpt(text[at : at + len(ids)], [0.0] * len(ids)))
+        at += len(ids)
+    return excerpts, maxes
 
 
 def _excerpts(df) -> list[autointerp.Excerpt]:
