@@ -27,6 +27,8 @@ nav = st.navigation([
     st.Page("views/token_scores.py", title="Token scores", icon="🎯", url_path="token-scores"),
     st.Page("views/labels.py", title="Labels", icon="🏷️", url_path="labels"),
     st.Page("views/separation.py", title="Separation", icon="↔️", url_path="separation"),
+    st.Page("views/ablation_lab.py", title="Ablation lab", icon="✂️", url_path="ablation"),
+    st.Page("views/reward_model.py", title="Reward model", icon="⚖️", url_path="reward-model"),
 ])
 sidebar(default_run=cli.run)
 nav.run()

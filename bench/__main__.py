@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m bench dashboard [--run data/runs/demo] [--features 50000]``.
+"""Benchmarks: ``python -m bench dashboard [--run data/runs/demo] [--features 50000]`` and
+``python -m bench live [--run data/runs/demo]``.
 
 Prints the figures recorded in bench/RESULTS.md. Run it alone on the machine (other CPU work
 inflates every figure).
@@ -45,6 +46,37 @@ def dashboard(args) -> int:
     return 0
 
 
+def live(args) -> int:
+    """Latency of the Ablation lab's engine: a 64-token prompt, 8 completions of 20 tokens with and
+    without the features zeroed, next-token change and activations (what one click of Run does)."""
+    import numpy as np
+
+    from lfp_core.live import LiveEngine
+
+    print(f"machine: {_machine()}")
+    t = time.perf_counter()
+    eng = LiveEngine(args.run)
+    print(f"engine loaded in {time.perf_counter() - t:.1f} s (policy + {len(eng.saes)} SAEs)")
+    rng = np.random.default_rng(0)
+    reviews = "This film was a strange mix of good acting and a terrible, boring plot that never"
+    ids = (eng.tokenizer(reviews * 8, add_special_tokens=False)["input_ids"])[:64]
+    text = eng.tokenizer.decode(ids)
+    layers = eng.layers
+    times = []
+    for i in range(args.warmup + args.repeats):
+        feats = {layer: sorted(rng.choice(eng.d_sae(layer), size=args.features // len(layers), replace=False).tolist())
+                 for layer in layers}
+        t = time.perf_counter()
+        eng.run(text, feats, n=8, new_tokens=20, seed=i)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1000
+    print(f"live ablation ({len(eng.encode(text, 20)[0])} tokens incl. BOS, 8 × 20 sampled tokens with and without "
+          f"{args.features} features zeroed): p50 {np.median(ms):.0f} ms  p95 {np.percentile(ms, 95):.0f} ms  "
+          f"max {ms.max():.0f} ms  (n {len(ms)} after {args.warmup} warm-up)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
@@ -53,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--features", type=int, default=50_000)
     b.add_argument("--queries", type=int, default=60)
+    lv = sub.add_parser("live", help="latency of the Ablation lab's live engine")
+    lv.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
+    lv.add_argument("--repeats", type=int, default=30)
+    lv.add_argument("--warmup", type=int, default=3)
+    lv.add_argument("--features", type=int, default=16)
     args = p.parse_args(argv)
+    if args.what == "live":
+        return live(args)
     if args.what == "dashboard":
         if not (Path(args.run) / "run.duckdb").exists():
             print(f"no run at {args.run}: compute it with ./lfp demo (or python -m lfp_core.precompute --preset demo "

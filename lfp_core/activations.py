@@ -117,11 +117,12 @@ def write_index(root: Path, docs: list[Doc], special: set[int]) -> dict[str, np.
 
 @torch.no_grad()
 def harvest_role(hooked, docs: list[Doc], layers: list[int], out_dir: Path, role: str, bos: list[int],
-                 special: set[int], batch_size: int = 32, device: str = "cpu") -> dict:
+                 special: set[int], batch_size: int = 32, device: str = "cpu", hook_of=None) -> dict:
     """Run ``hooked`` over ``docs`` and write ``out_dir/role/L{layer}.npy`` for each layer.
 
     Written to a temporary folder and renamed at the end, so an interrupted harvest leaves nothing
-    that looks complete. Returns {rows, tokens_per_s}.
+    that looks complete. ``hook_of(layer)`` names the hook read (default: the MLP output).
+    Returns {rows, tokens_per_s}.
     """
     import time
 
@@ -133,7 +134,7 @@ def harvest_role(hooked, docs: list[Doc], layers: list[int], out_dir: Path, role
     d_model = hooked.cfg.d_model
     arrays = {layer: np.lib.format.open_memmap(tmp / f"L{layer}.npy", mode="w+", dtype=np.float16,
                                                shape=(n_rows, d_model)) for layer in layers}
-    names = [hook_name(layer) for layer in layers]
+    names = [(hook_of or hook_name)(layer) for layer in layers]
     row, batch_no, t0, n_tok = 0, 0, time.time(), 0
     for group in _groups(docs):
         for start in range(0, len(group), batch_size):

@@ -95,6 +95,17 @@ class RunConfig:
             the tuned model, plus as many drawn at random from the rest (for the overlap test).
         label_max_tokens: token budget of an LLM labelling run (estimated before it starts).
         label_detection_n: held-out activating and non-activating excerpts per feature for detection scoring.
+        ablation_n / ablation_prefix_tokens: completions sampled per feature set, from prefixes of that
+            many tokens of held-out IMDB reviews (paper: 1,000 completions); lengths as in the RL.
+        ablation_k: size of the probe-top set (the tuned model's firing features with the largest
+            positive probe importance); ablation_random: size-matched random sets per tested set (>= 5).
+        rm_samples_per_prompt / rm_epochs / rm_lr / rm_batch_size: the preference model: base
+            completions sampled per RL prompt (pairs of differing VADER reward become training pairs),
+            trl RewardTrainer epochs, learning rate and batch size.
+        rm_layers: residual-stream layers of the preference model that get SAEs ("auto": the middle
+            and the last layer, or a comma-separated list).
+        atp_steps / atp_pairs / atp_top_k: attribution patching: integrated-gradient steps, held-out
+            pairs with the largest oracle reward gaps to attribute over, features verified by true ablation.
     """
 
     model: str = "demo"
@@ -155,6 +166,18 @@ class RunConfig:
     label_random: int = 24
     label_max_tokens: int = 400_000
     label_detection_n: int = 5
+    ablation_n: int = 1000
+    ablation_prefix_tokens: int = 30
+    ablation_k: int = 16
+    ablation_random: int = 5
+    rm_samples_per_prompt: int = 4
+    rm_epochs: int = 2
+    rm_lr: float = 1e-4
+    rm_batch_size: int = 16
+    rm_layers: str = "auto"
+    atp_steps: int = 4
+    atp_pairs: int = 64
+    atp_top_k: int = 20
     preset: str = "custom"
     extra: dict = field(default_factory=dict)
 
@@ -187,10 +210,15 @@ class RunConfig:
         self.sweep_l1()
         if self.labeller not in ("offline", "openai"):
             raise ValueError(f"labeller must be 'offline' or 'openai', got {self.labeller!r}")
+        if self.ablation_random < 5:
+            raise ValueError(f"ablation_random must be >= 5 (random control sets per tested set), got {self.ablation_random}")
+        self.rm_layer_list(4)
         if self.mfr_n == 1 or self.mfr_n < 0:
             raise ValueError("mfr_n must be 0 (off) or >= 2 (MFR regularises SAEs towards each other)")
         for name in ("sae_corpus_docs", "sae_doc_tokens", "sae_eval_every", "sae_expansion", "sae_k",
-                     "sae_batch_size", "sae_train_tokens", "sae_ce_docs", "feature_top_k"):
+                     "sae_batch_size", "sae_train_tokens", "sae_ce_docs", "feature_top_k", "ablation_n",
+                     "ablation_prefix_tokens", "ablation_k", "rm_samples_per_prompt", "rm_epochs", "rm_batch_size",
+                     "atp_steps", "atp_pairs", "atp_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_prompts", "n_eval_prompts", "samples_per_prompt", "gen_batch_size", "n_selected_layers",
@@ -210,6 +238,15 @@ class RunConfig:
             out.append((arch, int(mult[:-1])))
         return out
 
+    def rm_layer_list(self, n_layers: int) -> list[int]:
+        """``rm_layers`` resolved for a model of ``n_layers`` layers."""
+        if (self.rm_layers or "auto").strip() == "auto":
+            return sorted({n_layers // 2, n_layers - 1})
+        try:
+            return sorted({int(x) for x in self.rm_layers.split(",") if x.strip()})
+        except ValueError as exc:
+            raise ValueError(f"rm_layers must be 'auto' or comma-separated layer numbers, got {self.rm_layers!r}") from exc
+
     def sweep_l1(self) -> list[float]:
         try:
             vals = [float(x) for x in (self.sae_sweep_l1 or "").split(",") if x.strip()]
@@ -225,9 +262,10 @@ PRESETS: dict[str, dict] = {
     "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32,
               "rl_steps": 60, "n_pairs": 128, "n_eval_pairs": 64, "dpo_max_length": 128, "dpo_max_prompt_length": 64,
               "sae_corpus_docs": 300, "sae_train_tokens": 30_000, "sae_sweep_l1": "0.5,2", "sae_ce_docs": 32,
-              "label_probe_top": 8, "label_random": 8},
+              "label_probe_top": 8, "label_random": 8, "ablation_n": 64, "ablation_k": 8, "rm_samples_per_prompt": 4,
+              "atp_pairs": 16, "atp_top_k": 10},
     # demo: the embedded demo run the quick start serves.
-    "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64},
+    "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64, "ablation_n": 512},
     # paper: the paper's scale (1,000 completions per evaluation); meant for a GPU.
     "paper": {"n_prompts": 1000, "n_eval_prompts": 1000, "samples_per_prompt": 1, "gen_batch_size": 128},
 }

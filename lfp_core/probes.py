@@ -209,14 +209,14 @@ def logistic_probe(X: np.ndarray, labels: np.ndarray, seed: int, test_frac: floa
     model.fit(X[~test], labels[~test])
     acc = float((model.predict(X[test]) == labels[test]).mean())
     n = int(test.sum())
-    lo, hi = _wilson(acc, n)
+    lo, hi = wilson_interval(acc, n)
     values, counts = np.unique(labels[~test], return_counts=True)
     majority = values[np.argmax(counts)]
     return {"acc": acc, "ci_low": lo, "ci_high": hi, "n_test": n,
             "majority_acc": float((labels[test] == majority).mean())}
 
 
-def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return float("nan"), float("nan")
     d = 1 + z * z / n

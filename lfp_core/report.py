@@ -48,7 +48,7 @@ def build_report(run_dir: str) -> dict:
     st = records.get("saes")
     if st is not None and st.status == "done":
         table = r.saes()
-        table = table[table.kind != "sweep"]
+        table = table[~table.kind.isin(["sweep", "rm"])]  # the preference model's SAEs are reported under reward_model
         rep["saes"] = [{"layer": int(x.layer), "role": x.role, "kind": x.kind, "sae_id": x.sae_id, "arch": x.arch,
                         "d_sae": int(x.d_sae), **{k: float(getattr(x, k)) for k in _SAE_KEYS}}
                        for x in table.itertuples()]
@@ -68,6 +68,26 @@ def build_report(run_dir: str) -> dict:
                          "detection_acc_mean": d.get("detection_acc_mean"),
                          "overlap": {k: d.get("overlap", {}).get(k) for k in ("n", "p", "expected", "n_flagged",
                                                                                "n_probe_top", "n_labelled")}}
+    ab = records.get("ablation")
+    if ab is not None and ab.status == "done":
+        d = ab.detail
+        rep["ablation"] = {k: d.get(k) for k in ("reward_before", "reward_after", "random_after_mean", "p", "p_rank",
+                                                 "lower_than_all")}
+        rep["ablation"]["sets"] = {name: {k: x.get(k) for k in ("size", "reward_before", "reward_after", "diff", "diff_lo",
+                                                                "diff_hi", "random_after_mean", "p", "p_rank")}
+                                   for name, x in d.get("sets", {}).items()}
+    rm = records.get("reward_model")
+    if rm is not None and rm.status == "done":
+        d = rm.detail
+        rep["reward_model"] = {"pair_acc": d["pair_acc"]["acc"], "pair_acc_ci": [d["pair_acc"]["lo"], d["pair_acc"]["hi"]],
+                               "n_eval_pairs": d["pair_acc"]["n"], "pair_acc_train": d["pair_acc_train"]["acc"],
+                               "saes": {k: v for k, v in d.get("saes", {}).items() if k != "harvest"}}
+        at = records.get("attribution")
+        if at is not None and at.status == "done":
+            a = at.detail
+            rep["reward_model"]["atp_true_spearman"] = a["pm"]["spearman_top"]["rho"]
+            rep["reward_model"]["atp"] = {k: a[k] for k in ("pm", "policy") if k in a}
+            rep["reward_model"]["disagreement"] = a.get("disagreement")
     return rep
 
 
@@ -130,6 +150,23 @@ def format_report(rep: dict) -> str:
                      f"detection accuracy {'n/a' if acc is None else f'{acc:.3f}'}; overlap with the probe's top "
                      f"{ov['n_probe_top']}: {ov['n']} (expected {ov['expected'] or 0:.1f}, hypergeometric p "
                      f"{ov['p'] if ov['p'] is not None else float('nan'):.1e})")
+    for name, x in rep.get("ablation", {}).get("sets", {}).items():
+        ctrl = "" if x.get("random_after_mean") is None else (
+            f"; size-matched random sets {x['random_after_mean']:.3f} on average, p {x['p']:.3g} (rank p {x['p_rank']:.3g})")
+        lines.append(f"ablation {name} ({x['size']} features): reward {x['reward_before']:.3f} -> {x['reward_after']:.3f} "
+                     f"(diff {x['diff']:+.3f}, 95% CI {x['diff_lo']:+.3f} to {x['diff_hi']:+.3f}){ctrl}")
+    if "reward_model" in rep:
+        x = rep["reward_model"]
+        lines.append(f"preference model: held-out pair accuracy {x['pair_acc']:.3f} (95% CI {x['pair_acc_ci'][0]:.3f}–"
+                     f"{x['pair_acc_ci'][1]:.3f}, {x['n_eval_pairs']} pairs; chance 0.5), training {x['pair_acc_train']:.3f}")
+        for name, a in x.get("atp", {}).items():
+            lines.append(f"attribution ({'preference model' if name == 'pm' else 'policy probe reward'}): AtP (IG {a['steps']} "
+                         f"steps) vs true ablation, top {a['top_k']} features: Spearman {a['spearman_top']['rho']:.3f} "
+                         f"(p {a['spearman_top']['p']:.1e}); {a['spearman_points']['n']} (text, feature) points "
+                         f"{a['spearman_points']['rho']:.3f}")
+        dis = x.get("disagreement") or {}
+        if dis:
+            lines.append(f"preference model vs oracle: disagrees on {dis['n_disagree']} of {dis['n_eval']} held-out pairs")
     mfr = rep.get("sae_comparisons", {}).get("mfr_vs_independent", {})
     if "mfr" in mfr and "independent" in mfr:
         a, b = mfr["mfr"], mfr["independent"]

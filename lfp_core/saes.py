@@ -370,6 +370,28 @@ def load_sae(path: str | Path, d_in: int | None = None, hook: str | None = None,
     return sae
 
 
+def main_saes(run_dir: str | Path, table, role: str, layers: list[int], d_in: int,
+              hook_of=lambda layer: f"blocks.{layer}.hook_mlp_out", device: str = "cpu", kind: str = "main"
+              ) -> dict[int, SAE]:
+    """``{layer: SAE}`` of ``role``'s main SAEs listed in ``table`` (the store's ``saes`` rows), each
+    checked to read that layer's hook and to come from that model.
+
+    Raises:
+        RuntimeError: a layer has no main SAE of ``role`` or its SAE came from another model.
+    """
+    out = {}
+    for layer in sorted(layers):
+        sel = table[(table.kind == kind) & (table.role == role) & (table.layer == layer)]
+        if sel.empty:
+            raise RuntimeError(f"no main SAE for {role} layer {layer}; run the saes stage")
+        path = sel.path.iloc[0]
+        sae = load_sae(Path(run_dir) / path, d_in=d_in, hook=hook_of(layer), device=device)
+        if not str(sae.cfg.metadata.model_name or "").endswith(f":{role}"):
+            raise RuntimeError(f"SAE {path} was trained on {sae.cfg.metadata.model_name}, not the {role} model")
+        out[layer] = sae
+    return out
+
+
 # --- metrics ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_batches(sae: SAE, acts: np.ndarray, rows: np.ndarray | None = None, batch_size: int = 8192

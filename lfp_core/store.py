@@ -31,11 +31,11 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Versions a writer upgrades in place: their tables are a subset of the current schema's, so
 # creating the missing tables and adding the columns of _ADDED_COLUMNS is the whole migration
 # (computed stages are kept; a stage whose output gained a column is re-run by its version).
-_UPGRADABLE = {1, 2}
+_UPGRADABLE = {1, 2, 3}
 _ADDED_COLUMNS = [("features", "top_tokens", "VARCHAR[]")]  # (table, column, type) added in version 3
 DB_NAME = "run.duckdb"
 ARTIFACTS = "artifacts"
@@ -125,10 +125,31 @@ CREATE TABLE IF NOT EXISTS probe_features (
 CREATE TABLE IF NOT EXISTS probe_pca (
     role VARCHAR NOT NULL, task VARCHAR NOT NULL, doc_id INTEGER NOT NULL, label VARCHAR, pc1 DOUBLE, pc2 DOUBLE,
     PRIMARY KEY (role, task, doc_id));
+CREATE TABLE IF NOT EXISTS ablation_prefixes (
+    prefix_id INTEGER PRIMARY KEY, token_ids INTEGER[], text VARCHAR, n_new INTEGER);
+CREATE TABLE IF NOT EXISTS ablation_sets (
+    set_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, control_of VARCHAR, size INTEGER, layers INTEGER[],
+    features INTEGER[], n INTEGER, before DOUBLE, before_lo DOUBLE, before_hi DOUBLE, after DOUBLE, after_lo DOUBLE,
+    after_hi DOUBLE, diff DOUBLE, diff_lo DOUBLE, diff_hi DOUBLE, p_rank DOUBLE, p DOUBLE, lower_than_all BOOLEAN);
+CREATE TABLE IF NOT EXISTS ablation_completions (
+    set_id VARCHAR NOT NULL, prefix_id INTEGER NOT NULL, token_ids INTEGER[], text VARCHAR, reward DOUBLE,
+    PRIMARY KEY (set_id, prefix_id));
+CREATE TABLE IF NOT EXISTS rm_pairs (
+    pair_id INTEGER PRIMARY KEY, split VARCHAR NOT NULL, prompt_id INTEGER, prompt VARCHAR, chosen VARCHAR,
+    rejected VARCHAR, chosen_ids INTEGER[], rejected_ids INTEGER[], chosen_oracle DOUBLE, rejected_oracle DOUBLE, chosen_pm DOUBLE, rejected_pm DOUBLE);
+CREATE TABLE IF NOT EXISTS attribution (
+    target VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, estimate DOUBLE, estimate_abs DOUBLE,
+    true_effect DOUBLE, rank INTEGER, n_texts INTEGER, contrast DOUBLE, top_tokens VARCHAR[],
+    PRIMARY KEY (target, layer, feature));
+CREATE TABLE IF NOT EXISTS attribution_points (
+    target VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, text_id INTEGER NOT NULL,
+    estimate DOUBLE, true_effect DOUBLE, PRIMARY KEY (target, layer, feature, text_id));
 """
 _TABLES = ("meta", "run", "stages", "stage_chunks", "models", "prompts", "completions", "rl_steps",
            "rl_samples", "word_shifts", "layer_divergence", "pairs", "act_docs", "saes", "sae_pairs", "features",
-           "feature_examples", "feature_labels", "llm_cache", "vocab", "probe_words", "probe_tokens", "probe_features", "probe_pca")
+           "feature_examples", "feature_labels", "llm_cache", "vocab", "probe_words", "probe_tokens", "probe_features", "probe_pca",
+           "ablation_prefixes", "ablation_sets", "ablation_completions", "rm_pairs", "attribution",
+           "attribution_points")
 
 
 # Feature-browser sort keys -> SQL expressions (the only values ever placed in ORDER BY).
@@ -488,6 +509,35 @@ class RunReader:
 
     def probe_pca(self, role: str = "tuned", task: str = "imdb") -> pd.DataFrame:
         return self.query("SELECT * FROM probe_pca WHERE role = ? AND task = ? ORDER BY doc_id", [role, task])
+
+    def firing_features(self, role: str) -> dict[int, list[int]]:
+        """{layer: feature ids that fired at least once} of ``role``'s analysed SAEs."""
+        df = self.query("SELECT layer, list(feature ORDER BY feature) AS ids FROM features WHERE role = ? AND n_fired > 0 "
+                        "GROUP BY layer ORDER BY layer", [role])
+        return {int(a): [int(x) for x in b] for a, b in zip(df.layer, df.ids)}
+
+    # --- ablation, reward model, attribution ------------------------------------------------
+    def ablation_sets(self) -> pd.DataFrame:
+        return self.query("SELECT * FROM ablation_sets ORDER BY kind = 'random', control_of NULLS FIRST, set_id")
+
+    def ablation_prefixes(self) -> pd.DataFrame:
+        return self.query("SELECT * FROM ablation_prefixes ORDER BY prefix_id")
+
+    def ablation_completions(self, set_ids: Sequence[str], limit: int = 50) -> pd.DataFrame:
+        """Completions of the first ``limit`` prefixes under each of ``set_ids`` (one row per prefix and set)."""
+        return self.query("SELECT c.*, p.text AS prefix FROM ablation_completions c JOIN ablation_prefixes p USING "
+                          "(prefix_id) WHERE c.set_id IN (SELECT unnest(?)) AND c.prefix_id < ? ORDER BY c.prefix_id, "
+                          "c.set_id", [list(set_ids), int(limit)])
+
+    def rm_pairs(self, split: str | None = None) -> pd.DataFrame:
+        return self.query("SELECT * FROM rm_pairs WHERE (CAST(? AS VARCHAR) IS NULL OR split = ?) ORDER BY pair_id",
+                          [split, split])
+
+    def attribution(self, target: str) -> pd.DataFrame:
+        return self.query("SELECT * FROM attribution WHERE target = ? ORDER BY rank, layer, feature", [target])
+
+    def attribution_points(self, target: str) -> pd.DataFrame:
+        return self.query("SELECT * FROM attribution_points WHERE target = ? ORDER BY layer, feature, text_id", [target])
 
     def reward_summary(self, role: str = "base") -> dict | None:
         df = self.query(

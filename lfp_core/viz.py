@@ -229,3 +229,51 @@ def label_frequency_bars(freq: pd.DataFrame) -> go.Figure:
     fig.update_layout(height=320, barmode="group", yaxis={"title": "share of completions it fires on"},
                       margin={"t": 30}, legend={"orientation": "h", "y": 1.12})
     return fig
+
+
+def ablation_effects(sets: pd.DataFrame) -> go.Figure:
+    """Reward change (after − before, 95% CI) of each ablated feature set; random controls in grey."""
+    df = sets[sets.kind != "baseline"]
+    colour = {"probe_top": "rgba(31,119,180,0.9)", "labelled": "rgba(148,103,189,0.9)", "all": "rgba(90,90,90,0.9)"}
+    fig = go.Figure()
+    for kind, g in df.groupby("kind", sort=False):
+        fig.add_bar(x=g.set_id, y=g["diff"], name=kind, marker_color=colour.get(kind, "rgba(180,180,180,0.8)"),
+                    error_y={"type": "data", "symmetric": False, "array": g.diff_hi - g["diff"],
+                             "arrayminus": g["diff"] - g.diff_lo})
+    fig.add_hline(y=0, line_color="black", line_width=1)
+    fig.update_layout(height=340, yaxis={"title": "mean reward change (ablated − clean)"}, margin={"t": 30},
+                      legend={"orientation": "h", "y": 1.12})
+    return fig
+
+
+def attribution_scatter(points: pd.DataFrame, features: pd.DataFrame) -> go.Figure:
+    """Attribution-patching estimate vs true ablation effect: one faint point per (text, feature), one
+    large point per feature (means over texts), and the line y = x."""
+    fig = go.Figure()
+    if not points.empty:
+        fig.add_scatter(x=points.estimate, y=points.true_effect, mode="markers", name="(text, feature)",
+                        marker={"size": 4, "color": "rgba(120,120,120,0.35)"}, hoverinfo="skip")
+    f = features.dropna(subset=["true_effect"])
+    fig.add_scatter(x=f.estimate, y=f.true_effect, mode="markers", name="feature (mean over texts)",
+                    marker={"size": 10, "color": "rgba(31,119,180,0.9)"},
+                    text=[f"L{a} #{b}" for a, b in zip(f.layer, f.feature)],
+                    hovertemplate="%{text}<br>estimate %{x:.4f}<br>true %{y:.4f}<extra></extra>")
+    lo = min([0.0, *points.estimate, *points.true_effect, *f.estimate, *f.true_effect]) if len(f) else -1
+    hi = max([0.0, *points.estimate, *points.true_effect, *f.estimate, *f.true_effect]) if len(f) else 1
+    fig.add_scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line={"dash": "dot", "color": "black"})
+    fig.update_layout(height=380, xaxis={"title": "estimated change if zeroed (AtP, IG)"},
+                      yaxis={"title": "true change when zeroed"}, margin={"t": 30}, legend={"orientation": "h", "y": 1.1})
+    return fig
+
+
+def next_token_bars(rows: list[dict]) -> go.Figure:
+    """Change of next-token probabilities under an ablation (the tokens that moved most)."""
+    df = pd.DataFrame(rows)
+    fig = go.Figure()
+    if not df.empty:
+        fig.add_bar(y=[repr(t) for t in df.token], x=df.change, orientation="h",
+                    marker_color=["rgba(34,139,34,0.8)" if c > 0 else "rgba(200,30,30,0.8)" for c in df.change],
+                    hovertemplate="%{y}: %{x:+.4f}<extra></extra>")
+    fig.update_layout(height=max(220, 22 * len(df)), xaxis={"title": "p(ablated) − p(clean)"},
+                      yaxis={"autorange": "reversed"}, margin={"t": 20, "l": 120})
+    return fig

@@ -60,3 +60,55 @@ def test_bad_feature_sets_are_refused(setup):
         run_with_ablation(model, {2: sae}, {2: [64]}, tokens)
     with pytest.raises(ValueError, match="no SAE for layer 3"):
         run_with_ablation(model, {2: sae}, {3: [0]}, tokens)
+
+
+# --- sampling under an ablation, and the statistics -------------------------------------------------------
+def test_sampling_is_seeded_and_a_row_mask_ablates_only_its_rows(setup):
+    from lfp_core.ablation import ablated, coupled_rows, sample
+
+    model, sae, tokens = setup
+    prompts = tokens[:1].repeat(4, 1)
+    with ablated(model, {2: sae}, {}):
+        a = sample(model, prompts, 6, seed=3)
+        b = sample(model, prompts, 6, seed=3)
+    assert a == b and all(len(x) <= 6 for x in a)
+    clean, same = coupled_rows(model, {2: sae}, {}, prompts, 6, seed=3)
+    assert clean == same == a  # an empty set: both halves are the clean policy's own draws
+    fired = int(torch.nonzero(run_with_ablation(model, {2: sae}, {}, tokens[:1], [ACTS])[1][ACTS][0].sum(0) > 0)[0])
+    x = tokens[:1].repeat(2, 1)
+    mask = torch.tensor([[0.0], [1.0]])
+    with torch.no_grad(), ablated(model, {2: sae}, {2: [fired]}, mask=mask):
+        both = model(x)
+    abl, _ = run_with_ablation(model, {2: sae}, {2: [fired]}, tokens[:1])
+    with torch.no_grad():
+        clean_logits = model(tokens[:1])
+    assert torch.allclose(both[0], clean_logits[0], atol=1e-4) and torch.allclose(both[1], abl[0], atol=1e-5)
+
+
+def test_paired_effect_and_comparison_with_random_sets():
+    import numpy as np
+
+    from lfp_core.ablation import compare_with_controls, paired_effect
+
+    before = np.array([1.0, 2.0, 3.0, 4.0])
+    e = paired_effect(before, before - 1.0)
+    assert e["diff"] == -1.0 and e["diff_lo"] == e["diff_hi"] == -1.0 and e["before"] == 2.5 and e["after"] == 1.5
+    rng = np.random.default_rng(0)
+    controls = rng.normal(0, 0.1, size=(5, 200))
+    low = compare_with_controls(rng.normal(-1, 0.1, size=200), controls)
+    assert low["lower_than_all"] and low["p_rank"] == 1 / 6 and low["p"] < 0.01
+    same = compare_with_controls(controls[0], controls[1:])
+    assert same["p"] > 0.05
+
+
+def test_random_sets_match_sizes_per_layer_and_avoid_the_tested_set():
+    from lfp_core.ablation import random_sets
+
+    alive = {2: list(range(20)), 3: list(range(10))}
+    like = {2: [0, 1, 2], 3: [5]}
+    draws = random_sets(alive, like, n=6, seed=1, exclude=like)
+    assert len(draws) == 6 and len({tuple(d[2]) for d in draws}) > 1
+    for d in draws:
+        assert len(d[2]) == 3 and len(d[3]) == 1 and not set(d[2]) & {0, 1, 2} and 5 not in d[3]
+    with pytest.raises(ValueError, match="layer 3 has 2 firing features"):
+        random_sets({2: alive[2], 3: [5, 6, 7]}, {2: [0], 3: [5, 6, 7]}, n=1, seed=0, exclude={3: [5]})

@@ -7,10 +7,10 @@ hashes them (with the upstream stages' hashes) to decide what to skip or recompu
 
 from __future__ import annotations
 
-from lfp_core.pipeline import base, labels, probes, rl, saes
+from lfp_core.pipeline import ablation, base, labels, probes, reward_model, rl, saes
 from lfp_core.pipeline.core import Context, Stage
 
-STAGES: list[Stage] = [*base.STAGES, *rl.STAGES, *saes.STAGES, *probes.STAGES, *labels.STAGES]
+STAGES: list[Stage] = [*base.STAGES, *rl.STAGES, *saes.STAGES, *probes.STAGES, *labels.STAGES, *ablation.STAGES, *reward_model.STAGES]
 
 
 def stages_for(task: str = "vader") -> list[Stage]:

@@ -20,19 +20,8 @@ log = logging.getLogger(__name__)
 
 def own_saes(ctx: Context, role: str, layers: list[int]) -> dict:
     """``{layer: SAE}`` of ``role``'s main SAEs, checked to read that layer's hook and to come from that model."""
-    main = ctx.writer.reader().saes("main")
-    out = {}
-    for layer in sorted(layers):
-        sel = main[(main.role == role) & (main.layer == layer)]
-        if sel.empty:
-            raise RuntimeError(f"no main SAE for {role} layer {layer}; run the saes stage")
-        path = sel.path.iloc[0]
-        sae = saes.load_sae(ctx.writer.run_dir / path, d_in=ctx.model.hooked().cfg.d_model,
-                            hook=f"blocks.{layer}.hook_mlp_out")
-        if not str(sae.cfg.metadata.model_name or "").endswith(f":{role}"):
-            raise RuntimeError(f"SAE {path} was trained on {sae.cfg.metadata.model_name}, not the {role} model")
-        out[layer] = sae
-    return out
+    return saes.main_saes(ctx.writer.run_dir, ctx.writer.reader().saes("main"), role, layers,
+                          ctx.model.hooked().cfg.d_model, device=ctx.cfg.device)
 
 
 def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) -> np.ndarray:

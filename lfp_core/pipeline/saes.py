@@ -310,7 +310,7 @@ STAGES = [
           ("divergence", "rl_eval"), stage_activations, {"act_docs": ("true", []), "vocab": ("true", [])}, tasks=("vader",), version=2,
           describe="harvest MLP outputs of the tuned and base models at the selected layers (held-out IMDB text "
                    "and completions)"),
-    Stage("saes", _SAE_FIELDS, ("activations",), stage_saes, {"saes": ("true", []), "sae_pairs": ("true", [])},
+    Stage("saes", _SAE_FIELDS, ("activations",), stage_saes, {"saes": ("kind <> ?", ["rm"]), "sae_pairs": ("true", [])},
           chunked=True, tasks=("vader",),
           describe="train SAEs with sae-lens (main, paper variants, L1 sweep, MFR); FVU, L0, dead, loss recovered, MMCS"),
     Stage("features", ("feature_top_k", "feature_window", "seed"), ("saes",), stage_features,

@@ -177,7 +177,8 @@ def test_probe_pages_render_in_chromium(server, browser):
 
 
 PAGES = {"": "Stages", "layers": "Selected layers", "features": "Feature browser", "feature": "Density",
-         "token-scores": "Token viewer", "labels": "Labelled features", "separation": "Logistic probes"}
+         "token-scores": "Token viewer", "labels": "Labelled features", "separation": "Logistic probes",
+         "ablation": "Live lab", "reward-model": "Held-out pair accuracy"}
 
 
 def test_every_page_renders_without_an_exception(server, browser):
@@ -198,6 +199,21 @@ def test_every_page_renders_without_an_exception(server, browser):
     page.goto(f"{base}/feature?run={run.name}&role=tuned&layer=99&feature=zz", wait_until="domcontentloaded")
     page.get_by_text("must be a whole number").or_(page.get_by_text("not in this run")).first.wait_for(timeout=60_000)
     assert page.locator(".stException").count() == 0
+    page.close()
+
+
+def test_live_ablation_lab_answers_in_the_browser(server, browser):
+    base, run = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.goto(f"{base}/ablation?run={run.name}", wait_until="domcontentloaded")
+    page.get_by_text("Live lab").first.wait_for(timeout=60_000)
+    page.get_by_label("Prompt").fill("The acting in this film was")
+    page.get_by_label("Prompt").press("Control+Enter")
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("Mean reward, clean").wait_for(timeout=90_000)
+    assert page.locator(".stException").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ablation-live.png"), full_page=True)
     page.close()
 
 

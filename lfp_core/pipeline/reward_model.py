@@ -1,0 +1,303 @@
+"""Preference-model stages: train a reward model on the oracle's preferences between base-model
+completions and SAEs on its residual stream (``reward_model``), then rank those SAE features by
+attribution patching, verify the ranking by true ablation, find the features behind the model's
+disagreements with the oracle, and run the same attribution on the policy's probe-predicted reward
+(``attribution``)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from lfp_core import activations, attribution, reward, reward_model, saes, sampling
+from lfp_core.pipeline.core import Context, Stage
+from lfp_core.pipeline.probes import own_saes
+from lfp_core.pipeline.rl import tuned_policy
+from lfp_core.pipeline.saes import _special, _spec, harvest_dir, selected_layers
+from lfp_core.store import artifacts_dir, put_rows
+
+log = logging.getLogger(__name__)
+ROLE = "rm"
+
+
+def rm_dir(ctx: Context):
+    return artifacts_dir(ctx.writer.run_dir) / "reward_model"
+
+
+def loaded_rm(ctx: Context) -> reward_model.RewardModel:
+    if "rm" not in ctx.cache:
+        ctx.cache["rm"] = reward_model.RewardModel(rm_dir(ctx), ctx.model, device=ctx.cfg.device)
+    return ctx.cache["rm"]
+
+
+def rm_layers(ctx: Context) -> list[int]:
+    n = ctx.model.hooked().cfg.n_layers
+    layers = ctx.cfg.rm_layer_list(n)
+    activations.check_layers(layers, n)
+    return layers
+
+
+def resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def sample_pairs(ctx: Context) -> list[dict]:
+    """``rm_samples_per_prompt`` base completions of every prompt (one length per prompt, drawn as in
+    the RL), turned into oracle pairs; pairs of RL prompts train, pairs of held-out prompts evaluate."""
+    cfg, m, r = ctx.cfg, ctx.model, ctx.writer.reader()
+    prompts = r.prompts()
+    rng = np.random.default_rng([cfg.seed, 83])
+    lengths = {int(p): int(rng.integers(cfg.min_new_tokens, cfg.max_new_tokens + 1)) for p in prompts.prompt_id}
+    jobs = [(int(p), list(t)) for p, t in zip(prompts.prompt_id, prompts.token_ids) for _ in range(cfg.rm_samples_per_prompt)]
+    outs = sampling.sample_completions(m, [t for _, t in jobs], [lengths[p] for p, _ in jobs], seed=cfg.seed * 7919 + 83,
+                                       batch_size=cfg.gen_batch_size)
+    groups: dict[int, list] = {}
+    for (pid, _), (ids, _) in zip(jobs, outs):
+        groups.setdefault(pid, []).append((ids, reward.reward(m.tokenizer.decode(ids))))
+    split = dict(zip(prompts.prompt_id.astype(int), prompts.split))
+    pairs = reward_model.oracle_pairs(groups)
+    for i, p in enumerate(pairs):
+        p["pair_id"], p["split"] = i, "train" if split[p["prompt_id"]] == "train" else "eval"
+    return pairs
+
+
+def stage_reward_model(ctx: Context, config_hash: str) -> None:
+    cfg, tok, r = ctx.cfg, ctx.model.tokenizer, ctx.writer.reader()
+    prompts = {int(p): list(t) for p, t in zip(*r.prompts()[["prompt_id", "token_ids"]].to_numpy().T)}
+    pairs = sample_pairs(ctx)
+    train = [p for p in pairs if p["split"] == "train"]
+    held = [p for p in pairs if p["split"] == "eval"]
+    log.info("preference pairs (oracle: higher VADER reward preferred, ties dropped): %d training, %d held out",
+             len(train), len(held))
+    ctx.cache.pop("rm", None)
+    settings = reward_model.RMSettings(epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size,
+                                       seed=cfg.seed, device=cfg.device)
+    _, steps = reward_model.train_reward_model(ctx.model, train, prompts, settings, rm_dir(ctx))
+    rm = loaded_rm(ctx)
+    bos = rm.bos
+
+    def seqs(items, key):
+        return [bos + prompts[p["prompt_id"]] + p[key] for p in items]
+
+    detail: dict = {"n_train": len(train), "n_eval": len(held), "train_log": steps}
+    for name, items in (("eval", held), ("train", train)):
+        c, j = rm.score(seqs(items, "chosen_ids")), rm.score(seqs(items, "rejected_ids"))
+        detail[f"pair_acc_{name}" if name == "train" else "pair_acc"] = reward_model.pair_accuracy(c, j)
+        if name == "eval":
+            for p, a, b in zip(held, c, j):
+                p["chosen_pm"], p["rejected_pm"] = float(a), float(b)
+    acc = detail["pair_acc"]
+    log.info("preference model: held-out pair accuracy %.3f (95%% CI %.3f–%.3f, %d pairs); training %.3f", acc["acc"],
+             acc["lo"], acc["hi"], acc["n"], detail["pair_acc_train"]["acc"])
+    sae_rows, detail["saes"] = train_rm_saes(ctx, rm, held, prompts)
+    rows = [{"pair_id": p["pair_id"], "split": p["split"], "prompt_id": p["prompt_id"],
+             "prompt": tok.decode(prompts[p["prompt_id"]]), "chosen": tok.decode(p["chosen_ids"]),
+             "rejected": tok.decode(p["rejected_ids"]), "chosen_ids": [int(t) for t in p["chosen_ids"]],
+             "rejected_ids": [int(t) for t in p["rejected_ids"]], "chosen_oracle": p["chosen_oracle"],
+             "rejected_oracle": p["rejected_oracle"], "chosen_pm": p.get("chosen_pm"), "rejected_pm": p.get("rejected_pm")}
+            for p in pairs]
+
+    def write(con):
+        put_rows(con, "rm_pairs", rows)
+        put_rows(con, "saes", sae_rows)
+
+    ctx.commit(write, detail)
+
+
+def train_rm_saes(ctx: Context, rm, held: list[dict], prompts: dict[int, list[int]]) -> tuple[list[dict], dict]:
+    """Harvest the preference model's residual stream over the activation corpus (same documents and
+    row index as the policy's harvest) and train one SAE per ``rm_layers`` layer; report FVU, L0, dead
+    fraction and the held-out pair accuracy with the SAE spliced in (no error term)."""
+    cfg, tok, r = ctx.cfg, ctx.model.tokenizer, ctx.writer.reader()
+    layers = rm_layers(ctx)
+    docs_df = r.query("SELECT doc_id, source, split, token_ids FROM act_docs ORDER BY doc_id")
+    docs = [activations.Doc(int(d), s, sp, [int(t) for t in ids])
+            for d, s, sp, ids in zip(docs_df.doc_id, docs_df.source, docs_df.split, docs_df.token_ids)]
+    h = harvest_dir(ctx)
+    idx = h.index()
+    info = activations.harvest_role(rm.hooked, docs, layers, h.root, ROLE, rm.bos, _special(tok), device=cfg.device,
+                                    hook_of=resid_hook)
+    train_rows, eval_rows = np.nonzero(~idx["is_eval"])[0], np.nonzero(idx["is_eval"])[0]
+    chosen = [rm.bos + prompts[p["prompt_id"]] + p["chosen_ids"] for p in held]
+    rejected = [rm.bos + prompts[p["prompt_id"]] + p["rejected_ids"] for p in held]
+    out, detail = [], {"harvest": info}
+    for layer in layers:
+        spec = _spec(cfg, rm.hooked.cfg.d_model)
+        acts = h.acts(ROLE, layer)
+        src = saes.ActivationSource(acts, train_rows, spec.batch_size, seed=cfg.seed + 97 + layer, layer=layer)
+        sae, tinfo = saes.train_sae(spec, src, resid_hook(layer), model_name=f"{ctx.model.spec.name}:{ROLE}")
+        sid = f"{ROLE}-L{layer}-main"
+        path = saes.save_sae(sae, artifacts_dir(ctx.writer.run_dir) / "saes" / sid)
+        m = saes.reconstruction_metrics(sae, acts, eval_rows)
+        with rm.hooked.saes(saes=[sae], use_error_term=False):
+            acc = reward_model.pair_accuracy(rm.score(chosen), rm.score(rejected))
+        log.info("SAE %-18s FVU %.3f  L0 %.1f  dead %.3f  held-out pair accuracy spliced %.3f  (%.1fs)", sid, m["fvu"],
+                 m["l0"], m["dead_frac"], acc["acc"], tinfo["seconds"])
+        detail[sid] = {**{k: m[k] for k in ("fvu", "l0", "dead_frac")}, "pair_acc_spliced": acc["acc"]}
+        out.append({"sae_id": sid, "role": ROLE, "layer": layer, "kind": "rm", **saes.sae_record(sae, spec),
+                    "seed": spec.seed, "hook_name": resid_hook(layer), "path": str(path.relative_to(ctx.writer.run_dir)),
+                    "train_tokens": spec.train_tokens, "seconds": tinfo["seconds"],
+                    **{k: m[k] for k in ("mse", "fvu", "l0", "dead_frac", "dead_tokens", "n_eval_tokens", "cos_sim",
+                                         "l2_ratio")}})
+    return out, detail
+
+
+# --- attribution --------------------------------------------------------------------------------------
+def rm_saes(ctx: Context) -> dict:
+    rm = loaded_rm(ctx)
+    return saes.main_saes(ctx.writer.run_dir, ctx.writer.reader().saes(), ROLE, rm_layers(ctx), rm.hooked.cfg.d_model,
+                          hook_of=resid_hook, device=ctx.cfg.device, kind="rm")
+
+
+def _pair_seqs(ctx: Context, pairs) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """BOS + prompt + chosen / rejected completion, and where the completion starts."""
+    r = ctx.writer.reader()
+    prompts = dict(zip(r.prompts().prompt_id.astype(int), r.prompts().token_ids))
+    bos = loaded_rm(ctx).bos
+    heads = [bos + [int(t) for t in prompts[int(p)]] for p in pairs.prompt_id]
+    return ([h + [int(t) for t in c] for h, c in zip(heads, pairs.chosen_ids)],
+            [h + [int(t) for t in c] for h, c in zip(heads, pairs.rejected_ids)], [len(h) for h in heads])
+
+
+def _rows(target: str, res: dict) -> tuple[list[dict], list[dict]]:
+    feats = [{"target": target, "n_texts": len(res["clean"]), "true_effect": None, "contrast": None, **f}
+             for f in res["features"]]
+    return feats, [{"target": target, **p} for p in res["points"]]
+
+
+def pm_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
+    """AtP (IG steps) of the preference model's reward over its SAE features on the completion tokens of
+    the held-out pairs with the largest oracle gaps; top features verified by true ablation."""
+    cfg, r = ctx.cfg, ctx.writer.reader()
+    rm, sae_map = loaded_rm(ctx), rm_saes(ctx)
+    held = r.rm_pairs("eval")
+    held = held.assign(gap=held.chosen_oracle - held.rejected_oracle).sort_values(["gap", "pair_id"],
+                                                                                  ascending=[False, True])
+    top = held.head(cfg.atp_pairs)
+    chosen, rejected, starts = _pair_seqs(ctx, top)
+    res = attribution.rank_and_verify(rm.hooked, sae_map, chosen + rejected, starts + starts,
+                                      lambda m, t, la, mk: rm.score_tokens(t, la), rm.batch, cfg.atp_steps, cfg.atp_top_k)
+    feats, points = _rows("pm", res)
+    return ({"n_texts": len(chosen) * 2, "steps": cfg.atp_steps, "top_k": cfg.atp_top_k,
+             "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
+
+
+def disagreement(ctx: Context) -> tuple[dict, list[dict]]:
+    """Where the preference model prefers the oracle's rejected completion: the features whose removal
+    would move the margin r(chosen) − r(rejected) most towards the oracle (AtP on both texts of the
+    4 × atp_pairs disagreeing pairs with the largest oracle gaps), with the same mean on as many
+    agreeing pairs as the contrast."""
+    cfg, r = ctx.cfg, ctx.writer.reader()
+    rm, sae_map = loaded_rm(ctx), rm_saes(ctx)
+    held = r.rm_pairs("eval")
+    held = held.assign(gap=held.chosen_oracle - held.rejected_oracle).sort_values(["gap", "pair_id"],
+                                                                                  ascending=[False, True])
+    n_wrong = int((held.chosen_pm < held.rejected_pm).sum())
+    cap = 4 * cfg.atp_pairs  # the clearest cases: the largest oracle gaps
+    wrong = held[held.chosen_pm < held.rejected_pm].head(cap)
+    right = held[held.chosen_pm >= held.rejected_pm].head(max(len(wrong), 1))
+    if wrong.empty:
+        return {"n_disagree": 0, "n_eval": len(held), "n_attributed": 0}, []
+
+    def margin_effects(pairs):
+        c, j, st = _pair_seqs(ctx, pairs)
+        out = {}
+        for layer in sae_map:
+            parts = []
+            for seqs in (c, j):
+                est = []
+                for i in range(0, len(seqs), 32):
+                    toks, last = rm.batch(seqs[i : i + 32])
+                    pos = torch.arange(toks.shape[1])[None]
+                    mask = (pos >= torch.tensor(st[i : i + 32])[:, None]) & (pos <= last[:, None])
+                    est.append(attribution.integrated_gradients(rm.hooked, sae_map, layer, toks, last, mask,
+                                                                lambda m, t, la, mk: rm.score_tokens(t, la),
+                                                                cfg.atp_steps)[0])
+                parts.append(np.concatenate(est))
+            out[layer] = parts[0] - parts[1]  # [pairs, d_sae]: estimated change of the margin
+        return out
+
+    bad, good = margin_effects(wrong), margin_effects(right)
+    rows = [{"target": "pm_disagree", "layer": int(layer), "feature": int(f), "estimate": float(bad[layer][:, f].mean()),
+             "estimate_abs": float(np.abs(bad[layer][:, f]).mean()), "contrast": float(good[layer][:, f].mean()),
+             "n_texts": len(wrong), "true_effect": None}
+            for layer in bad for f in range(bad[layer].shape[1])]
+    rows.sort(key=lambda x: -x["estimate"])
+    for i, x in enumerate(rows):
+        x["rank"] = i
+    return {"n_disagree": n_wrong, "n_eval": len(held), "n_attributed": len(wrong),
+            "top": [{k: x[k] for k in ("layer", "feature", "estimate", "contrast")} for x in rows[:5]]}, rows
+
+
+def policy_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
+    """The same attribution on the tuned policy: metric = the probe's predicted reward summed over the
+    completion tokens, from the policy's SAE features at the selected layers (each layer attributed
+    through every path, e.g. layer-2 features also through layer 3's)."""
+    cfg, r = ctx.cfg, ctx.writer.reader()
+    layers = selected_layers(ctx)
+    hooked = tuned_policy(ctx).hooked()
+    sae_map = own_saes(ctx, "tuned", layers)
+    pf = r.probe_features("tuned", limit=10**6)
+    weights = {}
+    for layer in layers:
+        w = np.zeros(int(sae_map[layer].cfg.d_sae), dtype=np.float32)
+        sel = pf[pf.layer == layer]
+        w[sel.feature.to_numpy(int)] = sel.weight.to_numpy(float)
+        weights[layer] = torch.tensor(w, device=cfg.device)
+
+    def probe_reward(model, toks, last, mask):
+        acts: dict = {}
+        hooks = [(attribution._hook_point(sae_map[la]), lambda a, hook, la=la: acts.__setitem__(la, a)) for la in layers]
+        with model.hooks(fwd_hooks=hooks):
+            model(toks, stop_at_layer=max(layers) + 1)
+        per_pos = sum((acts[la] * weights[la]).sum(-1) for la in layers)  # [batch, pos]
+        return (per_pos * mask).sum(-1)
+
+    prompts = dict(zip(r.prompts().prompt_id.astype(int), r.prompts().token_ids))
+    comp = r.completions("tuned", limit=2 * cfg.atp_pairs)
+    bos = [hooked.tokenizer.bos_token_id] if hooked.tokenizer.bos_token_id is not None else []
+    heads = [bos + [int(t) for t in prompts[int(p)]] for p in comp.prompt_id]
+    seqs = [h + [int(t) for t in c] for h, c in zip(heads, comp.token_ids)]
+    res = attribution.rank_and_verify(hooked, sae_map, seqs, [len(h) for h in heads], probe_reward,
+                                      lambda s: loaded_rm(ctx).batch(s), cfg.atp_steps, cfg.atp_top_k)
+    feats, points = _rows("policy", res)
+    return ({"n_texts": len(seqs), "steps": cfg.atp_steps, "top_k": cfg.atp_top_k,
+             "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
+
+
+def stage_attribution(ctx: Context, config_hash: str) -> None:
+    detail, rows, points = {}, [], []
+    for name, fn in (("pm", pm_attribution), ("policy", policy_attribution)):
+        d, f, p = fn(ctx)
+        detail[name] = d
+        rows += f
+        points += p
+        log.info("attribution (%s): AtP vs true ablation on the top %d features: Spearman %.3f (p %.2g); over %d "
+                 "(text, feature) points %.3f", name, d["top_k"], d["spearman_top"]["rho"], d["spearman_top"]["p"],
+                 d["spearman_points"]["n"], d["spearman_points"]["rho"])
+    d, f = disagreement(ctx)
+    detail["disagreement"] = d
+    rows += f
+    log.info("preference model disagrees with the oracle on %d of %d held-out pairs", d["n_disagree"], d["n_eval"])
+
+    def write(con):
+        put_rows(con, "attribution", rows)
+        put_rows(con, "attribution_points", points)
+
+    ctx.commit(write, detail)
+
+
+STAGES = [
+    Stage("reward_model", ("rm_samples_per_prompt", "rm_epochs", "rm_lr", "rm_batch_size", "rm_layers", "min_new_tokens",
+                           "max_new_tokens", "gen_batch_size", "sae_expansion", "sae_k", "sae_lr", "sae_batch_size",
+                           "sae_train_tokens", "seed", "device"), ("activations",), stage_reward_model,
+          {"rm_pairs": ("true", []), "saes": ("role = ?", [ROLE])}, tasks=("vader",),
+          describe="train a preference model (trl RewardTrainer) on oracle VADER preferences between base "
+                   "completions; SAEs on its residual stream"),
+    Stage("attribution", ("atp_steps", "atp_pairs", "atp_top_k", "seed", "device"), ("reward_model", "probes"),
+          stage_attribution, {"attribution": ("true", []), "attribution_points": ("true", [])}, tasks=("vader",),
+          describe="attribution patching (IG) over the preference model's and the policy's SAE features, checked "
+                   "by true ablation; features behind the preference model's disagreements with the oracle"),
+]

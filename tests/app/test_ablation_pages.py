@@ -1,0 +1,74 @@
+"""Ablation lab and Reward model pages on the quick run: the stored figures as the stages recorded them,
+the live lab and the text scorer answering, bad input refused by message, a run without the stages told
+which command computes them."""
+
+from __future__ import annotations
+
+from lfp_core.store import RunReader, RunWriter
+from tests.helpers import open_page
+
+
+def _stage(run, name):
+    return {s.name: s for s in RunReader(run).stages()}[name]
+
+
+def test_ablation_lab_shows_the_stored_experiment_and_runs_live(monkeypatch, quick_run):
+    at = open_page(monkeypatch, quick_run.parent, "views/ablation_lab.py", run=quick_run)
+    assert not at.exception
+    d = _stage(quick_run, "ablation").detail
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Reward, clean policy"] == f"{d['reward_before']:.3f}"
+    assert metrics["Random sets of that size"] == f"{d['random_after_mean']:.3f}"
+    sets = at.dataframe[0].value
+    assert {"baseline", "probe_top", "all"} <= set(sets.set_id) and (sets.kind == "random").sum() >= 5
+    assert len(at.multiselect(key="al_features").value) > 0  # preset: probe top 8
+    at.text_area[0].set_value("The acting in this film was").run()
+    at.button(key="al_run").click().run()
+    assert not at.exception and not at.error
+    metrics = {m.label: m.value for m in at.metric}
+    assert "Mean reward, clean" in metrics
+    out = at.dataframe(key="al_out").value
+    assert len(out) == 8 and list(out.columns) == ["clean", "reward (clean)", "ablated", "reward (ablated)"]
+
+
+def test_ablation_lab_refuses_an_empty_prompt_and_warns_on_truncation(monkeypatch, quick_run):
+    at = open_page(monkeypatch, quick_run.parent, "views/ablation_lab.py", run=quick_run)
+    at.text_area[0].set_value("   ").run()
+    at.button(key="al_run").click().run()
+    assert at.error and "empty" in at.error[0].value
+    at.text_area[0].set_value("word " * 1200).run()
+    at.slider(key="al_n").set_value(1).run()
+    at.button(key="al_run").click().run()
+    assert not at.exception and at.warning and "tokens were dropped" in at.warning[0].value
+
+
+def test_reward_model_page_shows_accuracy_attribution_and_scores_text(monkeypatch, quick_run):
+    at = open_page(monkeypatch, quick_run.parent, "views/reward_model.py", run=quick_run)
+    assert not at.exception
+    d = _stage(quick_run, "reward_model").detail
+    a = _stage(quick_run, "attribution").detail
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Held-out pair accuracy"] == f"{d['pair_acc']['acc']:.3f}"
+    top_k = a["pm"]["top_k"]
+    assert metrics[f"Spearman, top {top_k} features"] == f"{a['pm']['spearman_top']['rho']:.3f}"
+    rank = at.dataframe(key="rm_rank").value
+    assert list(rank["rank"]) == sorted(rank["rank"]) and rank["mean true change"].notna().sum() == top_k
+    at.radio(key="rm_target").set_value("policy's probe-predicted reward").run()
+    assert not at.exception
+    assert {m.label: m.value for m in at.metric}[f"Spearman, top {top_k} features"] == \
+        f"{a['policy']['spearman_top']['rho']:.3f}"
+    at.button(key="rm_score").click().run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert not at.exception and "Reward" in metrics and "VADER oracle" in metrics
+    at.text_area(key="rm_text").set_value("").run()
+    at.button(key="rm_score").click().run()
+    assert at.error and "empty" in at.error[0].value
+
+
+def test_pages_before_the_stages(monkeypatch, tmp_path):
+    run = tmp_path / "partial"
+    RunWriter(run).set_config("quick", '{"model": "demo", "task": "vader"}')
+    at = open_page(monkeypatch, tmp_path, "views/reward_model.py", run=run)
+    assert not at.exception and "`reward_model` stage has not finished" in at.info[0].value
+    at = open_page(monkeypatch, tmp_path, "views/ablation_lab.py", run=run)
+    assert not at.exception and "`features` stage has not finished" in at.info[0].value
