@@ -25,6 +25,21 @@ def _machine() -> str:
     return f"{platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, python {platform.python_version()}"
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies from /proc/stat (0, 0 where unavailable): how much of the CPU the
+    hypervisor took away while a benchmark ran."""
+    try:
+        v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return v[7], sum(v)
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
+def _steal_since(start: tuple[int, int]) -> str:
+    s, t = _cpu_ticks()
+    return f"{(s - start[0]) / max(t - start[1], 1):.0%}" if t else "n/a"
+
+
 def dashboard(args) -> int:
     from bench import dashboard as d
 
@@ -63,6 +78,7 @@ def live(args) -> int:
     text = eng.tokenizer.decode(ids)
     layers = eng.layers
     times = []
+    ticks = _cpu_ticks()
     for i in range(args.warmup + args.repeats):
         feats = {layer: sorted(rng.choice(eng.d_sae(layer), size=args.features // len(layers), replace=False).tolist())
                  for layer in layers}
@@ -73,7 +89,9 @@ def live(args) -> int:
     ms = np.array(times) * 1000
     print(f"live ablation ({len(eng.encode(text, 20)[0])} tokens incl. BOS, 8 × 20 sampled tokens with and without "
           f"{args.features} features zeroed): p50 {np.median(ms):.0f} ms  p95 {np.percentile(ms, 95):.0f} ms  "
-          f"max {ms.max():.0f} ms  (n {len(ms)} after {args.warmup} warm-up)")
+          f"max {ms.max():.0f} ms  (n {len(ms)} after {args.warmup} warm-up; CPU steal during the run "
+          f"{_steal_since(ticks)})")
+    print("per call ms: " + " ".join(f"{x:.0f}" for x in ms))
     return 0
 
 

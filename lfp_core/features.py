@@ -213,3 +213,36 @@ def _contexts(sae, acts, index, doc_tokens, examples, window, token_str, role, l
                     "tokens": [token_str(int(t)) for t in toks], "token_ids": [int(t) for t in toks],
                     "acts": [round(float(x), 4) for x in vals[off : off + n]]})
     return out
+
+
+@torch.no_grad()
+def top_tokens_of(sae, acts: np.ndarray, rows: np.ndarray, token_ids: np.ndarray, features: list[int],
+                  token_str, n: int = 8) -> dict[int, list[str]]:
+    """The distinct tokens at which each of ``features`` fires most strongly over harvest ``rows`` (up
+    to ``n`` per feature, strongest first); ``token_ids`` is the harvest index's token column."""
+    from lfp_core.saes import encode_batches
+
+    feats = sorted({int(f) for f in features})
+    if not feats:
+        return {}
+    cols = torch.as_tensor(feats, dtype=torch.long)
+    best_v = torch.full((len(feats), 0), float("-inf"))
+    best_r = torch.zeros((len(feats), 0), dtype=torch.long)
+    keep = 8 * n
+    for idx, _, f in encode_batches(sae, acts, rows):
+        v = f[:, cols].T  # [n_feats, batch]
+        r = torch.as_tensor(idx, dtype=torch.long).expand(len(feats), -1)
+        v, r = torch.cat([best_v, v], 1), torch.cat([best_r, r], 1)
+        top = v.topk(min(keep, v.shape[1]), dim=1)
+        best_v, best_r = top.values, torch.gather(r, 1, top.indices)
+    out = {}
+    for i, f in enumerate(feats):
+        toks: list[str] = []
+        for v, r in zip(best_v[i].tolist(), best_r[i].tolist()):
+            t = token_str(int(token_ids[r]))
+            if v > 0 and t not in toks:
+                toks.append(t)
+            if len(toks) >= n:
+                break
+        out[f] = toks
+    return out

@@ -47,8 +47,9 @@ else:
     feats = read(run_dir, "attribution", target=key)
     points = read(run_dir, "attribution_points", target=key)
     st.plotly_chart(viz.attribution_scatter(points, feats), width="stretch")
-    st.dataframe(feats.head(50)[["rank", "layer", "feature", "estimate", "estimate_abs", "true_effect"]].rename(
-        columns={"estimate": "mean estimated change", "estimate_abs": "mean |estimate|", "true_effect": "mean true change"}),
+    st.dataframe(feats.head(50)[["rank", "layer", "feature", "estimate", "estimate_abs", "true_effect", "top_tokens"]].rename(
+        columns={"estimate": "mean estimated change", "estimate_abs": "mean |estimate|", "true_effect": "mean true change",
+                 "top_tokens": "fires most on"}),
         hide_index=True, width="stretch", key="rm_rank")
     st.caption("Estimated change of the metric if the feature is zeroed on the completion tokens (attribution "
                "patching with integrated-gradient steps, error term kept), ranked by mean |estimate|; the top ones "
@@ -64,9 +65,13 @@ else:
                             "rejected_pm"]].head(100), hide_index=True, width="stretch", key="rm_wrong")
         drivers = read(run_dir, "attribution", target="pm_disagree").head(15)
         st.subheader("Features behind the disagreements")
-        st.dataframe(drivers[["layer", "feature", "estimate", "contrast"]].rename(
+        st.dataframe(drivers[["layer", "feature", "estimate", "contrast", "top_tokens"]].rename(
             columns={"estimate": "margin change if zeroed (disagreeing pairs)",
-                     "contrast": "same on agreeing pairs"}), hide_index=True, width="stretch", key="rm_drivers")
+                     "contrast": "same on agreeing pairs", "top_tokens": "fires most on"}),
+            hide_index=True, width="stretch", key="rm_drivers")
+        n_att = dis.get("n_attributed", len(wrong))
+        if n_att < len(wrong):
+            st.caption(f"Attributed over the {n_att} disagreeing pairs with the largest oracle gaps (and as many agreeing ones).")
         st.caption("Margin = reward(oracle-preferred) − reward(other). A feature whose removal would raise the margin on "
                    "the pairs the model gets wrong, but not on those it gets right, pushes the model away from the oracle.")
 

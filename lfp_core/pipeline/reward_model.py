@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import torch
 
-from lfp_core import activations, attribution, reward, reward_model, saes, sampling
+from lfp_core import activations, attribution, features, reward, reward_model, saes, sampling
 from lfp_core.pipeline.core import Context, Stage
 from lfp_core.pipeline.probes import own_saes
 from lfp_core.pipeline.rl import tuned_policy
@@ -267,6 +267,29 @@ def policy_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
              "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
 
 
+def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None:
+    """``top_tokens`` of each target's first ``per_target`` ranked features: the tokens they fire on most
+    over the held-out rows of the activation corpus (the preference model's or the policy's harvest)."""
+    tok = ctx.model.tokenizer
+    h = harvest_dir(ctx)
+    idx = h.index()
+    eval_rows = np.nonzero(idx["is_eval"])[0]
+    maps = {"pm": ("rm", rm_saes(ctx)), "pm_disagree": ("rm", rm_saes(ctx)),
+            "policy": ("tuned", own_saes(ctx, "tuned", selected_layers(ctx)))}
+    wanted: dict[tuple[str, int], set[int]] = {}
+    for x in rows:
+        if x["rank"] < per_target:
+            wanted.setdefault((maps[x["target"]][0], x["layer"]), set()).add(x["feature"])
+    found = {}
+    for (role, layer), feats in wanted.items():
+        sae = next(m for r_, m in maps.values() if r_ == role)[layer]
+        for f, toks in features.top_tokens_of(sae, h.acts(role, layer), eval_rows, idx["token_id"], sorted(feats),
+                                              lambda t: tok.decode([t])).items():
+            found[(role, layer, f)] = toks
+    for x in rows:
+        x["top_tokens"] = found.get((maps[x["target"]][0], x["layer"], x["feature"]))
+
+
 def stage_attribution(ctx: Context, config_hash: str) -> None:
     detail, rows, points = {}, [], []
     for name, fn in (("pm", pm_attribution), ("policy", policy_attribution)):
@@ -280,6 +303,7 @@ def stage_attribution(ctx: Context, config_hash: str) -> None:
     d, f = disagreement(ctx)
     detail["disagreement"] = d
     rows += f
+    add_top_tokens(ctx, rows)
     log.info("preference model disagrees with the oracle on %d of %d held-out pairs", d["n_disagree"], d["n_eval"])
 
     def write(con):
@@ -298,6 +322,7 @@ STAGES = [
                    "completions; SAEs on its residual stream"),
     Stage("attribution", ("atp_steps", "atp_pairs", "atp_top_k", "seed", "device"), ("reward_model", "probes"),
           stage_attribution, {"attribution": ("true", []), "attribution_points": ("true", [])}, tasks=("vader",),
+          version=2,  # 2: top tokens of the ranked features
           describe="attribution patching (IG) over the preference model's and the policy's SAE features, checked "
                    "by true ablation; features behind the preference model's disagreements with the oracle"),
 ]

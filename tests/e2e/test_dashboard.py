@@ -207,9 +207,9 @@ def test_live_ablation_lab_answers_in_the_browser(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1800})
     page.goto(f"{base}/ablation?run={run.name}", wait_until="domcontentloaded")
     page.get_by_text("Live lab").first.wait_for(timeout=60_000)
-    page.get_by_label("Prompt").fill("The acting in this film was")
-    page.get_by_label("Prompt").press("Control+Enter")
-    page.get_by_role("button", name="Run").click()
+    page.get_by_label("Prompt", exact=True).fill("The acting in this film was")
+    page.get_by_label("Prompt", exact=True).press("Control+Enter")
+    page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Mean reward, clean").wait_for(timeout=90_000)
     assert page.locator(".stException").count() == 0
     ARTIFACTS.mkdir(exist_ok=True)
