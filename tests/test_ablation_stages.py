@@ -78,7 +78,7 @@ def test_attribution_ranks_verifies_and_reports(quick_run):
         assert -1 <= d[target]["spearman_top"]["rho"] <= 1
         top_tokens = a[a["rank"] < 10].top_tokens
         assert top_tokens.notna().all() and top_tokens.map(len).gt(0).any()  # what the ranked features fire on
-        assert a[a["rank"] >= 60].top_tokens.isna().all()
+        assert a.top_tokens.notna().sum() < len(a)  # only the ranked head is described
     assert build_report(str(quick_run))["reward_model"]["atp_true_spearman"] == d["pm"]["spearman_top"]["rho"]
     dis = d["disagreement"]
     assert dis["n_disagree"] == int((r.rm_pairs("eval").eval("chosen_pm < rejected_pm")).sum())
