@@ -230,7 +230,7 @@ def top_tokens_of(sae, acts: np.ndarray, rows: np.ndarray, token_ids: np.ndarray
     best_r = torch.zeros((len(feats), 0), dtype=torch.long)
     keep = 8 * n
     for idx, _, f in encode_batches(sae, acts, rows):
-        v = f[:, cols].T  # [n_feats, batch]
+        v = f[:, cols.to(f.device)].T.float().cpu()  # [n_feats, batch]
         r = torch.as_tensor(idx, dtype=torch.long).expand(len(feats), -1)
         v, r = torch.cat([best_v, v], 1), torch.cat([best_r, r], 1)
         top = v.topk(min(keep, v.shape[1]), dim=1)

@@ -24,7 +24,8 @@ def test_sae_stages_store_every_sae_with_metrics(reader):
     t = reader.saes()
     main = t[t.kind == "main"]
     assert sorted(zip(main.role, main.layer)) == sorted((r, ly) for r in ("base", "tuned") for ly in layers)
-    assert set(t.kind) == {"main", "variant", "sweep", "mfr", "independent", "rm"}  # rm: the preference model's
+    assert set(t.kind) == {"main", "variant", "sweep", "mfr", "independent", "rm"}
+    t = t[t.kind != "rm"]  # the preference model's SAEs (residual stream, no next-token loss): tests/test_ablation_stages.py
     assert sorted(t[t.kind == "variant"].arch.unique()) == ["relu", "tied"]
     metrics = ["mse", "fvu", "l0", "dead_frac", "cos_sim", "l2_ratio", "ce_clean", "ce_spliced", "ce_zero",
                "ce_loss_recovered"]

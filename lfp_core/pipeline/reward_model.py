@@ -210,8 +210,8 @@ def disagreement(ctx: Context) -> tuple[dict, list[dict]]:
                 est = []
                 for i in range(0, len(seqs), 32):
                     toks, last = rm.batch(seqs[i : i + 32])
-                    pos = torch.arange(toks.shape[1])[None]
-                    mask = (pos >= torch.tensor(st[i : i + 32])[:, None]) & (pos <= last[:, None])
+                    pos = torch.arange(toks.shape[1], device=toks.device)[None]
+                    mask = (pos >= torch.tensor(st[i : i + 32], device=toks.device)[:, None]) & (pos <= last[:, None])
                     est.append(attribution.integrated_gradients(rm.hooked, sae_map, layer, toks, last, mask,
                                                                 lambda m, t, la, mk: rm.score_tokens(t, la),
                                                                 cfg.atp_steps)[0])
