@@ -1,5 +1,5 @@
 """Benchmarks: ``python -m bench dashboard [--run data/runs/demo] [--features 50000]`` and
-``python -m bench live [--run data/runs/demo]``.
+``python -m bench live [--run data/runs/demo]`` and ``python -m bench throughput [--run data/runs/demo]``.
 
 Prints the figures recorded in bench/RESULTS.md. Run it alone on the machine (other CPU work
 inflates every figure).
@@ -95,6 +95,24 @@ def live(args) -> int:
     return 0
 
 
+def throughput(args) -> int:
+    from bench.throughput import measure
+
+    print(f"machine: {_machine()}")
+    ticks = _cpu_ticks()
+    m = measure(Path(args.run), args.docs, args.repeats)
+    f = m["forward_tps"]
+    print(f"corpus: first {m['docs']} documents of the run's activation corpus, {m['tokens']:,} tokens "
+          f"({m['rows']:,} harvested rows), layers {m['layers']}; medians of {args.repeats}")
+    print(f"bare forward pass      {f:10,.0f} tokens/s  1.00")
+    print(f"harvest ({len(m['layers'])} layers)      {m['harvest_tps']:10,.0f} tokens/s  {m['harvest_tps'] / f:.2f}")
+    print(f"SAE training (1 SAE)   {m['sae_tps']:10,.0f} tokens/s  {m['sae_tps'] / f:.2f}")
+    print(f"harvest + {len(m['layers'])} SAEs        {m['harvest_plus_sae_tps']:10,.0f} tokens/s  "
+          f"{m['harvest_plus_sae_tps'] / f:.2f}  (target >= 0.70)")
+    print(f"CPU steal during the run {_steal_since(ticks)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
@@ -108,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     lv.add_argument("--repeats", type=int, default=30)
     lv.add_argument("--warmup", type=int, default=3)
     lv.add_argument("--features", type=int, default=16)
+    tp = sub.add_parser("throughput", help="harvest and SAE training tokens/s against a bare forward pass")
+    tp.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
+    tp.add_argument("--docs", type=int, default=1000)
+    tp.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
+    if args.what == "throughput":
+        return throughput(args)
     if args.what == "live":
         return live(args)
     if args.what == "dashboard":

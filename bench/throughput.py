@@ -1,0 +1,74 @@
+"""Harvest and SAE-training throughput against the physical limit on this machine: a bare forward pass
+of the same model over the same tokens (same batching by length, no hooks, nothing kept).
+
+Everything runs on one run's activation corpus (the demo run's by default) with the tuned policy, at
+the run's selected layers, in one process, so the figures are ratios within one run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _docs(run: Path, n_docs: int):
+    from lfp_core.activations import Doc
+    from lfp_core.store import RunReader
+
+    df = RunReader(run).query("SELECT doc_id, source, split, token_ids FROM act_docs ORDER BY doc_id LIMIT ?", [n_docs])
+    return [Doc(int(d), s, sp, [int(t) for t in ids]) for d, s, sp, ids in zip(df.doc_id, df.source, df.split, df.token_ids)]
+
+
+@torch.no_grad()
+def bare_forward(hooked, docs, bos: list[int], batch_size: int = 32) -> tuple[float, int]:
+    """Seconds and tokens of plain forward passes over ``docs`` batched exactly as the harvest batches them."""
+    from lfp_core.activations import _groups
+
+    t0, n = time.perf_counter(), 0
+    for group in _groups(docs):
+        for s in range(0, len(group), batch_size):
+            toks = torch.tensor([bos + d.token_ids for d in group[s : s + batch_size]])
+            hooked(toks, return_type=None)
+            n += toks.numel()
+    return time.perf_counter() - t0, n
+
+
+def measure(run: Path, n_docs: int, repeats: int) -> dict:
+    """Median tokens/s of the bare forward pass, the harvest (selected layers, to float16 memmaps) and the
+    SAE training (TopK, the run's settings, one pass over the harvested rows)."""
+    from lfp_core import activations, saes
+    from lfp_core.live import LiveEngine
+    from lfp_core.pipeline.saes import _special
+
+    eng = LiveEngine(run)
+    hooked, tok, layers = eng.model, eng.tokenizer, eng.layers
+    docs = _docs(run, n_docs)
+    bos = eng.bos
+    fwd, harv = [], []
+    for _ in range(repeats):
+        secs, n_tok = bare_forward(hooked, docs, bos)
+        fwd.append(n_tok / secs)
+        with tempfile.TemporaryDirectory() as tmp:
+            activations.write_index(Path(tmp), docs, _special(tok))
+            t = time.perf_counter()
+            info = activations.harvest_role(hooked, docs, layers, Path(tmp), "tuned", bos, _special(tok))
+            harv.append(n_tok / (time.perf_counter() - t))
+            rows = info["rows"] if isinstance(info, dict) and "rows" in info else None
+            acts = np.load(Path(tmp) / "tuned" / f"L{layers[0]}.npy")
+    n_rows = len(acts) if rows is None else rows
+    spec = saes.SAESpec(arch="topk", d_sae=2 * hooked.cfg.d_model, k=32, lr=3e-3, batch_size=256,
+                        train_tokens=(n_rows // 256) * 256, seed=0)
+    sae_tps = []
+    for i in range(repeats):
+        src = saes.ActivationSource(acts, np.arange(n_rows), spec.batch_size, seed=i, layer=layers[0])
+        _, tinfo = saes.train_sae(spec, src, f"blocks.{layers[0]}.hook_mlp_out")
+        sae_tps.append(tinfo["tokens_per_s"])
+    f, h, s = float(np.median(fwd)), float(np.median(harv)), float(np.median(sae_tps))
+    # harvest + one SAE per layer over the same tokens, as the precompute does per model
+    combined = 1.0 / (1.0 / h + len(layers) / s)
+    return {"docs": len(docs), "tokens": n_tok, "rows": int(n_rows), "layers": layers, "forward_tps": f,
+            "harvest_tps": h, "sae_tps": s, "harvest_plus_sae_tps": combined}
