@@ -83,6 +83,24 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> dict:
     return {"rho": float(res.statistic), "p": float(res.pvalue), "n": int(len(a))}
 
 
+def right_pad(seqs: list[list[int]], pad: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token tensor [batch, pos] and the last real position of each sequence (with causal
+    attention the padding cannot change anything up to that position)."""
+    n = max(len(x) for x in seqs)
+    toks = torch.tensor([x + [pad] * (n - len(x)) for x in seqs], dtype=torch.long, device=device)
+    return toks, torch.tensor([len(x) - 1 for x in seqs], device=device)
+
+
+def masked_batches(seqs: list[list[int]], starts: list[int], batcher, batch_size: int = 32):
+    """Yield (toks, last, mask) per batch of ``seqs``; ``mask`` [batch, pos] marks positions from
+    ``starts[i]`` to the sequence's last token (e.g. a completion after its prompt)."""
+    for i in range(0, len(seqs), batch_size):
+        toks, last = batcher(seqs[i : i + batch_size])
+        pos = torch.arange(toks.shape[1], device=toks.device)[None]
+        st = torch.tensor(starts[i : i + batch_size], device=toks.device)[:, None]
+        yield toks, last, (pos >= st) & (pos <= last[:, None])
+
+
 def rank_and_verify(model, sae_map: Mapping[int, object], seqs: list[list[int]], starts: list[int], scorer: Scorer,
                     batcher, steps: int, top_k: int, batch_size: int = 32) -> dict:
     """Attribute every feature of every layer of ``sae_map`` on ``seqs`` (masked from ``starts[i]``),
@@ -99,13 +117,9 @@ def rank_and_verify(model, sae_map: Mapping[int, object], seqs: list[list[int]],
          "spearman_points": over their (text, feature) points}
     """
     per_layer: dict[int, list[np.ndarray]] = {layer: [] for layer in sae_map}
-    clean_parts, batches = [], []
-    for i in range(0, len(seqs), batch_size):
-        toks, last = batcher(seqs[i : i + batch_size])
-        pos = torch.arange(toks.shape[1], device=toks.device)[None]
-        st = torch.tensor(starts[i : i + batch_size], device=toks.device)[:, None]
-        mask = (pos >= st) & (pos <= last[:, None])
-        batches.append((toks, last, mask))
+    clean_parts = []
+    batches = list(masked_batches(seqs, starts, batcher, batch_size))
+    for toks, last, mask in batches:
         for layer in sae_map:
             est, clean = integrated_gradients(model, sae_map, layer, toks, last, mask, scorer, steps)
             per_layer[layer].append(est)

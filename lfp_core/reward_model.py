@@ -125,10 +125,9 @@ class RewardModel:
 
     def batch(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token tensor and last positions of sequences (BOS already included)."""
-        n = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id or 0
-        toks = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], dtype=torch.long, device=self.device)
-        return toks, torch.tensor([len(s) - 1 for s in seqs], device=self.device)
+        from lfp_core.attribution import right_pad
+
+        return right_pad(seqs, self.tokenizer.pad_token_id or 0, self.device)
 
     @torch.no_grad()
     def score(self, seqs: list[list[int]], batch_size: int = 64) -> np.ndarray:

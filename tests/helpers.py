@@ -32,3 +32,17 @@ def open_page(monkeypatch, runs: Path, page: str, **params):
         at.query_params[k] = str(v)
     at.run()
     return at.switch_page(page).run()
+
+
+def random_sae(d_in: int, d_sae: int, hook: str, seed: int = 0):
+    """A sae-lens StandardSAE with N(0, 0.1) weights reading ``hook`` (for ablation/attribution tests)."""
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    sae.cfg.metadata.hook_name = hook
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.1)
+    return sae

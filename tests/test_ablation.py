@@ -15,14 +15,9 @@ OUT = "blocks.2.hook_mlp_out.hook_sae_output"
 
 @pytest.fixture(scope="module")
 def setup():
-    from sae_lens import StandardSAE, StandardSAEConfig
+    from tests.helpers import random_sae
 
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=256, d_sae=64))
-    sae.cfg.metadata.hook_name = "blocks.2.hook_mlp_out"
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.1)
+    sae = random_sae(256, 64, "blocks.2.hook_mlp_out")
     model = load_model("demo").hooked()
     tokens = torch.randint(1, 4000, (2, 16), generator=torch.Generator().manual_seed(1))
     return model, sae, tokens

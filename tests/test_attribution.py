@@ -13,14 +13,9 @@ from lfp_core.models import load_model
 
 @pytest.fixture(scope="module")
 def setup():
-    from sae_lens import StandardSAE, StandardSAEConfig
+    from tests.helpers import random_sae
 
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=256, d_sae=48))
-    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.1)
+    sae = random_sae(256, 48, "blocks.1.hook_resid_post")
     model = load_model("demo").hooked()
     for p in model.parameters():
         p.requires_grad_(False)

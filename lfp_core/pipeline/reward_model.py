@@ -72,6 +72,7 @@ def stage_reward_model(ctx: Context, config_hash: str) -> None:
     log.info("preference pairs (oracle: higher VADER reward preferred, ties dropped): %d training, %d held out",
              len(train), len(held))
     ctx.cache.pop("rm", None)
+    ctx.cache.pop("rm_saes", None)
     settings = reward_model.RMSettings(epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size,
                                        seed=cfg.seed, device=cfg.device)
     _, steps = reward_model.train_reward_model(ctx.model, train, prompts, settings, rm_dir(ctx))
@@ -146,15 +147,18 @@ def train_rm_saes(ctx: Context, rm, held: list[dict], prompts: dict[int, list[in
 
 # --- attribution --------------------------------------------------------------------------------------
 def rm_saes(ctx: Context) -> dict:
-    rm = loaded_rm(ctx)
-    return saes.main_saes(ctx.writer.run_dir, ctx.writer.reader().saes(), ROLE, rm_layers(ctx), rm.hooked.cfg.d_model,
-                          hook_of=resid_hook, device=ctx.cfg.device, kind="rm")
+    """The preference model's residual-stream SAEs (loaded once per invocation)."""
+    if "rm_saes" not in ctx.cache:
+        ctx.cache["rm_saes"] = saes.main_saes(ctx.writer.run_dir, ctx.writer.reader().saes(), ROLE, rm_layers(ctx),
+                                              loaded_rm(ctx).hooked.cfg.d_model, hook_of=resid_hook,
+                                              device=ctx.cfg.device, kind="rm")
+    return ctx.cache["rm_saes"]
 
 
 def _pair_seqs(ctx: Context, pairs) -> tuple[list[list[int]], list[list[int]], list[int]]:
     """BOS + prompt + chosen / rejected completion, and where the completion starts."""
-    r = ctx.writer.reader()
-    prompts = dict(zip(r.prompts().prompt_id.astype(int), r.prompts().token_ids))
+    p = ctx.writer.reader().prompts()
+    prompts = dict(zip(p.prompt_id.astype(int), p.token_ids))
     bos = loaded_rm(ctx).bos
     heads = [bos + [int(t) for t in prompts[int(p)]] for p in pairs.prompt_id]
     return ([h + [int(t) for t in c] for h, c in zip(heads, pairs.chosen_ids)],
@@ -207,15 +211,10 @@ def disagreement(ctx: Context) -> tuple[dict, list[dict]]:
         for layer in sae_map:
             parts = []
             for seqs in (c, j):
-                est = []
-                for i in range(0, len(seqs), 32):
-                    toks, last = rm.batch(seqs[i : i + 32])
-                    pos = torch.arange(toks.shape[1], device=toks.device)[None]
-                    mask = (pos >= torch.tensor(st[i : i + 32], device=toks.device)[:, None]) & (pos <= last[:, None])
-                    est.append(attribution.integrated_gradients(rm.hooked, sae_map, layer, toks, last, mask,
-                                                                lambda m, t, la, mk: rm.score_tokens(t, la),
-                                                                cfg.atp_steps)[0])
-                parts.append(np.concatenate(est))
+                parts.append(np.concatenate([
+                    attribution.integrated_gradients(rm.hooked, sae_map, layer, toks, last, mask,
+                                                     lambda m, t, la, mk: rm.score_tokens(t, la), cfg.atp_steps)[0]
+                    for toks, last, mask in attribution.masked_batches(seqs, st, rm.batch)]))
             out[layer] = parts[0] - parts[1]  # [pairs, d_sae]: estimated change of the margin
         return out
 
@@ -255,13 +254,15 @@ def policy_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
         per_pos = sum((acts[la] * weights[la]).sum(-1) for la in layers)  # [batch, pos]
         return (per_pos * mask).sum(-1)
 
-    prompts = dict(zip(r.prompts().prompt_id.astype(int), r.prompts().token_ids))
+    p = r.prompts()
+    prompts = dict(zip(p.prompt_id.astype(int), p.token_ids))
     comp = r.completions("tuned", limit=2 * cfg.atp_pairs)
     bos = [hooked.tokenizer.bos_token_id] if hooked.tokenizer.bos_token_id is not None else []
     heads = [bos + [int(t) for t in prompts[int(p)]] for p in comp.prompt_id]
     seqs = [h + [int(t) for t in c] for h, c in zip(heads, comp.token_ids)]
     res = attribution.rank_and_verify(hooked, sae_map, seqs, [len(h) for h in heads], probe_reward,
-                                      lambda s: loaded_rm(ctx).batch(s), cfg.atp_steps, cfg.atp_top_k)
+                                      lambda s: attribution.right_pad(s, ctx.model.tokenizer.pad_token_id or 0, cfg.device),
+                                      cfg.atp_steps, cfg.atp_top_k)
     feats, points = _rows("policy", res)
     return ({"n_texts": len(seqs), "steps": cfg.atp_steps, "top_k": cfg.atp_top_k,
              "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
