@@ -1,5 +1,8 @@
-"""Benchmarks: ``python -m bench dashboard [--run data/runs/demo] [--features 50000]`` and
-``python -m bench live [--run data/runs/demo]`` and ``python -m bench throughput [--run data/runs/demo]``.
+"""Benchmarks: ``python -m bench stages`` (the whole demo precompute, each stage's wall time, CPU time
+and peak RSS), ``python -m bench throughput`` (harvest and SAE training against a bare forward pass),
+``python -m bench scaling`` (1× to 4× corpus), ``python -m bench dashboard`` (page render times, query
+latency at 50k features) and ``python -m bench live`` (the Ablation lab's engine); ``--run`` defaults
+to data/runs/demo.
 
 Prints the figures recorded in bench/RESULTS.md. Run it alone on the machine (other CPU work
 inflates every figure).
@@ -9,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from lfp_core.config import REPO_ROOT
+from lfp_core.resources import cpu_ticks, steal_since
 
 
 def _machine() -> str:
@@ -25,19 +30,9 @@ def _machine() -> str:
     return f"{platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, python {platform.python_version()}"
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(steal, total) jiffies from /proc/stat (0, 0 where unavailable): how much of the CPU the
-    hypervisor took away while a benchmark ran."""
-    try:
-        v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return v[7], sum(v)
-    except (OSError, IndexError, ValueError):
-        return 0, 0
-
-
 def _steal_since(start: tuple[int, int]) -> str:
-    s, t = _cpu_ticks()
-    return f"{(s - start[0]) / max(t - start[1], 1):.0%}" if t else "n/a"
+    f = steal_since(start)
+    return "n/a" if f is None else f"{f:.0%}"
 
 
 def dashboard(args) -> int:
@@ -78,7 +73,7 @@ def live(args) -> int:
     text = eng.tokenizer.decode(ids)
     layers = eng.layers
     times = []
-    ticks = _cpu_ticks()
+    ticks = cpu_ticks()
     for i in range(args.warmup + args.repeats):
         feats = {layer: sorted(rng.choice(eng.d_sae(layer), size=args.features // len(layers), replace=False).tolist())
                  for layer in layers}
@@ -99,7 +94,7 @@ def throughput(args) -> int:
     from bench.throughput import measure
 
     print(f"machine: {_machine()}")
-    ticks = _cpu_ticks()
+    ticks = cpu_ticks()
     m = measure(Path(args.run), args.docs, args.repeats)
     f = m["forward_tps"]
     print(f"corpus: first {m['docs']} documents of the run's activation corpus, {m['tokens']:,} tokens "
@@ -109,6 +104,67 @@ def throughput(args) -> int:
     print(f"SAE training (1 SAE)   {m['sae_tps']:10,.0f} tokens/s  {m['sae_tps'] / f:.2f}")
     print(f"harvest + {len(m['layers'])} SAEs        {m['harvest_plus_sae_tps']:10,.0f} tokens/s  "
           f"{m['harvest_plus_sae_tps'] / f:.2f}  (target >= 0.70)")
+    print(f"CPU steal during the run {_steal_since(ticks)}")
+    return 0
+
+
+_STAGE_LINE = re.compile(r"stage (\S+)\s+done in ([0-9.]+)s \(CPU ([0-9.]+)s, peak RSS ([0-9.]+) GiB(?:, CPU steal (\d+)%)?\)")
+
+
+def stages(args) -> int:
+    """The whole precompute of a preset into a fresh directory, as a user runs it (a subprocess),
+    with each stage's wall time, process CPU time, peak RSS and the machine's CPU steal."""
+    import resource
+    import shutil
+    import subprocess
+
+    print(f"machine: {_machine()}")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lfp-bench-stages-")) / "run"
+    if out.exists() and any(out.iterdir()):
+        print(f"--out {out} is not empty: the bench measures a fresh run", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "lfp_core.precompute", "--preset", args.preset, "--out", str(out), *args.extra]
+    print("command: " + " ".join(cmd[1:]))
+    log_path = out.parent / f"{out.name}.precompute.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ticks, t0 = cpu_ticks(), time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stderr=log, stdout=log, cwd=REPO_ROOT)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    rows = [m.groups() for m in _STAGE_LINE.finditer(log_path.read_text())]
+    print(f"{'stage':14s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GiB':>13s} {'steal':>6s}")
+    for name, w, c, rss, st in rows:
+        print(f"{name:14s} {float(w):8.1f} {float(c):8.1f} {float(rss):13.2f} {(st or '?') + '%':>6s}")
+    print(f"{'total':14s} {wall:8.1f} {sum(float(r[2]) for r in rows):8.1f} {peak:13.2f} {_steal_since(ticks):>6s}"
+          f"   (wall incl. start-up; peak RSS of the whole process)")
+    print(f"target: total <= 600 s, peak RSS <= 4 GiB; log: {log_path}")
+    if proc.returncode != 0:
+        print(f"precompute failed (exit {proc.returncode}); see {log_path}", file=sys.stderr)
+        return 1
+    if not args.keep and not args.out:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    return 0
+
+
+def scaling(args) -> int:
+    from bench.scaling import exponent, measure
+
+    print(f"machine: {_machine()}")
+    ticks = cpu_ticks()
+    rows = measure(Path(args.run), [int(x) for x in args.multiples.split(",")])
+    print(f"{'corpus':>6s} {'docs':>6s} {'tokens':>9s} {'harvest s':>10s} {'SAEs s':>8s} {'features s':>11s} "
+          f"{'(CPU s)':>18s} {'harvest MB':>11s} {'DuckDB MB':>10s}")
+    for r in rows:
+        print(f"{r['multiple']:>5d}x {r['docs']:6d} {r['tokens']:9,d} {r['harvest_s']:10.1f} {r['sae_s']:8.1f} "
+              f"{r['features_s']:11.1f} {r['harvest_cpu_s']:6.1f}/{r['sae_cpu_s']:5.1f}/{r['features_cpu_s']:5.1f} "
+              f"{r['harvest_bytes'] / 1e6:11.1f} {r['db_bytes'] / 1e6:10.1f}")
+    if len(rows) >= 2:
+        x = [r["tokens"] for r in rows]
+        print("growth exponent against tokens (1.0 = linear): " + ", ".join(
+            f"{k} {exponent(x, [r[key] for r in rows]):.2f}" for k, key in
+            (("harvest", "harvest_cpu_s"), ("SAEs", "sae_cpu_s"), ("features", "features_cpu_s"),
+             ("harvest MB", "harvest_bytes"), ("DuckDB MB", "db_bytes"))) + "  (times: CPU seconds)")
     print(f"CPU steal during the run {_steal_since(ticks)}")
     return 0
 
@@ -130,7 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
     tp.add_argument("--docs", type=int, default=1000)
     tp.add_argument("--repeats", type=int, default=3)
+    st = sub.add_parser("stages", help="the whole precompute of a preset: each stage's wall time, CPU and peak RSS")
+    st.add_argument("--preset", default="demo")
+    st.add_argument("--out", default=None, help="run directory (default: a temporary one, deleted afterwards)")
+    st.add_argument("--keep", action="store_true", help="keep the temporary run")
+    st.add_argument("extra", nargs="*", help="more precompute arguments after --, e.g. -- --set ablation_n=256")
+    sc = sub.add_parser("scaling", help="harvest + SAE time and store size at 1x-4x corpus")
+    sc.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
+    sc.add_argument("--multiples", default="1,2,3,4")
     args = p.parse_args(argv)
+    if args.what == "stages":
+        return stages(args)
+    if args.what == "scaling":
+        return scaling(args)
     if args.what == "throughput":
         return throughput(args)
     if args.what == "live":

@@ -257,6 +257,14 @@ class RunConfig:
         return vals
 
 
+def inference_batch(device: str, cpu: int = 32) -> int:
+    """Sequences per batch of an inference-only pass (harvest, scoring, evaluation, attribution): the
+    results do not depend on it, so on a GPU it is 8x the CPU size, which fills the device for the
+    models this tool targets. (Sampling chunks, SAE and RL batches are hyperparameters and stay as
+    configured: ``--gen-batch-size``, ``--set sae_batch_size=...``.)"""
+    return cpu * 8 if str(device).startswith("cuda") else cpu
+
+
 PRESETS: dict[str, dict] = {
     # quick: a smoke run of every stage, for tests and first contact (<= 2 minutes on 2 cores).
     "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32,

@@ -23,6 +23,7 @@ from lfp_core.autointerp import LLMError
 from lfp_core.config import PRESETS, TASKS, RunConfig, default_data_dir, preset_config, stage_hash
 from lfp_core.models import ModelLoadError
 from lfp_core.pipeline import STAGES, Context, stages_for
+from lfp_core.resources import Meter
 from lfp_core.store import DB_NAME, RunWriter, StoreError, db_path
 
 log = logging.getLogger("lfp_core.precompute")
@@ -62,6 +63,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
                 writer.mark_stage(_name, _pos, _h, "done", time.time() - _t0, detail, con=con)
 
             ctx.finisher = finish
+            meter = Meter().__enter__()
             try:
                 stage.run(ctx, h)
             except BaseException as exc:
@@ -70,7 +72,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
             status, _ = writer.stage_record(stage.name)
             if status != "done":
                 raise RuntimeError(f"stage {stage.name} returned without committing its results")
-            log.info("stage %-14s done in %.1fs", stage.name, time.time() - t0)
+            log.info("stage %-14s done in %.1fs (%s)", stage.name, time.time() - t0, meter.stop().describe())
             outcome[stage.name] = "done"
         if stage.name == until:
             break

@@ -130,8 +130,11 @@ class RewardModel:
         return right_pad(seqs, self.tokenizer.pad_token_id or 0, self.device)
 
     @torch.no_grad()
-    def score(self, seqs: list[list[int]], batch_size: int = 64) -> np.ndarray:
-        """Rewards of token sequences (BOS included)."""
+    def score(self, seqs: list[list[int]], batch_size: int | None = None) -> np.ndarray:
+        """Rewards of token sequences (BOS included); ``batch_size`` defaults to the device's (64 on a CPU)."""
+        from lfp_core.config import inference_batch
+
+        batch_size = batch_size or inference_batch(self.device, 64)
         out = []
         for i in range(0, len(seqs), batch_size):
             toks, last = self.batch(seqs[i : i + batch_size])

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lfp_core.config import RunConfig
+from lfp_core.config import RunConfig, inference_batch
 from lfp_core.models import LoadedModel, load_model
 from lfp_core.store import RunWriter
 
@@ -26,6 +26,10 @@ class Context:
         if self._model is None:
             self._model = load_model(self.cfg.model, device=self.cfg.device)
         return self._model
+
+    def batch(self, cpu: int = 32) -> int:
+        """Batch size of an inference-only pass on this run's device (see config.inference_batch)."""
+        return inference_batch(self.cfg.device, cpu)
 
     def commit(self, write: Callable[[Any], None], detail: dict) -> None:
         """Write a stage's final rows and mark it done, in one transaction."""

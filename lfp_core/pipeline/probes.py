@@ -69,6 +69,7 @@ def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list
     hooked = role_model(ctx, role).hooked()
     sae_of = own_saes(ctx, role, layers)
     names = [f"blocks.{layer}.hook_mlp_out" for layer in sae_of]
+    batch_size = ctx.batch(batch_size)
     by_len: dict[int, list[int]] = {}
     for i, sq in enumerate(seqs):
         by_len.setdefault(len(sq), []).append(i)
@@ -114,6 +115,7 @@ def mlp_outputs_at(ctx: Context, role: str, doc_tokens: dict[int, list[int]], do
     hooked = role_model(ctx, role).hooked()
     bos = [ctx.model.tokenizer.bos_token_id] if ctx.model.tokenizer.bos_token_id is not None else []
     names = [f"blocks.{layer}.hook_mlp_out" for layer in sorted(layers)]
+    batch_size = ctx.batch(batch_size)
     out = np.zeros((len(doc_a), hooked.cfg.d_model * len(names)), dtype=np.float32)
     where: dict[int, list[int]] = {}
     for i, d in enumerate(doc_a):

@@ -119,7 +119,7 @@ def train_rm_saes(ctx: Context, rm, held: list[dict], prompts: dict[int, list[in
     h = harvest_dir(ctx)
     idx = h.index()
     info = activations.harvest_role(rm.hooked, docs, layers, h.root, ROLE, rm.bos, _special(tok), device=cfg.device,
-                                    hook_of=resid_hook)
+                                    batch_size=ctx.batch(), hook_of=resid_hook)
     train_rows, eval_rows = np.nonzero(~idx["is_eval"])[0], np.nonzero(idx["is_eval"])[0]
     chosen = [rm.bos + prompts[p["prompt_id"]] + p["chosen_ids"] for p in held]
     rejected = [rm.bos + prompts[p["prompt_id"]] + p["rejected_ids"] for p in held]
@@ -182,7 +182,8 @@ def pm_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
     top = held.head(cfg.atp_pairs)
     chosen, rejected, starts = _pair_seqs(ctx, top)
     res = attribution.rank_and_verify(rm.hooked, sae_map, chosen + rejected, starts + starts,
-                                      lambda m, t, la, mk: rm.score_tokens(t, la), rm.batch, cfg.atp_steps, cfg.atp_top_k)
+                                      lambda m, t, la, mk: rm.score_tokens(t, la), rm.batch, cfg.atp_steps, cfg.atp_top_k,
+                                      batch_size=ctx.batch())
     feats, points = _rows("pm", res)
     return ({"n_texts": len(chosen) * 2, "steps": cfg.atp_steps, "top_k": cfg.atp_top_k,
              "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
@@ -214,7 +215,7 @@ def disagreement(ctx: Context) -> tuple[dict, list[dict]]:
                 parts.append(np.concatenate([
                     attribution.integrated_gradients(rm.hooked, sae_map, layer, toks, last, mask,
                                                      lambda m, t, la, mk: rm.score_tokens(t, la), cfg.atp_steps)[0]
-                    for toks, last, mask in attribution.masked_batches(seqs, st, rm.batch)]))
+                    for toks, last, mask in attribution.masked_batches(seqs, st, rm.batch, ctx.batch())]))
             out[layer] = parts[0] - parts[1]  # [pairs, d_sae]: estimated change of the margin
         return out
 
@@ -262,7 +263,7 @@ def policy_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
     seqs = [h + [int(t) for t in c] for h, c in zip(heads, comp.token_ids)]
     res = attribution.rank_and_verify(hooked, sae_map, seqs, [len(h) for h in heads], probe_reward,
                                       lambda s: attribution.right_pad(s, ctx.model.tokenizer.pad_token_id or 0, cfg.device),
-                                      cfg.atp_steps, cfg.atp_top_k)
+                                      cfg.atp_steps, cfg.atp_top_k, batch_size=ctx.batch())
     feats, points = _rows("policy", res)
     return ({"n_texts": len(seqs), "steps": cfg.atp_steps, "top_k": cfg.atp_top_k,
              "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)

@@ -104,7 +104,7 @@ def stage_rl_eval(ctx: Context, config_hash: str) -> None:
     bos = [ctx.model.tokenizer.bos_token_id] if ctx.model.tokenizer.bos_token_id is not None else []
     kl = evaluation.per_token_kl(tuned.hf, ctx.model.hf,
                                  [(list(ids_of[int(p)]), list(c)) for p, c in zip(tun.prompt_id, tun.token_ids)],
-                                 bos, device=ctx.cfg.device)
+                                 bos, device=ctx.cfg.device, batch_size=ctx.batch(64))
     shifts = evaluation.word_shifts(list(base.completion), list(tun.completion))
     detail = {
         "reward_base": evaluation.reward_stats(pair.reward_b.to_numpy()),
@@ -140,7 +140,8 @@ def stage_divergence(ctx: Context, config_hash: str) -> None:
     tuned = tuned_policy(ctx)
     param = divergence.parameter_divergence(ctx.model.hf, tuned.hf)
     seqs = _held_out_sequences(ctx)
-    act_cos, act_rel = divergence.activation_divergence(ctx.model.hooked(), tuned.hooked(), seqs)
+    act_cos, act_rel = divergence.activation_divergence(ctx.model.hooked(), tuned.hooked(), seqs,
+                                                         batch_size=ctx.batch())
     scores = param if cfg.divergence_measure == "param" else act_cos
     selected = divergence.select_layers(scores, cfg.n_selected_layers)
     rows = [{"layer": i, "param": param[i], "act_cos": act_cos[i], "act_rel_l2": act_rel[i],

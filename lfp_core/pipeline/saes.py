@@ -93,7 +93,7 @@ def stage_activations(ctx: Context, config_hash: str) -> None:
     for role in ROLES:
         m = role_model(ctx, role)
         detail[role] = activations.harvest_role(m.hooked(), docs, layers, h.root, role, bos, special,
-                                                device=cfg.device)
+                                                batch_size=ctx.batch(), device=cfg.device)
     rows = [{"doc_id": d.doc_id, "source": d.source, "split": d.split, "n_tokens": len(d.token_ids),
              "token_ids": d.token_ids, "text": tok.decode(d.token_ids), "label": d.label, "prompt_id": d.prompt_id,
              "sample_idx": d.sample_idx, "n_prefix": d.n_prefix} for d in docs]
@@ -167,7 +167,7 @@ def evaluate(ctx: Context, sae, role: str, layer: int) -> dict:
     m = saes.reconstruction_metrics(sae, acts, np.nonzero(idx["is_eval"])[0])
     if "ce_seqs" not in ctx.cache:
         ctx.cache["ce_seqs"] = ce_sequences(ctx)
-    m.update(saes.ce_metrics(role_model(ctx, role).hooked(), sae, layer, ctx.cache["ce_seqs"]))
+    m.update(saes.ce_metrics(role_model(ctx, role).hooked(), sae, layer, ctx.cache["ce_seqs"], ctx.batch()))
     return m
 
 

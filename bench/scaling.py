@@ -1,0 +1,91 @@
+"""How harvest + SAE training time and the run's store grow with the corpus (1× to 4×).
+
+For each multiple m, the first m/4 of the demo run's activation corpus (so 4× is the whole corpus)
+goes through what the precompute does with it, in one process and a fresh run directory: the tuned
+policy's harvest of the selected layers (float16 memory-mapped files), one TopK SAE per layer trained
+for one pass over the training rows (so its cost should grow with the corpus; the precompute's fixed
+``sae_train_tokens`` budget would hide that), the features stage's tables of each SAE, and the
+DuckDB store holding the documents, features and examples. Times are wall and process CPU seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def measure(run: Path, multiples: list[int]) -> list[dict]:
+    from bench.throughput import _docs
+    from lfp_core import activations, features, saes
+    from lfp_core.live import LiveEngine
+    from lfp_core.pipeline.saes import _special
+    from lfp_core.store import RunReader, RunWriter, put_rows
+
+    eng = LiveEngine(run)
+    hooked, tok, layers = eng.model, eng.tokenizer, eng.layers
+    n_all = int(RunReader(run).query("SELECT count(*) AS n FROM act_docs").n[0])
+    all_docs = _docs(run, n_all)
+    special = _special(tok)
+    vocab = [tok.decode([i]) for i in range(hooked.cfg.d_vocab)]
+    settings = features.FeatureSettings()
+    out = []
+    for m in multiples:
+        docs = all_docs[: max(1, n_all * m // max(multiples))]
+        tmp = Path(tempfile.mkdtemp(prefix=f"lfp-scaling-{m}x-"))
+        try:
+            root = tmp / "run" / "artifacts" / "activations"
+            idx = activations.write_index(root, docs, special)
+            info, h_wall, h_cpu = _timed(lambda: activations.harvest_role(hooked, docs, layers, root, "tuned", eng.bos,
+                                                                          special))
+            train = np.nonzero(~idx["is_eval"])[0]
+            s_wall = s_cpu = f_wall = f_cpu = 0.0
+            tables = []
+            for layer in layers:
+                acts = np.load(root / "tuned" / f"L{layer}.npy", mmap_mode="r")
+                spec = saes.SAESpec(arch="topk", d_sae=2 * hooked.cfg.d_model, k=32, lr=3e-3, batch_size=256,
+                                    train_tokens=(len(train) // 256) * 256, seed=0)
+                src = saes.ActivationSource(acts, train, spec.batch_size, seed=0, layer=layer)
+                (sae, _), w, c = _timed(lambda: saes.train_sae(spec, src, activations.hook_name(layer)))
+                s_wall, s_cpu = s_wall + w, s_cpu + c
+                doc_tokens = {d.doc_id: d.token_ids for d in docs}
+                src_of = {d.doc_id: d.source for d in docs}
+                row_source = np.array([src_of[int(d)] for d in idx["doc_id"]], dtype=object)
+                tbl, w, c = _timed(lambda: features.feature_tables(sae, acts, idx, doc_tokens, row_source, hooked.W_U,
+                                                                   vocab.__getitem__, settings, "tuned", layer))
+                f_wall, f_cpu = f_wall + w, f_cpu + c
+                tables.append(tbl)
+            writer = RunWriter(tmp / "run")
+            with writer.transaction() as con:
+                put_rows(con, "act_docs", [{"doc_id": d.doc_id, "source": d.source, "split": d.split,
+                                            "n_tokens": len(d.token_ids), "token_ids": d.token_ids,
+                                            "text": tok.decode(d.token_ids)} for d in docs])
+                for feats, ex in tables:
+                    put_rows(con, "features", feats)
+                    put_rows(con, "feature_examples", ex)
+            out.append({"multiple": m, "docs": len(docs), "tokens": int(sum(len(d.token_ids) + len(eng.bos) for d in docs)),
+                        "rows": int(info["rows"]), "train_rows": int(len(train)),
+                        "harvest_s": h_wall, "harvest_cpu_s": h_cpu, "sae_s": s_wall, "sae_cpu_s": s_cpu,
+                        "features_s": f_wall, "features_cpu_s": f_cpu,
+                        "harvest_bytes": _dir_bytes(root), "db_bytes": (tmp / "run" / "run.duckdb").stat().st_size})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def exponent(x: list[float], y: list[float]) -> float:
+    """Slope of log y against log x: 1.0 is linear growth."""
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
