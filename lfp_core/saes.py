@@ -437,43 +437,62 @@ def reconstruction_metrics(sae: SAE, acts: np.ndarray, eval_rows: np.ndarray, al
             "dead_frac": float((~fired).float().mean()), "dead_tokens": n_all, "n_eval_tokens": n}
 
 
-@torch.no_grad()
-def ce_metrics(hooked, sae: SAE, layer: int, sequences: list[list[int]], batch_size: int = 32) -> dict:
-    """Next-token cross-entropy on ``sequences`` (BOS + tokens): clean, with the SAE spliced in at
-    ``blocks.L.hook_mlp_out`` (its reconstruction replaces the MLP output), and with the MLP
-    output zero-ablated; loss recovered = (zero − spliced) / (zero − clean)."""
+def _ce_batches(sequences: list[list[int]], batch_size: int, device) -> Iterator[torch.Tensor]:
+    """Token batches of the sequences of >= 2 tokens, grouped by length (nothing padded)."""
     from collections import defaultdict
 
-    hook = f"blocks.{layer}.hook_mlp_out"
     by_len: dict[int, list[list[int]]] = defaultdict(list)
     for s in sequences:
         if len(s) >= 2:
             by_len[len(s)].append(s)
-    tot = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    n = 0
+    for length in sorted(by_len):
+        group = by_len[length]
+        for start in range(0, len(group), batch_size):
+            yield torch.tensor(group[start : start + batch_size], device=device)
+
+
+def _nll(logits: torch.Tensor, toks: torch.Tensor) -> float:
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return float(-lp.gather(-1, toks[:, 1:, None]).sum())
+
+
+@torch.no_grad()
+def ce_baselines(hooked, layer: int, sequences: list[list[int]], batch_size: int = 32) -> dict:
+    """The SAE-independent half of :func:`ce_metrics`: next-token cross-entropy clean and with
+    ``blocks.L.hook_mlp_out`` zero-ablated (computed once per model and layer, shared by its SAEs)."""
+    hook = f"blocks.{layer}.hook_mlp_out"
 
     def zero(x, hook):  # noqa: ARG001
         return torch.zeros_like(x)
 
-    for length in sorted(by_len):
-        group = by_len[length]
-        for start in range(0, len(group), batch_size):
-            toks = torch.tensor(group[start : start + batch_size], device=hooked.cfg.device)
-            runs = {
-                "clean": hooked(toks),
-                "spliced": hooked.run_with_saes(toks, saes=[sae], use_error_term=False),
-                "zero": hooked.run_with_hooks(toks, fwd_hooks=[(hook, zero)]),
-            }
-            for k, logits in runs.items():
-                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                tot[k] += float(-lp.gather(-1, toks[:, 1:, None]).sum())
-            n += toks[:, 1:].numel()
+    clean = zeroed = 0.0
+    n = 0
+    for toks in _ce_batches(sequences, batch_size, hooked.cfg.device):
+        clean += _nll(hooked(toks), toks)
+        zeroed += _nll(hooked.run_with_hooks(toks, fwd_hooks=[(hook, zero)]), toks)
+        n += toks[:, 1:].numel()
     if n == 0:
         raise ValueError("no sequences of at least two tokens to measure the loss on")
-    out = {f"ce_{k}": v / n for k, v in tot.items()}
+    return {"ce_clean": clean / n, "ce_zero": zeroed / n, "ce_tokens": n}
+
+
+@torch.no_grad()
+def ce_metrics(hooked, sae: SAE, layer: int, sequences: list[list[int]], batch_size: int = 32,
+               baseline: dict | None = None) -> dict:
+    """Next-token cross-entropy on ``sequences`` (BOS + tokens): clean, with the SAE spliced in at
+    ``blocks.L.hook_mlp_out`` (its reconstruction replaces the MLP output), and with the MLP
+    output zero-ablated; loss recovered = (zero − spliced) / (zero − clean). ``baseline``: the
+    :func:`ce_baselines` of the same model, layer and sequences, when already computed."""
+    out = dict(baseline or ce_baselines(hooked, layer, sequences, batch_size))
+    spliced, n = 0.0, 0
+    for toks in _ce_batches(sequences, batch_size, hooked.cfg.device):
+        spliced += _nll(hooked.run_with_saes(toks, saes=[sae], use_error_term=False), toks)
+        n += toks[:, 1:].numel()
+    if n != out["ce_tokens"]:
+        raise ValueError(f"the baseline was measured on {out['ce_tokens']} tokens, these sequences have {n}")
+    out["ce_spliced"] = spliced / n
     gap = out["ce_zero"] - out["ce_clean"]
     out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap > 0 else float("nan")
-    out["ce_tokens"] = n
     return out
 
 
@@ -490,5 +509,5 @@ def with_arch(spec: SAESpec, **kw) -> SAESpec:
     return replace(spec, **kw)
 
 
-__all__ = ["ARCHS", "ActivationSource", "CorpusTooSmallError", "SAEMismatchError", "SAESpec", "ce_metrics",
+__all__ = ["ARCHS", "ActivationSource", "CorpusTooSmallError", "SAEMismatchError", "SAESpec", "ce_baselines", "ce_metrics",
            "decoder", "load_sae", "mmcs", "reconstruction_metrics", "save_sae", "train_mfr", "train_sae"]

@@ -137,6 +137,28 @@ def test_spliced_sae_with_error_term_reproduces_clean_logits(demo):
     assert not torch.allclose(clean, lossy, atol=1e-2)  # the SAE does change the output without it
 
 
+def test_loss_recovered_with_a_shared_baseline_equals_the_full_measurement(demo):
+    """The SAE stage measures the clean and zero-ablated losses once per model and layer; the
+    figures must equal measuring all three every time, and a baseline of other text is refused."""
+    hooked = demo.hooked()
+    d = hooked.cfg.d_model
+    rng = np.random.default_rng(1)
+    sae = _fixed_sae(rng.normal(size=(d, 2 * d)) / 10, np.zeros(2 * d), rng.normal(size=(2 * d, d)) / 10,
+                     np.zeros(d), hook="blocks.2.hook_mlp_out")
+    text = demo.tokenizer("This film was a wonderful surprise: the acting is great and the plot never drags, "
+                          "although the ending felt rushed and a little silly.")["input_ids"]
+    seqs = [[0] + text[i : i + 20] for i in range(5)] + [[0] + text[:11]] * 3 + [[0]]
+    full = saes.ce_metrics(hooked, sae, 2, seqs, batch_size=2)
+    base = saes.ce_baselines(hooked, 2, seqs, batch_size=4)
+    shared = saes.ce_metrics(hooked, sae, 2, seqs, batch_size=2, baseline=base)
+    assert full["ce_tokens"] == shared["ce_tokens"] == 5 * 20 + 3 * 11  # the 1-token sequence has no target
+    for k in ("ce_clean", "ce_zero", "ce_spliced", "ce_loss_recovered"):
+        assert shared[k] == pytest.approx(full[k], rel=1e-5), k
+    assert full["ce_zero"] > full["ce_clean"]
+    with pytest.raises(ValueError, match="baseline was measured on"):
+        saes.ce_metrics(hooked, sae, 2, seqs[:3], baseline=base)
+
+
 def test_harvest_masks_bos_and_keeps_doc_position_token(demo, tmp_path):
     hooked = demo.hooked()
     docs = [activations.Doc(0, "imdb", "train", [15, 16, 17, 18]), activations.Doc(1, "imdb", "eval", [20, 0, 21]),

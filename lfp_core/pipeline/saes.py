@@ -167,7 +167,10 @@ def evaluate(ctx: Context, sae, role: str, layer: int) -> dict:
     m = saes.reconstruction_metrics(sae, acts, np.nonzero(idx["is_eval"])[0])
     if "ce_seqs" not in ctx.cache:
         ctx.cache["ce_seqs"] = ce_sequences(ctx)
-    m.update(saes.ce_metrics(role_model(ctx, role).hooked(), sae, layer, ctx.cache["ce_seqs"], ctx.batch()))
+    hooked, key = role_model(ctx, role).hooked(), ("ce_baseline", role, layer)
+    if key not in ctx.cache:  # clean and zero-ablated losses do not depend on the SAE
+        ctx.cache[key] = saes.ce_baselines(hooked, layer, ctx.cache["ce_seqs"], ctx.batch())
+    m.update(saes.ce_metrics(hooked, sae, layer, ctx.cache["ce_seqs"], ctx.batch(), baseline=ctx.cache[key]))
     return m
 
 
