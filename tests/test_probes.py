@@ -153,3 +153,13 @@ def test_contrastive_swaps_are_neutral_or_opposite_single_tokens():
     for t, o in list(opposite.items())[:300]:
         assert lex[tok.decode([t]).strip().lower()] * lex[tok.decode([o]).strip().lower()] < 0
     assert probes.swap_tables(tok, lex) == (neutral, opposite)  # deterministic
+
+
+def test_rows_by_doc_equals_a_scan_per_document():
+    from lfp_core.pipeline.probes import rows_by_doc
+
+    row_doc = np.random.default_rng(0).integers(0, 50, size=2_000)
+    docs = np.array([7, 3, 49, 60, 3])  # 60 has no rows; repeats allowed
+    got = rows_by_doc(row_doc, docs)
+    for d, rows in zip(docs, got):
+        assert np.array_equal(rows, np.nonzero(row_doc == d)[0])

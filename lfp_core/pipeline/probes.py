@@ -35,6 +35,16 @@ def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) 
     return np.concatenate(parts, axis=1)
 
 
+def rows_by_doc(row_doc: np.ndarray, doc_ids) -> list[np.ndarray]:
+    """Harvest rows of each document in ``doc_ids`` (ascending row order; empty where it has none),
+    from one sort of the row index instead of a scan of every row per document."""
+    order = np.argsort(row_doc, kind="stable")
+    sorted_doc = row_doc[order]
+    lo = np.searchsorted(sorted_doc, doc_ids, side="left")
+    hi = np.searchsorted(sorted_doc, doc_ids, side="right")
+    return [order[a:b] for a, b in zip(lo, hi)]
+
+
 def _pooled(ctx: Context, role: str, layers: list[int], doc_rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Mean over each document's harvest rows of its SAE features and of its raw activations (layers
     concatenated), accumulated batch by batch: memory holds one batch and the per-document sums."""
@@ -327,8 +337,9 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
                               "weight": float(w_eff[j]), "mean_act": float(mean_act[j]), "importance": float(imp[j]),
                               "rank": int(rank[j])})
         top_i, top_v = probes.contributions(model, X)
+        doc_l, pos_l = doc_a[in_lex], pos_a[in_lex]  # once: masking inside the loop made it quadratic
         for k in range(len(y)):
-            token_rows.append({"role": role, "doc_id": int(doc_a[in_lex][k]), "pos": int(pos_a[in_lex][k]),
+            token_rows.append({"role": role, "doc_id": int(doc_l[k]), "pos": int(pos_l[k]),
                                "word": words[k], "valence": float(y[k]), "pred": float(oof[k]),
                                "occurrence_split": "test" if occ[k] else "train",
                                "word_split": "test" if wsp[k] else "train",
@@ -338,7 +349,7 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
         # IMDB positive vs negative: mean-pooled SAE features vs raw activations, and PCA
         imdb = docs[docs.label.isin(["pos", "neg"])]
         if len(imdb) >= 20:
-            doc_rows = [np.nonzero(idx["doc_id"] == dd)[0] for dd in imdb.doc_id.astype(int)]
+            doc_rows = rows_by_doc(idx["doc_id"], imdb.doc_id.astype(int))
             keep = [i for i, x in enumerate(doc_rows) if len(x)]
             pooled, raw = _pooled(ctx, role, layers, [doc_rows[i] for i in keep])
             labels = imdb.label.to_numpy()[keep]
