@@ -92,7 +92,12 @@ def sample(model, prompts: torch.Tensor, max_new_tokens: int, seed: int) -> list
 
 def _sample_with_uniforms(model, prompts: torch.Tensor, u: torch.Tensor, cache_cls) -> list[list[int]]:
     cache = cache_cls.init_cache(model.cfg, model.cfg.device, prompts.shape[0])
-    logits = model(prompts, past_kv_cache=cache)[:, -1]  # [batch, d_vocab]
+    # the prompt pass fills the cache; only its last position needs the unembedding (the 50k-token
+    # unembedding of every prompt position was ~80% of the pass)
+    resid = model(prompts, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)[:, -1:]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    logits = model.unembed(resid)[:, -1]  # [batch, d_vocab]
     out = []
     for step in range(u.shape[1]):
         cdf = torch.softmax(logits, -1).cumsum(-1)  # float32: normalised by its own end below

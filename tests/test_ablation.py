@@ -80,6 +80,28 @@ def test_sampling_is_seeded_and_a_row_mask_ablates_only_its_rows(setup):
     assert torch.allclose(both[0], clean_logits[0], atol=1e-4) and torch.allclose(both[1], abl[0], atol=1e-5)
 
 
+def test_cached_sampler_draws_what_full_forward_passes_draw(setup):
+    """The sampler (KV cache; the prompt pass unembeds only its last position) picks the tokens a
+    plain full forward pass per step picks from the same uniforms, with an ablation active."""
+    from lfp_core.ablation import ablated, sample
+
+    model, sae, tokens = setup
+    prompts = tokens.clone()
+    steps, seed = 5, 11
+    u = torch.rand((prompts.shape[0], steps), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    fired = {2: [0, 1, 2, 3]}
+    with torch.no_grad(), ablated(model, {2: sae}, fired):
+        got = sample(model, prompts, steps, seed)
+        seq = prompts
+        for step in range(steps):
+            cdf = torch.softmax(model(seq)[:, -1], -1).cumsum(-1)
+            nxt = torch.searchsorted(cdf, u[:, step : step + 1].to(cdf) * cdf[:, -1:]).clamp_(max=cdf.shape[1] - 1)
+            seq = torch.cat([seq, nxt], 1)
+    ref = seq[:, prompts.shape[1]:].tolist()
+    eos = model.tokenizer.eos_token_id
+    assert got == [r[: r.index(eos)] if eos in r else r for r in ref]
+
+
 def test_paired_effect_and_comparison_with_random_sets():
     import numpy as np
 
