@@ -69,9 +69,11 @@ def _pooled(ctx: Context, role: str, layers: list[int], doc_rows: list[np.ndarra
     return np.concatenate(feats, axis=1), np.concatenate(raws, axis=1)
 
 
-def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int):
+def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int,
+                     last_only: bool = False):
     """Run ``role``'s model over ``seqs`` batched by length (nothing padded); yield (sequence indices,
-    SAE features [batch, pos, d_sae·L] through its own SAEs, raw MLP outputs [batch, pos, d_model·L])."""
+    SAE features [batch, pos, d_sae·L] through its own SAEs, raw MLP outputs [batch, pos, d_model·L]);
+    ``last_only``: only the last position of each (pos = 1), without encoding the others."""
     import torch
 
     from lfp_core.pipeline.saes import role_model
@@ -89,15 +91,16 @@ def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list
                 part = idxs[start : start + batch_size]
                 _, cache = hooked.run_with_cache(torch.tensor([seqs[i] for i in part]), names_filter=names,
                                                  stop_at_layer=max(layers) + 1)
-                yield (part, torch.cat([sae.encode(cache[n]) for sae, n in zip(sae_of.values(), names)], -1),
-                       torch.cat([cache[n] for n in names], -1))
+                acts = {n: cache[n][:, -1:] if last_only else cache[n] for n in names}
+                yield (part, torch.cat([sae.encode(acts[n]) for sae, n in zip(sae_of.values(), names)], -1),
+                       torch.cat([acts[n] for n in names], -1))
 
 
 def last_position_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]],
                            batch_size: int = 64) -> np.ndarray:
     """SAE features (own SAEs, layers concatenated) at the last token of each sequence (BOS included)."""
     out = [None] * len(seqs)
-    for part, f, _ in _forward_batches(ctx, role, layers, seqs, batch_size):
+    for part, f, _ in _forward_batches(ctx, role, layers, seqs, batch_size, last_only=True):
         for i, row in zip(part, f[:, -1].numpy()):
             out[i] = row
     return np.stack(out)
