@@ -17,7 +17,7 @@ from lfp_core.config import REPO_ROOT
 from lfp_core.store import RunReader, RunWriter
 
 PAGES = ["views/overview.py", "views/layers.py", "views/browser.py", "views/feature.py", "views/token_scores.py",
-         "views/separation.py"]
+         "views/separation.py", "views/labels.py", "views/ablation_lab.py", "views/reward_model.py"]
 
 
 def page_render_times(run_dir: Path, repeats: int = 5) -> list[dict]:
