@@ -171,7 +171,7 @@ def mmcs(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> dict:
         raise SAEMismatchError(f"dictionaries live in different spaces (d_in {a.shape[1]} vs {b.shape[1]})")
     if a.shape[0] > b.shape[0]:
         a, b = b, a
-    c = (_unit_rows(a) @ _unit_rows(b).T).numpy().astype(np.float64)
+    c = (_unit_rows(a) @ _unit_rows(b).T).cpu().numpy().astype(np.float64)
     rows, cols = linear_sum_assignment(c, maximize=True)
     return {"hungarian": float(c[rows, cols].mean()), "max": float(c.max(axis=1).mean())}
 

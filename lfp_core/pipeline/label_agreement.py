@@ -37,7 +37,7 @@ def completion_firing(ctx: Context, layers: list[int], sae_of: dict) -> tuple[di
         fired = np.zeros((len(docs), int(sae.cfg.d_sae)), dtype=bool)
         start = 0
         for ix, _, f in saes.encode_batches(sae, h.acts("tuned", layer), rows_a):
-            np.logical_or.at(fired, owner_a[start : start + len(ix)], (f > 0).numpy())
+            np.logical_or.at(fired, owner_a[start : start + len(ix)], (f > 0).cpu().numpy())
             start += len(ix)
         for j in range(fired.shape[1]):
             out[(layer, j)] = fired[:, j]

@@ -74,7 +74,7 @@ def negative_pool(ctx: Context, layer: int, sae, n_windows: int = 300) -> tuple[
     maxes = np.zeros((len(centres), int(sae.cfg.d_sae)), dtype=np.float32)
     start = 0
     for ix, _, f in saes.encode_batches(sae, h.acts("tuned", layer), rows_a):  # all windows in one pass
-        np.maximum.at(maxes, owner_a[start : start + len(ix)], f.numpy())
+        np.maximum.at(maxes, owner_a[start : start + len(ix)], f.cpu().numpy())
         start += len(ix)
     text = r.token_strings([t for ids in spans for t in ids])  # one vocabulary lookup
     excerpts, at = [], 0

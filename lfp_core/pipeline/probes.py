@@ -101,7 +101,7 @@ def last_position_features(ctx: Context, role: str, layers: list[int], seqs: lis
     """SAE features (own SAEs, layers concatenated) at the last token of each sequence (BOS included)."""
     out = [None] * len(seqs)
     for part, f, _ in _forward_batches(ctx, role, layers, seqs, batch_size, last_only=True):
-        for i, row in zip(part, f[:, -1].numpy()):
+        for i, row in zip(part, f[:, -1].cpu().numpy()):
             out[i] = row
     return np.stack(out)
 
@@ -112,7 +112,7 @@ def pooled_features(ctx: Context, role: str, layers: list[int], seqs: list[list[
     concatenated) and of its raw MLP outputs. Sequences are batched by length: nothing is padded."""
     feats, raws = [None] * len(seqs), [None] * len(seqs)
     for part, f, raw in _forward_batches(ctx, role, layers, seqs, batch_size):
-        for i, a, b in zip(part, f[:, 1:].mean(1).numpy(), raw[:, 1:].mean(1).numpy()):
+        for i, a, b in zip(part, f[:, 1:].mean(1).cpu().numpy(), raw[:, 1:].mean(1).cpu().numpy()):
             feats[i], raws[i] = a, b
     return np.stack(feats), np.stack(raws)
 
@@ -142,7 +142,7 @@ def mlp_outputs_at(ctx: Context, role: str, doc_tokens: dict[int, list[int]], do
                 part = group[start : start + batch_size]
                 _, cache = hooked.run_with_cache(torch.tensor([bos + list(doc_tokens[d]) for d in part]),
                                                  names_filter=names, stop_at_layer=max(layers) + 1)
-                acts = torch.cat([cache[n][:, len(bos):] for n in names], -1).numpy()  # [batch, pos, d_model·L]
+                acts = torch.cat([cache[n][:, len(bos):] for n in names], -1).cpu().numpy()  # [batch, pos, d_model·L]
                 for b, d in enumerate(part):
                     idx = where[d]
                     out[idx] = acts[b, pos_a[idx]]
