@@ -163,3 +163,21 @@ def test_rows_by_doc_equals_a_scan_per_document():
     got = rows_by_doc(row_doc, docs)
     for d, rows in zip(docs, got):
         assert np.array_equal(rows, np.nonzero(row_doc == d)[0])
+
+
+def test_fast_gcv_ridge_picks_sklearn_ridgecvs_penalty_and_coefficients():
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from lfp_core.probes import RIDGE_ALPHAS, fit_ridge
+
+    rng = np.random.default_rng(3)
+    for n, p, noise in ((400, 60, 0.5), (300, 120, 3.0), (500, 40, 0.05)):
+        X = (np.abs(rng.normal(size=(n, p))) * (rng.random((n, p)) < 0.3)).astype(np.float32)
+        y = X[:, :10] @ rng.normal(size=10) + noise * rng.normal(size=n)
+        ours = fit_ridge(X, y)
+        ref = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS)).fit(X, y)
+        assert ours[-1].alpha_ == ref[-1].alpha_
+        assert np.allclose(ours[-1].coef_, ref[-1].coef_, rtol=1e-4, atol=1e-6)
+        assert np.allclose(ours.predict(X), ref.predict(X), rtol=1e-4, atol=1e-5)
