@@ -153,7 +153,7 @@ def scaling(args) -> int:
 
     print(f"machine: {_machine()}")
     ticks = cpu_ticks()
-    rows = measure(Path(args.run), [int(x) for x in args.multiples.split(",")])
+    rows = measure(Path(args.run), [int(x) for x in args.multiples.split(",")], args.base_docs)
     print(f"{'corpus':>6s} {'docs':>6s} {'tokens':>9s} {'harvest s':>10s} {'SAEs s':>8s} {'features s':>11s} "
           f"{'(CPU s)':>18s} {'harvest MB':>11s} {'DuckDB MB':>10s}")
     for r in rows:
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("scaling", help="harvest + SAE time and store size at 1x-4x corpus")
     sc.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
     sc.add_argument("--multiples", default="1,2,3,4")
+    sc.add_argument("--base-docs", type=int, default=None, help="documents at 1x (default: the corpus / largest multiple)")
     args = p.parse_args(argv)
     if args.what == "stages":
         return stages(args)

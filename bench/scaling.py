@@ -1,11 +1,13 @@
 """How harvest + SAE training time and the run's store grow with the corpus (1× to 4×).
 
-For each multiple m, the first m/4 of the demo run's activation corpus (so 4× is the whole corpus)
+For each multiple m, the first m × (corpus / 4) documents of the demo run's activation corpus (4× is
+the whole corpus; ``--base-docs`` sets 1× explicitly)
 goes through what the precompute does with it, in one process and a fresh run directory: the tuned
 policy's harvest of the selected layers (float16 memory-mapped files), one TopK SAE per layer trained
 for one pass over the training rows (so its cost should grow with the corpus; the precompute's fixed
 ``sae_train_tokens`` budget would hide that), the features stage's tables of each SAE, and the
-DuckDB store holding the documents, features and examples. Times are wall and process CPU seconds.
+DuckDB store holding the documents, features and examples. Times are wall and process CPU seconds;
+the smallest size runs once more first, as a warm-up, and is not reported.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def _timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def measure(run: Path, multiples: list[int]) -> list[dict]:
-    from bench.throughput import _docs
+def measure(run: Path, multiples: list[int], base_docs: int | None = None) -> list[dict]:
+    from bench.throughput import _docs, run_sae_spec
     from lfp_core import activations, features, saes
     from lfp_core.live import LiveEngine
     from lfp_core.pipeline.saes import _special
@@ -42,9 +44,12 @@ def measure(run: Path, multiples: list[int]) -> list[dict]:
     special = _special(tok)
     vocab = [tok.decode([i]) for i in range(hooked.cfg.d_vocab)]
     settings = features.FeatureSettings()
+    base = base_docs or n_all // max(multiples)
+    if base * max(multiples) > n_all:
+        raise ValueError(f"{max(multiples)} x {base} documents requested; the run's corpus has {n_all}")
     out = []
-    for m in multiples:
-        docs = all_docs[: max(1, n_all * m // max(multiples))]
+    for m in [multiples[0], *multiples]:  # the first measurement warms the caches up and is dropped
+        docs = all_docs[: base * m]
         tmp = Path(tempfile.mkdtemp(prefix=f"lfp-scaling-{m}x-"))
         try:
             root = tmp / "run" / "artifacts" / "activations"
@@ -56,8 +61,7 @@ def measure(run: Path, multiples: list[int]) -> list[dict]:
             tables = []
             for layer in layers:
                 acts = np.load(root / "tuned" / f"L{layer}.npy", mmap_mode="r")
-                spec = saes.SAESpec(arch="topk", d_sae=2 * hooked.cfg.d_model, k=32, lr=3e-3, batch_size=256,
-                                    train_tokens=(len(train) // 256) * 256, seed=0)
+                spec = run_sae_spec(run, hooked.cfg.d_model, len(train))
                 src = saes.ActivationSource(acts, train, spec.batch_size, seed=0, layer=layer)
                 (sae, _), w, c = _timed(lambda: saes.train_sae(spec, src, activations.hook_name(layer)))
                 s_wall, s_cpu = s_wall + w, s_cpu + c
@@ -83,7 +87,7 @@ def measure(run: Path, multiples: list[int]) -> list[dict]:
                         "harvest_bytes": _dir_bytes(root), "db_bytes": (tmp / "run" / "run.duckdb").stat().st_size})
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return out[1:]
 
 
 def exponent(x: list[float], y: list[float]) -> float:

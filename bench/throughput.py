@@ -23,6 +23,19 @@ def _docs(run: Path, n_docs: int):
     return [Doc(int(d), s, sp, [int(t) for t in ids]) for d, s, sp, ids in zip(df.doc_id, df.source, df.split, df.token_ids)]
 
 
+def run_sae_spec(run: Path, d_model: int, n_rows: int):
+    """The run's main-SAE settings (architecture, width, k, lr, batch), for one pass over ``n_rows``."""
+    from lfp_core import saes
+    from lfp_core.config import RunConfig
+    from lfp_core.store import RunReader
+
+    cfg = RunConfig(**{k: v for k, v in RunReader(run).run_info()["config"].items()
+                       if k in RunConfig.__dataclass_fields__})
+    bs = cfg.sae_batch_size
+    return saes.SAESpec(arch=cfg.sae_arch, d_sae=cfg.sae_expansion * d_model, k=cfg.sae_k, l1=cfg.sae_l1,
+                        lr=cfg.sae_lr, batch_size=bs, train_tokens=(n_rows // bs) * bs, seed=0)
+
+
 @torch.no_grad()
 def bare_forward(hooked, docs, bos: list[int], batch_size: int = 32) -> tuple[float, int]:
     """Seconds and tokens of plain forward passes over ``docs`` batched exactly as the harvest batches them."""
@@ -39,7 +52,7 @@ def bare_forward(hooked, docs, bos: list[int], batch_size: int = 32) -> tuple[fl
 
 def measure(run: Path, n_docs: int, repeats: int) -> dict:
     """Median tokens/s of the bare forward pass, the harvest (selected layers, to float16 memmaps) and the
-    SAE training (TopK, the run's settings, one pass over the harvested rows)."""
+    SAE training (the run's main-SAE settings, one pass over the harvested rows)."""
     from lfp_core import activations, saes
     from lfp_core.live import LiveEngine
     from lfp_core.pipeline.saes import _special
@@ -60,8 +73,7 @@ def measure(run: Path, n_docs: int, repeats: int) -> dict:
             rows = info["rows"] if isinstance(info, dict) and "rows" in info else None
             acts = np.load(Path(tmp) / "tuned" / f"L{layers[0]}.npy")
     n_rows = len(acts) if rows is None else rows
-    spec = saes.SAESpec(arch="topk", d_sae=2 * hooked.cfg.d_model, k=32, lr=3e-3, batch_size=256,
-                        train_tokens=(n_rows // 256) * 256, seed=0)
+    spec = run_sae_spec(run, hooked.cfg.d_model, n_rows)
     sae_tps = []
     for i in range(repeats):
         src = saes.ActivationSource(acts, np.arange(n_rows), spec.batch_size, seed=i, layer=layers[0])
