@@ -92,8 +92,8 @@ def sample(model, prompts: torch.Tensor, max_new_tokens: int, seed: int) -> list
 
 def _sample_with_uniforms(model, prompts: torch.Tensor, u: torch.Tensor, cache_cls) -> list[list[int]]:
     cache = cache_cls.init_cache(model.cfg, model.cfg.device, prompts.shape[0])
-    # the prompt pass fills the cache; only its last position needs the unembedding (the 50k-token
-    # unembedding of every prompt position was ~80% of the pass)
+    # the prompt pass fills the cache; only its last position needs the unembedding (for the demo
+    # model, 4,096 x 256, a quarter of the multiply-adds of every prompt position, plus the softmax)
     resid = model(prompts, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)[:, -1:]
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
