@@ -73,7 +73,9 @@ def build_synthetic_store(run_dir: Path, n_features: int = 50_000, n_examples: i
             [n_tokens, n_tokens, n_tokens, n_layers, per, n_examples])
         con.execute("INSERT INTO probe_features SELECT 'tuned', l, f, random() - 0.5, random(), random(), "
                     "(row_number() OVER ()) - 1 FROM range(?) AS a(l), range(?) AS b(f)", [n_layers, per])
-        con.execute("INSERT INTO feature_labels SELECT 'tuned', l, f, 'synthetic', 'fires on token ' || (f % 4096)::VARCHAR "
+        con.execute("INSERT INTO feature_labels (role, layer, feature, labeller, explanation, relevant, detection_acc, "
+                    "detection_f1, detection_auc, n_unparsed) "
+                    "SELECT 'tuned', l, f, 'synthetic', 'fires on token ' || (f % 4096)::VARCHAR "
                     "|| CASE WHEN f % 5 = 0 THEN ' (praise)' ELSE '' END, f % 5 = 0, random(), random(), NULL, 0 "
                     "FROM range(?) AS a(l), range(?) AS b(f)", [n_layers, per])
         con.execute("INSERT INTO stages VALUES ('features', 0, 'x', 'done', now(), now(), 0, '{}', NULL)")
