@@ -139,7 +139,7 @@ def stages(args) -> int:
         print(f"{name:14s} {float(w):8.1f} {float(c):8.1f} {float(rss):13.2f} {(st or '?') + '%':>6s}")
     print(f"{'total':14s} {wall:8.1f} {sum(float(r[2]) for r in rows):8.1f} {peak:13.2f} {_steal_since(ticks):>6s}"
           f"   (wall incl. start-up; peak RSS: the largest stage's)")
-    print(f"target: total <= 600 s, peak RSS <= 4 GiB; log: {log_path}")
+    print(f"targets (demo preset): total <= 600 s, peak RSS <= 4 GiB; log: {log_path}")
     if proc.returncode != 0:
         print(f"precompute failed (exit {proc.returncode}); see {log_path}", file=sys.stderr)
         return 1

@@ -268,7 +268,7 @@ def inference_batch(device: str, cpu: int = 32) -> int:
 
 
 PRESETS: dict[str, dict] = {
-    # quick: a smoke run of every stage, for tests and first contact (<= 2 minutes on 2 cores).
+    # quick: a smoke run of every stage, for tests and first contact (271 s on 2 cores: python -m bench stages --preset quick).
     "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32,
               "rl_steps": 60, "n_pairs": 128, "n_eval_pairs": 64, "dpo_max_length": 128, "dpo_max_prompt_length": 64,
               "sae_corpus_docs": 300, "sae_train_tokens": 30_000, "sae_batch_size": 256, "sae_lr": 3e-3, "sae_sweep_l1": "0.5,2", "sae_ce_docs": 32,
