@@ -149,6 +149,8 @@ def test_deep_links_reach_each_page_through_the_app(server, browser):
     page.goto(f"{base}/layers?run={run.name}", wait_until="domcontentloaded")
     page.get_by_text("Selected layers").wait_for(timeout=60_000)
     page.get_by_text("Dictionary similarity (MMCS)").wait_for(timeout=60_000)
+    # Streamlit streams the page element by element: wait for the last section before reading it
+    page.get_by_text("Mutual Feature Regularization vs independent SAEs").wait_for(timeout=60_000)
     body = page.inner_text("body")
     assert "LFP Explorer" in body and "Overview" in body  # the shared sidebar and navigation
     assert "Page not found" not in body
