@@ -24,16 +24,17 @@ def _docs(run: Path, n_docs: int):
 
 
 def run_sae_spec(run: Path, d_model: int, n_rows: int):
-    """The run's main-SAE settings (architecture, width, k, lr, batch), for one pass over ``n_rows``."""
-    from lfp_core import saes
+    """The run's main-SAE settings (the saes stage's own spec), for one pass over ``n_rows``."""
+    import json
+    from dataclasses import replace
+
     from lfp_core.config import RunConfig
+    from lfp_core.pipeline.saes import _spec
     from lfp_core.store import RunReader
 
-    cfg = RunConfig(**{k: v for k, v in RunReader(run).run_info()["config"].items()
-                       if k in RunConfig.__dataclass_fields__})
-    bs = cfg.sae_batch_size
-    return saes.SAESpec(arch=cfg.sae_arch, d_sae=cfg.sae_expansion * d_model, k=cfg.sae_k, l1=cfg.sae_l1,
-                        lr=cfg.sae_lr, batch_size=bs, train_tokens=(n_rows // bs) * bs, seed=0)
+    cfg = RunConfig.from_json(json.dumps(RunReader(run).run_info()["config"]))
+    spec = _spec(cfg, d_model)
+    return replace(spec, train_tokens=(n_rows // spec.batch_size) * spec.batch_size, seed=0, device="cpu")
 
 
 @torch.no_grad()

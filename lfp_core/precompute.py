@@ -63,7 +63,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
                 writer.mark_stage(_name, _pos, _h, "done", time.time() - _t0, detail, con=con)
 
             ctx.finisher = finish
-            meter = Meter().__enter__()
+            meter = Meter().start()
             try:
                 stage.run(ctx, h)
             except BaseException as exc:

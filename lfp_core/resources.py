@@ -65,10 +65,13 @@ class Meter:
     steal: float | None = None
     _start: tuple = field(default=(), repr=False)
 
-    def __enter__(self) -> "Meter":
+    def start(self) -> "Meter":
         reset_peak_rss()
         self._start = (time.perf_counter(), time.process_time(), cpu_ticks())
         return self
+
+    def __enter__(self) -> "Meter":
+        return self.start()
 
     def stop(self) -> "Meter":
         w, c, ticks = self._start
