@@ -108,7 +108,7 @@ def throughput(args) -> int:
     return 0
 
 
-_STAGE_LINE = re.compile(r"stage (\S+)\s+done in ([0-9.]+)s \(CPU ([0-9.]+)s, peak RSS ([0-9.]+) GiB(?:, CPU steal (\d+)%)?\)")
+_STAGE_LINE = re.compile(r"stage (\S+)\s+done in ([0-9.]+)s \(CPU ([0-9.]+)s, peak RSS ([0-9.]+) GiB(?: \(sampled\))?(?:, CPU steal (\d+)%)?\)")
 
 
 def stages(args) -> int:
@@ -132,7 +132,7 @@ def stages(args) -> int:
     wall = time.perf_counter() - t0
     rows = [m.groups() for m in _STAGE_LINE.finditer(log_path.read_text())]
     # the process's peak is the largest stage peak (each stage resets the kernel's high-water mark,
-    # which also resets what getrusage would report)
+    # which also resets what getrusage would report, or samples RSS where the kernel cannot reset it)
     peak = max((float(r[3]) for r in rows), default=float("nan"))
     print(f"{'stage':14s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GiB':>13s} {'steal':>6s}")
     for name, w, c, rss, st in rows:

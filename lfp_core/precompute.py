@@ -67,6 +67,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
             try:
                 stage.run(ctx, h)
             except BaseException as exc:
+                meter.stop()
                 writer.mark_stage(stage.name, pos, h, "failed", time.time() - t0, error=f"{type(exc).__name__}: {exc}")
                 raise
             status, _ = writer.stage_record(stage.name)

@@ -22,3 +22,6 @@ def test_stage_bench_reads_the_precompute_log_line():
     m = Meter(wall=1.0, cpu=12.34, peak_rss=int(2.5 * 2**30), steal=0.07)
     line = "INFO lfp_core.precompute: stage %-14s done in %.1fs (%s)" % ("saes", 169.9, m.describe())
     assert _STAGE_LINE.search(line).groups() == ("saes", "169.9", "12.3", "2.50", "7")
+    m.peak_sampled = True  # where the kernel ignores the high-water-mark reset
+    line = "INFO lfp_core.precompute: stage %-14s done in %.1fs (%s)" % ("saes", 169.9, m.describe())
+    assert "(sampled)" in line and _STAGE_LINE.search(line).groups() == ("saes", "169.9", "12.3", "2.50", "7")
