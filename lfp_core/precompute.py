@@ -63,17 +63,16 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
                 writer.mark_stage(_name, _pos, _h, "done", time.time() - _t0, detail, con=con)
 
             ctx.finisher = finish
-            meter = Meter().start()
             try:
-                stage.run(ctx, h)
+                with Meter() as meter:
+                    stage.run(ctx, h)
             except BaseException as exc:
-                meter.stop()
                 writer.mark_stage(stage.name, pos, h, "failed", time.time() - t0, error=f"{type(exc).__name__}: {exc}")
                 raise
             status, _ = writer.stage_record(stage.name)
             if status != "done":
                 raise RuntimeError(f"stage {stage.name} returned without committing its results")
-            log.info("stage %-14s done in %.1fs (%s)", stage.name, time.time() - t0, meter.stop().describe())
+            log.info("stage %-14s done in %.1fs (%s)", stage.name, time.time() - t0, meter.describe())
             outcome[stage.name] = "done"
         if stage.name == until:
             break
