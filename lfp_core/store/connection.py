@@ -1,0 +1,74 @@
+"""Where a run lives on disk and how its DuckDB file is opened."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from lfp_core.store.errors import CorruptStoreError, StoreBusyError
+
+DB_NAME = "run.duckdb"
+ARTIFACTS = "artifacts"
+
+
+def db_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / DB_NAME
+
+
+def artifacts_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ARTIFACTS
+
+
+def list_runs(runs_dir: str | Path) -> list[Path]:
+    """Run directories (those holding a run.duckdb) under ``runs_dir``, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and db_path(p).exists()]
+    return sorted(runs, key=lambda p: db_path(p).stat().st_mtime, reverse=True)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now().replace(microsecond=0)
+
+
+def connect(path: Path, read_only: bool, retries: int = 20) -> duckdb.DuckDBPyConnection:
+    """Open the DuckDB file, turning DuckDB's errors into specific StoreErrors.
+
+    A lock held by another process (a precompute writing) is retried for a few seconds.
+    """
+    for attempt in range(retries):
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            msg = str(exc)
+            if "lock" in msg.lower() and attempt < retries - 1:
+                time.sleep(0.25)
+                continue
+            if "lock" in msg.lower():
+                raise StoreBusyError(
+                    f"{path} is locked by another process (a precompute writing to it?); try again shortly"
+                ) from exc
+            raise CorruptStoreError(
+                f"{path} is not a readable DuckDB database ({msg.splitlines()[0]}). "
+                f"Move it aside and rebuild the run with python -m lfp_core.precompute --out {path.parent}"
+            ) from exc
+        except duckdb.Error as exc:
+            raise CorruptStoreError(
+                f"{path} could not be opened as a DuckDB database ({str(exc).splitlines()[0]}). "
+                f"Move it aside and rebuild the run with python -m lfp_core.precompute --out {path.parent}"
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+class Queries:
+    """Base of the reader's domain mixins: one parameterised read query at a time."""
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:  # pragma: no cover - abstract
+        raise NotImplementedError

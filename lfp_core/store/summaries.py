@@ -1,0 +1,412 @@
+"""Typed stage summaries: what each precompute stage records about its run, one class per stage.
+
+A stage ends with ``ctx.commit(write, detail)``; ``detail`` is a dict whose keys are the fields of the
+stage's summary class below. The store converts it when the stage is marked done (a key that is not a
+field, at any level, is an error naming the stage and the key) and stores it as JSON in the ``stages``
+table; readers get the typed record back (``StageRecord.summary``, ``RunReader.summary(ProbesSummary)``).
+
+Records are frozen dataclasses (attributes); the small statistic bundles inside them (a Kendall τ with
+its p-value, a reward mean with its standard error, ...) are ``TypedDict``s (:mod:`lfp_core.store.stats`),
+so they stay plain JSON-ready dicts that the report passes through unchanged. Every field has a default: a stage may
+leave a field out (e.g. the fields of the other task), and a run written before a field existed still
+reads. A reader drops (and logs) keys it does not know, so an older run with a retired key still opens.
+
+Importable without torch (the dashboard and the report use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints, is_typeddict
+
+from lfp_core.store.errors import SummaryError
+from lfp_core.store.stats import (  # noqa: F401  (re-exported: the summaries' field types)
+    AttributionResult,
+    Correlation,
+    Disagreement,
+    DisagreementFeature,
+    FrequencyRow,
+    HarvestInfo,
+    IrmDisagreement,
+    LogisticResult,
+    MfrStats,
+    ModelInfo,
+    Overlap,
+    PairAccuracy,
+    PairedDifference,
+    ProbeInput,
+    RewardStats,
+    RMSaeStats,
+    RMTrainStep,
+    Spearman,
+    Tau,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --- stage summaries -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageSummary:
+    """Base of the stage summaries; ``STAGE`` is the stage's name."""
+
+    STAGE: ClassVar[str] = ""
+
+
+SUMMARIES: dict[str, type[StageSummary]] = {}
+S = TypeVar("S", bound=StageSummary)
+
+
+def _stage(name: str):
+    def register(cls: type[S]) -> type[S]:
+        cls.STAGE = name
+        SUMMARIES[name] = cls
+        return cls
+
+    return register
+
+
+@_stage("model")
+@dataclass(frozen=True)
+class ModelSummary(StageSummary):
+    model: ModelInfo | None = None
+
+
+@_stage("prompts")
+@dataclass(frozen=True)
+class PromptsSummary(StageSummary):
+    n_train: int | None = None
+    n_eval: int | None = None
+    source: str | None = None  # "imdb" data folder or "model-sampled"
+
+
+@_stage("pairs")
+@dataclass(frozen=True)
+class PairsSummary(StageSummary):
+    n_train: int | None = None
+    n_eval: int | None = None
+    source: str | None = None
+
+
+@_stage("base_samples")
+@dataclass(frozen=True)
+class BaseSamplesSummary(StageSummary):
+    reward: RewardStats | None = None
+
+
+@_stage("rlhf")
+@dataclass(frozen=True)
+class RLHFSummary(StageSummary):
+    policy_dir: str | None = None
+    steps: int | None = None
+    first_reward: float | None = None  # GRPO (VADER task)
+    last10_reward: float | None = None
+
+
+@_stage("rl_eval")
+@dataclass(frozen=True)
+class RLEvalSummary(StageSummary):
+    """VADER task: the tuned policy against the base model on the held-out prompts. HH task: the DPO
+    policy's implicit-reward margin and accuracy on held-out (eval_*) and training (train_*) pairs."""
+
+    reward_base: RewardStats | None = None
+    reward_tuned: RewardStats | None = None
+    difference: PairedDifference | None = None
+    kl_per_token: float | None = None
+    distinct2_base: float | None = None
+    distinct2_tuned: float | None = None
+    eval_margin: RewardStats | None = None
+    eval_accuracy: float | None = None
+    n_eval: int | None = None
+    train_margin: RewardStats | None = None
+    train_accuracy: float | None = None
+    n_train: int | None = None
+
+
+@_stage("divergence")
+@dataclass(frozen=True)
+class DivergenceSummary(StageSummary):
+    selected_layers: list[int] | None = None
+    measure: str | None = None  # "activation" or "param"
+
+
+@_stage("activations")
+@dataclass(frozen=True)
+class ActivationsSummary(StageSummary):
+    layers: list[int] | None = None
+    source: str | None = None
+    n_docs: int | None = None
+    n_rows: int | None = None
+    n_train_rows: int | None = None
+    n_eval_rows: int | None = None
+    tuned: HarvestInfo | None = None
+    base: HarvestInfo | None = None
+
+
+@_stage("saes")
+@dataclass(frozen=True)
+class SAEsSummary(StageSummary):
+    n_saes: int | None = None
+    layers: list[int] | None = None
+    bars: dict[str, dict[str, bool]] = field(default_factory=dict)  # {sae_id: {bar: met}}
+    mfr: dict[str, MfrStats] = field(default_factory=dict)  # {"mfr" | "independent": stats}
+
+
+@_stage("features")
+@dataclass(frozen=True)
+class FeaturesSummary(StageSummary):
+    saes: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ProbeRoleSummary:
+    """The token probe on one model's SAE features (``probes`` stage, per role)."""
+
+    tau_occurrence: Tau | None = None
+    tau_word: Tau | None = None
+    sign_acc_pos_occurrence: float | None = None
+    sign_acc_neg_occurrence: float | None = None
+    sign_acc_pos_word: float | None = None
+    sign_acc_neg_word: float | None = None
+    alpha_occurrence: float | None = None
+    alpha_word: float | None = None
+    error_vs_tuned_freq_occurrence: Correlation | None = None
+    error_vs_tuned_freq_word: Correlation | None = None
+    tau_baseline: Tau | None = None
+    tau_shuffled: Tau | None = None
+    inputs: dict[str, ProbeInput] | None = None
+    sign_acc_pos: float | None = None
+    sign_acc_neg: float | None = None
+    irm: Correlation | None = None
+    irm_all_words: Correlation | None = None
+    irm_disagreements: list[IrmDisagreement] | None = None
+    logistic: dict[str, LogisticResult] | None = None
+    pca_var_ratio: list[float] | None = None
+    pca_var_ratio_by_task: dict[str, list[float]] | None = None
+    tau_contrastive: Tau | None = None
+
+    def tau(self, split: str) -> Tau | None:
+        """τ of the ``occurrence`` or ``word`` split."""
+        return {"occurrence": self.tau_occurrence, "word": self.tau_word}[split]
+
+    def sign_acc(self, polarity: str, split: str) -> float | None:
+        """Sign accuracy on ``pos`` or ``neg`` words of the ``occurrence`` or ``word`` split."""
+        return {
+            ("pos", "occurrence"): self.sign_acc_pos_occurrence,
+            ("neg", "occurrence"): self.sign_acc_neg_occurrence,
+            ("pos", "word"): self.sign_acc_pos_word,
+            ("neg", "word"): self.sign_acc_neg_word,
+        }[(polarity, split)]
+
+
+@_stage("probes")
+@dataclass(frozen=True)
+class ProbesSummary(StageSummary):
+    layers: list[int] | None = None
+    n_points: int | None = None
+    n_words: int | None = None
+    n_test_occurrence: int | None = None
+    n_test_word: int | None = None
+    tuned: ProbeRoleSummary | None = None
+    base: ProbeRoleSummary | None = None
+
+    def role(self, role: str) -> ProbeRoleSummary | None:
+        """The probe on the ``tuned`` or ``base`` model."""
+        return {"tuned": self.tuned, "base": self.base}.get(role)
+
+
+@_stage("labels")
+@dataclass(frozen=True)
+class LabelsSummary(StageSummary):
+    labeller: str | None = None
+    n_chosen: int | None = None
+    n_skipped_no_examples: int | None = None
+    llm_requests: int | None = None  # LLM labeller only
+    llm_cached: int | None = None
+    llm_tokens: int | None = None
+    n_labelled: int | None = None
+    n_relevant: int | None = None
+    n_unparsed: int | None = None
+    detection_acc_mean: float | None = None
+    frequency: list[FrequencyRow] = field(default_factory=list)
+    overlap: Overlap = field(default_factory=lambda: Overlap())
+
+
+@dataclass(frozen=True)
+class AblationSetSummary:
+    """One tested feature set: reward before/after (95% CIs) and, with random controls, their mean and p."""
+
+    size: int | None = None
+    n: int | None = None
+    reward_before: float | None = None
+    reward_after: float | None = None
+    after_lo: float | None = None
+    after_hi: float | None = None
+    diff: float | None = None
+    diff_lo: float | None = None
+    diff_hi: float | None = None
+    random_after_mean: float | None = None
+    random_diffs: list[float] | None = None
+    p: float | None = None
+    p_rank: float | None = None
+    lower_than_all: bool | None = None
+    n_random: int | None = None
+
+
+@_stage("ablation")
+@dataclass(frozen=True)
+class AblationSummary(StageSummary):
+    """Per tested set (``sets``), and the probe-top set's figures at the top level."""
+
+    reward_before: float | None = None
+    reward_after: float | None = None
+    random_after_mean: float | None = None
+    p: float | None = None
+    p_rank: float | None = None
+    lower_than_all: bool | None = None
+    sets: dict[str, AblationSetSummary] = field(default_factory=dict)
+
+
+@_stage("reward_model")
+@dataclass(frozen=True)
+class RewardModelSummary(StageSummary):
+    n_train: int | None = None
+    n_eval: int | None = None
+    train_log: list[RMTrainStep] | None = None
+    pair_acc: PairAccuracy | None = None  # held-out pairs
+    pair_acc_train: PairAccuracy | None = None
+    saes: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"harvest": HarvestInfo, sae_id: RMSaeStats}
+
+    @property
+    def sae_stats(self) -> dict[str, RMSaeStats]:
+        """{sae_id: FVU, L0, dead fraction and pair accuracy with the SAE spliced in}."""
+        return {k: typing.cast(RMSaeStats, v) for k, v in self.saes.items() if k != "harvest"}
+
+
+@_stage("attribution")
+@dataclass(frozen=True)
+class AttributionSummary(StageSummary):
+    pm: AttributionResult | None = None  # the preference model's reward
+    policy: AttributionResult | None = None  # the policy's probe-predicted reward
+    disagreement: Disagreement | None = None
+
+    def target(self, name: str) -> AttributionResult | None:
+        """``pm`` or ``policy``."""
+        return {"pm": self.pm, "policy": self.policy}.get(name)
+
+
+# --- conversion ------------------------------------------------------------------------------------
+class _Mode:
+    def __init__(self, stage: str, strict: bool):
+        self.stage, self.strict = stage, strict
+
+    def unknown(self, path: str, key: str, owner: str) -> None:
+        where = f"{path}.{key}" if path else key
+        if self.strict:
+            raise SummaryError(
+                f"stage {self.stage!r}: summary key {where!r} is not a field of {owner} "
+                f"(declare it in lfp_core/store/summaries.py)"
+            )
+        log.warning("stage %s: ignoring the stored summary key %r (not a field of %s)", self.stage, where, owner)
+
+    def bad(self, path: str, expected: str, value: Any) -> Any:
+        if self.strict:
+            raise SummaryError(
+                f"stage {self.stage!r}: summary value {path or '(top)'} should be {expected}, "
+                f"got {type(value).__name__}"
+            )
+        return value
+
+
+def _convert(tp: Any, value: Any, path: str, mode: _Mode) -> Any:
+    if value is None or tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        return _convert(options[0], value, path, mode) if len(options) == 1 else value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _record(tp, value, path, mode)
+    if is_typeddict(tp):
+        if not isinstance(value, Mapping):
+            return mode.bad(path, tp.__name__, value)
+        hints = get_type_hints(tp)
+        out = {}
+        for k, v in value.items():
+            if k not in hints:
+                mode.unknown(path, k, tp.__name__)
+                continue
+            out[k] = _convert(hints[k], v, f"{path}.{k}" if path else k, mode)
+        return out
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            return mode.bad(path, "a mapping", value)
+        _, vt = get_args(tp)
+        return {k: _convert(vt, v, f"{path}[{k!r}]", mode) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            return mode.bad(path, "a list", value)
+        (it,) = get_args(tp)
+        return [_convert(it, v, f"{path}[{i}]", mode) for i, v in enumerate(value)]
+    return value
+
+
+def _record(cls: type, value: Any, path: str, mode: _Mode) -> Any:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        return mode.bad(path, cls.__name__, value)
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in value.items():
+        if k not in names:
+            mode.unknown(path, k, cls.__name__)
+            continue
+        kwargs[k] = _convert(hints[k], v, f"{path}.{k}" if path else k, mode)
+    return cls(**kwargs)
+
+
+def parse_summary(
+    stage: str, detail: Mapping[str, Any] | StageSummary | None, strict: bool = True
+) -> StageSummary | None:
+    """The typed summary of ``stage`` from its detail dict.
+
+    Args:
+        stage: the stage's name.
+        detail: what the stage recorded (a dict, or already a summary).
+        strict: raise :class:`SummaryError` for a key that is not a field (the write path); otherwise
+            drop it with a warning (the read path: runs written by other versions).
+
+    Returns:
+        The summary, or None for a stage no summary class is declared for (an empty detail of an
+        unknown stage also gives None; a non-empty one is an error when ``strict``).
+    """
+    cls = SUMMARIES.get(stage)
+    if cls is None:
+        if detail and strict:
+            raise SummaryError(f"stage {stage!r} has no summary class; declare one in lfp_core/store/summaries.py")
+        return None
+    if isinstance(detail, StageSummary) and not isinstance(detail, cls):
+        raise SummaryError(f"stage {stage!r} takes a {cls.__name__}, not a {type(detail).__name__}")
+    return _record(cls, detail or {}, "", _Mode(stage, strict))
+
+
+def summary_dict(summary: StageSummary | Any) -> Any:
+    """A summary as a JSON-ready dict (fields left at None are omitted)."""
+    if dataclasses.is_dataclass(summary) and not isinstance(summary, type):
+        return {
+            f.name: summary_dict(getattr(summary, f.name))
+            for f in dataclasses.fields(summary)
+            if getattr(summary, f.name) is not None
+        }
+    if isinstance(summary, Mapping):
+        return {k: summary_dict(v) for k, v in summary.items()}
+    if isinstance(summary, list | tuple):
+        return [summary_dict(v) for v in summary]
+    return summary
