@@ -21,12 +21,15 @@ import numpy as np
 import torch
 
 from lfp_core.saes import encode_batches
+from lfp_core.settings import FeatureSettings
 
 
-@dataclass
-class FeatureSettings:
-    top_k: int = 20
-    window: int = 8
+@dataclass(frozen=True)
+class TableLayout:
+    """The fixed shape of a feature page's tables (not run settings: the dashboard is drawn for
+    these sizes). The run's choices (top examples per feature, context window) are
+    :class:`lfp_core.settings.FeatureSettings`."""
+
     n_intervals: int = 10
     per_interval: int = 2
     n_bins: int = 20
@@ -34,7 +37,6 @@ class FeatureSettings:
     n_neighbours: int = 10
     n_top_tokens: int = 8
     subsample_cap: int = 400
-    seed: int = 0
 
 
 class RowLookup:
@@ -55,7 +57,8 @@ class RowLookup:
 @torch.no_grad()
 def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_tokens: dict[int, list[int]],
                    row_source: np.ndarray, W_U: torch.Tensor, token_str, s: FeatureSettings,
-                   role: str, layer: int) -> tuple[list[dict], list[dict]]:
+                   role: str, layer: int, seed: int = 0,
+                   layout: TableLayout = TableLayout()) -> tuple[list[dict], list[dict]]:
     """Compute the ``features`` and ``feature_examples`` rows of one SAE.
 
     Args:
@@ -66,6 +69,9 @@ def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_toke
         row_source: per row, the text source of its document (e.g. 'imdb', 'base_completion').
         W_U: the model's unembedding (d_model x vocab).
         token_str: token id -> display string.
+        s: the run's feature settings (top examples per feature, context window).
+        seed: the run's seed (interval examples are sampled with it).
+        layout: the tables' fixed shape.
     """
     d_sae = int(sae.cfg.d_sae)
     m = max(s.top_k * 5, s.top_k)
@@ -87,28 +93,28 @@ def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_toke
         total += f.sum(0).double()
         vmax = torch.maximum(vmax, f.max(0).values)
         for k, v in sources.items():
-            sel = torch.from_numpy(row_source[idx] == k)
-            if sel.any():
-                v += fired[sel].sum(0)
+            in_source = torch.from_numpy(row_source[idx] == k)
+            if in_source.any():
+                v += fired[in_source].sum(0)
         cand_v = torch.cat([top_v, f.T], dim=1)
         cand_r = torch.cat([top_r, torch.from_numpy(idx).long().expand(d_sae, -1)], dim=1)
         top_v, j = cand_v.topk(m, dim=1)
         top_r = cand_r.gather(1, j)
     # pass 2 (over pass 1's firings): histogram and a capped uniform subsample of firing rows
-    rng = np.random.default_rng([s.seed, layer, 7])
-    keep_p = torch.clamp(s.subsample_cap / count.clamp_min(1), max=1.0).float()
-    hist = torch.zeros(d_sae, s.n_bins, dtype=torch.long)
-    samp_f, samp_r, samp_v = [], [], []
+    rng = np.random.default_rng([seed, layer, 7])
+    keep_p = torch.clamp(layout.subsample_cap / count.clamp_min(1), max=1.0).float()
+    hist = torch.zeros(d_sae, layout.n_bins, dtype=torch.long)
+    parts_f, parts_r, parts_v = [], [], []
     safe_max = vmax.clamp_min(1e-12)
     for idx, r, c, v in fired_at:
-        b = torch.clamp((v / safe_max[c] * s.n_bins).long(), max=s.n_bins - 1)
-        hist.view(-1).index_add_(0, c * s.n_bins + b, torch.ones_like(b))
+        b = torch.clamp((v / safe_max[c] * layout.n_bins).long(), max=layout.n_bins - 1)
+        hist.view(-1).index_add_(0, c * layout.n_bins + b, torch.ones_like(b))
         u = torch.from_numpy(rng.random(len(v))).float()
         keep = (u < keep_p[c]) | (v > 0.5 * vmax[c])
-        samp_f.append(c[keep].numpy())
-        samp_r.append(idx[r[keep].numpy()])
-        samp_v.append(v[keep].numpy())
-    samp_f, samp_r, samp_v = (np.concatenate(a) if a else np.zeros(0) for a in (samp_f, samp_r, samp_v))
+        parts_f.append(c[keep].numpy())
+        parts_r.append(idx[r[keep].numpy()])
+        parts_v.append(v[keep].numpy())
+    samp_f, samp_r, samp_v = (np.concatenate(a) if a else np.zeros(0) for a in (parts_f, parts_r, parts_v))
 
     # examples: top-k (at most one per document) and interval samples
     examples: list[tuple[int, str, int, int, int, float]] = []  # feature, kind, rank, interval, row, act
@@ -131,12 +137,12 @@ def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_toke
         if len(sel) == 0:
             continue
         mx = float(vmax[feat])
-        ib = np.minimum((samp_v[sel] / mx * s.n_intervals).astype(int), s.n_intervals - 1)
-        for iv in range(s.n_intervals):
+        ib = np.minimum((samp_v[sel] / mx * layout.n_intervals).astype(int), layout.n_intervals - 1)
+        for iv in range(layout.n_intervals):
             pool = sel[ib == iv]
             if len(pool) == 0:
                 continue
-            pick = rng.choice(pool, size=min(s.per_interval, len(pool)), replace=False)
+            pick = rng.choice(pool, size=min(layout.per_interval, len(pool)), replace=False)
             for rank, p in enumerate(pick):
                 examples.append((feat, "interval", rank, iv, int(samp_r[p]), float(samp_v[p])))
 
@@ -145,27 +151,27 @@ def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_toke
     for e in ex_rows:  # distinct tokens the feature fires on most, in rank order (searchable in the browser)
         if e["kind"] == "top":
             toks = top_tokens.setdefault(e["feature"], [])
-            if e["tokens"][e["center"]] not in toks and len(toks) < s.n_top_tokens:
+            if e["tokens"][e["center"]] not in toks and len(toks) < layout.n_top_tokens:
                 toks.append(e["tokens"][e["center"]])
 
     # logit effects and decoder neighbours
     W_dec = sae.W_dec.detach().float().cpu()
     logits = W_dec @ W_U.detach().float().cpu()
-    n_l = min(s.n_logits, logits.shape[1])
+    n_l = min(layout.n_logits, logits.shape[1])
     top_l = logits.topk(n_l, dim=1)
     bot_l = (-logits).topk(n_l, dim=1)
     unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
     cos = unit @ unit.T
     cos.fill_diagonal_(-2.0)
-    n_nb = min(s.n_neighbours, d_sae - 1)
+    n_nb = min(layout.n_neighbours, d_sae - 1)
     nb = cos.topk(n_nb, dim=1) if n_nb > 0 else None
     feats = []
     for feat in range(d_sae):
-        c = float(count[feat])
+        n_fired = float(count[feat])
         feats.append({
             "role": role, "layer": layer, "feature": feat,
-            "density": c / n_rows, "n_fired": int(c),
-            "mean_act": float(total[feat]) / c if c else 0.0, "max_act": float(vmax[feat]),
+            "density": n_fired / n_rows, "n_fired": int(n_fired),
+            "mean_act": float(total[feat]) / n_fired if n_fired else 0.0, "max_act": float(vmax[feat]),
             "hist_counts": hist[feat].tolist(), "top_tokens": top_tokens.get(feat, []),
             "freq_base_text": float(sources["base_completion"][feat]) / n_src["base_completion"]
             if n_src["base_completion"] else None,
@@ -187,7 +193,9 @@ def _contexts(sae, acts, index, doc_tokens, examples, window, token_str, role, l
     if not examples:
         return []
     lookup = RowLookup(index["doc_id"], index["pos"])
-    spans, want_rows, want_feat = [], [], []
+    spans: list[tuple] = []
+    want_rows: list[int] = []
+    want_feat: list[int] = []
     for feat, kind, rank, iv, r, v in examples:
         d, p = int(index["doc_id"][r]), int(index["pos"][r])
         toks = doc_tokens[d]
@@ -235,14 +243,14 @@ def top_tokens_of(sae, acts: np.ndarray, rows: np.ndarray, token_ids: np.ndarray
         v, r = torch.cat([best_v, v], 1), torch.cat([best_r, r], 1)
         top = v.topk(min(keep, v.shape[1]), dim=1)
         best_v, best_r = top.values, torch.gather(r, 1, top.indices)
-    out = {}
-    for i, f in enumerate(feats):
+    out: dict[int, list[str]] = {}
+    for i, feat in enumerate(feats):
         toks: list[str] = []
-        for v, r in zip(best_v[i].tolist(), best_r[i].tolist()):
-            t = token_str(int(token_ids[r]))
-            if v > 0 and t not in toks:
+        for val, row in zip(best_v[i].tolist(), best_r[i].tolist()):
+            t = token_str(int(token_ids[row]))
+            if val > 0 and t not in toks:
                 toks.append(t)
             if len(toks) >= n:
                 break
-        out[f] = toks
+        out[feat] = toks
     return out

@@ -12,22 +12,15 @@ import itertools
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lfp_core.errors import BadInputError, MissingInputError
+from lfp_core.settings import RMSettings
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RMSettings:
-    epochs: int = 2
-    lr: float = 1e-4
-    batch_size: int = 16
-    seed: int = 0
-    device: str = "cpu"
 
 
 def oracle_pairs(groups: dict[int, list[tuple[list[int], float]]]) -> list[dict]:
@@ -48,7 +41,7 @@ def oracle_pairs(groups: dict[int, list[tuple[list[int], float]]]) -> list[dict]
 
 
 def train_reward_model(base, pairs: list[dict], prompts: dict[int, list[int]], settings: RMSettings,
-                       out_dir: Path) -> tuple[Path, list[dict]]:
+                       out_dir: Path, seed: int = 0, device: str = "cpu") -> tuple[Path, list[dict]]:
     """Fine-tune ``base`` (a LoadedModel) with a scalar head on ``pairs`` (see :func:`oracle_pairs`).
 
     Returns the model's directory (written via a temporary folder and a rename) and the training log.
@@ -58,20 +51,20 @@ def train_reward_model(base, pairs: list[dict], prompts: dict[int, list[int]], s
     from trl import RewardConfig, RewardTrainer
 
     if not pairs:
-        raise ValueError("no preference pairs with differing rewards: sample more completions per prompt "
-                         "(--set rm_samples_per_prompt=...)")
+        raise BadInputError("no preference pairs with differing rewards: sample more completions per prompt "
+                            "(--set rm_samples_per_prompt=...)")
     tok = base.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     data = Dataset.from_dict({
         "chosen_ids": [bos + prompts[p["prompt_id"]] + p["chosen_ids"] for p in pairs],
         "rejected_ids": [bos + prompts[p["prompt_id"]] + p["rejected_ids"] for p in pairs]})
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base.spec.location, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RewardConfig(output_dir=tmp, num_train_epochs=settings.epochs, learning_rate=settings.lr,
                            per_device_train_batch_size=settings.batch_size, logging_steps=10, save_strategy="no",
-                           report_to=[], use_cpu=settings.device == "cpu", seed=settings.seed, data_seed=settings.seed,
+                           report_to=[], use_cpu=device == "cpu", seed=seed, data_seed=seed,
                            disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=0, gradient_checkpointing=False)
         trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
         trainer.train()
@@ -80,7 +73,7 @@ def train_reward_model(base, pairs: list[dict], prompts: dict[int, list[int]], s
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    trainer.model.save_pretrained(tmp_dir)
+    model.save_pretrained(tmp_dir)  # the trainer trained it in place (trainer.model is model)
     tok.save_pretrained(tmp_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)
@@ -101,7 +94,7 @@ class RewardModel:
 
         path = Path(path)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"no reward model at {path}; run the reward_model stage of precompute")
+            raise MissingInputError(f"no reward model at {path}; run the reward_model stage of precompute")
         hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
         body = AutoModelForCausalLM.from_pretrained(base.spec.location, dtype=torch.float32)
         body.base_model.load_state_dict(hf.base_model.state_dict(), strict=True)  # the trained body, LM head unused

@@ -45,34 +45,23 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lfp_core import reward as vader
+from lfp_core.errors import BadInputError, MissingInputError
+from lfp_core.settings import DPOSettings, DPOStageSettings, RLSettings, RLStageSettings
+
+if TYPE_CHECKING:
+    from lfp_core.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
-class RewardError(ValueError):
+class RewardError(BadInputError):
     """The reward function returned a non-finite value; the message names the text."""
-
-
-@dataclass
-class RLSettings:
-    """GRPO hyper-parameters (see the module docstring for the chosen defaults)."""
-
-    steps: int = 150
-    lr: float = 1e-4
-    beta: float = 0.2
-    prompts_per_step: int = 4
-    generations: int = 8
-    min_new_tokens: int = 8
-    max_new_tokens: int = 19
-    save_every: int = 50
-    seed: int = 0
-    device: str = "cpu"
 
 
 def checked_rewards(texts: list[str]) -> list[float]:
@@ -92,14 +81,14 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     return str(cks[-1]) if cks else None
 
 
-def train_policy(base, prompt_ids: list[list[int]], settings: RLSettings, artifacts: Path,
+def train_policy(base, prompt_ids: list[list[int]], s: RLStageSettings, artifacts: Path,
                  config_hash: str = "") -> tuple[Path, list[dict], list[dict]]:
     """Fine-tune a copy of ``base`` with GRPO against the VADER reward.
 
     Args:
         base: the base :class:`lfp_core.models.LoadedModel` (left unchanged).
         prompt_ids: RL prompts as token ids (no BOS).
-        settings: GRPO hyper-parameters.
+        s: the RL stage's settings: GRPO hyper-parameters (``s.rl``), completion lengths, seed and device.
         artifacts: the run's artifacts directory.
         config_hash: identity of the settings; checkpoints of other settings are discarded
             instead of resumed.
@@ -116,7 +105,7 @@ def train_policy(base, prompt_ids: list[list[int]], settings: RLSettings, artifa
     from trl import GRPOConfig, GRPOTrainer
 
     if not prompt_ids:
-        raise ValueError("the RL prompt set is empty: run the prompts stage with --n-prompts >= 1")
+        raise BadInputError("the RL prompt set is empty: run the prompts stage with --n-prompts >= 1")
     tok = base.tokenizer
     bos = tok.bos_token or ""
     texts = [bos + tok.decode(ids) for ids in prompt_ids]
@@ -132,11 +121,14 @@ def train_policy(base, prompt_ids: list[list[int]], settings: RLSettings, artifa
                 samples.append({"step": step, "prompt": p[len(bos):], "completion": c, "reward": r})
         return rewards
 
-    rng = random.Random(settings.seed)
+    settings: RLSettings = s.rl
+    lengths, seed, device = s.completions, s.run.seed, s.run.device
+    rng = random.Random(seed)
 
     class LengthAndLog(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            trainer.generation_config.max_new_tokens = rng.randint(settings.min_new_tokens, settings.max_new_tokens)
+            assert trainer is not None  # callbacks run inside trainer.train()
+            trainer.generation_config.max_new_tokens = rng.randint(lengths.min_new_tokens, lengths.max_new_tokens)
             trainer.generation_kwargs["max_new_tokens"] = trainer.generation_config.max_new_tokens
 
 
@@ -147,7 +139,7 @@ def train_policy(base, prompt_ids: list[list[int]], settings: RLSettings, artifa
         num_generations=settings.generations,
         per_device_train_batch_size=settings.prompts_per_step * settings.generations,
         max_steps=settings.steps,
-        max_completion_length=settings.max_new_tokens,
+        max_completion_length=lengths.max_new_tokens,
         temperature=1.0,
         top_k=0,
         top_p=1.0,
@@ -157,9 +149,9 @@ def train_policy(base, prompt_ids: list[list[int]], settings: RLSettings, artifa
         save_total_limit=1,
         save_only_model=False,
         report_to=[],
-        use_cpu=settings.device == "cpu",
-        seed=settings.seed,
-        data_seed=settings.seed,
+        use_cpu=device == "cpu",
+        seed=seed,
+        data_seed=seed,
         disable_tqdm=True,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -185,7 +177,7 @@ def train_policy(base, prompt_ids: list[list[int]], settings: RLSettings, artifa
     return final_dir, steps_log, samples
 
 
-def load_policy(policy_dir: Path, base) -> "LoadedModel":  # noqa: F821
+def load_policy(policy_dir: Path, base) -> LoadedModel:
     """Load the tuned policy through :mod:`lfp_core.models`, checking it belongs to ``base``.
 
     Raises:
@@ -195,33 +187,19 @@ def load_policy(policy_dir: Path, base) -> "LoadedModel":  # noqa: F821
     from lfp_core.models import load_model
 
     if not (policy_dir / "config.json").exists():
-        raise FileNotFoundError(f"tuned policy missing at {policy_dir}; re-run the rlhf stage of precompute")
+        raise MissingInputError(f"tuned policy missing at {policy_dir}; re-run the rlhf stage of precompute")
     tuned = load_model(policy_dir, device=base.device)
     b, t = base.info(), tuned.info()
     for key in ("architecture", "n_layers", "d_model", "vocab_size", "n_params"):
         if b[key] != t[key]:
-            raise ValueError(f"tuned policy at {policy_dir} is not a fine-tune of {b['name']}: "
-                             f"{key} {t[key]} vs base {b[key]}")
+            raise BadInputError(f"tuned policy at {policy_dir} is not a fine-tune of {b['name']}: "
+                                f"{key} {t[key]} vs base {b[key]}")
     if tuned.tokenizer.get_vocab() != base.tokenizer.get_vocab():
-        raise ValueError(f"tuned policy at {policy_dir} has a different tokenizer from the base model {b['name']}")
+        raise BadInputError(f"tuned policy at {policy_dir} has a different tokenizer from the base model {b['name']}")
     return tuned
 
 
 # --- DPO on preference pairs (the HH task) -------------------------------------------------------
-@dataclass
-class DPOSettings:
-    """DPO hyper-parameters (paper: β 0.1, max length 256, prompt 128)."""
-
-    beta: float = 0.1
-    lr: float = 5e-5
-    epochs: int = 1
-    batch_size: int = 8
-    max_length: int = 256
-    max_prompt_length: int = 128
-    save_every: int = 25
-    seed: int = 0
-    device: str = "cpu"
-
 
 def truncate_pair(tok, pair: dict, s: DPOSettings) -> dict:
     """Keep the last ``max_prompt_length`` prompt tokens (the latest turns) and cut the responses so
@@ -234,7 +212,7 @@ def truncate_pair(tok, pair: dict, s: DPOSettings) -> dict:
     return out
 
 
-def train_dpo(base, pairs: list[dict], settings: DPOSettings, artifacts: Path, config_hash: str = "",
+def train_dpo(base, pairs: list[dict], s: DPOStageSettings, artifacts: Path, config_hash: str = "",
               ) -> tuple[Path, list[dict]]:
     """DPO-tune a copy of ``base`` on {prompt, chosen, rejected} pairs with trl's DPOTrainer.
 
@@ -249,16 +227,16 @@ def train_dpo(base, pairs: list[dict], settings: DPOSettings, artifacts: Path, c
     from trl import DPOConfig, DPOTrainer
 
     if not pairs:
-        raise ValueError("the preference-pair set is empty")
-    tok = base.tokenizer
+        raise BadInputError("the preference-pair set is empty")
+    tok, settings, seed, device = base.tokenizer, s.dpo, s.run.seed, s.run.device
     data = Dataset.from_list([truncate_pair(tok, p, settings) for p in pairs])
     ckpt_dir, final_dir = _fresh_checkpoint_dir(artifacts, config_hash), artifacts / "policy"
     cfg = DPOConfig(
         output_dir=str(ckpt_dir), learning_rate=settings.lr, beta=settings.beta, max_length=settings.max_length,
         truncation_mode="keep_start", num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size, logging_steps=1, save_strategy="steps",
-        save_steps=settings.save_every, save_total_limit=1, report_to=[], use_cpu=settings.device == "cpu",
-        seed=settings.seed, data_seed=settings.seed, disable_tqdm=True, lr_scheduler_type="constant",
+        save_steps=settings.save_every, save_total_limit=1, report_to=[], use_cpu=device == "cpu",
+        seed=seed, data_seed=seed, disable_tqdm=True, lr_scheduler_type="constant",
         gradient_checkpointing=False, dataset_num_proc=None,
     )
     policy = AutoModelForCausalLM.from_pretrained(base.spec.location, dtype=torch.float32)

@@ -40,17 +40,19 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import nn
 
 from lfp_core.activations import NonFiniteActivationError
+from lfp_core.errors import BadInputError, ConfigError, MissingInputError
+from lfp_core.settings import SAESettings
 
 log = logging.getLogger(__name__)
 
 ARCHS = ("topk", "relu", "tied")
 
 
-class SAEMismatchError(ValueError):
+class SAEMismatchError(BadInputError):
     """An SAE file that does not fit the model or hook it is used with."""
 
 
-class CorpusTooSmallError(ValueError):
+class CorpusTooSmallError(BadInputError):
     """Fewer harvested training tokens than requested."""
 
 
@@ -82,7 +84,7 @@ class TiedTrainingSAE(StandardTrainingSAE):
         self.b_enc = nn.Parameter(torch.zeros(c.d_sae, **kw))
 
     @property
-    def W_enc(self) -> torch.Tensor:  # type: ignore[override]
+    def W_enc(self) -> torch.Tensor:
         return self.W_dec.T
 
     def process_state_dict_for_saving_inference(self, state_dict: dict) -> None:
@@ -207,22 +209,34 @@ class ActivationSource:
 
 
 # --- training -----------------------------------------------------------------------------------------
+_SAE_DEFAULTS = SAESettings()
+
+
 @dataclass
 class SAESpec:
-    """What to train. ``d_sae`` is the dictionary size; ``k`` is used by topk, ``l1`` by relu/tied."""
+    """What to train: one SAE. ``d_sae`` is the dictionary size; ``k`` is used by topk, ``l1`` by
+    relu/tied. A run builds its specs from its :class:`lfp_core.settings.SAESettings` with
+    :meth:`from_settings`; the defaults here are that class's, so the two cannot drift apart."""
 
-    arch: str = "topk"
+    arch: str = _SAE_DEFAULTS.arch
     d_sae: int = 512
-    k: int = 32
-    l1: float = 1.0
-    lr: float = 1e-3
-    train_tokens: int = 200_000
-    batch_size: int = 1024
+    k: int = _SAE_DEFAULTS.k
+    l1: float = _SAE_DEFAULTS.l1
+    lr: float = _SAE_DEFAULTS.lr
+    train_tokens: int = _SAE_DEFAULTS.train_tokens
+    batch_size: int = _SAE_DEFAULTS.batch_size
     seed: int = 0
     device: str = "cpu"
     mfr: float = 0.0
     mfr_warm_up_frac: float = 0.2
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, s: SAESettings, d_model: int, seed: int, device: str, arch: str | None = None,
+                      expansion: int | None = None, **kw) -> SAESpec:
+        """The spec of an SAE of a run: ``s`` with an optional other architecture/expansion."""
+        return cls(arch=arch or s.arch, d_sae=(expansion or s.expansion) * d_model, k=s.k, l1=s.l1, lr=s.lr,
+                   train_tokens=s.train_tokens, batch_size=s.batch_size, seed=seed, device=device, **kw)
 
     def describe(self) -> str:
         sparsity = f"k={self.k}" if self.arch == "topk" else f"l1={self.l1:g}"
@@ -245,7 +259,7 @@ def _training_cfg(spec: SAESpec, d_in: int, hook: str, model_name: str, arch: st
     elif arch == "tied":
         cfg = TiedTrainingSAEConfig(l1_coefficient=spec.l1, l1_warm_up_steps=_steps(spec) // 10, **common)
     else:
-        raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     cfg.metadata.hook_name = hook
     cfg.metadata.model_name = model_name
     return cfg
@@ -264,7 +278,7 @@ def _trainer_cfg(spec: SAESpec) -> SAETrainerConfig:
 
 def _check_budget(spec: SAESpec, source: ActivationSource) -> None:
     if _steps(spec) < 1:
-        raise ValueError(f"sae_train_tokens {spec.train_tokens} is less than one batch ({spec.batch_size})")
+        raise ConfigError(f"sae_train_tokens {spec.train_tokens} is less than one batch ({spec.batch_size})")
     if spec.train_tokens > len(source):
         raise CorpusTooSmallError(
             f"requested {spec.train_tokens:,} SAE training tokens but the corpus has only {len(source):,} training "
@@ -355,7 +369,7 @@ def load_sae(path: str | Path, d_in: int | None = None, hook: str | None = None,
     path = Path(path)
     cfg_file = path / "cfg.json"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"no SAE at {path} (expected cfg.json and sae_weights.safetensors)")
+        raise MissingInputError(f"no SAE at {path} (expected cfg.json and sae_weights.safetensors)")
     cfg = json.loads(cfg_file.read_text())
     their_hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if d_in is not None and int(cfg["d_in"]) != int(d_in):

@@ -6,25 +6,29 @@
 Trains one SAE per coefficient with sae-lens on the run's harvested activations (the run needs
 its ``activations`` stage), evaluates each like the ``saes`` stage (held-out FVU, L0, dead
 fraction, loss recovered), stores them in the run as ``sweep`` SAEs (the Layers & SAEs page plots
-them) and prints the table. Exit status 2 on bad input.
+them) and prints the table. Exit status 2 on bad input (one line), 1 on any other failure (its traceback
+is logged).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lfp_core import activations, saes
 from lfp_core.config import RunConfig
+from lfp_core.errors import BadInputError, ConfigError
 from lfp_core.pipeline import Context
 from lfp_core.pipeline import saes as stage
-from lfp_core.store import RunReader, RunWriter, StoreError, put_rows
+from lfp_core.pipeline.shared import harvest_dir
+from lfp_core.store import RunReader, RunWriter, StoreError
+from lfp_core.store.summaries import ActivationsSummary
 
 log = logging.getLogger("lfp_core.sweep")
 
@@ -34,34 +38,34 @@ def run_sweep(run_dir: str | Path, coefficients: list[float], layer: int | None 
     """Train and evaluate one SAE per L1 coefficient; store and return their rows."""
     r = RunReader(run_dir)  # a missing or foreign run is an error here, never created
     writer = RunWriter(run_dir)
-    status = {s.name: s for s in r.stages()}
-    if "activations" not in status or status["activations"].status != "done":
+    harvested = r.summary(ActivationsSummary)
+    if harvested is None:
         raise StoreError(f"{run_dir} has no harvested activations yet; run python -m lfp_core.precompute --out {run_dir}")
     if arch not in ("relu", "tied"):
-        raise ValueError("the L1 sweep is for the L1-penalised architectures: relu or tied")
-    cfg = RunConfig.from_json(json.dumps(r.run_info()["config"]))
-    ctx = Context(cfg=cfg, writer=writer)
-    layers = status["activations"].detail["layers"]
+        raise ConfigError("the L1 sweep is for the L1-penalised architectures: relu or tied")
+    cfg = RunConfig.from_dict(r.run_info()["config"])
+    ctx = Context(run=cfg.run, writer=writer)
+    layers = list(harvested.layers or [])
     layer = layers[0] if layer is None else layer
     activations.check_layers([layer], ctx.model.hooked().cfg.n_layers)
     if layer not in layers:
-        raise ValueError(f"layer {layer} has no harvested activations; this run harvested layers {layers}")
-    h = stage.harvest_dir(ctx)
+        raise BadInputError(f"layer {layer} has no harvested activations; this run harvested layers {layers}")
+    h = harvest_dir(ctx)
     train_rows = np.nonzero(~h.index()["is_eval"])[0]
-    base_spec = stage._spec(cfg, ctx.model.hooked().cfg.d_model, arch, expansion)
+    base_spec = saes.SAESpec.from_settings(cfg.sae, ctx.model.hooked().cfg.d_model, cfg.run.seed, cfg.run.device, arch,
+                                           expansion)
     if tokens is not None:
         base_spec = replace(base_spec, train_tokens=tokens)
     rows = []
     for i, c in enumerate(coefficients):
-        job = {"kind": "sweep", "role": role, "layer": layer, "spec": replace(base_spec, l1=c),
+        job: dict[str, Any] = {"kind": "sweep", "role": role, "layer": layer, "spec": replace(base_spec, l1=c),
                "name": f"{arch}-{expansion}x-l1={c:g}" if (arch, expansion) != ("relu", 1) else f"l1={c:g}"}
-        src = saes.ActivationSource(h.acts(role, layer), train_rows, base_spec.batch_size, seed=cfg.seed + 500 + i,
+        src = saes.ActivationSource(h.acts(role, layer), train_rows, base_spec.batch_size, seed=cfg.run.seed + 500 + i,
                                     layer=layer)
         sae, info = saes.train_sae(job["spec"], src, activations.hook_name(layer), f"{ctx.model.spec.name}:{role}")
-        rows.append(stage._record(ctx, job, stage.sae_id(job), sae, info, base_spec.seed))
+        rows.append(stage.sae_record_row(ctx, job, stage.sae_id(job), sae, info, base_spec.seed, cfg.sae_suite.ce_docs))
     with writer.transaction() as con:
-        con.execute("DELETE FROM saes WHERE sae_id IN (SELECT unnest(?))", [[x["sae_id"] for x in rows]])
-        put_rows(con, "saes", rows)
+        RunWriter.put_saes(con, rows)  # replaces the rows of the same sae_id
     return rows
 
 
@@ -78,13 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        coefs = [float(x) for x in args.l1.split(",") if x.strip()]
+        try:
+            coefs = [float(x) for x in args.l1.split(",") if x.strip()]
+        except ValueError:
+            coefs = []
         if not coefs or any(c <= 0 for c in coefs):
-            raise ValueError("--l1 needs one or more positive numbers")
+            raise ConfigError(f"--l1 {args.l1!r}: needs one or more positive numbers, comma-separated")
         rows = run_sweep(args.run, coefs, args.layer, args.role, args.expansion, args.arch, args.tokens)
-    except (ValueError, StoreError, FileNotFoundError) as exc:
+    except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        log.exception("the L1 sweep of %s failed", args.run)
+        return 1
     print(f"{'L1':>8} {'L0':>8} {'FVU':>7} {'MSE':>8} {'dead':>6} {'recovered':>9}")
     for x in sorted(rows, key=lambda x: x["l1_coefficient"]):
         print(f"{x['l1_coefficient']:>8g} {x['l0']:>8.1f} {x['fvu']:>7.3f} {x['mse']:>8.4f} {x['dead_frac']:>6.3f} "

@@ -13,40 +13,41 @@ features per layer. One chunk per set: a killed run resumes at the first set not
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
 
 from lfp_core import ablation, corpora, reward
-from lfp_core.pipeline.core import Context, Stage
-from lfp_core.pipeline.probes import own_saes
-from lfp_core.pipeline.rl import tuned_policy
-from lfp_core.pipeline.saes import selected_layers
+from lfp_core.pipeline.core import Context
+from lfp_core.pipeline.shared import own_saes, selected_layers, tuned_policy
+from lfp_core.settings import AblationStageSettings
 from lfp_core.store import RunWriter, put_rows
 
 log = logging.getLogger(__name__)
 BATCH = 128
 
 
-def prefixes(ctx: Context) -> list[dict]:
-    """``ablation_n`` prefixes of ``ablation_prefix_tokens`` tokens from IMDB test reviews (model-sampled
+def prefixes(ctx: Context, s: AblationStageSettings) -> list[dict]:
+    """``ablation.n`` prefixes of ``ablation.prefix_tokens`` tokens from IMDB test reviews (model-sampled
     when IMDB is not reachable), each with its completion length drawn as in the RL."""
-    cfg, m = ctx.cfg, ctx.model
-    n, k = cfg.ablation_n, cfg.ablation_prefix_tokens
+    m, seed = ctx.model, s.run.seed
+    n, k = s.ablation.n, s.ablation.prefix_tokens
     try:
-        reviews, _ = corpora.imdb_reviews(cfg.data_dir, ("test",))
-        rows = corpora.imdb_prompts(m.tokenizer, reviews["test"], n, k, k, cfg.seed + 53, split="ablation")
+        reviews, _ = corpora.imdb_reviews(s.run.data_dir, ("test",))
+        rows = corpora.imdb_prompts(m.tokenizer, reviews["test"], n, k, k, seed + 53, split="ablation")
     except FileNotFoundError as exc:
         log.warning("IMDB not reachable (%s): sampling the ablation prefixes from the base model", exc)
-        rows = corpora.model_prompts(m, n, k, k, cfg.seed + 53, cfg.gen_batch_size, split="ablation")
-    lengths = np.random.default_rng([cfg.seed, 59]).integers(cfg.min_new_tokens, cfg.max_new_tokens + 1, size=len(rows))
+        rows = corpora.model_prompts(m, n, k, k, seed + 53, s.generation.batch_size, split="ablation")
+    lo, hi = s.completions.min_new_tokens, s.completions.max_new_tokens
+    lengths = np.random.default_rng([seed, 59]).integers(lo, hi + 1, size=len(rows))
     return [{"prefix_id": i, "token_ids": [int(t) for t in r["token_ids"]], "text": m.tokenizer.decode(r["token_ids"]),
              "n_new": int(ln)} for i, (r, ln) in enumerate(zip(rows, lengths))]
 
 
-def feature_sets(ctx: Context, layers: list[int]) -> list[dict]:
+def feature_sets(ctx: Context, s: AblationStageSettings, layers: list[int]) -> list[dict]:
     """Every set the stage ablates, in a fixed order (its position is its chunk index)."""
-    cfg, r = ctx.cfg, ctx.writer.reader()
+    r, seed = ctx.writer.reader(), s.run.seed
     firing = {layer: ids for layer, ids in r.firing_features("tuned").items() if layer in layers}
     pf = r.probe_features("tuned", limit=10**6)
     alive = {(int(a), int(b)) for a, ids in firing.items() for b in ids}
@@ -58,8 +59,8 @@ def feature_sets(ctx: Context, layers: list[int]) -> list[dict]:
             out.setdefault(a, []).append(b)
         return {a: sorted(b) for a, b in sorted(out.items())}
 
-    sets = [{"set_id": "baseline", "kind": "baseline", "features": {}}]
-    tested = [("probe_top", grouped(pos[: cfg.ablation_k]))]
+    sets: list[dict[str, Any]] = [{"set_id": "baseline", "kind": "baseline", "features": {}}]
+    tested = [("probe_top", grouped(pos[: s.ablation.k]))]
     lab = r.labels("tuned")
     if not lab.empty:
         rel = lab[lab.relevant.fillna(False).astype(bool)]
@@ -70,31 +71,31 @@ def feature_sets(ctx: Context, layers: list[int]) -> list[dict]:
             log.warning("the %s set is empty; skipped", name)
             continue
         sets.append({"set_id": name, "kind": name, "features": feats})
-        for j, draw in enumerate(ablation.random_sets(firing, feats, cfg.ablation_random, seed=cfg.seed * 1000 + 67 + i,
+        for j, draw in enumerate(ablation.random_sets(firing, feats, s.ablation.random, seed=seed * 1000 + 67 + i,
                                                       exclude=feats)):
             sets.append({"set_id": f"random_{name}_{j}", "kind": "random", "control_of": name, "features": draw})
     sets.append({"set_id": "all", "kind": "all", "features": firing})
     return sets
 
 
-def _sample_set(ctx: Context, hooked, sae_map: dict, feats: dict, pre: list[dict]) -> list[list[int]]:
+def _sample_set(ctx: Context, hooked, sae_map: dict, feats: dict, pre: list[dict], run_seed: int) -> list[list[int]]:
     bos = [hooked.tokenizer.bos_token_id] if hooked.tokenizer.bos_token_id is not None else []
     outs: list[list[int]] = []
     with ablation.ablated(hooked, sae_map, feats):
         for b in range(0, len(pre), BATCH):
             chunk = pre[b : b + BATCH]
-            toks = torch.tensor([bos + p["token_ids"] for p in chunk], dtype=torch.long, device=ctx.cfg.device)
-            seed = int(np.random.SeedSequence([ctx.cfg.seed, 61, b]).generate_state(1)[0])
+            toks = torch.tensor([bos + p["token_ids"] for p in chunk], dtype=torch.long, device=ctx.run.device)
+            seed = int(np.random.SeedSequence([run_seed, 61, b]).generate_state(1)[0])
             new = ablation.sample(hooked, toks, max(p["n_new"] for p in chunk), seed)
             outs += [o[: p["n_new"]] for o, p in zip(new, chunk)]
     return outs
 
 
-def stage_ablation(ctx: Context, config_hash: str) -> None:
+def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> None:
     w = ctx.writer
     layers = selected_layers(ctx)
-    pre = prefixes(ctx)
-    sets = feature_sets(ctx, layers)
+    pre = prefixes(ctx, s)
+    sets = feature_sets(ctx, s, layers)
     hooked = tuned_policy(ctx).hooked()
     sae_map = own_saes(ctx, "tuned", layers)
     tok = ctx.model.tokenizer
@@ -103,18 +104,18 @@ def stage_ablation(ctx: Context, config_hash: str) -> None:
         with w.transaction() as con:
             put_rows(con, "ablation_prefixes", pre)
     log.info("ablation: %d sets x %d completions (%d already stored)", len(sets), len(pre), len(done))
-    for ci, s in enumerate(sets):
+    for ci, fs in enumerate(sets):
         if ci in done:
             continue
-        outs = _sample_set(ctx, hooked, sae_map, s["features"], pre)
-        rows = [{"set_id": s["set_id"], "prefix_id": p["prefix_id"], "token_ids": [int(t) for t in o],
+        outs = _sample_set(ctx, hooked, sae_map, fs["features"], pre, s.run.seed)
+        rows = [{"set_id": fs["set_id"], "prefix_id": p["prefix_id"], "token_ids": [int(t) for t in o],
                  "text": tok.decode(o), "reward": reward.reward(tok.decode(o))} for p, o in zip(pre, outs)]
-        log.info("ablation set %-22s (%3d features): mean reward %.3f", s["set_id"],
-                 sum(len(v) for v in s["features"].values()), np.mean([x["reward"] for x in rows]))
+        log.info("ablation set %-22s (%3d features): mean reward %.3f", fs["set_id"],
+                 sum(len(v) for v in fs["features"].values()), np.mean([x["reward"] for x in rows]))
         with w.transaction() as con:
             put_rows(con, "ablation_completions", rows)
             RunWriter.add_chunk_marker(con, "ablation", config_hash, ci)
-    rows = summarise(ctx, sets)
+    rows = summarise(ctx, sets, s.run.seed)
     detail = ablation_detail(rows)
     for name, d in detail["sets"].items():
         log.info("ablating %s (%d features): reward %.3f -> %.3f (diff %+.3f [%+.3f, %+.3f]); random sets' mean after "
@@ -146,36 +147,27 @@ def ablation_detail(rows: list[dict]) -> dict:
             "lower_than_all": top.get("lower_than_all"), "sets": sets}
 
 
-def summarise(ctx: Context, sets: list[dict]) -> list[dict]:
+def summarise(ctx: Context, sets: list[dict], seed: int) -> list[dict]:
     """One row per set: mean reward before/after with CIs; tested sets also get the comparison with
     their random controls."""
     r = ctx.writer.reader()
-    df = r.query("SELECT set_id, prefix_id, reward FROM ablation_completions")
+    df = r.ablation_rewards()
     table = df.pivot(index="prefix_id", columns="set_id", values="reward")
     before = table["baseline"].to_numpy()
     rows = []
-    for s in sets:
-        after = table[s["set_id"]].to_numpy()
+    for fs in sets:
+        after = table[fs["set_id"]].to_numpy()
         eff = ablation.paired_effect(before, after)
-        row = {"set_id": s["set_id"], "kind": s["kind"], "control_of": s.get("control_of"),
-               "size": sum(len(v) for v in s["features"].values()),
-               "layers": [a for a, ids in s["features"].items() for _ in ids],
-               "features": [b for ids in s["features"].values() for b in ids], **eff,
+        row = {"set_id": fs["set_id"], "kind": fs["kind"], "control_of": fs.get("control_of"),
+               "size": sum(len(v) for v in fs["features"].values()),
+               "layers": [a for a, ids in fs["features"].items() for _ in ids],
+               "features": [b for ids in fs["features"].values() for b in ids], **eff,
                "p_rank": None, "p": None, "lower_than_all": None}
-        controls = [c["set_id"] for c in sets if c.get("control_of") == s["set_id"]]
+        controls = [c["set_id"] for c in sets if c.get("control_of") == fs["set_id"]]
         if controls:
             cmp = ablation.compare_with_controls(after - before, np.stack([table[c].to_numpy() - before for c in controls]),
-                                                 seed=ctx.cfg.seed)
+                                                 seed=seed)
             row.update(p_rank=cmp["p_rank"], p=cmp["p"], lower_than_all=cmp["lower_than_all"])
         rows.append(row)
     return rows
 
-
-STAGES = [
-    Stage("ablation", ("data_dir", "ablation_n", "ablation_prefix_tokens", "ablation_k", "ablation_random",
-                       "min_new_tokens", "max_new_tokens", "seed", "device"), ("labels",), stage_ablation,
-          {t: ("true", []) for t in ("ablation_prefixes", "ablation_sets", "ablation_completions")}, chunked=True,
-          tasks=("vader",),
-          describe="zero probe-top, labelled and random feature sets of the tuned policy (error term kept); "
-                   "reward of sampled completions before/after"),
-]

@@ -10,17 +10,23 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lfp_core import corpora, reward, sampling
-from lfp_core.config import RunConfig
+from lfp_core.errors import BadInputError
 from lfp_core.models import resolve_spec
-from lfp_core.pipeline.core import Context, Stage
+from lfp_core.pipeline.core import Context
+from lfp_core.settings import (
+    ModelStageSettings,
+    PairsStageSettings,
+    PromptsStageSettings,
+    SamplesStageSettings,
+)
 from lfp_core.store import RunWriter, put_rows
 
 log = logging.getLogger(__name__)
 
 
-def model_fingerprint(cfg: RunConfig) -> str:
+def model_fingerprint(s: ModelStageSettings) -> str:
     """Identity of the model's files (config.json content and weight file sizes)."""
-    spec = resolve_spec(cfg.model)
+    spec = resolve_spec(s.run.model)
     if spec.source == "hub":
         return spec.location
     d = Path(spec.location)
@@ -30,7 +36,7 @@ def model_fingerprint(cfg: RunConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_model(ctx: Context, config_hash: str) -> None:
+def stage_model(ctx: Context, s: ModelStageSettings, config_hash: str) -> None:
     """Load the model in HF and transformer-lens form (checks the conversion) and record it."""
     m = ctx.model
     hooked = m.hooked()
@@ -40,22 +46,21 @@ def stage_model(ctx: Context, config_hash: str) -> None:
     ctx.commit(lambda con: RunWriter.put_model(con, "base", info), {"model": info})
 
 
-def stage_prompts(ctx: Context, config_hash: str) -> None:
+def stage_prompts(ctx: Context, s: PromptsStageSettings, config_hash: str) -> None:
     """The paper's prompt sets: RL prompts from IMDB train reviews, held-out prompts from IMDB test
     reviews; model-sampled prefixes (two seeds) when no IMDB copy is reachable."""
-    cfg, m = ctx.cfg, ctx.model
-    lo, hi = cfg.prompt_min_tokens, cfg.prompt_max_tokens
+    m, p, seed, gen = ctx.model, s.prompts, s.run.seed, s.generation.batch_size
+    lo, hi = p.min_tokens, p.max_tokens
     try:
-        reviews, where = corpora.imdb_reviews(cfg.data_dir, ("train", "test"))
-        rows = corpora.imdb_prompts(m.tokenizer, reviews["train"], cfg.n_prompts, lo, hi, cfg.seed)
-        rows += corpora.imdb_prompts(m.tokenizer, reviews["test"], cfg.n_eval_prompts, lo, hi, cfg.seed + 1,
+        reviews, where = corpora.imdb_reviews(s.run.data_dir, ("train", "test"))
+        rows = corpora.imdb_prompts(m.tokenizer, reviews["train"], p.n_train, lo, hi, seed)
+        rows += corpora.imdb_prompts(m.tokenizer, reviews["test"], p.n_eval, lo, hi, seed + 1,
                                      split="eval", first_id=len(rows))
     except FileNotFoundError as exc:
         log.warning("IMDB not reachable (%s): sampling prompt prefixes from the model itself", exc)
         where = "model-sampled"
-        rows = corpora.model_prompts(m, cfg.n_prompts, lo, hi, cfg.seed, cfg.gen_batch_size)
-        rows += corpora.model_prompts(m, cfg.n_eval_prompts, lo, hi, cfg.seed + 1, cfg.gen_batch_size,
-                                      split="eval", first_id=len(rows))
+        rows = corpora.model_prompts(m, p.n_train, lo, hi, seed, gen)
+        rows += corpora.model_prompts(m, p.n_eval, lo, hi, seed + 1, gen, split="eval", first_id=len(rows))
     n_train = sum(r["split"] == "train" for r in rows)
     log.info("built %d RL and %d held-out prompts from %s", n_train, len(rows) - n_train, where)
     ctx.commit(lambda con: RunWriter.put_prompts(con, rows),
@@ -76,14 +81,13 @@ def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], out
     return rows
 
 
-def stage_pairs(ctx: Context, config_hash: str) -> None:
+def stage_pairs(ctx: Context, s: PairsStageSettings, config_hash: str) -> None:
     """HH task: preference pairs split at the last "\n\nAssistant:", shuffled with the run's seed
     into held-out evaluation pairs and DPO training pairs."""
-    cfg = ctx.cfg
-    pairs, where = corpora.hh_pairs(cfg.data_dir)
-    order = np.random.default_rng([cfg.seed, 29]).permutation(len(pairs))
-    n_eval = min(cfg.n_eval_pairs, len(pairs) // 2)
-    n_train = min(cfg.n_pairs, len(pairs) - n_eval)
+    pairs, where = corpora.hh_pairs(s.run.data_dir)
+    order = np.random.default_rng([s.run.seed, 29]).permutation(len(pairs))
+    n_eval = min(s.pairs.n_eval, len(pairs) // 2)
+    n_train = min(s.pairs.n_train, len(pairs) - n_eval)
     rows = [{"pair_id": k, "split": "eval" if k < n_eval else "train", "subset": pairs[i].get("subset"),
              "prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
             for k, i in enumerate(order[: n_eval + n_train])]
@@ -91,7 +95,7 @@ def stage_pairs(ctx: Context, config_hash: str) -> None:
     ctx.commit(lambda con: put_rows(con, "pairs", rows), {"n_train": n_train, "n_eval": n_eval, "source": where})
 
 
-def sample_role(ctx: Context, config_hash: str, stage: str, role: str, model) -> None:
+def sample_role(ctx: Context, s: SamplesStageSettings, config_hash: str, stage: str, role: str, model) -> None:
     """Sample and score completions of the held-out prompts for one policy role, resumably.
 
     Jobs (prompt, sample index, length 8–19) and per-chunk seeds depend only on the config, so
@@ -99,15 +103,16 @@ def sample_role(ctx: Context, config_hash: str, stage: str, role: str, model) ->
     chunk (rows + a chunk marker in one transaction): a killed run resumes at the first
     unfinished chunk, and the primary key forbids duplicate rows.
     """
-    cfg, w = ctx.cfg, ctx.writer
+    w, seed = ctx.writer, s.run.seed
     prompts = w.reader().prompts("eval")
     if prompts.empty:
-        raise ValueError("the held-out prompt set is empty: run the prompts stage with --n-eval-prompts >= 1")
-    rng = np.random.default_rng([cfg.seed, 17])
-    jobs = [(int(pid), s, int(rng.integers(cfg.min_new_tokens, cfg.max_new_tokens + 1)))
-            for pid in prompts.prompt_id for s in range(cfg.samples_per_prompt)]
+        raise BadInputError("the held-out prompt set is empty: run the prompts stage with --n-eval-prompts >= 1")
+    rng = np.random.default_rng([seed, 17])
+    lo, hi, gen = s.completions.min_new_tokens, s.completions.max_new_tokens, s.generation.batch_size
+    jobs = [(int(pid), k, int(rng.integers(lo, hi + 1)))
+            for pid in prompts.prompt_id for k in range(s.evaluation.samples_per_prompt)]
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
-    chunk_size = cfg.gen_batch_size * 2
+    chunk_size = gen * 2
     chunks = [jobs[i : i + chunk_size] for i in range(0, len(jobs), chunk_size)]
     done = w.done_chunks(stage, config_hash)
     if done:
@@ -116,29 +121,15 @@ def sample_role(ctx: Context, config_hash: str, stage: str, role: str, model) ->
         if ci in done:
             continue
         outs = sampling.sample_completions(model, [list(ids_of[j[0]]) for j in chunk], [j[2] for j in chunk],
-                                           seed=cfg.seed * 7919 + ci, batch_size=cfg.gen_batch_size)
+                                           seed=seed * 7919 + ci, batch_size=gen)
         rows = _completion_rows(model.tokenizer, role, chunk, outs)
         with w.transaction() as con:
             RunWriter.put_completions(con, rows)
             RunWriter.add_chunk_marker(con, stage, config_hash, ci)
 
 
-def stage_base_samples(ctx: Context, config_hash: str) -> None:
+def stage_base_samples(ctx: Context, s: SamplesStageSettings, config_hash: str) -> None:
     """Base-model completions of the held-out prompts (8–19 new tokens, pure sampling), scored."""
-    sample_role(ctx, config_hash, "base_samples", "base", ctx.model)
+    sample_role(ctx, s, config_hash, "base_samples", "base", ctx.model)
     ctx.commit(lambda con: None, {"reward": ctx.writer.reader().reward_summary("base") or {}})
 
-
-STAGES = [
-    Stage("model", ("model", "device"), (), stage_model, {"models": ("role = ?", ["base"])},
-          fingerprint=model_fingerprint, describe="load the base model (HF + transformer-lens)"),
-    Stage("prompts", ("data_dir", "n_prompts", "n_eval_prompts", "prompt_min_tokens", "prompt_max_tokens", "seed"),
-          ("model",), stage_prompts, {"prompts": ("true", [])}, tasks=("vader",),
-          describe="build the RL and held-out prompt sets (IMDB train / test prefixes)"),
-    Stage("base_samples", ("min_new_tokens", "max_new_tokens", "samples_per_prompt", "gen_batch_size", "seed"),
-          ("prompts",), stage_base_samples, {"completions": ("role = ?", ["base"])}, chunked=True, tasks=("vader",),
-          describe="sample base-model completions of held-out prompts, score them with the VADER reward"),
-    Stage("pairs", ("data_dir", "n_pairs", "n_eval_pairs", "seed"), ("model",), stage_pairs,
-          {"pairs": ("true", [])}, tasks=("hh",),
-          describe="load HH-RLHF preference pairs; split into DPO training and held-out pairs"),
-]

@@ -10,15 +10,14 @@ import numpy as np
 from lfp_core import saes
 from lfp_core.features import RowLookup
 from lfp_core.pipeline.core import Context
-from lfp_core.pipeline.saes import harvest_dir
+from lfp_core.pipeline.shared import harvest_dir
 
 
 def completion_firing(ctx: Context, layers: list[int], sae_of: dict) -> tuple[dict, np.ndarray]:
     """Per (layer, feature): a boolean vector over the tuned policy's completions (fires on any completion
     token); and the completions' rewards in the same order."""
     r = ctx.writer.reader()
-    docs = r.query("SELECT doc_id, prompt_id, sample_idx, n_prefix, n_tokens FROM act_docs "
-                   "WHERE source = 'tuned_completion' ORDER BY doc_id")
+    docs = r.corpus_docs(sources=("tuned_completion",))
     comps = r.completions("tuned")
     reward_of = {(int(a), int(b)): float(x) for a, b, x in zip(comps.prompt_id, comps.sample_idx, comps.reward)}
     rewards = np.array([reward_of[(int(a), int(b))] for a, b in zip(docs.prompt_id, docs.sample_idx)])

@@ -9,18 +9,19 @@ import logging
 import numpy as np
 
 from lfp_core import autointerp, reward, saes
+from lfp_core.errors import BadInputError
 from lfp_core.features import RowLookup
-from lfp_core.pipeline.core import Context, Stage
+from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.label_agreement import agreement_detail
-from lfp_core.pipeline.probes import own_saes
-from lfp_core.pipeline.saes import harvest_dir, selected_layers
+from lfp_core.pipeline.shared import harvest_dir, own_saes, selected_layers
+from lfp_core.settings import LabelsStageSettings
 from lfp_core.store import RunWriter, put_rows
 
 log = logging.getLogger(__name__)
 CHUNK = 8  # features per committed chunk
 
 
-class LabelBudgetError(ValueError):
+class LabelBudgetError(BadInputError):
     pass
 
 
@@ -37,30 +38,29 @@ class StoreCache:
         self.writer.put_llm_cache(key, model, prompt, response)
 
 
-def choose_features(ctx: Context, layers: list[int]) -> list[tuple[int, int, str]]:
+def choose_features(ctx: Context, s: LabelsStageSettings, layers: list[int]) -> list[tuple[int, int, str]]:
     """(layer, feature, selection): the probe's top-ranked firing features, then a seeded random draw of
     as many firing features from the rest."""
     r = ctx.writer.reader()
-    pf = r.query("SELECT p.layer, p.feature FROM probe_features p JOIN features f USING (role, layer, feature) "
-                 "WHERE p.role = 'tuned' AND f.n_fired > 0 ORDER BY p.rank")
+    pf = r.firing_probe_features("tuned")
     firing = [(int(a), int(b)) for a, b in zip(pf.layer, pf.feature) if int(a) in layers]
-    top = firing[: ctx.cfg.label_probe_top]
+    top = firing[: s.labels.probe_top]
     rest = sorted(set(firing) - set(top))
-    pick = np.random.default_rng([ctx.cfg.seed, 71]).permutation(len(rest))[: ctx.cfg.label_random]
+    pick = np.random.default_rng([s.run.seed, 71]).permutation(len(rest))[: s.labels.random]
     return [(a, b, "probe_top") for a, b in top] + [(*rest[i], "random") for i in sorted(pick)]
 
 
-def negative_pool(ctx: Context, layer: int, sae, n_windows: int = 300) -> tuple[list[autointerp.Excerpt], np.ndarray]:
+def negative_pool(ctx: Context, s: LabelsStageSettings, layer: int, sae, n_windows: int = 300) -> tuple[list[autointerp.Excerpt], np.ndarray]:
     """Held-out windows (±feature_window tokens) and, per window, each feature's max activation over it."""
     r = ctx.writer.reader()
     h = harvest_dir(ctx)
     idx = h.index()
     lookup = RowLookup(idx["doc_id"], idx["pos"])
-    rng = np.random.default_rng([ctx.cfg.seed, layer, 73])
+    rng = np.random.default_rng([s.run.seed, layer, 73])
     centres = rng.choice(np.nonzero(idx["is_eval"])[0], size=min(n_windows, int(idx["is_eval"].sum())), replace=False)
     docs = r.act_docs(sorted({int(idx["doc_id"][c]) for c in centres}))
     toks = {int(d): list(t) for d, t in zip(docs.doc_id, docs.token_ids)}
-    w = ctx.cfg.feature_window
+    w = s.features.window
     spans, owner, want = [], [], []
     for k, c in enumerate(centres):
         d, p = int(idx["doc_id"][c]), int(idx["pos"][c])
@@ -88,31 +88,31 @@ def _excerpts(df) -> list[autointerp.Excerpt]:
     return [autointerp.Excerpt(list(t), [float(a) for a in acts]) for t, acts in zip(df.tokens, df.acts)]
 
 
-def stage_labels(ctx: Context, config_hash: str) -> None:
-    cfg, w = ctx.cfg, ctx.writer
+def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None:
+    lab_s, seed, task, w = s.labels, s.run.seed, s.run.task, ctx.writer
     r = w.reader()
     layers = selected_layers(ctx)
-    chosen = choose_features(ctx, layers)
+    chosen = choose_features(ctx, s, layers)
     client = None
-    if cfg.labeller == "openai":
-        settings = autointerp.LLMSettings.from_env(model=cfg.llm_model, base_url=cfg.llm_base_url)
+    if lab_s.labeller == "openai":
+        settings = autointerp.LLMSettings.from_env(model=lab_s.llm_model, base_url=lab_s.llm_base_url)
         client = autointerp.LLMClient(settings, StoreCache(w))
         first = r.feature_examples("tuned", chosen[0][0], chosen[0][1], "top").head(10) if chosen else None
         chars = int(1.5 * sum(len("".join(t)) * 2 for t in first.tokens)) + 3000 if first is not None else 3000
         per = autointerp.estimate(1, chars, settings.max_tokens)["tokens"]
-        if per > cfg.label_max_tokens:
-            raise LabelBudgetError(f"label_max_tokens {cfg.label_max_tokens:,} is smaller than one feature "
+        if per > lab_s.max_tokens:
+            raise LabelBudgetError(f"label_max_tokens {lab_s.max_tokens:,} is smaller than one feature "
                                    f"(≈ {per:,} tokens); raise it")
-        if per * len(chosen) > cfg.label_max_tokens:
-            keep = cfg.label_max_tokens // per
+        if per * len(chosen) > lab_s.max_tokens:
+            keep = lab_s.max_tokens // per
             log.warning("labels: the token budget covers %d of %d features; labelling the first %d", keep,
                         len(chosen), keep)
             chosen = chosen[:keep]
         est = autointerp.estimate(len(chosen), chars, settings.max_tokens)
         log.info("labels: %d features with %s at %s: at most %d calls, ≈ %d tokens (budget %d); cached answers "
                  "are not re-sent", len(chosen), settings.model, settings.base_url or "the OpenAI API", est["calls"],
-                 est["tokens"], cfg.label_max_tokens)
-    labeller = autointerp.OFFLINE if client is None else f"openai:{cfg.llm_model}"
+                 est["tokens"], lab_s.max_tokens)
+    labeller = autointerp.OFFLINE if client is None else f"openai:{lab_s.llm_model}"
     lexicon = reward.lexicon()
     sae_of = own_saes(ctx, "tuned", layers)
     pools = {}
@@ -124,28 +124,30 @@ def stage_labels(ctx: Context, config_hash: str) -> None:
         rows = []
         for layer, fid, selection in chosen[ci : ci + CHUNK]:
             if layer not in pools:
-                pools[layer] = negative_pool(ctx, layer, sae_of[layer])
+                pools[layer] = negative_pool(ctx, s, layer, sae_of[layer])
             top = r.feature_examples("tuned", layer, fid, "top")
             if top.empty:
                 skipped += 1
                 continue
             f = r.feature("tuned", layer, fid)
+            if f is None:  # examples without a feature row: the features stage and the store disagree
+                raise RuntimeError(f"feature tuned L{layer} #{fid} has examples but no row in the features table")
             iv = r.feature_examples("tuned", layer, fid, "interval")
-            rng = np.random.default_rng([cfg.seed, layer, fid])
-            pos = _excerpts(iv.iloc[rng.permutation(len(iv))[: cfg.label_detection_n]])
+            rng = np.random.default_rng([seed, layer, fid])
+            pos = _excerpts(iv.iloc[rng.permutation(len(iv))[: lab_s.detection_n]])
             zero = np.nonzero(pools[layer][1][:, fid] <= 0)[0]
-            neg = [pools[layer][0][i] for i in rng.choice(zero, size=min(cfg.label_detection_n, len(zero)), replace=False)]
+            neg = [pools[layer][0][i] for i in rng.choice(zero, size=min(lab_s.detection_n, len(zero)), replace=False)]
             if client is None:
                 lab = autointerp.offline_label(_excerpts(top), list(f["top_tokens"] if f["top_tokens"] is not None else []),
-                                               cfg.task, pos, neg, lexicon)
+                                               task, pos, neg, lexicon)
             else:
-                lab = autointerp.llm_label(client, _excerpts(top.head(10)), f["max_act"], cfg.task, pos, neg,
-                                           seed=cfg.seed + fid)
+                lab = autointerp.llm_label(client, _excerpts(top.head(10)), f["max_act"], task, pos, neg,
+                                           seed=seed + fid)
             if lab["explanation"] is None and client is None:
                 skipped += 1
                 continue
             rows.append({"role": "tuned", "layer": layer, "feature": fid, "labeller": labeller,
-                         "model": None if client is None else cfg.llm_model, "selection": selection,
+                         "model": None if client is None else lab_s.llm_model, "selection": selection,
                          **{k: lab.get(k) for k in ("explanation", "relevant", "detection_acc", "detection_f1",
                                                     "detection_n", "n_unparsed", "relevance_rho")}})
         with w.transaction() as con:
@@ -159,11 +161,3 @@ def stage_labels(ctx: Context, config_hash: str) -> None:
     detail.update(agreement_detail(ctx, layers, sae_of))
     ctx.commit(lambda con: None, detail)
 
-
-STAGES = [
-    Stage("labels", ("labeller", "llm_model", "llm_base_url", "label_probe_top", "label_random", "label_max_tokens",
-                     "label_detection_n", "feature_window", "seed"), ("probes", "features"), stage_labels,
-          {"feature_labels": ("true", [])}, chunked=True, tasks=("vader",),
-          describe="feature explanations, reward relevance and detection scores (LLM or the offline labeller); "
-                   "agreement with the probe"),
-]

@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from lfp_core import probes, reward, saes
 from lfp_core.features import RowLookup
-from lfp_core.pipeline.core import Context, Stage
-from lfp_core.pipeline.saes import ROLES, harvest_dir, selected_layers
+from lfp_core.pipeline.core import Context
+from lfp_core.pipeline.shared import ROLES, harvest_dir, own_saes, selected_layers
+from lfp_core.settings import ProbesStageSettings, RunSettings
 from lfp_core.store import put_rows
 
 log = logging.getLogger(__name__)
-
-
-def own_saes(ctx: Context, role: str, layers: list[int]) -> dict:
-    """``{layer: SAE}`` of ``role``'s main SAEs, checked to read that layer's hook and to come from that model."""
-    return saes.main_saes(ctx.writer.run_dir, ctx.writer.reader().saes("main"), role, layers,
-                          ctx.model.hooked().cfg.d_model, device=ctx.cfg.device)
 
 
 def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) -> np.ndarray:
@@ -96,25 +93,34 @@ def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list
                        torch.cat([acts[n] for n in names], -1))
 
 
+def _filled(rows: list[np.ndarray | None]) -> list[np.ndarray]:
+    """``rows`` with every slot filled (a batch that skipped a sequence is a bug, not missing data)."""
+    missing = [i for i, x in enumerate(rows) if x is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} sequences got no features (first: {missing[0]})")
+    return [x for x in rows if x is not None]
+
+
 def last_position_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]],
                            batch_size: int = 64) -> np.ndarray:
     """SAE features (own SAEs, layers concatenated) at the last token of each sequence (BOS included)."""
-    out = [None] * len(seqs)
+    out: list[np.ndarray | None] = [None] * len(seqs)
     for part, f, _ in _forward_batches(ctx, role, layers, seqs, batch_size, last_only=True):
         for i, row in zip(part, f[:, -1].cpu().numpy()):
             out[i] = row
-    return np.stack(out)
+    return np.stack(_filled(out))
 
 
 def pooled_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int = 32
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Mean over each sequence's tokens (BOS excluded) of its SAE features (own SAEs, layers
     concatenated) and of its raw MLP outputs. Sequences are batched by length: nothing is padded."""
-    feats, raws = [None] * len(seqs), [None] * len(seqs)
+    feats: list[np.ndarray | None] = [None] * len(seqs)
+    raws: list[np.ndarray | None] = [None] * len(seqs)
     for part, f, raw in _forward_batches(ctx, role, layers, seqs, batch_size):
         for i, a, b in zip(part, f[:, 1:].mean(1).cpu().numpy(), raw[:, 1:].mean(1).cpu().numpy()):
             feats[i], raws[i] = a, b
-    return np.stack(feats), np.stack(raws)
+    return np.stack(_filled(feats)), np.stack(_filled(raws))
 
 
 def mlp_outputs_at(ctx: Context, role: str, doc_tokens: dict[int, list[int]], doc_a: np.ndarray, pos_a: np.ndarray,
@@ -160,7 +166,7 @@ def input_controls(ctx: Context, role: str, layers: list[int], rows: np.ndarray,
     inputs = {"raw_selected": np.concatenate([np.asarray(h.acts(role, layer)[rows], dtype=np.float32)
                                               for layer in sorted(layers)], axis=1),
               "raw_all_layers": mlp_outputs_at(ctx, role, doc_tokens, doc_a, pos_a, list(range(n_layers)))}
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, Z in inputs.items():
         out[name] = {"dim": int(Z.shape[1])}
         for split, test in splits.items():
@@ -170,26 +176,26 @@ def input_controls(ctx: Context, role: str, layers: list[int], rows: np.ndarray,
     return out
 
 
-def labelled_texts(cfg, tok, n: int) -> dict[str, tuple[list[list[int]], np.ndarray]]:
+def labelled_texts(run: RunSettings, tok, n: int) -> dict[str, tuple[list[list[int]], np.ndarray]]:
     """The other separation tasks, when their data is reachable: HH-RLHF chosen vs rejected responses
     and toxic (hate/offensive) vs non-toxic tweets (Davidson et al.), ``n`` texts per class, first 64 tokens."""
     from lfp_core import corpora
 
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     enc = lambda t: bos + tok(t, add_special_tokens=False)["input_ids"][:64]  # noqa: E731
-    rng = np.random.default_rng([cfg.seed, 67])
+    rng = np.random.default_rng([run.seed, 67])
     out = {}
     try:
-        pairs, _ = corpora.hh_pairs(cfg.data_dir)
+        pairs, _ = corpora.hh_pairs(run.data_dir)
         pick = rng.permutation(len(pairs))[:n]
         texts = [enc(pairs[i]["chosen"]) for i in pick] + [enc(pairs[i]["rejected"]) for i in pick]
         out["hh"] = (texts, np.array(["chosen"] * len(pick) + ["rejected"] * len(pick)))
     except (FileNotFoundError, corpora.DataFormatError) as exc:
         log.warning("HH-RLHF not reachable for the separation probe: %s", exc)
     try:
-        if cfg.data_dir is None:
+        if run.data_dir is None:
             raise FileNotFoundError("no data dir")
-        tweets = corpora.davidson_tweets(cfg.data_dir)
+        tweets = corpora.davidson_tweets(run.data_dir)
         toxic = [t for t in tweets if t["label"] in (0, 1)]
         clean = [t for t in tweets if t["label"] == 2]
         a = [toxic[i] for i in rng.permutation(len(toxic))[:n]]
@@ -208,7 +214,8 @@ def contrastive(ctx: Context, role: str, layers: list[int], items: list[tuple[li
     neutral, opposite = swaps
     tok = ctx.model.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    seqs, meta = [], []
+    seqs: list[list[int]] = []
+    meta: list[tuple] = []
     for ids, pos, word, val in items:
         t = ids[pos]
         if t not in neutral:
@@ -234,14 +241,29 @@ def contrastive(ctx: Context, role: str, layers: list[int], items: list[tuple[li
     return {**t["all"], "pos": t["pos"], "neg": t["neg"], "n_sentences": len(seqs)}
 
 
-def stage_probes(ctx: Context, config_hash: str) -> None:
-    cfg, r, tok = ctx.cfg, ctx.writer.reader(), ctx.model.tokenizer
-    layers = selected_layers(ctx)
-    docs = r.query("SELECT doc_id, source, label, n_prefix, prompt_id, sample_idx, token_ids FROM act_docs "
-                   "WHERE source IN ('imdb', 'model_sampled', 'tuned_completion') ORDER BY doc_id")
-    if docs.empty:
-        raise RuntimeError("no activation corpus: run the activations stage")
-    idx = harvest_dir(ctx).index()
+@dataclass
+class LexiconPoints:
+    """Word-end positions of the activation corpus: every word (``*_a`` arrays, for the implicit reward
+    model) and the lexicon words that have a harvest row (the probe's points), with both held-out splits."""
+
+    doc_a: np.ndarray  # [n_words] document of each word end
+    pos_a: np.ndarray  # [n_words] its position
+    rows_all: np.ndarray  # [n_words] its harvest row (-1: none)
+    in_lex: np.ndarray  # [n_words] a lexicon word with a row: a probe point
+    in_comp: np.ndarray  # [n_words] inside a tuned completion, with a row
+    words: np.ndarray  # [n_points] the probe points' words
+    y: np.ndarray  # [n_points] their VADER valences
+    occ: np.ndarray  # [n_points] held out in the occurrence split
+    wsp: np.ndarray  # [n_points] held out in the word split (no test word is seen in training)
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.rows_all[self.in_lex]
+
+
+def lexicon_points(ctx: Context, s: ProbesStageSettings, docs, idx: dict) -> LexiconPoints:
+    """The probe's points and splits; refuses a corpus with fewer than ``probes.min_points``."""
+    tok, seed = ctx.model.tokenizer, s.run.seed
     lookup = RowLookup(idx["doc_id"], idx["pos"])
     pts = probes.word_end_positions(tok, list(zip(docs.doc_id.astype(int), docs.token_ids)), lexicon_only=False)
     doc_a = np.array([p[0] for p in pts])
@@ -249,133 +271,196 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
     rows_all = lookup(doc_a, pos_a)
     in_lex = np.array([p[4] for p in pts]) & (rows_all >= 0)
     n_lex = int(in_lex.sum())
-    if n_lex < cfg.probe_min_points:
+    if n_lex < s.probes.min_points:
         raise probes.ProbeDataError(
             f"only {n_lex} lexicon-word positions in the activation corpus; the probe needs at least "
-            f"{cfg.probe_min_points}: raise sae_corpus_docs (or lower probe_min_points)")
-    rows = rows_all[in_lex]
+            f"{s.probes.min_points}: raise sae_corpus_docs (or lower probe_min_points)")
     words = np.array([p[2] for p in pts], dtype=object)[in_lex]
     y = np.array([p[3] for p in pts])[in_lex]
-    occ = probes.occurrence_split(len(y), cfg.seed)
-    wsp = probes.word_split(words, cfg.seed)
+    occ = probes.occurrence_split(len(y), seed)
+    wsp = probes.word_split(words, seed)
     assert not set(words[wsp]) & set(words[~wsp]), "word split leaks test words into training"
-    lex = reward.lexicon()
-    lex_min, lex_max = min(lex.values()), max(lex.values())
-    tuned_counts = Counter(w for ws in r.completions("tuned").lexicon_words for w in (ws if ws is not None else []))
     # completion words for the implicit reward model: every word of each tuned completion
     comp = docs[docs.source == "tuned_completion"]
     prefix = dict(zip(comp.doc_id.astype(int), comp.n_prefix.astype(int)))
     in_comp = np.array([d in prefix and p >= prefix[d] for d, p in zip(doc_a, pos_a)]) & (rows_all >= 0)
-    swaps = probes.swap_tables(tok, lex)
-    ids_of = dict(zip(docs.doc_id.astype(int), docs.token_ids))
-    contrast_items = []
-    for dd, pp, w, v in zip(doc_a[in_lex], pos_a[in_lex], words, y):
-        if len(contrast_items) >= cfg.probe_contrast_items:
+    return LexiconPoints(doc_a, pos_a, rows_all, in_lex, in_comp, words, y, occ, wsp)
+
+
+def contrast_items(tok, pts: LexiconPoints, ids_of: dict, n: int) -> list[tuple[list[int], int, str, float]]:
+    """The first ``n`` lexicon-word occurrences whose word is one token (for the contrastive swaps)."""
+    items: list[tuple[list[int], int, str, float]] = []
+    for dd, pp, w, v in zip(pts.doc_a[pts.in_lex], pts.pos_a[pts.in_lex], pts.words, pts.y):
+        if len(items) >= n:
             break  # (the loop went on decoding every remaining point: ~14% of the stage)
         ids = list(ids_of[int(dd)])
         if tok.decode([ids[pp]]).strip().lower() == w:
-            contrast_items.append((ids, int(pp), w, float(v)))
-    extra_tasks = labelled_texts(cfg, tok, cfg.probe_texts_per_class)
-    detail: dict = {"layers": layers, "n_points": int(len(y)), "n_words": int(len(np.unique(words))),
-                    "n_test_occurrence": int(occ.sum()), "n_test_word": int(wsp.sum())}
+            items.append((ids, int(pp), w, float(v)))
+    return items
+
+
+def token_probe(X: np.ndarray, pts: LexiconPoints, role: str, lex_range: tuple[float, float], tuned_counts: Counter,
+                seed: int) -> tuple[dict, dict, list[dict]]:
+    """Ridge probe from SAE features to per-token valence on both splits, with its controls (untrained,
+    shuffled) and per-word rows. Returns (summary, the two splits' fits, probe_words rows)."""
+    y, words = pts.y, pts.words
+    res = {"occurrence": probes.evaluate_split(X, y, words, pts.occ, *lex_range, seed),
+           "word": probes.evaluate_split(X, y, words, pts.wsp, *lex_range, seed)}
+    base = probes.baselines(X, y, words, pts.occ, seed)
+    d: dict = {}
+    word_rows: list[dict] = []
+    for split, e in res.items():
+        t = e["words"]
+        err = np.abs(t["pred_rescaled"] - t["valence"])
+        counts = np.array([tuned_counts.get(w, 0) for w in t["word"]])
+        d[f"tau_{split}"] = {**e["tau"]["all"], "pos": e["tau"]["pos"], "neg": e["tau"]["neg"]}
+        d[f"sign_acc_pos_{split}"], d[f"sign_acc_neg_{split}"] = e["sign_acc_pos"], e["sign_acc_neg"]
+        d[f"alpha_{split}"] = e["alpha"]
+        d[f"error_vs_tuned_freq_{split}"] = probes.correlation(err, counts)
+        word_rows += [{"role": role, "split": split, "word": w, "valence": float(v), "pred": float(p),
+                       "pred_rescaled": float(sc), "n_test": int(n), "tuned_count": int(c), "abs_error": float(a)}
+                      for w, v, p, sc, n, c, a in zip(t["word"], t["valence"], t["pred"], t["pred_rescaled"],
+                                                      t["n_test"], counts, err)]
+    d["tau_baseline"], d["tau_shuffled"] = base["untrained"], base["shuffled"]
+    d["inputs"] = {"sae_selected": {"dim": int(X.shape[1]), **{
+        split: {k: e["tau"]["all"][k] for k in ("tau", "p", "n_words")} for split, e in res.items()}}}
+    return d, res, word_rows
+
+
+def implicit_reward(ctx: Context, role: str, layers: list[int], pts: LexiconPoints, X: np.ndarray, model, oof: np.ndarray,
+                    comp, comps) -> dict:
+    """The probe as an implicit reward model: summed predictions over each tuned completion's lexicon
+    words (out-of-fold) and over all its words, against the VADER oracle; the worst disagreements."""
+    pred_of = dict(zip(zip(pts.doc_a[pts.in_lex], pts.pos_a[pts.in_lex]), oof))
+    other = pts.in_comp & ~pts.in_lex
+    Xo = role_features(ctx, role, layers, pts.rows_all[other]) if other.any() else np.zeros((0, X.shape[1]))
+    pred_of.update(zip(zip(pts.doc_a[other], pts.pos_a[other]), model.predict(Xo) if len(Xo) else []))
+    irm_lex: Counter = Counter()
+    irm_all: Counter = Counter()
+    for dd, pp, lexw, ok in zip(pts.doc_a, pts.pos_a, pts.in_lex, pts.in_comp):
+        if ok and (dd, pp) in pred_of:
+            irm_all[dd] += pred_of[(dd, pp)]
+            if lexw:
+                irm_lex[dd] += pred_of[(dd, pp)]
+    key = {(int(a), int(b)): int(dd) for dd, a, b in zip(comp.doc_id, comp.prompt_id, comp.sample_idx)}
+    true_raw = np.array(comps.raw_score)
+    docs_c = [key[(int(a), int(b))] for a, b in zip(comps.prompt_id, comps.sample_idx)]
+    lex_sum = np.array([irm_lex.get(x, 0.0) for x in docs_c])
+    all_sum = np.array([irm_all.get(x, 0.0) for x in docs_c])
+    d: dict = {"irm": probes.correlation(lex_sum, true_raw), "irm_all_words": probes.correlation(all_sum, true_raw)}
+    z = lambda v: (v - v.mean()) / (v.std() or 1.0)  # noqa: E731
+    gap = z(all_sum) - z(true_raw)
+    worst = np.argsort(-np.abs(gap))[:10]
+    d["irm_disagreements"] = [{"prompt": comps.prompt.iloc[i], "completion": comps.completion.iloc[i],
+                               "reward_raw": float(true_raw[i]), "irm": float(all_sum[i])} for i in worst]
+    return d
+
+
+def attributions(role: str, layers: list[int], X: np.ndarray, model, pts: LexiconPoints,
+                 oof: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """Per-feature weights and importance |w * mean activation| (probe_features rows), and per-token top
+    contributions (probe_tokens rows)."""
+    w_eff = probes.effective_weights(model)
+    mean_act = X.mean(0)
+    imp = np.abs(w_eff * mean_act)
+    order = np.argsort(-imp)
+    rank = np.empty(len(order), dtype=int)
+    rank[order] = np.arange(len(order))
+    d_sae = X.shape[1] // len(layers)
+    feat_rows = [{"role": role, "layer": sorted(layers)[j // d_sae], "feature": j % d_sae, "weight": float(w_eff[j]),
+                  "mean_act": float(mean_act[j]), "importance": float(imp[j]), "rank": int(rank[j])}
+                 for j in range(X.shape[1])]
+    top_i, top_v = probes.contributions(model, X)
+    doc_l, pos_l = pts.doc_a[pts.in_lex], pts.pos_a[pts.in_lex]  # once: masking inside the loop made it quadratic
+    token_rows = [{"role": role, "doc_id": int(doc_l[k]), "pos": int(pos_l[k]), "word": pts.words[k],
+                   "valence": float(pts.y[k]), "pred": float(oof[k]),
+                   "occurrence_split": "test" if pts.occ[k] else "train", "word_split": "test" if pts.wsp[k] else "train",
+                   "top_layers": [sorted(layers)[j // d_sae] for j in top_i[k]],
+                   "top_features": [int(j % d_sae) for j in top_i[k]],
+                   "top_contributions": [float(v) for v in top_v[k]]}
+                  for k in range(len(pts.y))]
+    return feat_rows, token_rows
+
+
+def separation(ctx: Context, role: str, layers: list[int], docs, idx: dict, seed: int) -> tuple[dict, list[dict]]:
+    """Logistic probe (mean-pooled SAE features vs raw activations) and PCA of IMDB positive vs negative
+    reviews. Returns (summary, probe_pca rows)."""
+    d: dict = {}
+    pca_rows: list[dict] = []
+    imdb = docs[docs.label.isin(["pos", "neg"])]
+    if len(imdb) >= 20:
+        doc_rows = rows_by_doc(idx["doc_id"], imdb.doc_id.astype(int))
+        keep = [i for i, x in enumerate(doc_rows) if len(x)]
+        pooled, raw = _pooled(ctx, role, layers, [doc_rows[i] for i in keep])
+        labels = imdb.label.to_numpy()[keep]
+        lg = probes.logistic_probe(pooled, labels, seed)
+        lg["raw_acc"] = probes.logistic_probe(raw, labels, seed)["acc"]
+        d["logistic"] = {"imdb": lg}
+        coords, ratio = probes.pca(pooled)
+        d["pca_var_ratio"] = ratio
+        d["pca_var_ratio_by_task"] = {"imdb": ratio}
+        pca_rows += [{"role": role, "task": "imdb", "doc_id": int(dd), "label": lb, "pc1": float(a), "pc2": float(b)}
+                     for dd, lb, (a, b) in zip(imdb.doc_id.to_numpy()[keep], labels, coords)]
+    return d, pca_rows
+
+
+def extra_separation(ctx: Context, role: str, layers: list[int], extra_tasks: dict, seed: int,
+                     d: dict) -> list[dict]:
+    """The HH and toxicity separation probes (when their data is reachable), added to ``d``."""
+    pca_rows: list[dict] = []
+    for task, (seqs, lab) in extra_tasks.items():
+        pooled, raw = pooled_features(ctx, role, layers, seqs)
+        lg = probes.logistic_probe(pooled, lab, seed)
+        lg["raw_acc"] = probes.logistic_probe(raw, lab, seed)["acc"]
+        d.setdefault("logistic", {})[task] = lg
+        coords, ratio = probes.pca(pooled)
+        d.setdefault("pca_var_ratio_by_task", {})[task] = ratio
+        pca_rows += [{"role": role, "task": task, "doc_id": i, "label": lb, "pc1": float(a), "pc2": float(b)}
+                     for i, (lb, (a, b)) in enumerate(zip(lab, coords))]
+    return pca_rows
+
+
+def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None:
+    """Per role (tuned, base), through its own SAEs: the token probe with its controls and input
+    variants, the implicit reward model, attributions, the contrastive probe and the separation probes."""
+    r, tok, seed = ctx.writer.reader(), ctx.model.tokenizer, s.run.seed
+    layers = selected_layers(ctx)
+    docs = r.corpus_docs(sources=("imdb", "model_sampled", "tuned_completion"))
+    if docs.empty:
+        raise RuntimeError("no activation corpus: run the activations stage")
+    idx = harvest_dir(ctx).index()
+    pts = lexicon_points(ctx, s, docs, idx)
+    rows = pts.rows
+    lex = reward.lexicon()
+    lex_range = (min(lex.values()), max(lex.values()))
+    tuned_counts = Counter(w for ws in r.completions("tuned").lexicon_words for w in (ws if ws is not None else []))
+    comp = docs[docs.source == "tuned_completion"]
+    swaps = probes.swap_tables(tok, lex)
+    ids_of = dict(zip(docs.doc_id.astype(int), docs.token_ids))
+    items = contrast_items(tok, pts, ids_of, s.probes.contrast_items)
+    extra_tasks = labelled_texts(s.run, tok, s.probes.texts_per_class)
+    detail: dict = {"layers": layers, "n_points": int(len(pts.y)), "n_words": int(len(np.unique(pts.words))),
+                    "n_test_occurrence": int(pts.occ.sum()), "n_test_word": int(pts.wsp.sum())}
     word_rows, token_rows, feat_rows, pca_rows = [], [], [], []
     for role in ROLES:
         X = role_features(ctx, role, layers, rows)
-        res = {"occurrence": probes.evaluate_split(X, y, words, occ, lex_min, lex_max, cfg.seed),
-               "word": probes.evaluate_split(X, y, words, wsp, lex_min, lex_max, cfg.seed)}
-        base = probes.baselines(X, y, words, occ, cfg.seed)
-        d: dict = {}
-        for split, e in res.items():
-            t = e["words"]
-            err = np.abs(t["pred_rescaled"] - t["valence"])
-            counts = np.array([tuned_counts.get(w, 0) for w in t["word"]])
-            d[f"tau_{split}"] = {**e["tau"]["all"], "pos": e["tau"]["pos"], "neg": e["tau"]["neg"]}
-            d[f"sign_acc_pos_{split}"], d[f"sign_acc_neg_{split}"] = e["sign_acc_pos"], e["sign_acc_neg"]
-            d[f"alpha_{split}"] = e["alpha"]
-            d[f"error_vs_tuned_freq_{split}"] = probes.correlation(err, counts)
-            word_rows += [{"role": role, "split": split, "word": w, "valence": float(v), "pred": float(p),
-                           "pred_rescaled": float(s), "n_test": int(n), "tuned_count": int(c), "abs_error": float(a)}
-                          for w, v, p, s, n, c, a in zip(t["word"], t["valence"], t["pred"], t["pred_rescaled"],
-                                                          t["n_test"], counts, err)]
-        d["tau_baseline"], d["tau_shuffled"] = base["untrained"], base["shuffled"]
-        d["inputs"] = {"sae_selected": {"dim": int(X.shape[1]), **{
-            split: {k: e["tau"]["all"][k] for k in ("tau", "p", "n_words")} for split, e in res.items()}}}
-        d["inputs"].update(input_controls(ctx, role, layers, rows, ids_of, doc_a[in_lex], pos_a[in_lex], words, y,
-                                          {"occurrence": occ, "word": wsp}, (lex_min, lex_max)))
+        d, res, w_rows = token_probe(X, pts, role, lex_range, tuned_counts, seed)
+        word_rows += w_rows
+        d["inputs"].update(input_controls(ctx, role, layers, rows, ids_of, pts.doc_a[pts.in_lex], pts.pos_a[pts.in_lex],
+                                          pts.words, pts.y, {"occurrence": pts.occ, "word": pts.wsp}, lex_range))
         d["sign_acc_pos"], d["sign_acc_neg"] = d["sign_acc_pos_occurrence"], d["sign_acc_neg_occurrence"]
         model = res["occurrence"]["model"]
         # implicit reward model: out-of-fold predictions at lexicon words, the model at other words
-        oof = probes.out_of_fold(X, y, res["occurrence"]["alpha"], cfg.seed)
-        pred_of = dict(zip(zip(doc_a[in_lex], pos_a[in_lex]), oof))
-        other = in_comp & ~in_lex
-        Xo = role_features(ctx, role, layers, rows_all[other]) if other.any() else np.zeros((0, X.shape[1]))
-        pred_of.update(zip(zip(doc_a[other], pos_a[other]), model.predict(Xo) if len(Xo) else []))
-        irm_lex, irm_all = Counter(), Counter()
-        for dd, pp, lexw, ok in zip(doc_a, pos_a, in_lex, in_comp):
-            if ok and (dd, pp) in pred_of:
-                irm_all[dd] += pred_of[(dd, pp)]
-                if lexw:
-                    irm_lex[dd] += pred_of[(dd, pp)]
-        comps = r.completions("tuned")
-        key = {(int(a), int(b)): int(dd) for dd, a, b in zip(comp.doc_id, comp.prompt_id, comp.sample_idx)}
-        true_raw = np.array(comps.raw_score)
-        docs_c = [key[(int(a), int(b))] for a, b in zip(comps.prompt_id, comps.sample_idx)]
-        lex_sum = np.array([irm_lex.get(x, 0.0) for x in docs_c])
-        all_sum = np.array([irm_all.get(x, 0.0) for x in docs_c])
-        d["irm"] = probes.correlation(lex_sum, true_raw)
-        d["irm_all_words"] = probes.correlation(all_sum, true_raw)
-        z = lambda v: (v - v.mean()) / (v.std() or 1.0)  # noqa: E731
-        gap = z(all_sum) - z(true_raw)
-        worst = np.argsort(-np.abs(gap))[:10]
-        d["irm_disagreements"] = [{"prompt": comps.prompt.iloc[i], "completion": comps.completion.iloc[i],
-                                   "reward_raw": float(true_raw[i]), "irm": float(all_sum[i])} for i in worst]
-        # attributions: weights per (layer, feature), importance |w * mean activation|, per-token top contributions
-        w_eff = probes.effective_weights(model)
-        mean_act = X.mean(0)
-        imp = np.abs(w_eff * mean_act)
-        order = np.argsort(-imp)
-        rank = np.empty(len(order), dtype=int)
-        rank[order] = np.arange(len(order))
-        d_sae = X.shape[1] // len(layers)
-        for j in range(X.shape[1]):
-            feat_rows.append({"role": role, "layer": sorted(layers)[j // d_sae], "feature": j % d_sae,
-                              "weight": float(w_eff[j]), "mean_act": float(mean_act[j]), "importance": float(imp[j]),
-                              "rank": int(rank[j])})
-        top_i, top_v = probes.contributions(model, X)
-        doc_l, pos_l = doc_a[in_lex], pos_a[in_lex]  # once: masking inside the loop made it quadratic
-        for k in range(len(y)):
-            token_rows.append({"role": role, "doc_id": int(doc_l[k]), "pos": int(pos_l[k]),
-                               "word": words[k], "valence": float(y[k]), "pred": float(oof[k]),
-                               "occurrence_split": "test" if occ[k] else "train",
-                               "word_split": "test" if wsp[k] else "train",
-                               "top_layers": [sorted(layers)[j // d_sae] for j in top_i[k]],
-                               "top_features": [int(j % d_sae) for j in top_i[k]],
-                               "top_contributions": [float(v) for v in top_v[k]]})
-        # IMDB positive vs negative: mean-pooled SAE features vs raw activations, and PCA
-        imdb = docs[docs.label.isin(["pos", "neg"])]
-        if len(imdb) >= 20:
-            doc_rows = rows_by_doc(idx["doc_id"], imdb.doc_id.astype(int))
-            keep = [i for i, x in enumerate(doc_rows) if len(x)]
-            pooled, raw = _pooled(ctx, role, layers, [doc_rows[i] for i in keep])
-            labels = imdb.label.to_numpy()[keep]
-            lg = probes.logistic_probe(pooled, labels, cfg.seed)
-            lg["raw_acc"] = probes.logistic_probe(raw, labels, cfg.seed)["acc"]
-            d["logistic"] = {"imdb": lg}
-            coords, ratio = probes.pca(pooled)
-            d["pca_var_ratio"] = ratio
-            d["pca_var_ratio_by_task"] = {"imdb": ratio}
-            pca_rows += [{"role": role, "task": "imdb", "doc_id": int(dd), "label": lb, "pc1": float(a), "pc2": float(b)}
-                         for dd, lb, (a, b) in zip(imdb.doc_id.to_numpy()[keep], labels, coords)]
-        d["tau_contrastive"] = contrastive(ctx, role, layers, contrast_items, swaps, lex)
-        for task, (seqs, lab) in extra_tasks.items():
-            pooled, raw = pooled_features(ctx, role, layers, seqs)
-            lg = probes.logistic_probe(pooled, lab, cfg.seed)
-            lg["raw_acc"] = probes.logistic_probe(raw, lab, cfg.seed)["acc"]
-            d.setdefault("logistic", {})[task] = lg
-            coords, ratio = probes.pca(pooled)
-            d.setdefault("pca_var_ratio_by_task", {})[task] = ratio
-            pca_rows += [{"role": role, "task": task, "doc_id": i, "label": lb, "pc1": float(a), "pc2": float(b)}
-                         for i, (lb, (a, b)) in enumerate(zip(lab, coords))]
+        oof = probes.out_of_fold(X, pts.y, res["occurrence"]["alpha"], seed)
+        d.update(implicit_reward(ctx, role, layers, pts, X, model, oof, comp, r.completions("tuned")))
+        f_rows, t_rows = attributions(role, layers, X, model, pts, oof)
+        feat_rows += f_rows
+        token_rows += t_rows
+        sep, p_rows = separation(ctx, role, layers, docs, idx, seed)
+        d.update(sep)
+        pca_rows += p_rows
+        d["tau_contrastive"] = contrastive(ctx, role, layers, items, swaps, lex)
+        pca_rows += extra_separation(ctx, role, layers, extra_tasks, seed, d)
         detail[role] = d
         log.info("probe (%s): τ occurrence %.3f (p %.1e, %d words), τ word %.3f (p %.1e, %d words), untrained %.3f, "
                  "shuffled %.3f, sign acc %.2f/%.2f, IRM pearson %.3f%s", role, d["tau_occurrence"]["tau"],
@@ -391,11 +476,3 @@ def stage_probes(ctx: Context, config_hash: str) -> None:
             put_rows(con, table, rows_)
 
     ctx.commit(write, detail)
-
-
-STAGES = [
-    Stage("probes", ("data_dir", "probe_min_points", "probe_contrast_items", "probe_texts_per_class", "seed"), ("saes",), stage_probes,
-          {t: ("true", []) for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")}, tasks=("vader",), version=3,
-          describe="ridge probes from SAE features to VADER valence (two splits, controls), IRM, attributions, "
-                   "IMDB logistic probe and PCA"),
-]

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 
 from lfp_core import activations, attribution, features, reward, reward_model, saes, sampling
-from lfp_core.pipeline.core import Context, Stage
-from lfp_core.pipeline.probes import own_saes
-from lfp_core.pipeline.rl import tuned_policy
-from lfp_core.pipeline.saes import _special, _spec, harvest_dir, selected_layers
+from lfp_core.pipeline.core import Context
+from lfp_core.pipeline.shared import harvest_dir, own_saes, selected_layers, special_tokens, tuned_policy
+from lfp_core.settings import AttributionStageSettings, RewardModelStageSettings
 from lfp_core.store import artifacts_dir, put_rows
 
 log = logging.getLogger(__name__)
@@ -28,13 +27,14 @@ def rm_dir(ctx: Context):
 
 def loaded_rm(ctx: Context) -> reward_model.RewardModel:
     if "rm" not in ctx.cache:
-        ctx.cache["rm"] = reward_model.RewardModel(rm_dir(ctx), ctx.model, device=ctx.cfg.device)
+        ctx.cache["rm"] = reward_model.RewardModel(rm_dir(ctx), ctx.model, device=ctx.run.device)
     return ctx.cache["rm"]
 
 
-def rm_layers(ctx: Context) -> list[int]:
+def rm_layers(ctx: Context, s: RewardModelStageSettings) -> list[int]:
+    """The residual-stream layers that get SAEs (``rm.layers`` resolved for the model)."""
     n = ctx.model.hooked().cfg.n_layers
-    layers = ctx.cfg.rm_layer_list(n)
+    layers = s.rm.layer_list(n)
     activations.check_layers(layers, n)
     return layers
 
@@ -43,16 +43,17 @@ def resid_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def sample_pairs(ctx: Context) -> list[dict]:
-    """``rm_samples_per_prompt`` base completions of every prompt (one length per prompt, drawn as in
+def sample_pairs(ctx: Context, s: RewardModelStageSettings) -> list[dict]:
+    """``rm.samples_per_prompt`` base completions of every prompt (one length per prompt, drawn as in
     the RL), turned into oracle pairs; pairs of RL prompts train, pairs of held-out prompts evaluate."""
-    cfg, m, r = ctx.cfg, ctx.model, ctx.writer.reader()
+    m, r, seed, lo, hi = ctx.model, ctx.writer.reader(), s.run.seed, s.completions.min_new_tokens, s.completions.max_new_tokens
     prompts = r.prompts()
-    rng = np.random.default_rng([cfg.seed, 83])
-    lengths = {int(p): int(rng.integers(cfg.min_new_tokens, cfg.max_new_tokens + 1)) for p in prompts.prompt_id}
-    jobs = [(int(p), list(t)) for p, t in zip(prompts.prompt_id, prompts.token_ids) for _ in range(cfg.rm_samples_per_prompt)]
-    outs = sampling.sample_completions(m, [t for _, t in jobs], [lengths[p] for p, _ in jobs], seed=cfg.seed * 7919 + 83,
-                                       batch_size=cfg.gen_batch_size)
+    rng = np.random.default_rng([seed, 83])
+    lengths = {int(p): int(rng.integers(lo, hi + 1)) for p in prompts.prompt_id}
+    jobs = [(int(p), list(t)) for p, t in zip(prompts.prompt_id, prompts.token_ids)
+            for _ in range(s.rm.samples_per_prompt)]
+    outs = sampling.sample_completions(m, [t for _, t in jobs], [lengths[p] for p, _ in jobs], seed=seed * 7919 + 83,
+                                       batch_size=s.generation.batch_size)
     groups: dict[int, list] = {}
     for (pid, _), (ids, _) in zip(jobs, outs):
         groups.setdefault(pid, []).append((ids, reward.reward(m.tokenizer.decode(ids))))
@@ -63,19 +64,18 @@ def sample_pairs(ctx: Context) -> list[dict]:
     return pairs
 
 
-def stage_reward_model(ctx: Context, config_hash: str) -> None:
-    cfg, tok, r = ctx.cfg, ctx.model.tokenizer, ctx.writer.reader()
+def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: str) -> None:
+    tok, r = ctx.model.tokenizer, ctx.writer.reader()
     prompts = {int(p): list(t) for p, t in zip(*r.prompts()[["prompt_id", "token_ids"]].to_numpy().T)}
-    pairs = sample_pairs(ctx)
+    pairs = sample_pairs(ctx, s)
     train = [p for p in pairs if p["split"] == "train"]
     held = [p for p in pairs if p["split"] == "eval"]
     log.info("preference pairs (oracle: higher VADER reward preferred, ties dropped): %d training, %d held out",
              len(train), len(held))
     ctx.cache.pop("rm", None)
     ctx.cache.pop("rm_saes", None)
-    settings = reward_model.RMSettings(epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size,
-                                       seed=cfg.seed, device=cfg.device)
-    _, steps = reward_model.train_reward_model(ctx.model, train, prompts, settings, rm_dir(ctx))
+    _, steps = reward_model.train_reward_model(ctx.model, train, prompts, s.rm, rm_dir(ctx), seed=s.run.seed,
+                                               device=s.run.device)
     rm = loaded_rm(ctx)
     bos = rm.bos
 
@@ -92,7 +92,7 @@ def stage_reward_model(ctx: Context, config_hash: str) -> None:
     acc = detail["pair_acc"]
     log.info("preference model: held-out pair accuracy %.3f (95%% CI %.3f–%.3f, %d pairs); training %.3f", acc["acc"],
              acc["lo"], acc["hi"], acc["n"], detail["pair_acc_train"]["acc"])
-    sae_rows, detail["saes"] = train_rm_saes(ctx, rm, held, prompts)
+    sae_rows, detail["saes"] = train_rm_saes(ctx, s, rm, held, prompts)
     rows = [{"pair_id": p["pair_id"], "split": p["split"], "prompt_id": p["prompt_id"],
              "prompt": tok.decode(prompts[p["prompt_id"]]), "chosen": tok.decode(p["chosen_ids"]),
              "rejected": tok.decode(p["rejected_ids"]), "chosen_ids": [int(t) for t in p["chosen_ids"]],
@@ -107,27 +107,29 @@ def stage_reward_model(ctx: Context, config_hash: str) -> None:
     ctx.commit(write, detail)
 
 
-def train_rm_saes(ctx: Context, rm, held: list[dict], prompts: dict[int, list[int]]) -> tuple[list[dict], dict]:
+def train_rm_saes(ctx: Context, s: RewardModelStageSettings, rm, held: list[dict],
+                  prompts: dict[int, list[int]]) -> tuple[list[dict], dict]:
     """Harvest the preference model's residual stream over the activation corpus (same documents and
-    row index as the policy's harvest) and train one SAE per ``rm_layers`` layer; report FVU, L0, dead
-    fraction and the held-out pair accuracy with the SAE spliced in (no error term)."""
-    cfg, tok, r = ctx.cfg, ctx.model.tokenizer, ctx.writer.reader()
-    layers = rm_layers(ctx)
-    docs_df = r.query("SELECT doc_id, source, split, token_ids FROM act_docs ORDER BY doc_id")
-    docs = [activations.Doc(int(d), s, sp, [int(t) for t in ids])
-            for d, s, sp, ids in zip(docs_df.doc_id, docs_df.source, docs_df.split, docs_df.token_ids)]
+    row index as the policy's harvest) and train one SAE per ``rm.layers`` layer with the run's SAE
+    settings; report FVU, L0, dead fraction and the held-out pair accuracy with the SAE spliced in (no
+    error term)."""
+    tok, r, seed = ctx.model.tokenizer, ctx.writer.reader(), s.run.seed
+    layers = rm_layers(ctx, s)
+    docs_df = r.corpus_docs()
+    docs = [activations.Doc(int(d), src, sp, [int(t) for t in ids])
+            for d, src, sp, ids in zip(docs_df.doc_id, docs_df.source, docs_df.split, docs_df.token_ids)]
     h = harvest_dir(ctx)
     idx = h.index()
-    info = activations.harvest_role(rm.hooked, docs, layers, h.root, ROLE, rm.bos, _special(tok), device=cfg.device,
+    info = activations.harvest_role(rm.hooked, docs, layers, h.root, ROLE, rm.bos, special_tokens(tok), device=s.run.device,
                                     batch_size=ctx.batch(), hook_of=resid_hook)
     train_rows, eval_rows = np.nonzero(~idx["is_eval"])[0], np.nonzero(idx["is_eval"])[0]
     chosen = [rm.bos + prompts[p["prompt_id"]] + p["chosen_ids"] for p in held]
     rejected = [rm.bos + prompts[p["prompt_id"]] + p["rejected_ids"] for p in held]
     out, detail = [], {"harvest": info}
     for layer in layers:
-        spec = _spec(cfg, rm.hooked.cfg.d_model)
+        spec = saes.SAESpec.from_settings(s.sae, rm.hooked.cfg.d_model, seed, s.run.device)
         acts = h.acts(ROLE, layer)
-        src = saes.ActivationSource(acts, train_rows, spec.batch_size, seed=cfg.seed + 97 + layer, layer=layer)
+        src = saes.ActivationSource(acts, train_rows, spec.batch_size, seed=seed + 97 + layer, layer=layer)
         sae, tinfo = saes.train_sae(spec, src, resid_hook(layer), model_name=f"{ctx.model.spec.name}:{ROLE}")
         sid = f"{ROLE}-L{layer}-main"
         path = saes.save_sae(sae, artifacts_dir(ctx.writer.run_dir) / "saes" / sid)
@@ -149,9 +151,13 @@ def train_rm_saes(ctx: Context, rm, held: list[dict], prompts: dict[int, list[in
 def rm_saes(ctx: Context) -> dict:
     """The preference model's residual-stream SAEs (loaded once per invocation)."""
     if "rm_saes" not in ctx.cache:
-        ctx.cache["rm_saes"] = saes.main_saes(ctx.writer.run_dir, ctx.writer.reader().saes(), ROLE, rm_layers(ctx),
+        table = ctx.writer.reader().saes()
+        layers = sorted({int(x) for x in table.layer[(table.role == ROLE) & (table.kind == "rm")]})
+        if not layers:
+            raise RuntimeError("the preference model has no SAEs: run the reward_model stage first")
+        ctx.cache["rm_saes"] = saes.main_saes(ctx.writer.run_dir, table, ROLE, layers,
                                               loaded_rm(ctx).hooked.cfg.d_model, hook_of=resid_hook,
-                                              device=ctx.cfg.device, kind="rm")
+                                              device=ctx.run.device, kind="rm")
     return ctx.cache["rm_saes"]
 
 
@@ -171,36 +177,36 @@ def _rows(target: str, res: dict) -> tuple[list[dict], list[dict]]:
     return feats, [{"target": target, **p} for p in res["points"]]
 
 
-def pm_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
+def pm_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[dict], list[dict]]:
     """AtP (IG steps) of the preference model's reward over its SAE features on the completion tokens of
     the held-out pairs with the largest oracle gaps; top features verified by true ablation."""
-    cfg, r = ctx.cfg, ctx.writer.reader()
+    atp, r = s.atp, ctx.writer.reader()
     rm, sae_map = loaded_rm(ctx), rm_saes(ctx)
     held = r.rm_pairs("eval")
     held = held.assign(gap=held.chosen_oracle - held.rejected_oracle).sort_values(["gap", "pair_id"],
                                                                                   ascending=[False, True])
-    top = held.head(cfg.atp_pairs)
+    top = held.head(atp.pairs)
     chosen, rejected, starts = _pair_seqs(ctx, top)
     res = attribution.rank_and_verify(rm.hooked, sae_map, chosen + rejected, starts + starts,
-                                      lambda m, t, la, mk: rm.score_tokens(t, la), rm.batch, cfg.atp_steps, cfg.atp_top_k,
+                                      lambda m, t, la, mk: rm.score_tokens(t, la), rm.batch, atp.steps, atp.top_k,
                                       batch_size=ctx.batch())
     feats, points = _rows("pm", res)
-    return ({"n_texts": len(chosen) * 2, "steps": cfg.atp_steps, "top_k": cfg.atp_top_k,
+    return ({"n_texts": len(chosen) * 2, "steps": atp.steps, "top_k": atp.top_k,
              "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
 
 
-def disagreement(ctx: Context) -> tuple[dict, list[dict]]:
+def disagreement(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[dict]]:
     """Where the preference model prefers the oracle's rejected completion: the features whose removal
     would move the margin r(chosen) − r(rejected) most towards the oracle (AtP on both texts of the
     4 × atp_pairs disagreeing pairs with the largest oracle gaps), with the same mean on as many
     agreeing pairs as the contrast."""
-    cfg, r = ctx.cfg, ctx.writer.reader()
+    atp, r = s.atp, ctx.writer.reader()
     rm, sae_map = loaded_rm(ctx), rm_saes(ctx)
     held = r.rm_pairs("eval")
     held = held.assign(gap=held.chosen_oracle - held.rejected_oracle).sort_values(["gap", "pair_id"],
                                                                                   ascending=[False, True])
     n_wrong = int((held.chosen_pm < held.rejected_pm).sum())
-    cap = 4 * cfg.atp_pairs  # the clearest cases: the largest oracle gaps
+    cap = 4 * atp.pairs  # the clearest cases: the largest oracle gaps
     wrong = held[held.chosen_pm < held.rejected_pm].head(cap)
     right = held[held.chosen_pm >= held.rejected_pm].head(max(len(wrong), 1))
     if wrong.empty:
@@ -214,7 +220,7 @@ def disagreement(ctx: Context) -> tuple[dict, list[dict]]:
             for seqs in (c, j):
                 parts.append(np.concatenate([
                     attribution.integrated_gradients(rm.hooked, sae_map, layer, toks, last, mask,
-                                                     lambda m, t, la, mk: rm.score_tokens(t, la), cfg.atp_steps)[0]
+                                                     lambda m, t, la, mk: rm.score_tokens(t, la), atp.steps)[0]
                     for toks, last, mask in attribution.masked_batches(seqs, st, rm.batch, ctx.batch())]))
             out[layer] = parts[0] - parts[1]  # [pairs, d_sae]: estimated change of the margin
         return out
@@ -224,18 +230,18 @@ def disagreement(ctx: Context) -> tuple[dict, list[dict]]:
              "estimate_abs": float(np.abs(bad[layer][:, f]).mean()), "contrast": float(good[layer][:, f].mean()),
              "n_texts": len(wrong), "true_effect": None}
             for layer in bad for f in range(bad[layer].shape[1])]
-    rows.sort(key=lambda x: -x["estimate"])
+    rows.sort(key=lambda x: -float(x["estimate"] or 0.0))
     for i, x in enumerate(rows):
         x["rank"] = i
     return {"n_disagree": n_wrong, "n_eval": len(held), "n_attributed": len(wrong),
             "top": [{k: x[k] for k in ("layer", "feature", "estimate", "contrast")} for x in rows[:5]]}, rows
 
 
-def policy_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
+def policy_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[dict], list[dict]]:
     """The same attribution on the tuned policy: metric = the probe's predicted reward summed over the
     completion tokens, from the policy's SAE features at the selected layers (each layer attributed
     through every path, e.g. layer-2 features also through layer 3's)."""
-    cfg, r = ctx.cfg, ctx.writer.reader()
+    atp, r = s.atp, ctx.writer.reader()
     layers = selected_layers(ctx)
     hooked = tuned_policy(ctx).hooked()
     sae_map = own_saes(ctx, "tuned", layers)
@@ -245,7 +251,7 @@ def policy_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
         w = np.zeros(int(sae_map[layer].cfg.d_sae), dtype=np.float32)
         sel = pf[pf.layer == layer]
         w[sel.feature.to_numpy(int)] = sel.weight.to_numpy(float)
-        weights[layer] = torch.tensor(w, device=cfg.device)
+        weights[layer] = torch.tensor(w, device=ctx.run.device)
 
     def probe_reward(model, toks, last, mask):
         acts: dict = {}
@@ -257,15 +263,15 @@ def policy_attribution(ctx: Context) -> tuple[dict, list[dict], list[dict]]:
 
     p = r.prompts()
     prompts = dict(zip(p.prompt_id.astype(int), p.token_ids))
-    comp = r.completions("tuned", limit=2 * cfg.atp_pairs)
+    comp = r.completions("tuned", limit=2 * atp.pairs)
     bos = [hooked.tokenizer.bos_token_id] if hooked.tokenizer.bos_token_id is not None else []
     heads = [bos + [int(t) for t in prompts[int(p)]] for p in comp.prompt_id]
     seqs = [h + [int(t) for t in c] for h, c in zip(heads, comp.token_ids)]
     res = attribution.rank_and_verify(hooked, sae_map, seqs, [len(h) for h in heads], probe_reward,
-                                      lambda s: attribution.right_pad(s, ctx.model.tokenizer.pad_token_id or 0, cfg.device),
-                                      cfg.atp_steps, cfg.atp_top_k, batch_size=ctx.batch())
+                                      lambda q: attribution.right_pad(q, ctx.model.tokenizer.pad_token_id or 0, ctx.run.device),
+                                      atp.steps, atp.top_k, batch_size=ctx.batch())
     feats, points = _rows("policy", res)
-    return ({"n_texts": len(seqs), "steps": cfg.atp_steps, "top_k": cfg.atp_top_k,
+    return ({"n_texts": len(seqs), "steps": atp.steps, "top_k": atp.top_k,
              "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
 
 
@@ -292,17 +298,17 @@ def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None
         x["top_tokens"] = found.get((maps[x["target"]][0], x["layer"], x["feature"]))
 
 
-def stage_attribution(ctx: Context, config_hash: str) -> None:
+def stage_attribution(ctx: Context, s: AttributionStageSettings, config_hash: str) -> None:
     detail, rows, points = {}, [], []
     for name, fn in (("pm", pm_attribution), ("policy", policy_attribution)):
-        d, f, p = fn(ctx)
+        d, f, p = fn(ctx, s)
         detail[name] = d
         rows += f
         points += p
         log.info("attribution (%s): AtP vs true ablation on the top %d features: Spearman %.3f (p %.2g); over %d "
                  "(text, feature) points %.3f", name, d["top_k"], d["spearman_top"]["rho"], d["spearman_top"]["p"],
                  d["spearman_points"]["n"], d["spearman_points"]["rho"])
-    d, f = disagreement(ctx)
+    d, f = disagreement(ctx, s)
     detail["disagreement"] = d
     rows += f
     add_top_tokens(ctx, rows)
@@ -314,17 +320,3 @@ def stage_attribution(ctx: Context, config_hash: str) -> None:
 
     ctx.commit(write, detail)
 
-
-STAGES = [
-    Stage("reward_model", ("rm_samples_per_prompt", "rm_epochs", "rm_lr", "rm_batch_size", "rm_layers", "min_new_tokens",
-                           "max_new_tokens", "gen_batch_size", "sae_expansion", "sae_k", "sae_lr", "sae_batch_size",
-                           "sae_train_tokens", "seed", "device"), ("activations",), stage_reward_model,
-          {"rm_pairs": ("true", []), "saes": ("role = ?", [ROLE])}, tasks=("vader",),
-          describe="train a preference model (trl RewardTrainer) on oracle VADER preferences between base "
-                   "completions; SAEs on its residual stream"),
-    Stage("attribution", ("atp_steps", "atp_pairs", "atp_top_k", "seed", "device"), ("reward_model", "probes"),
-          stage_attribution, {"attribution": ("true", []), "attribution_points": ("true", [])}, tasks=("vader",),
-          version=2,  # 2: top tokens of the ranked features
-          describe="attribution patching (IG) over the preference model's and the policy's SAE features, checked "
-                   "by true ablation; features behind the preference model's disagreements with the oracle"),
-]

@@ -1,0 +1,44 @@
+"""Helpers that several stages share: the tuned policy, the selected layers, the activation harvest
+and each role's own SAEs (read from what earlier stages stored, never from settings)."""
+
+from __future__ import annotations
+
+from lfp_core import activations, rlhf, saes
+from lfp_core.pipeline.core import Context
+from lfp_core.store import artifacts_dir
+
+ROLES = ("tuned", "base")
+
+
+def selected_layers(ctx: Context) -> list[int]:
+    df = ctx.writer.reader().layer_divergence()
+    layers = sorted(int(x) for x in df.layer[df.selected])
+    if not layers:
+        raise RuntimeError("the divergence stage selected no layers; run it first")
+    activations.check_layers(layers, ctx.model.hooked().cfg.n_layers)
+    return layers
+
+
+def role_model(ctx: Context, role: str):
+    return ctx.model if role == "base" else tuned_policy(ctx)
+
+
+def harvest_dir(ctx: Context) -> activations.Harvest:
+    return activations.Harvest(artifacts_dir(ctx.writer.run_dir) / "activations")
+
+
+def special_tokens(tok) -> set[int]:
+    return {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None}
+
+
+def tuned_policy(ctx: Context):
+    """The run's tuned policy (loaded once per invocation, checked against the base model)."""
+    if "tuned" not in ctx.cache:
+        ctx.cache["tuned"] = rlhf.load_policy(artifacts_dir(ctx.writer.run_dir) / "policy", ctx.model)
+    return ctx.cache["tuned"]
+
+
+def own_saes(ctx: Context, role: str, layers: list[int]) -> dict:
+    """``{layer: SAE}`` of ``role``'s main SAEs, checked to read that layer's hook and to come from that model."""
+    return saes.main_saes(ctx.writer.run_dir, ctx.writer.reader().saes("main"), role, layers,
+                          ctx.model.hooked().cfg.d_model, device=ctx.run.device)

@@ -1,0 +1,151 @@
+"""The stage registry: every precompute stage, in order, declared once.
+
+Light on purpose: it imports no torch, sae-lens or trl, so the dashboard's Overview and the report
+can list stages and describe them. The function that runs a stage is named as
+``"module:function"`` and imported only when the precompute runs it (:meth:`StageSpec.load`).
+
+A stage's settings are a frozen dataclass from :mod:`lfp_core.settings` holding exactly the
+settings groups it reads; the precompute builds that object from the run config, hands it to the
+stage, and hashes it (with the upstream stages' hashes, the stage's version and, for the model
+stage, the model files' fingerprint). A stage cannot read a setting outside its hash.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lfp_core import settings as st
+from lfp_core.store.schema import Not, Where
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A precompute stage.
+
+    Attributes:
+        name: stage id (also shown in the dashboard and reports).
+        settings: the stage's settings class (:mod:`lfp_core.settings`); the stage receives an
+            instance and is hashed on it.
+        after: stages whose outputs it reads.
+        run: ``"module:function"``; the function is ``run(ctx, settings, config_hash) -> None``
+            and must end with ``ctx.commit``.
+        clears: rows the stage owns, ``{table: Where(...)}``, deleted before a recompute.
+        chunked: whether the stage commits chunk by chunk and resumes from the last chunk.
+        fingerprint: optional ``"module:function"`` of the stage's settings giving an extra input
+            to the hash (e.g. the model files' identity).
+        describe: one line shown for a stage that has not run yet.
+        tasks: the tasks the stage belongs to (a stage may exist per task under one name).
+        version: bumped when the stage's computation changes, so stored results of an older
+            version are recomputed rather than reused.
+    """
+
+    name: str
+    settings: type
+    after: tuple[str, ...]
+    run: str
+    clears: dict[str, Where] = field(default_factory=dict)
+    chunked: bool = False
+    fingerprint: str | None = None
+    describe: str = ""
+    tasks: tuple[str, ...] = ("vader", "hh")
+    version: int = 1
+
+    def load(self) -> Callable[..., None]:
+        """The stage's function (imports its module: torch and friends)."""
+        return _resolve(self.run)
+
+    def fingerprint_of(self, settings: Any) -> str | None:
+        return None if self.fingerprint is None else str(_resolve(self.fingerprint)(settings))
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The RunConfig settings groups the stage reads."""
+        return st.groups_of(self.settings)
+
+
+def _resolve(ref: str) -> Callable[..., Any]:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_P = "lfp_core.pipeline."
+_ALL = Where()
+
+STAGES: list[StageSpec] = [
+    StageSpec("model", st.ModelStageSettings, (), _P + "base:stage_model", {"models": Where(role="base")},
+              fingerprint=_P + "base:model_fingerprint", describe="load the base model (HF + transformer-lens)"),
+    StageSpec("prompts", st.PromptsStageSettings, ("model",), _P + "base:stage_prompts", {"prompts": _ALL},
+              tasks=("vader",), describe="build the RL and held-out prompt sets (IMDB train / test prefixes)"),
+    StageSpec("base_samples", st.SamplesStageSettings, ("prompts",), _P + "base:stage_base_samples",
+              {"completions": Where(role="base")}, chunked=True, tasks=("vader",),
+              describe="sample base-model completions of held-out prompts, score them with the VADER reward"),
+    StageSpec("pairs", st.PairsStageSettings, ("model",), _P + "base:stage_pairs", {"pairs": _ALL}, tasks=("hh",),
+              describe="load HH-RLHF preference pairs; split into DPO training and held-out pairs"),
+    StageSpec("rlhf", st.RLStageSettings, ("prompts",), _P + "rl:stage_rlhf",
+              {"rl_steps": _ALL, "rl_samples": _ALL, "models": Where(role="tuned")}, tasks=("vader",),
+              describe="fine-tune the policy with GRPO against the VADER reward (KL to the base model)"),
+    StageSpec("rl_eval", st.SamplesStageSettings, ("rlhf", "base_samples"), _P + "rl:stage_rl_eval",
+              {"completions": Where(role="tuned"), "word_shifts": _ALL}, chunked=True, tasks=("vader",),
+              version=2,  # 2: word shifts also list the top lexicon words
+              describe="sample the tuned policy on the held-out prompts; reward gain, KL, distinct-2, word shifts"),
+    StageSpec("rlhf", st.DPOStageSettings, ("pairs",), _P + "rl:stage_dpo",
+              {"rl_steps": _ALL, "rl_samples": _ALL, "models": Where(role="tuned")}, tasks=("hh",),
+              describe="fine-tune the policy with DPO on HH-RLHF chosen/rejected pairs"),
+    StageSpec("rl_eval", st.DPOStageSettings, ("rlhf",), _P + "rl:stage_dpo_eval", {}, tasks=("hh",),
+              describe="DPO implicit-reward margin and accuracy on held-out and training pairs"),
+    StageSpec("divergence", st.DivergenceStageSettings, ("rlhf", "base_samples"), _P + "rl:stage_divergence",
+              {"layer_divergence": _ALL}, tasks=("vader",),
+              describe="per-layer parameter and activation divergence; choose the layers to study"),
+    StageSpec("divergence", st.DivergenceStageSettings, ("rlhf", "pairs"), _P + "rl:stage_divergence",
+              {"layer_divergence": _ALL}, tasks=("hh",),
+              describe="per-layer parameter and activation divergence; choose the layers to study"),
+    StageSpec("activations", st.ActivationsStageSettings, ("divergence", "rl_eval"), _P + "saes:stage_activations",
+              {"act_docs": _ALL, "vocab": _ALL}, tasks=("vader",), version=2,
+              describe="harvest MLP outputs of the tuned and base models at the selected layers (held-out IMDB "
+                       "text and completions)"),
+    StageSpec("saes", st.SAEStageSettings, ("activations",), _P + "saes:stage_saes",
+              {"saes": Where(kind=Not("rm")), "sae_pairs": _ALL}, chunked=True, tasks=("vader",),
+              describe="train SAEs with sae-lens (main, paper variants, L1 sweep, MFR); FVU, L0, dead, loss "
+                       "recovered, MMCS"),
+    StageSpec("features", st.FeaturesStageSettings, ("saes",), _P + "saes:stage_features",
+              {"features": _ALL, "feature_examples": _ALL}, chunked=True, tasks=("vader",), version=2,
+              describe="per-feature density, histograms, top and interval examples, logit effects, neighbours"),
+    StageSpec("probes", st.ProbesStageSettings, ("saes",), _P + "probes:stage_probes",
+              {t: _ALL for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")}, tasks=("vader",),
+              version=3, describe="ridge probes from SAE features to VADER valence (two splits, controls), IRM, "
+                                  "attributions, IMDB logistic probe and PCA"),
+    StageSpec("labels", st.LabelsStageSettings, ("probes", "features"), _P + "labels:stage_labels",
+              {"feature_labels": _ALL}, chunked=True, tasks=("vader",),
+              describe="feature explanations, reward relevance and detection scores (LLM or the offline "
+                       "labeller); agreement with the probe"),
+    StageSpec("ablation", st.AblationStageSettings, ("labels",), _P + "ablation:stage_ablation",
+              {t: _ALL for t in ("ablation_prefixes", "ablation_sets", "ablation_completions")}, chunked=True,
+              tasks=("vader",),
+              describe="zero probe-top, labelled and random feature sets of the tuned policy (error term kept); "
+                       "reward of sampled completions before/after"),
+    StageSpec("reward_model", st.RewardModelStageSettings, ("activations",), _P + "reward_model:stage_reward_model",
+              {"rm_pairs": _ALL, "saes": Where(role="rm")}, tasks=("vader",),
+              describe="train a preference model (trl RewardTrainer) on oracle VADER preferences between base "
+                       "completions; SAEs on its residual stream"),
+    StageSpec("attribution", st.AttributionStageSettings, ("reward_model", "probes"),
+              _P + "reward_model:stage_attribution", {"attribution": _ALL, "attribution_points": _ALL},
+              tasks=("vader",), version=2,  # 2: top tokens of the ranked features
+              describe="attribution patching (IG) over the preference model's and the policy's SAE features, "
+                       "checked by true ablation; features behind the preference model's disagreements with the oracle"),
+]
+
+
+def stages_for(task: str = "vader") -> list[StageSpec]:
+    """The stages of a task, in order."""
+    return [s for s in STAGES if task in s.tasks]
+
+
+def stage_names(task: str = "vader") -> list[str]:
+    return [s.name for s in stages_for(task)]
+
+
+def describe_stages(task: str = "vader") -> dict[str, str]:
+    return {s.name: s.describe for s in stages_for(task)}
