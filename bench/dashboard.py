@@ -15,6 +15,7 @@ import numpy as np
 
 from lfp_core.config import REPO_ROOT
 from lfp_core.store import RunReader, RunWriter
+from lfp_core.store.testing import fill_synthetic_features
 
 PAGES = ["views/overview.py", "views/layers.py", "views/browser.py", "views/feature.py", "views/token_scores.py",
          "views/separation.py", "views/labels.py", "views/ablation_lab.py", "views/reward_model.py"]
@@ -50,35 +51,12 @@ def build_synthetic_store(run_dir: Path, n_features: int = 50_000, n_examples: i
     """A run store with ``n_features`` features (split over ``n_layers`` layers of the tuned model),
     each with ``n_examples`` top examples of ``n_tokens`` tokens, probe weights and labels.
 
-    Generated inside DuckDB (one INSERT … SELECT per table) so building 1M examples takes seconds.
+    Generated inside DuckDB (:func:`lfp_core.store.testing.fill_synthetic_features`) so building 1M
+    examples takes seconds.
     """
     w = RunWriter(run_dir)
     w.set_config("synthetic", '{"model": "synthetic", "task": "vader"}')
-    per = n_features // n_layers
-    with w.transaction() as con:
-        con.execute("SELECT setseed(?)", [seed / 1000])
-        con.execute(
-            "INSERT INTO features SELECT 'tuned', l, f, random() * 0.05, (random() * 1e4)::BIGINT, random(), "
-            "1 + random() * 9, list_transform(range(20), lambda i: (random() * 100)::BIGINT), "
-            "list_transform(range(8), lambda i: ' tok' || ((f * 7 + i * 13) % 4096)::VARCHAR), random() * 0.05, "
-            "random() * 0.05, list_transform(range(10), lambda i: ' up' || i::VARCHAR), list_transform(range(10), lambda i: random()), "
-            "list_transform(range(10), lambda i: ' down' || i::VARCHAR), list_transform(range(10), lambda i: -random()), "
-            "list_transform(range(10), lambda i: ((f + i + 1) % ?)::INTEGER), list_transform(range(10), lambda i: random()) "
-            "FROM range(?) AS a(l), range(?) AS b(f)", [per, n_layers, per])
-        con.execute(
-            "INSERT INTO feature_examples SELECT 'tuned', l, f, 'top', r, -1, (f * 31 + r) % 100000, 10, 10 - r * 0.3, "
-            "10, list_transform(range(?), lambda i: ' tok' || ((f + i) % 4096)::VARCHAR), "
-            "list_transform(range(?), lambda i: ((f + i) % 4096)::INTEGER), list_transform(range(?), lambda i: random()) "
-            "FROM range(?) AS a(l), range(?) AS b(f), range(?) AS c(r)",
-            [n_tokens, n_tokens, n_tokens, n_layers, per, n_examples])
-        con.execute("INSERT INTO probe_features SELECT 'tuned', l, f, random() - 0.5, random(), random(), "
-                    "(row_number() OVER ()) - 1 FROM range(?) AS a(l), range(?) AS b(f)", [n_layers, per])
-        con.execute("INSERT INTO feature_labels (role, layer, feature, labeller, explanation, relevant, detection_acc, "
-                    "detection_f1, detection_auc, n_unparsed) "
-                    "SELECT 'tuned', l, f, 'synthetic', 'fires on token ' || (f % 4096)::VARCHAR "
-                    "|| CASE WHEN f % 5 = 0 THEN ' (praise)' ELSE '' END, f % 5 = 0, random(), random(), NULL, 0 "
-                    "FROM range(?) AS a(l), range(?) AS b(f)", [n_layers, per])
-        con.execute("INSERT INTO stages VALUES ('features', 0, 'x', 'done', now(), now(), 0, '{}', NULL)")
+    fill_synthetic_features(w, n_features, n_examples, n_tokens, n_layers, seed)
     return run_dir
 
 

@@ -24,9 +24,10 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _timed(fn):
+def _timed(fn, *args):
+    """``fn(*args)``, its wall time and its process CPU time."""
     w, c = time.perf_counter(), time.process_time()
-    out = fn()
+    out = fn(*args)
     return out, time.perf_counter() - w, time.process_time() - c
 
 
@@ -34,16 +35,17 @@ def measure(run: Path, multiples: list[int], base_docs: int | None = None) -> li
     from bench.throughput import _docs, run_sae_spec
     from lfp_core import activations, features, saes
     from lfp_core.live import LiveEngine
-    from lfp_core.pipeline.saes import _special
+    from lfp_core.pipeline.shared import special_tokens as _special
+    from lfp_core.settings import FeatureSettings
     from lfp_core.store import RunReader, RunWriter, put_rows
 
     eng = LiveEngine(run)
     hooked, tok, layers = eng.model, eng.tokenizer, eng.layers
-    n_all = int(RunReader(run).query("SELECT count(*) AS n FROM act_docs").n[0])
+    n_all = RunReader(run).table_size("act_docs")
     all_docs = _docs(run, n_all)
     special = _special(tok)
     vocab = [tok.decode([i]) for i in range(hooked.cfg.d_vocab)]
-    settings = features.FeatureSettings()
+    settings = FeatureSettings()
     base = base_docs or n_all // max(multiples)
     if base * max(multiples) > n_all:
         raise ValueError(f"{max(multiples)} x {base} documents requested; the run's corpus has {n_all}")
@@ -54,8 +56,8 @@ def measure(run: Path, multiples: list[int], base_docs: int | None = None) -> li
         try:
             root = tmp / "run" / "artifacts" / "activations"
             idx = activations.write_index(root, docs, special)
-            info, h_wall, h_cpu = _timed(lambda: activations.harvest_role(hooked, docs, layers, root, "tuned", eng.bos,
-                                                                          special))
+            info, h_wall, h_cpu = _timed(activations.harvest_role, hooked, docs, layers, root, "tuned", eng.bos,
+                                         special)
             train = np.nonzero(~idx["is_eval"])[0]
             s_wall = s_cpu = f_wall = f_cpu = 0.0
             tables = []
@@ -63,13 +65,13 @@ def measure(run: Path, multiples: list[int], base_docs: int | None = None) -> li
                 acts = np.load(root / "tuned" / f"L{layer}.npy", mmap_mode="r")
                 spec = run_sae_spec(run, hooked.cfg.d_model, len(train))
                 src = saes.ActivationSource(acts, train, spec.batch_size, seed=0, layer=layer)
-                (sae, _), w, c = _timed(lambda: saes.train_sae(spec, src, activations.hook_name(layer)))
+                (sae, _), w, c = _timed(saes.train_sae, spec, src, activations.hook_name(layer))
                 s_wall, s_cpu = s_wall + w, s_cpu + c
                 doc_tokens = {d.doc_id: d.token_ids for d in docs}
                 src_of = {d.doc_id: d.source for d in docs}
                 row_source = np.array([src_of[int(d)] for d in idx["doc_id"]], dtype=object)
-                tbl, w, c = _timed(lambda: features.feature_tables(sae, acts, idx, doc_tokens, row_source, hooked.W_U,
-                                                                   vocab.__getitem__, settings, "tuned", layer))
+                tbl, w, c = _timed(features.feature_tables, sae, acts, idx, doc_tokens, row_source, hooked.W_U,
+                                   vocab.__getitem__, settings, "tuned", layer)
                 f_wall, f_cpu = f_wall + w, f_cpu + c
                 tables.append(tbl)
             writer = RunWriter(tmp / "run")

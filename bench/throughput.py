@@ -19,21 +19,20 @@ def _docs(run: Path, n_docs: int):
     from lfp_core.activations import Doc
     from lfp_core.store import RunReader
 
-    df = RunReader(run).query("SELECT doc_id, source, split, token_ids FROM act_docs ORDER BY doc_id LIMIT ?", [n_docs])
+    df = RunReader(run).corpus_docs(limit=n_docs)
     return [Doc(int(d), s, sp, [int(t) for t in ids]) for d, s, sp, ids in zip(df.doc_id, df.source, df.split, df.token_ids)]
 
 
 def run_sae_spec(run: Path, d_model: int, n_rows: int):
     """The run's main-SAE settings (the saes stage's own spec), for one pass over ``n_rows``."""
-    import json
     from dataclasses import replace
 
-    from lfp_core.config import RunConfig
-    from lfp_core.pipeline.saes import _spec
+    from lfp_core.saes import SAESpec
+    from lfp_core.settings import RunConfig
     from lfp_core.store import RunReader
 
-    cfg = RunConfig.from_json(json.dumps(RunReader(run).run_info()["config"]))
-    spec = _spec(cfg, d_model)
+    cfg = RunConfig.from_dict(RunReader(run).run_info()["config"])
+    spec = SAESpec.from_settings(cfg.sae, d_model, cfg.run.seed, cfg.run.device)
     return replace(spec, train_tokens=(n_rows // spec.batch_size) * spec.batch_size, seed=0, device="cpu")
 
 
@@ -56,7 +55,7 @@ def measure(run: Path, n_docs: int, repeats: int) -> dict:
     SAE training (the run's main-SAE settings, one pass over the harvested rows)."""
     from lfp_core import activations, saes
     from lfp_core.live import LiveEngine
-    from lfp_core.pipeline.saes import _special
+    from lfp_core.pipeline.shared import special_tokens as _special
 
     eng = LiveEngine(run)
     hooked, tok, layers = eng.model, eng.tokenizer, eng.layers

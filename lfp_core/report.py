@@ -2,6 +2,9 @@
 
     python -m lfp_core.report RUN_DIR [--json]
 
+Exit status: 0 on success, 2 on bad input (a missing, foreign or damaged run: one line), 1 on any
+other failure (its traceback is logged).
+
 ``--json`` prints a JSON object (``schema_version``, ``run``, ``model``, ``stages``,
 ``base_reward``; later stages add keys); without it, a readable summary.
 """
@@ -10,84 +13,103 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from typing import Any
 
-from lfp_core.pipeline import stages_for
-from lfp_core.store import SCHEMA_VERSION, RunReader, StoreError
+from lfp_core.errors import BadInputError
+from lfp_core.settings import run_settings_of
+from lfp_core.stages import stages_for
+from lfp_core.store import SCHEMA_VERSION, RunReader, done_summary
+from lfp_core.store.summaries import (
+    AblationSummary,
+    AttributionSummary,
+    DivergenceSummary,
+    LabelsSummary,
+    ProbeRoleSummary,
+    ProbesSummary,
+    RewardModelSummary,
+    RLEvalSummary,
+    SAEsSummary,
+)
+
+log = logging.getLogger("lfp_core.report")
 
 
 def build_report(run_dir: str) -> dict:
     """The run's headline figures as a JSON-ready dict (stages never run are 'pending')."""
     r = RunReader(run_dir)
     info = r.run_info()
-    records = {s.name: s for s in r.stages()}
-    recorded = {s.name: s.status for s in records.values()}
-    task = info.get("config", {}).get("task", "vader")
+    records = r.stages()
+    recorded = {s.name: s.status for s in records}
+    task = run_settings_of(info.get("config")).task
     stages = {s.name: recorded.get(s.name, "pending") for s in stages_for(task)}
     stages.update({k: v for k, v in recorded.items() if k not in stages})
     model = r.model_info("base")
-    rep = {
+    rep: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "run": {"name": info.get("name"), "preset": info.get("preset"), "task": task, "dir": str(r.run_dir)},
         "model": None if model is None else {k: model[k] for k in ("name", "n_params", "n_layers", "d_model")},
         "stages": stages,
         "base_reward": r.reward_summary("base"),
     }
-    ev = records.get("rl_eval")
-    if ev is not None and ev.status == "done":
-        d = ev.detail
-        keys = ("reward_base", "reward_tuned", "difference", "kl_per_token", "distinct2_base", "distinct2_tuned") \
-            if task == "vader" else ("eval_margin", "eval_accuracy", "train_margin", "train_accuracy", "n_eval", "n_train")
-        rep["rlhf"] = {k: d[k] for k in keys}
-    dv = records.get("divergence")
-    if dv is not None and dv.status == "done":
+    ev = done_summary(records, RLEvalSummary)
+    if ev is not None:
+        rep["rlhf"] = ({"reward_base": ev.reward_base, "reward_tuned": ev.reward_tuned, "difference": ev.difference,
+                        "kl_per_token": ev.kl_per_token, "distinct2_base": ev.distinct2_base,
+                        "distinct2_tuned": ev.distinct2_tuned} if task == "vader" else
+                       {"eval_margin": ev.eval_margin, "eval_accuracy": ev.eval_accuracy, "train_margin": ev.train_margin,
+                        "train_accuracy": ev.train_accuracy, "n_eval": ev.n_eval, "n_train": ev.n_train})
+    dv = done_summary(records, DivergenceSummary)
+    if dv is not None:
         div = r.layer_divergence()
         rep["divergence"] = {"param": [float(x) for x in div.param], "activation": [float(x) for x in div.act_cos],
                              "activation_rel_l2": [float(x) for x in div.act_rel_l2],
-                             "measure": dv.detail.get("measure"), "selected_layers": dv.detail.get("selected_layers")}
-    st = records.get("saes")
-    if st is not None and st.status == "done":
+                             "measure": dv.measure, "selected_layers": dv.selected_layers}
+    sa = done_summary(records, SAEsSummary)
+    if sa is not None:
         table = r.saes()
         table = table[~table.kind.isin(["sweep", "rm"])]  # the preference model's SAEs are reported under reward_model
         rep["saes"] = [{"layer": int(x.layer), "role": x.role, "kind": x.kind, "sae_id": x.sae_id, "arch": x.arch,
                         "d_sae": int(x.d_sae), **{k: float(getattr(x, k)) for k in _SAE_KEYS}}
                        for x in table.itertuples()]
-        rep["sae_comparisons"] = {"mfr_vs_independent": st.detail.get("mfr", {}),
+        rep["sae_comparisons"] = {"mfr_vs_independent": sa.mfr,
                                   "mmcs": r.sae_pairs().drop(columns=["mmcs_max"]).to_dict("records")}
-    pr = records.get("probes")
-    if pr is not None and pr.status == "done":
-        t = pr.detail.get("tuned", {})
-        keys = ("tau_occurrence", "tau_word", "tau_baseline", "tau_shuffled", "tau_contrastive", "sign_acc_pos",
-                "sign_acc_neg", "irm", "logistic", "pca_var_ratio", "inputs")
-        rep["probe"] = {k: t[k] for k in keys if k in t}
-        rep["probe"]["base_model"] = {k: pr.detail.get("base", {}).get(k) for k in ("tau_occurrence", "tau_word")}
-    lb = records.get("labels")
-    if lb is not None and lb.status == "done":
-        d = lb.detail
-        rep["labels"] = {"labeller": d.get("labeller"), "n_labelled": d.get("n_labelled"), "n_relevant": d.get("n_relevant"),
-                         "detection_acc_mean": d.get("detection_acc_mean"),
-                         "overlap": {k: d.get("overlap", {}).get(k) for k in ("n", "p", "expected", "n_flagged",
-                                                                               "n_probe_top", "n_labelled")}}
-    ab = records.get("ablation")
-    if ab is not None and ab.status == "done":
-        d = ab.detail
-        rep["ablation"] = {k: d.get(k) for k in ("reward_before", "reward_after", "random_after_mean", "p", "p_rank",
-                                                 "lower_than_all")}
-        rep["ablation"]["sets"] = {name: {k: x.get(k) for k in ("size", "reward_before", "reward_after", "diff", "diff_lo",
-                                                                "diff_hi", "random_after_mean", "p", "p_rank")}
-                                   for name, x in d.get("sets", {}).items()}
-    rm = records.get("reward_model")
-    if rm is not None and rm.status == "done":
-        d = rm.detail
-        rep["reward_model"] = {"pair_acc": d["pair_acc"]["acc"], "pair_acc_ci": [d["pair_acc"]["lo"], d["pair_acc"]["hi"]],
-                               "n_eval_pairs": d["pair_acc"]["n"], "pair_acc_train": d["pair_acc_train"]["acc"],
-                               "saes": {k: v for k, v in d.get("saes", {}).items() if k != "harvest"}}
-        at = records.get("attribution")
-        if at is not None and at.status == "done":
-            a = at.detail
-            rep["reward_model"]["atp_true_spearman"] = a["pm"]["spearman_top"]["rho"]
-            rep["reward_model"]["atp"] = {k: a[k] for k in ("pm", "policy") if k in a}
-            rep["reward_model"]["disagreement"] = a.get("disagreement")
+    pr = done_summary(records, ProbesSummary)
+    if pr is not None:
+        t = pr.tuned or ProbeRoleSummary()
+        probe = {"tau_occurrence": t.tau_occurrence, "tau_word": t.tau_word, "tau_baseline": t.tau_baseline,
+                 "tau_shuffled": t.tau_shuffled, "tau_contrastive": t.tau_contrastive, "sign_acc_pos": t.sign_acc_pos,
+                 "sign_acc_neg": t.sign_acc_neg, "irm": t.irm, "logistic": t.logistic, "pca_var_ratio": t.pca_var_ratio,
+                 "inputs": t.inputs}
+        rep["probe"] = {k: v for k, v in probe.items() if v is not None}
+        b = pr.base or ProbeRoleSummary()
+        rep["probe"]["base_model"] = {"tau_occurrence": b.tau_occurrence, "tau_word": b.tau_word}
+    lb = done_summary(records, LabelsSummary)
+    if lb is not None:
+        rep["labels"] = {"labeller": lb.labeller, "n_labelled": lb.n_labelled, "n_relevant": lb.n_relevant,
+                         "detection_acc_mean": lb.detection_acc_mean,
+                         "overlap": {k: lb.overlap.get(k) for k in ("n", "p", "expected", "n_flagged", "n_probe_top",
+                                                                    "n_labelled")}}
+    ab = done_summary(records, AblationSummary)
+    if ab is not None:
+        rep["ablation"] = {"reward_before": ab.reward_before, "reward_after": ab.reward_after,
+                           "random_after_mean": ab.random_after_mean, "p": ab.p, "p_rank": ab.p_rank,
+                           "lower_than_all": ab.lower_than_all}
+        rep["ablation"]["sets"] = {name: {"size": x.size, "reward_before": x.reward_before, "reward_after": x.reward_after,
+                                          "diff": x.diff, "diff_lo": x.diff_lo, "diff_hi": x.diff_hi,
+                                          "random_after_mean": x.random_after_mean, "p": x.p, "p_rank": x.p_rank}
+                                   for name, x in ab.sets.items()}
+    rm = done_summary(records, RewardModelSummary)
+    if rm is not None and rm.pair_acc is not None and rm.pair_acc_train is not None:
+        rep["reward_model"] = {"pair_acc": rm.pair_acc["acc"], "pair_acc_ci": [rm.pair_acc["lo"], rm.pair_acc["hi"]],
+                               "n_eval_pairs": rm.pair_acc["n"], "pair_acc_train": rm.pair_acc_train["acc"],
+                               "saes": rm.sae_stats}
+        at = done_summary(records, AttributionSummary)
+        if at is not None and at.pm is not None:
+            rep["reward_model"]["atp_true_spearman"] = at.pm["spearman_top"]["rho"]
+            rep["reward_model"]["atp"] = {k: v for k, v in (("pm", at.pm), ("policy", at.policy)) if v is not None}
+            rep["reward_model"]["disagreement"] = at.disagreement
     return rep
 
 
@@ -181,12 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         rep = build_report(args.run_dir)
-    except StoreError as exc:
+        text = json.dumps(rep, indent=2) if args.json else format_report(rep)
+    except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    except Exception:
+        log.exception("the report of %s failed", args.run_dir)
+        return 1
+    print(text)
     return 0
 
 

@@ -10,7 +10,6 @@ import shutil
 import socket
 import threading
 import time
-from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from lfp_core import autointerp as ai
 from lfp_core.config import RunConfig
 from lfp_core.store import RunReader
+from lfp_core.store.summaries import LabelsSummary
 
 
 def _reply(system: str) -> str:
@@ -197,12 +197,12 @@ def test_labels_stage_resumes_without_repeating_a_request(server, monkeypatch, q
     run = tmp_path / "llm"
     shutil.copytree(quick_run, run)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    cfg = RunConfig.from_json(json.dumps(RunReader(run).run_info()["config"]))
-    cfg = replace(cfg, labeller="openai", llm_model="test-model", llm_base_url=server.url)
+    cfg = RunConfig.from_dict(RunReader(run).run_info()["config"])
+    cfg = cfg.with_values({"labels.labeller": "openai", "labels.llm_model": "test-model", "labels.llm_base_url": server.url})
     from lfp_core.pipeline.labels import LabelBudgetError
 
     with pytest.raises(LabelBudgetError, match="smaller than one feature"):
-        run_pipeline(replace(cfg, label_max_tokens=10), run)
+        run_pipeline(cfg.with_values({"labels.max_tokens": 10}), run)
     assert server.bodies == []  # refused before any request
     server.fail_after = 20  # the endpoint goes down mid-run
     monkeypatch.setenv("LFP_LLM_BACKOFF", "0")
@@ -216,10 +216,10 @@ def test_labels_stage_resumes_without_repeating_a_request(server, monkeypatch, q
     assert not again & {json.dumps(b["messages"]) for b in answered}  # nothing answered is asked twice
     r = RunReader(run)
     labels = r.labels("tuned")
-    detail = {s.name: s for s in r.stages()}["labels"].detail
-    assert len(labels) == detail["n_labelled"] == cfg.label_probe_top + cfg.label_random
+    detail = r.summary(LabelsSummary)
+    assert len(labels) == detail.n_labelled == cfg.labels.probe_top + cfg.labels.random
     assert set(labels.labeller) == {"openai:test-model"} and labels.relevant.all()
-    assert detail["overlap"]["n_flagged"] == len(labels) and detail["llm_cached"] >= 0
+    assert detail.overlap["n_flagged"] == len(labels) and detail.llm_cached >= 0
     assert 20 + len(server.bodies) <= 3 * len(labels)  # every prompt answered once across the two runs
     # a third run: every stage up to date, no request at all
     server.bodies = []

@@ -14,9 +14,9 @@ import duckdb
 import pytest
 
 from lfp_core import precompute, report
-from lfp_core.config import REPO_ROOT, preset_config
-from lfp_core.pipeline import stage_names
-from lfp_core.store import SCHEMA_VERSION, RunReader, db_path
+from lfp_core.config import REPO_ROOT, RunConfig, preset_config
+from lfp_core.stages import stage_names
+from lfp_core.store import SCHEMA_VERSION, RunReader, StoreError, db_path
 from tests.helpers import old_schema_run
 
 
@@ -27,7 +27,7 @@ def _finished(run) -> dict:
 
 def test_quick_run_contents(quick_run):
     r = RunReader(quick_run)
-    assert _finished(quick_run) == {name: "done" for name in stage_names()}
+    assert _finished(quick_run) == dict.fromkeys(stage_names(), "done")
     prompts = r.prompts()
     assert len(prompts) == 128 and (prompts.split == "train").sum() == 64
     assert prompts.n_tokens.between(2, 9).all()
@@ -51,17 +51,21 @@ def test_prompts_come_from_imdb_train_and_test_reviews(quick_run, shared_data):
 
 
 def test_rerun_skips_finished_stages(quick_run):
-    before = RunReader(quick_run).query("SELECT name, finished_at FROM stages ORDER BY name")
+    before = _finished_at(quick_run)
     cfg = preset_config("quick", **_cfg_of(quick_run))
     outcome = precompute.run_pipeline(cfg, quick_run)
     assert set(outcome.values()) == {"skipped"}
-    after = RunReader(quick_run).query("SELECT name, finished_at FROM stages ORDER BY name")
-    assert before.equals(after)
+    assert _finished_at(quick_run) == before
+
+
+def _finished_at(run) -> dict:
+    """{stage: when it finished} of the run's stage records."""
+    return {s.name: s.finished_at for s in RunReader(run).stages()}
 
 
 def _cfg_of(run) -> dict:
-    c = RunReader(run).run_info()["config"]
-    return {k: v for k, v in c.items() if k not in ("preset", "extra")}
+    """The run's stored settings, as flat overrides of the quick preset."""
+    return RunConfig.from_dict(RunReader(run).run_info()["config"]).flat()
 
 
 def test_config_change_recomputes_only_downstream(tmp_path, quick_run):
@@ -69,14 +73,13 @@ def test_config_change_recomputes_only_downstream(tmp_path, quick_run):
 
     run = tmp_path / "copy"
     shutil.copytree(quick_run, run)
-    before = RunReader(run).query("SELECT name, finished_at FROM stages ORDER BY name").set_index("name")
+    before = _finished_at(run)
     cfg = preset_config("quick", **{**_cfg_of(run), "max_new_tokens": 12})
     outcome = precompute.run_pipeline(cfg, run, until="base_samples")
     assert outcome == {"model": "skipped", "prompts": "skipped", "base_samples": "done"}
     comps = RunReader(run).completions("base")
     assert len(comps) == 64 and comps.n_new.max() <= 12
-    after = RunReader(run).query("SELECT name, finished_at FROM stages ORDER BY name").set_index("name")
-    assert after.loc["prompts", "finished_at"] == before.loc["prompts", "finished_at"]
+    assert _finished_at(run)["prompts"] == before["prompts"]
 
 
 def test_report_json_has_every_headline_key(quick_run, capsys):
@@ -84,7 +87,7 @@ def test_report_json_has_every_headline_key(quick_run, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["schema_version"] == SCHEMA_VERSION
     assert set(rep["model"]) == {"name", "n_params", "n_layers", "d_model"}
-    assert rep["stages"] == {name: "done" for name in stage_names()}
+    assert rep["stages"] == dict.fromkeys(stage_names(), "done")
     b = rep["base_reward"]
     assert b["n"] == 64 and b["se"] > 0
     comps = RunReader(quick_run).completions("base")
@@ -144,10 +147,8 @@ def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
         try:
-            con = duckdb.connect(str(db_path(run)), read_only=True)
-            chunks = con.execute("SELECT count(*) FROM stage_chunks").fetchone()[0]
-            con.close()
-        except duckdb.Error:
+            chunks = len(RunReader(run).done_chunks("base_samples"))
+        except (StoreError, duckdb.Error):
             continue  # not created yet, or the writer holds the lock right now
         if chunks >= 2:
             proc.send_signal(signal.SIGKILL)
@@ -157,9 +158,9 @@ def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     r = RunReader(run)
     status = {s.name: s.status for s in r.stages()}
     assert status["model"] == "done" and status["prompts"] == "done" and status["base_samples"] == "running"
-    stored_before = r.query("SELECT prompt_id, sample_idx, text FROM completions ORDER BY 1, 2")
+    stored_before = r.completions("base")[["prompt_id", "sample_idx", "completion"]]
     assert 0 < len(stored_before) < 96
-    finished_before = r.query("SELECT name, finished_at FROM stages WHERE status = 'done' ORDER BY name")
+    finished_before = {s.name: s.finished_at for s in r.stages() if s.status == "done"}
 
     done = subprocess.run([sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -167,14 +168,13 @@ def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     assert "resuming" in done.stderr
     r = RunReader(run)
     assert {s.name: s.status for s in r.stages()} == {"model": "done", "prompts": "done", "base_samples": "done"}
-    keys = r.query("SELECT prompt_id, sample_idx, count(*) AS n FROM completions GROUP BY 1, 2")
-    assert len(keys) == 96 and (keys.n == 1).all()
+    keys = r.completions("base").groupby(["prompt_id", "sample_idx"]).size()
+    assert r.table_size("completions") == len(keys) == 96 and (keys == 1).all()
     # Rows committed before the kill are untouched; finished stages were not re-run.
-    after = r.query("SELECT prompt_id, sample_idx, text FROM completions ORDER BY 1, 2").merge(
+    after = r.completions("base")[["prompt_id", "sample_idx", "completion"]].merge(
         stored_before, on=["prompt_id", "sample_idx"], suffixes=("", "_before"))
-    assert (after.text == after.text_before).all() and len(after) == len(stored_before)
-    assert r.query("SELECT name, finished_at FROM stages WHERE name IN ('model', 'prompts') ORDER BY name").equals(
-        finished_before)
+    assert (after.completion == after.completion_before).all() and len(after) == len(stored_before)
+    assert {s.name: s.finished_at for s in r.stages() if s.name in ("model", "prompts")} == finished_before
 
 
 def test_without_data_prompts_are_sampled_from_the_model(tmp_path):
@@ -185,7 +185,7 @@ def test_without_data_prompts_are_sampled_from_the_model(tmp_path):
     assert prompts.n_tokens.between(2, 9).all()
     assert len(RunReader(tmp_path / "nodata").completions("base")) == 8
     stage = {s.name: s for s in RunReader(tmp_path / "nodata").stages()}["prompts"]
-    assert stage.detail["source"] == "model-sampled"
+    assert stage.summary.source == "model-sampled"
 
 
 def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):

@@ -74,16 +74,16 @@ def test_probe_stage_reports_both_splits_controls_and_irm(probe_stage, quick_run
     r, st = probe_stage
     assert st.status == "done"
     for role in ("tuned", "base"):
-        d = st.detail[role]
-        for k in ("tau_occurrence", "tau_word", "tau_baseline", "tau_shuffled"):
-            assert -1 <= d[k]["tau"] <= 1 and 0 <= d[k]["p"] <= 1 and d[k]["n_words"] > 10
-        assert d["tau_occurrence"]["tau"] > 0.2 and d["tau_occurrence"]["p"] < 1e-3  # the signal is there
-        assert abs(d["tau_shuffled"]["tau"]) < 0.2
-        assert 0 <= d["sign_acc_pos"] <= 1 and 0 <= d["sign_acc_neg"] <= 1
-        assert d["irm"]["n"] == len(r.completions("tuned"))
+        d = st.summary.role(role)
+        for t in (d.tau_occurrence, d.tau_word, d.tau_baseline, d.tau_shuffled):
+            assert -1 <= t["tau"] <= 1 and 0 <= t["p"] <= 1 and t["n_words"] > 10
+        assert d.tau_occurrence["tau"] > 0.2 and d.tau_occurrence["p"] < 1e-3  # the signal is there
+        assert abs(d.tau_shuffled["tau"]) < 0.2
+        assert 0 <= d.sign_acc_pos <= 1 and 0 <= d.sign_acc_neg <= 1
+        assert d.irm["n"] == len(r.completions("tuned"))
     words = r.probe_words("tuned")
     test_words = set(words[words.split == "word"].word)
-    toks = r.query("SELECT word, word_split FROM probe_tokens WHERE role = 'tuned'")
+    toks = r.probe_tokens("tuned")
     assert not test_words & set(toks[toks.word_split == "train"].word)  # no test word in the word-split training set
     rep = build_report(str(quick_run))["probe"]
     assert {"tau_occurrence", "tau_word", "tau_baseline", "tau_shuffled", "sign_acc_pos", "sign_acc_neg", "irm",
@@ -94,9 +94,9 @@ def test_probe_stage_reports_both_splits_controls_and_irm(probe_stage, quick_run
 
 def test_attributions_cover_every_feature_and_sum_to_the_prediction(probe_stage):
     r, st = probe_stage
-    feats = r.query("SELECT * FROM probe_features WHERE role = 'tuned'")
-    assert len(feats) == 512 * len(st.detail["layers"]) and sorted(feats["rank"]) == list(range(len(feats)))
-    assert set(feats.layer) == set(st.detail["layers"])
+    feats = r.probe_features("tuned", limit=None)
+    assert len(feats) == 512 * len(st.summary.layers) and sorted(feats["rank"]) == list(range(len(feats)))
+    assert set(feats.layer) == set(st.summary.layers)
     top = r.probe_features("tuned", limit=5)
     assert list(top["rank"]) == [0, 1, 2, 3, 4] and top.importance.is_monotonic_decreasing
 
@@ -104,22 +104,23 @@ def test_attributions_cover_every_feature_and_sum_to_the_prediction(probe_stage)
 def test_probe_uses_each_models_own_saes(quick_run, tmp_path):
     """Base activations must go through the base model's SAEs: a base SAE path pointing at a tuned
     SAE is refused."""
-    import json
     import shutil
 
     from lfp_core.config import RunConfig
     from lfp_core.pipeline import Context
     from lfp_core.pipeline.probes import role_features
     from lfp_core.store import RunReader, RunWriter
+    from lfp_core.store.summaries import ProbesSummary
+    from lfp_core.store.testing import set_sae_paths
 
     run = tmp_path / "mixed"
     shutil.copytree(quick_run, run)
-    layers = {s.name: s for s in RunReader(run).stages()}["probes"].detail["layers"]
+    layers = RunReader(run).summary(ProbesSummary).layers
     w = RunWriter(run)
-    with w.transaction() as con:
-        con.execute("UPDATE saes SET path = replace(path, 'base-', 'tuned-') WHERE sae_id LIKE 'base-%' AND kind = 'main'")
-    cfg = RunConfig.from_json(json.dumps(RunReader(run).run_info()["config"]))
-    ctx = Context(cfg=cfg, writer=w)
+    main = w.reader().saes("main")
+    set_sae_paths(run, {i: p.replace("base-", "tuned-") for i, p in zip(main.sae_id, main.path) if i.startswith("base-")})
+    cfg = RunConfig.from_dict(RunReader(run).run_info()["config"])
+    ctx = Context(run=cfg.run, writer=w)
     assert role_features(ctx, "tuned", layers, np.arange(5)).shape == (5, 512 * len(layers))
     with pytest.raises(RuntimeError, match="not the base model"):
         role_features(ctx, "base", layers, np.arange(5))
@@ -128,13 +129,13 @@ def test_probe_uses_each_models_own_saes(quick_run, tmp_path):
 def test_too_few_lexicon_words_says_how_many(quick_run, tmp_path):
     import shutil
 
-    from lfp_core.config import preset_config
+    from lfp_core.config import RunConfig, preset_config
     from lfp_core.precompute import run_pipeline
     from lfp_core.store import RunReader
 
     run = tmp_path / "few"
     shutil.copytree(quick_run, run)
-    data_dir = RunReader(run).run_info()["config"]["data_dir"]
+    data_dir = RunConfig.from_dict(RunReader(run).run_info()["config"]).run.data_dir
     with pytest.raises(probes.ProbeDataError, match=r"only \d+ lexicon-word positions .* raise sae_corpus_docs"):
         run_pipeline(preset_config("quick", data_dir=data_dir, probe_min_points=10**9), run)
 

@@ -20,7 +20,8 @@ def reader(quick_run) -> RunReader:
 def test_sae_stages_store_every_sae_with_metrics(reader):
     stages = {s.name: s for s in reader.stages()}
     assert all(stages[n].status == "done" for n in ("activations", "saes", "features"))
-    layers = stages["activations"].detail["layers"]
+    harvested = stages["activations"].summary
+    layers = harvested.layers
     t = reader.saes()
     main = t[t.kind == "main"]
     assert sorted(zip(main.role, main.layer)) == sorted((r, ly) for r in ("base", "tuned") for ly in layers)
@@ -33,8 +34,8 @@ def test_sae_stages_store_every_sae_with_metrics(reader):
     assert (main.l0 == 32).all() and (main.fvu < 0.5).all() and (main.ce_loss_recovered > 0.5).all()
     assert (t.ce_spliced >= t.ce_clean - 1e-3).all() and (t.ce_zero > t.ce_clean).all()
     # dead fraction counts over every harvested row, metrics over the held-out rows only
-    assert (t.dead_tokens == stages["activations"].detail["n_rows"]).all()
-    assert (t.n_eval_tokens == stages["activations"].detail["n_eval_rows"]).all()
+    assert (t.dead_tokens == harvested.n_rows).all()
+    assert (t.n_eval_tokens == harvested.n_eval_rows).all()
     sweep = t[t.kind == "sweep"].sort_values("l1_coefficient")
     assert sweep.l0.is_monotonic_decreasing  # a stronger L1 penalty gives sparser codes
 
@@ -43,7 +44,7 @@ def test_dictionary_comparisons_and_mfr(reader, quick_run):
     pairs = reader.sae_pairs()
     assert {"base_vs_tuned", "relu_1x_vs_2x", "mfr", "independent"} <= set(pairs.comparison)
     assert ((pairs.mmcs_hungarian > 0) & (pairs.mmcs_hungarian <= pairs.mmcs_max + 1e-9)).all()
-    mfr = {s.name: s for s in reader.stages()}["saes"].detail["mfr"]
+    mfr = {s.name: s for s in reader.stages()}["saes"].summary.mfr
     assert mfr["mfr"]["l0"] == mfr["independent"]["l0"]  # compared at equal L0
     assert mfr["mfr"]["mmcs"] > mfr["independent"]["mmcs"]
     rep = build_report(str(quick_run))
@@ -109,15 +110,15 @@ def test_l1_sweep_command_stores_the_curve(tmp_path, quick_run, capsys):
 
 
 def test_without_imdb_the_activation_corpus_is_sampled_from_the_model(quick_run, tmp_path):
-    from dataclasses import replace
-
     from lfp_core.config import RunConfig
     from lfp_core.pipeline import Context
     from lfp_core.pipeline.saes import build_corpus
+    from lfp_core.settings import ActivationsStageSettings
 
-    cfg = RunConfig.from_json(json.dumps(RunReader(quick_run).run_info()["config"]))
-    cfg = replace(cfg, data_dir=str(tmp_path), sae_corpus_docs=6, sae_doc_tokens=12, gen_batch_size=4)
-    docs, where = build_corpus(Context(cfg=cfg, writer=RunWriter(quick_run)))
+    cfg = RunConfig.from_dict(RunReader(quick_run).run_info()["config"])
+    cfg = cfg.with_values({"data_dir": str(tmp_path), "sae_corpus_docs": 6, "sae_doc_tokens": 12, "gen_batch_size": 4})
+    docs, where = build_corpus(Context(run=cfg.run, writer=RunWriter(quick_run)),
+                               cfg.stage_settings(ActivationsStageSettings))
     assert where == "model-sampled"
     sampled = [d for d in docs if d.source == "model_sampled"]
     assert len(sampled) == 6 and all(len(d.token_ids) == 12 for d in sampled)

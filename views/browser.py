@@ -7,11 +7,13 @@ from __future__ import annotations
 import streamlit as st
 
 from lfp_core.store import FEATURE_SORTS
-from views.common import feature_url, read, require_feature_layers, require_run
+from views.common import feature_url, require_feature_layers, require_run
+from views.data import RunData
 
 run_dir = require_run()
+data = RunData(run_dir)
 st.title("Feature browser")
-layers = require_feature_layers(run_dir)
+layers = require_feature_layers(data)
 total = int(layers.n_features.sum())
 SORT_LABELS = {"probe_rank": "probe attribution rank", "probe_weight": "|probe weight|", "density": "density",
                "max_act": "max activation", "freq_shift": "|tuned − base frequency|", "feature": "feature id",
@@ -41,16 +43,17 @@ relevant_only = c[2].toggle("Reward-related only", key="fb_relevant",
 per_page = int(c[3].selectbox("Rows", ["50", "100", "250"], key="fb_rows"))
 
 page = int(st.session_state.get("fb_page", 1))
-df, n = read(run_dir, "feature_table", role=None if role == "all" else role,
-             layer=None if layer == "all" else int(layer), search=search, min_density=float(min_density),
-             relevant_only=relevant_only, sort=sort, descending=descending, limit=per_page,
-             offset=(page - 1) * per_page)
+df, n = data.feature_table(role=None if role == "all" else role,
+                           layer=None if layer == "all" else int(layer), search=search, min_density=float(min_density),
+                           relevant_only=relevant_only, sort=sort, descending=descending, limit=per_page,
+                           offset=(page - 1) * per_page)
 pages = max(1, -(-n // per_page))
 if page > pages:  # the filters shrank the result: back to the first page
     st.session_state.fb_page = page = 1
-    df, n = read(run_dir, "feature_table", role=None if role == "all" else role,
-                 layer=None if layer == "all" else int(layer), search=search, min_density=float(min_density),
-                 relevant_only=relevant_only, sort=sort, descending=descending, limit=per_page, offset=0)
+    df, n = data.feature_table(role=None if role == "all" else role,
+                               layer=None if layer == "all" else int(layer), search=search,
+                               min_density=float(min_density), relevant_only=relevant_only, sort=sort,
+                               descending=descending, limit=per_page, offset=0)
 st.caption(f"**{n:,}** of {total:,} features match · page {page} of {pages}")
 if df.empty:
     st.info("No feature matches these filters." + (" No feature has a label yet: run the labels stage."

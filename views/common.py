@@ -1,38 +1,24 @@
-"""Shared dashboard pieces: the run picker and cached, read-only access to the selected run.
-
-Query results are cached per (run directory, DB modification time), so a page re-renders from
-memory until precompute writes to the run again.
+"""Shared dashboard pieces: the run picker, the selected run, and the checks pages make before they
+draw (a stage not finished, no features). Pages read the run through :class:`views.data.RunData`
+(typed, cached per run version).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
+import pandas as pd
 import streamlit as st
 
 from lfp_core.config import runs_dir
-from lfp_core.store import RunReader, StoreError, db_path, list_runs
+from lfp_core.settings import run_settings_of
+from lfp_core.store import StoreError, list_runs
+from lfp_core.store.summaries import FeaturesSummary, StageSummary
+from views.data import RunData, stamp
 
 RUN_KEY = "lfp_run_dir"
-
-
-def _stamp(run_dir: str) -> float:
-    p = db_path(run_dir)
-    wal = p.with_name(p.name + ".wal")
-    return max(p.stat().st_mtime if p.exists() else 0.0, wal.stat().st_mtime if wal.exists() else 0.0)
-
-
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _reader(run_dir: str, stamp: float) -> RunReader:
-    """One read-only reader per run version, shared by sessions; it keeps its DuckDB connection while
-    queries come and lets go of it when idle, so a precompute can still write to the run."""
-    return RunReader(run_dir, keep_open=True)
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _read(run_dir: str, stamp: float, what: str, **kwargs):
-    """One cached read of the run; ``what`` names a RunReader method."""
-    return getattr(_reader(run_dir, stamp), what)(**kwargs)
+S = TypeVar("S", bound=StageSummary)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -45,16 +31,7 @@ def _report(run_dir: str, stamp: float) -> str:
 def report_text(run_dir: str) -> str:
     """The run's headline figures as ``python -m lfp_core.report RUN`` prints them (cached)."""
     try:
-        return _report(run_dir, _stamp(run_dir))
-    except StoreError as exc:
-        st.error(str(exc))
-        st.stop()
-
-
-def read(run_dir: str, what: str, **kwargs):
-    """Cached ``RunReader(run_dir).<what>(**kwargs)``; a StoreError stops the page with its message."""
-    try:
-        return _read(run_dir, _stamp(run_dir), what, **kwargs)
+        return _report(run_dir, stamp(run_dir))
     except StoreError as exc:
         st.error(str(exc))
         st.stop()
@@ -108,35 +85,37 @@ def sidebar(default_run: str | None = None) -> None:
             st.query_params["run"] = run_param(run_dir)  # the address bar names the run shown (shareable)
         if run_dir:
             try:
-                stamp = _stamp(run_dir)
-                info = _read(run_dir, stamp, "run_info")
-                model = _read(run_dir, stamp, "model_info", role="base")
+                data = RunData(run_dir, stop_on_error=False)
+                info = data.run_info()
+                model = data.model_info("base")
             except StoreError as exc:
                 st.caption(f"⚠️ {exc}")
             else:
-                cfg = info.get("config", {})
-                st.caption(f"**Model:** {model['name'] if model else cfg.get('model', '?')}  \n"
-                           f"**Task:** {cfg.get('task', '?')}  \n**Preset:** {info.get('preset', '?')}")
+                rs = run_settings_of(info.get("config"))
+                st.caption(f"**Model:** {model['name'] if model else rs.model}  \n"
+                           f"**Task:** {rs.task}  \n**Preset:** {info.get('preset', '?')}")
 
 
 
-def require_stage(run_dir: str, name: str, what: str):
-    """The finished stage record ``name``, or a message saying how to compute it and a stop.
+def require_stage(data: RunData, kind: type[S], what: str) -> S:
+    """The summary of the finished stage ``kind`` describes (e.g. ``ProbesSummary``), or a message saying
+    how to compute it and a stop.
 
     ``what`` is the page's noun for the missing results, e.g. "SAEs" -> "No SAEs yet: ...".
     """
-    rec = {s.name: s for s in read(run_dir, "stages")}.get(name)
-    if rec is None or rec.status != "done":
-        st.info(f"No {what} yet: the `{name}` stage has not finished. Compute it (finished stages are kept) with "
-                f"`python -m lfp_core.precompute --out {run_dir}`.")
+    summary = data.summary(kind)
+    if summary is None:
+        st.info(f"No {what} yet: the `{kind.STAGE}` stage has not finished. Compute it (finished stages are kept) "
+                f"with `python -m lfp_core.precompute --out {data.run_dir}`.")
         st.stop()
-    return rec
+        raise AssertionError("unreachable")  # st.stop raises
+    return summary
 
 
-def require_feature_layers(run_dir: str):
+def require_feature_layers(data: RunData) -> pd.DataFrame:
     """(role, layer, n_features) of the analysed SAEs, or a message (stage missing / nothing stored) and a stop."""
-    require_stage(run_dir, "features", "feature statistics")
-    layers = read(run_dir, "feature_layers")
+    require_stage(data, FeaturesSummary, "feature statistics")
+    layers = data.feature_layers()
     if layers.empty:
         st.info("The features stage finished but stored no features (no SAEs on the selected layers).")
         st.stop()

@@ -4,20 +4,26 @@ firing frequency, probe weight and label. Deep link: ``feature?run=…&role=…&
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal, TypeVar
+
 import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from views.common import feature_url, read, require_feature_layers, require_run
+from views.common import feature_url, require_feature_layers, require_run
+from views.data import RunData
 
 run_dir = require_run()
+data = RunData(run_dir)
 st.title("Feature")
-layers = require_feature_layers(run_dir)
+layers = require_feature_layers(data)
 n_of = {(r.role, int(r.layer)): int(r.n_features) for r in layers.itertuples()}
 roles = list(dict.fromkeys(layers.role))
+T = TypeVar("T")
 
 
-def _param(name: str, allowed: list, outside: str | None = None) -> tuple[object | None, str | None]:
+def _param(name: str, allowed: Sequence[T], outside: str | None = None) -> tuple[T | None, str | None]:
     """A query parameter checked against ``allowed`` (ints parsed); (value, None), (None, message) or
     (None, None) when absent. ``outside`` replaces the message for a value not in ``allowed``."""
     raw = st.query_params.get(name)
@@ -32,18 +38,18 @@ def _param(name: str, allowed: list, outside: str | None = None) -> tuple[object
     if value not in allowed:
         return None, (outside or "The link's `{name}` {value!r} is not in this run (choose from {allowed})").format(
             name=name, value=str(value)[:40], allowed=allowed[:12]) + "."
-    return value, None
+    return next(a for a in allowed if a == value), None  # the allowed item equal to value (a T)
 
 
 # --- which feature: query params (deep link) -> widget state; widgets -> query params ---------------------
 errors = []
 q_role, e = _param("role", roles)
 errors += [e] if e else []
-role = q_role or roles[0]
+role = str(q_role or roles[0])
 role_layers = sorted(layer for r, layer in n_of if r == role)
 q_layer, e = _param("layer", role_layers)
 errors += [e] if e else []
-layer = q_layer if q_layer is not None else role_layers[0]
+layer = int(q_layer) if isinstance(q_layer, int) else role_layers[0]
 n_feat = n_of[(role, layer)]
 q_feat, e = _param("feature", list(range(n_feat)),
                    f"Feature {{value}} is out of range: the {role} model's layer-{layer} SAE has {n_feat} features "
@@ -86,17 +92,20 @@ fid = int(st.session_state.feat_id)
 if errors:
     st.stop()
 
-f = read(run_dir, "feature", role=role, layer=layer, feature=fid)
-if f is None:
+found = data.feature(role, layer, fid)
+if found is None:
     st.error(f"Feature {fid} of the {role} model's layer-{layer} SAE is not in this run.")
     st.stop()
+    raise AssertionError("unreachable")  # st.stop raises
+f: dict = found
 
 # --- headline -------------------------------------------------------------------------------------------
 density = f["density"]
 kind = "dead" if f["n_fired"] == 0 else "dense" if density > 0.1 else "sparse" if density > 1e-3 else "rare"
 st.subheader(f"{role} · layer {layer} · feature {fid}")
-st.badge(f"{kind}: fires on {density:.3%} of tokens", color={"dead": "gray", "dense": "orange", "sparse": "blue",
-                                                             "rare": "violet"}[kind])
+colour: dict[str, Literal["gray", "orange", "blue", "violet"]] = {"dead": "gray", "dense": "orange",
+                                                                 "sparse": "blue", "rare": "violet"}
+st.badge(f"{kind}: fires on {density:.3%} of tokens", color=colour[kind])
 m = st.columns(5)
 m[0].metric("Density", f"{density:.4%}", help=f"{int(f['n_fired']):,} firing tokens")
 m[1].metric("Max activation", f"{f['max_act']:.3f}")
@@ -137,14 +146,14 @@ def histogram_and_effects() -> None:
 
 @st.fragment
 def contexts() -> None:
-    top = read(run_dir, "feature_examples", role=role, layer=layer, feature=fid, kind="top")
+    top = data.feature_examples(role, layer, fid, "top")
     st.markdown("**Top-activating contexts** (one per document; hover a token for its activation)")
     if top.empty:
         st.info("This feature never fired on the harvested corpus.")
         return
     st.markdown("".join(viz.activation_context_html(list(r.tokens), list(r.acts), int(r.center), f["max_act"])
                         for r in top.itertuples()), unsafe_allow_html=True)
-    iv = read(run_dir, "feature_examples", role=role, layer=layer, feature=fid, kind="interval")
+    iv = data.feature_examples(role, layer, fid, "interval")
     if not iv.empty:
         with st.expander("Samples from equal-width activation intervals"):
             width = f["max_act"] / 10

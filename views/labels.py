@@ -8,14 +8,16 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from views.common import feature_url, read, require_run, require_stage
+from lfp_core.store.summaries import LabelsSummary
+from views.common import feature_url, require_run, require_stage
+from views.data import RunData
 
 run_dir = require_run()
+data = RunData(run_dir)
 st.title("Labels")
-rec = require_stage(run_dir, "labels", "feature labels")
-d = rec.detail
-labels = read(run_dir, "labels", role="tuned")
-who = d.get("labeller", "?")
+d = require_stage(data, LabelsSummary, "feature labels")
+labels = data.labels("tuned")
+who = d.labeller or "?"
 if who.startswith("offline"):
     st.info(f"Labeller: **{who}**. These labels are computed without any LLM: the explanation lists the tokens the "
             "feature fires on most; relevance is the rank correlation of its activation with |VADER valence|. "
@@ -23,17 +25,17 @@ if who.startswith("offline"):
 else:
     st.caption(f"Labeller: **{who}** (answers cached in the run; a re-run sends no repeated requests).")
 c = st.columns(4)
-c[0].metric("Labelled features", d.get("n_labelled", 0), help=f"{d.get('n_skipped_no_examples', 0)} skipped: no examples")
-c[1].metric("Reward-related", d.get("n_relevant", 0))
-acc = d.get("detection_acc_mean")
+c[0].metric("Labelled features", d.n_labelled or 0, help=f"{d.n_skipped_no_examples or 0} skipped: no examples")
+c[1].metric("Reward-related", d.n_relevant or 0)
+acc = d.detection_acc_mean
 c[2].metric("Detection accuracy (mean)", "n/a" if acc is None else f"{acc:.3f}",
             help="held-out activating vs non-activating excerpts; 0.5 = chance")
-ov = d.get("overlap", {})
+ov = d.overlap
 c[3].metric("Overlap with probe top", f"{ov.get('n', 0)} of {ov.get('n_flagged', 0)}",
             help=f"expected by chance {ov.get('expected') or 0:.1f}; hypergeometric p = {ov.get('p') or float('nan'):.1e}")
 
 st.subheader("Do the labeller's reward-related features fire on high-reward text?")
-freq = pd.DataFrame(d.get("frequency", []))
+freq = pd.DataFrame(d.frequency)
 if not freq.empty:
     st.plotly_chart(viz.label_frequency_bars(freq), width="stretch")
     st.dataframe(freq.rename(columns={"freq_high": "fires on high-reward", "freq_low": "fires on low-reward",

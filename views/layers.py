@@ -7,19 +7,22 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from views.common import read, require_run, require_stage
+from lfp_core.store.summaries import ActivationsSummary, DivergenceSummary, SAEsSummary
+from views.common import require_run, require_stage
+from views.data import RunData
 
 run_dir = require_run()
+data = RunData(run_dir)
 st.title("Layers & SAEs")
-div = read(run_dir, "layer_divergence")
+div = data.layer_divergence()
 if div.empty:
     st.info(f"No divergence yet: the divergence stage has not run. Compute it with "
             f"`python -m lfp_core.precompute --out {run_dir}` (finished stages are kept).")
     st.stop()
-detail = {s.name: s for s in read(run_dir, "stages")}["divergence"].detail
+measure = (data.summary(DivergenceSummary) or DivergenceSummary()).measure
 selected = [int(x) for x in div[div.selected].layer]
 st.markdown(f"Selected layers (★): **{', '.join(map(str, selected))}**, the top {len(selected)} by "
-            f"**{'parameter' if detail.get('measure') == 'param' else 'MLP-output (1 − cos)'}** divergence. Later "
+            f"**{'parameter' if measure == 'param' else 'MLP-output (1 − cos)'}** divergence. Later "
             "stages train SAEs on these layers' MLP outputs.")
 st.plotly_chart(viz.divergence_bars(div), width="stretch")
 st.caption("Parameter divergence: the paper's Σ over the layer's tensors of the Frobenius norm of the weight "
@@ -30,19 +33,19 @@ st.dataframe(div.rename(columns={"act_cos": "1 − cos", "act_rel_l2": "relative
 
 # --- SAEs on the selected layers -------------------------------------------------------------------
 st.header("SAEs")
-sae_stage = require_stage(run_dir, "saes", "SAEs")
-table = read(run_dir, "saes")
+sae_stage = require_stage(data, SAEsSummary, "SAEs")
+table = data.saes()
 cols = ["sae_id", "role", "layer", "arch", "d_sae", "l0", "fvu", "ce_loss_recovered", "dead_frac", "cos_sim",
         "l2_ratio", "mse", "ce_clean", "ce_spliced", "ce_zero", "k", "l1_coefficient", "seconds"]
 labels = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "dead_frac": "dead", "cos_sim": "cos(x, x̂)",
           "l2_ratio": "‖x̂‖/‖x‖", "ce_clean": "CE clean", "ce_spliced": "CE spliced", "ce_zero": "CE zero-abl.",
           "ce_loss_recovered": "loss recovered", "l1_coefficient": "L1"}
-act = {s.name: s for s in read(run_dir, "stages")}.get("activations")
-if act is not None:
-    d = act.detail
-    st.markdown(f"Trained with sae-lens on `hook_mlp_out` activations of **{d.get('n_train_rows', 0):,}** tokens; "
-                f"metrics on **{d.get('n_eval_rows', 0):,}** held-out tokens (whole documents held out). "
-                f"Corpus: {d.get('n_docs', 0):,} documents ({d.get('source')}) plus base and tuned completions.")
+act = data.stage("activations")
+if act is not None and isinstance(act.summary, ActivationsSummary):
+    d = act.summary
+    st.markdown(f"Trained with sae-lens on `hook_mlp_out` activations of **{d.n_train_rows or 0:,}** tokens; "
+                f"metrics on **{d.n_eval_rows or 0:,}** held-out tokens (whole documents held out). "
+                f"Corpus: {d.n_docs or 0:,} documents ({d.source}) plus base and tuned completions.")
 main = table[table.kind.isin(["main", "variant"])]
 st.subheader("Quality")
 st.dataframe(main[cols].rename(columns=labels), hide_index=True, width="stretch",
@@ -53,7 +56,7 @@ st.caption("FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² with the mean taken
            "clean), next-token cross-entropy on held-out documents with the SAE's reconstruction (or zeros) in "
            "place of the layer's MLP output. Main SAEs of both models feed the feature pages; variants are the "
            "paper's L1 ReLU (1× and 2× d_model) and tied-decoder SAEs of the tuned model.")
-bars = sae_stage.detail.get("bars", {})
+bars = sae_stage.bars
 missed = [f"{k}: {', '.join(b for b, ok in v.items() if not ok)}" for k, v in bars.items() if not all(v.values())]
 if missed:
     st.warning("Main SAEs below the quality bars (FVU ≤ 0.2, loss recovered ≥ 80%, dead ≤ 20%): " + "; ".join(missed))
@@ -65,7 +68,7 @@ if not sweep.empty:
     st.caption("A higher coefficient buys sparsity (lower L0) with reconstruction. More points: "
                f"`python -m lfp_core.precompute --out {run_dir} --set sae_sweep_l1=0.1,0.25,0.5,1,2,4,8`.")
 
-pairs = read(run_dir, "sae_pairs")
+pairs = data.sae_pairs()
 if not pairs.empty:
     st.subheader("Dictionary similarity (MMCS)")
     st.dataframe(pairs.rename(columns={"mmcs_hungarian": "MMCS (Hungarian)", "mmcs_max": "MMCS (max)"}),
@@ -76,7 +79,7 @@ if not pairs.empty:
                "seed), which is how similar two SAEs are by chance; relu_1x_vs_2x: features shared across "
                "dictionary sizes.")
 
-mfr = sae_stage.detail.get("mfr", {})
+mfr = sae_stage.mfr
 if "mfr" in mfr and "independent" in mfr:
     st.subheader("Mutual Feature Regularization vs independent SAEs")
     st.dataframe(pd.DataFrame([{"training": k, "SAEs": v["n"], "L0": v["l0"], "FVU": v["fvu"],

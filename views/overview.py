@@ -8,13 +8,17 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from lfp_core.pipeline import describe_stages
-from views.common import read, report_text, require_run
+from lfp_core.settings import run_settings_of
+from lfp_core.stages import describe_stages
+from lfp_core.store.summaries import RLEvalSummary
+from views.common import report_text, require_run
+from views.data import RunData
 
 run_dir = require_run()
-info = read(run_dir, "run_info")
-model = read(run_dir, "model_info", role="base")
-stages = read(run_dir, "stages")
+data = RunData(run_dir)
+info = data.run_info()
+model = data.model_info("base")
+stages = data.stages()
 
 st.title(f"Run · {info.get('name', run_dir)}")
 model_line = f"model **{model['name']}** ({model['architecture']}) · " if model else ""
@@ -25,20 +29,20 @@ if model:
     c1.metric("Parameters", f"{model['n_params'] / 1e6:.2f} M")
     c2.metric("Layers × d_model", f"{model['n_layers']} × {model['d_model']}")
     c3.metric("Vocabulary", f"{model['vocab_size']:,}")
-summary = read(run_dir, "reward_summary", role="base")
+summary = data.reward_summary("base")
 if summary:
     c4.metric("Base reward (mean ± s.e.)", f"{summary['mean']:+.3f} ± {summary['se']:.3f}", help=f"n = {summary['n']}")
 
 st.subheader("Stages")
 recorded = {s.name: s for s in stages}
 rows = []
-for name, what in describe_stages(info.get("config", {}).get("task", "vader")).items():
+for name, what in describe_stages(run_settings_of(info.get("config")).task).items():
     s = recorded.get(name)
     rows.append({"stage": name, "status": s.status if s else "pending", "what it does": what,
                  "seconds": round(s.seconds, 1) if s and s.seconds else None,
                  "error": (s.error or "") if s else ""})
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-missing = [r["stage"] for r in rows if r["status"] != "done"]
+missing = [str(r["stage"]) for r in rows if r["status"] != "done"]
 if missing:
     st.warning(
         f"Stages not finished: {', '.join(missing)}. Compute them (finished stages are kept) with\n\n"
@@ -57,19 +61,18 @@ with st.expander("Run config"):
 def hh_sections() -> None:
     """HH task: the DPO curve and the implicit-reward evaluation on held-out and training pairs."""
     st.subheader("DPO on HH-RLHF preference pairs")
-    steps = read(run_dir, "rl_steps")
-    ev = {s.name: s for s in stages}.get("rl_eval")
+    steps = data.rl_steps()
+    d = data.summary(RLEvalSummary)
     if steps.empty:
         st.info("The policy has not been DPO-tuned yet: the rlhf stage has not run.")
         return
-    if ev is not None and ev.status == "done":
-        d = ev.detail
+    if d is not None and d.eval_margin is not None:
         e1, e2, e3 = st.columns(3)
-        e1.metric("Held-out implicit-reward accuracy", f"{d['eval_accuracy']:.3f}", help=f"n = {d['n_eval']} pairs")
-        e2.metric("Held-out margin (chosen − rejected)", f"{d['eval_margin']['mean']:+.4f} ± {d['eval_margin']['se']:.4f}")
-        e3.metric("Training-pair accuracy", f"{d['train_accuracy']:.3f}", help=f"n = {d['n_train']} pairs")
+        e1.metric("Held-out implicit-reward accuracy", f"{d.eval_accuracy:.3f}", help=f"n = {d.n_eval} pairs")
+        e2.metric("Held-out margin (chosen − rejected)", f"{d.eval_margin['mean']:+.4f} ± {d.eval_margin['se']:.4f}")
+        e3.metric("Training-pair accuracy", f"{d.train_accuracy:.3f}", help=f"n = {d.n_train} pairs")
     st.line_chart(steps.set_index("step")[["loss", "reward"]].rename(columns={"reward": "batch margin"}))
-    pairs = read(run_dir, "pairs", split="eval")
+    pairs = data.pairs("eval")
     st.caption("Held-out pairs (first 5); the prompt ends at the last \"Assistant:\" turn.")
     st.dataframe(pairs.head(5)[["subset", "prompt", "chosen", "rejected"]], hide_index=True, width="stretch")
 
@@ -77,7 +80,7 @@ def hh_sections() -> None:
 def vader_sections() -> None:
     """VADER task: base completions, the RL curves, held-out gain, paired completions, word shifts."""
     st.subheader("Base-model completions")
-    comps = read(run_dir, "completions", role="base")
+    comps = data.completions("base")
     if comps.empty:
         st.info("No completions yet: the base_samples stage has not run.")
     else:
@@ -93,27 +96,26 @@ def vader_sections() -> None:
                          hide_index=True, width="stretch")
 
     st.subheader("RL fine-tuning (GRPO against the VADER reward)")
-    steps = read(run_dir, "rl_steps")
-    evals = {s.name: s for s in stages}.get("rl_eval")
+    steps = data.rl_steps()
+    d = data.summary(RLEvalSummary)
     if steps.empty:
         st.info("The policy has not been fine-tuned yet: the rlhf stage has not run.")
     else:
-        if evals is not None and evals.status == "done":
-            d = evals.detail
-            diff = d["difference"]
+        if d is not None and d.difference is not None and d.reward_tuned is not None:
+            diff, tuned = d.difference, d.reward_tuned
             e1, e2, e3, e4 = st.columns(4)
-            e1.metric("Tuned reward (held-out)", f"{d['reward_tuned']['mean']:+.3f} ± {d['reward_tuned']['se']:.3f}",
-                      delta=f"{diff['mean']:+.3f} vs base", help=f"n = {d['reward_tuned']['n']} paired completions")
+            e1.metric("Tuned reward (held-out)", f"{tuned['mean']:+.3f} ± {tuned['se']:.3f}",
+                      delta=f"{diff['mean']:+.3f} vs base", help=f"n = {tuned['n']} paired completions")
             e2.metric("Gain over base", f"{diff['mean']:+.3f}",
                       help=f"{diff['n_se']:.1f} standard errors; paired t-test p = {diff['p_value']:.2g}")
-            e3.metric("KL(tuned ‖ base) per token", f"{d['kl_per_token']:.4f}")
-            e4.metric("Distinct-2 tuned / base", f"{d['distinct2_tuned']:.3f} / {d['distinct2_base']:.3f}",
+            e3.metric("KL(tuned ‖ base) per token", f"{d.kl_per_token:.4f}")
+            e4.metric("Distinct-2 tuned / base", f"{d.distinct2_tuned:.3f} / {d.distinct2_base:.3f}",
                       help="unique word bigrams / all bigrams; a collapse to repetition shows here")
             st.caption(f"Gain 95% CI [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}], {diff['n_se']:.1f} standard errors, "
-                       f"paired t-test p = {diff['p_value']:.2g}, over {d['reward_tuned']['n']} held-out completions "
+                       f"paired t-test p = {diff['p_value']:.2g}, over {tuned['n']} held-out completions "
                        "(same prompts, lengths and seeds for both policies).")
         st.plotly_chart(viz.rl_curves(steps), width="stretch")
-        pairs = read(run_dir, "paired_completions", limit=200)
+        pairs = data.paired_completions(limit=200)
         if not pairs.empty:
             left, right = st.columns([3, 2])
             with left:
@@ -122,7 +124,7 @@ def vader_sections() -> None:
                 st.html(viz.paired_table([viz.paired_html(r.prompt, r.base, r.base_reward, r.tuned, r.tuned_reward)
                                           for r in shown.head(8).itertuples()]))
             with right:
-                shifts = read(run_dir, "word_shifts")
+                shifts = data.word_shifts()
                 st.markdown("**Words RL made more / less frequent**")
                 if st.toggle("VADER-lexicon words only", key="ov_lexicon_only"):
                     shifts = shifts[shifts.valence != 0]
@@ -132,7 +134,7 @@ def vader_sections() -> None:
                     st.dataframe(part.head(10), hide_index=True, width="stretch")
 
 
-if info.get("config", {}).get("task", "vader") == "hh":
+if run_settings_of(info.get("config")).task == "hh":
     hh_sections()
 else:
     vader_sections()

@@ -8,14 +8,17 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from views.common import read, require_run, require_stage
+from lfp_core.store.summaries import ProbeRoleSummary, ProbesSummary
+from views.common import require_run, require_stage
+from views.data import RunData
 
 run_dir = require_run()
+data = RunData(run_dir)
 st.title("Separation")
-pr = require_stage(run_dir, "probes", "probes")
+pr = require_stage(data, ProbesSummary, "probes")
 rows = []
 for role in ("tuned", "base"):
-    for task, r in pr.detail.get(role, {}).get("logistic", {}).items():
+    for task, r in ((pr.role(role) or ProbeRoleSummary()).logistic or {}).items():
         rows.append({"model": role, "task": task, "accuracy (SAE features)": r["acc"], "95% CI low": r["ci_low"],
                      "95% CI high": r["ci_high"], "raw activations": r["raw_acc"], "majority class": r["majority_acc"],
                      "test texts": r["n_test"]})
@@ -30,10 +33,11 @@ st.caption("Each text's SAE features (selected layers, concatenated) are average
            "Wilson's. 'raw activations': the same probe on the averaged MLP outputs.")
 left, right = st.columns(2)
 role = left.radio("Model", ["tuned", "base"], horizontal=True, key="sep_role")
-ratios = pr.detail.get(role, {}).get("pca_var_ratio_by_task") or {"imdb": pr.detail.get(role, {}).get("pca_var_ratio", [])}
+probe = pr.role(role) or ProbeRoleSummary()
+ratios = probe.pca_var_ratio_by_task or {"imdb": probe.pca_var_ratio or []}
 names = {"imdb": "IMDB pos/neg", "hh": "HH chosen/rejected", "toxicity": "toxic/non-toxic"}
 task_of = {names.get(t, t): t for t in ratios}
 task = task_of[right.radio("Texts", list(task_of), horizontal=True, key="sep_task")]
-pca = read(run_dir, "probe_pca", role=role, task=task)
+pca = data.probe_pca(role, task)
 st.subheader("PCA of the mean-pooled SAE features")
 st.plotly_chart(viz.pca_scatter(pca, ratios[task]), width="stretch")

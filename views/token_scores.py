@@ -8,34 +8,44 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from views.common import read, require_run, require_stage
+from lfp_core.store.summaries import ProbeRoleSummary, ProbesSummary, Tau
+from views.common import require_run, require_stage
+from views.data import RunData
 
 run_dir = require_run()
+data = RunData(run_dir)
 st.title("Token scores")
-pr = require_stage(run_dir, "probes", "probe")
+pr = require_stage(data, ProbesSummary, "probe")
 role = st.radio("Model", ["tuned", "base"], horizontal=True, key="probe_role",
                 help="Each model's activations through its own SAEs (never mixed).")
-d = pr.detail.get(role, {})
-st.markdown(f"Ridge probe from the SAE features of layers {', '.join(map(str, pr.detail['layers']))} (concatenated) "
-            f"to the VADER valence of **{pr.detail['n_points']:,}** lexicon-word positions "
-            f"(**{pr.detail['n_words']:,}** distinct words), scored at each word's last token.")
+d = pr.role(role) or ProbeRoleSummary()
+layer_list = ", ".join(map(str, pr.layers or []))
+st.markdown(f"Ridge probe from the SAE features of layers {layer_list} (concatenated) "
+            f"to the VADER valence of **{pr.n_points:,}** lexicon-word positions "
+            f"(**{pr.n_words:,}** distinct words), scored at each word's last token.")
+occ_tau, word_tau, base_tau, shuf_tau, irm = d.tau_occurrence, d.tau_word, d.tau_baseline, d.tau_shuffled, d.irm
+if occ_tau is None or word_tau is None or base_tau is None or shuf_tau is None or irm is None:
+    st.info(f"The probe stage recorded no results for the {role} model.")
+    st.stop()
+    raise AssertionError("unreachable")  # st.stop raises
 c = st.columns(5)
-c[0].metric("τ, occurrence split", f"{d['tau_occurrence']['tau']:.3f}", help=f"p = {d['tau_occurrence']['p']:.1e}, "
-            f"{d['tau_occurrence']['n_words']} test words; a word may also occur in training")
-c[1].metric("τ, word split", f"{d['tau_word']['tau']:.3f}", help=f"p = {d['tau_word']['p']:.1e}, "
-            f"{d['tau_word']['n_words']} test words never seen in training")
-c[2].metric("τ, untrained map", f"{d['tau_baseline']['tau']:.3f}", help="random linear map (the paper's baseline)")
-c[3].metric("τ, shuffled targets", f"{d['tau_shuffled']['tau']:.3f}", help="probe fitted to permuted valences")
-c[4].metric("IRM vs reward (Pearson)", f"{d['irm']['pearson']:.3f}",
-            help=f"Spearman {d['irm']['spearman']:.3f} over {d['irm']['n']} held-out tuned completions")
+c[0].metric("τ, occurrence split", f"{occ_tau['tau']:.3f}", help=f"p = {occ_tau['p']:.1e}, "
+            f"{occ_tau['n_words']} test words; a word may also occur in training")
+c[1].metric("τ, word split", f"{word_tau['tau']:.3f}", help=f"p = {word_tau['p']:.1e}, "
+            f"{word_tau['n_words']} test words never seen in training")
+c[2].metric("τ, untrained map", f"{base_tau['tau']:.3f}", help="random linear map (the paper's baseline)")
+c[3].metric("τ, shuffled targets", f"{shuf_tau['tau']:.3f}", help="probe fitted to permuted valences")
+c[4].metric("IRM vs reward (Pearson)", f"{irm['pearson']:.3f}",
+            help=f"Spearman {irm['spearman']:.3f} over {irm['n']} held-out tuned completions")
 
-words = read(run_dir, "probe_words", role=role)
-st.plotly_chart(viz.probe_scatter(words, {"occurrence": d["tau_occurrence"], "word": d["tau_word"]}), width="stretch")
+words = data.probe_words(role)
+st.plotly_chart(viz.probe_scatter(words, {"occurrence": dict(occ_tau), "word": dict(word_tau)}), width="stretch")
 
 
-def _tau(split: str, group: str) -> dict:
-    t = d[f"tau_{split}"]
-    return t if group == "all" else t[group]
+def _tau(split: str, group: str) -> Tau:
+    """τ of a split over all, positive or negative words."""
+    t = d.tau(split) or Tau()
+    return (t if group == "all" else t.get("pos") if group == "pos" else t.get("neg")) or Tau()
 
 
 taus = pd.DataFrame([{"split": s, "words": g, "τ": _tau(s, g)["tau"], "p": _tau(s, g)["p"], "n": _tau(s, g)["n_words"]}
@@ -47,13 +57,13 @@ with left:
 with right:
     st.subheader("Sign accuracy")
     st.plotly_chart(viz.sign_accuracy_bars(
-        [{"split": s, "polarity": f"{pol} words", "accuracy": d[f"sign_acc_{pol[:3]}_{s}"]}
+        [{"split": s, "polarity": f"{pol} words", "accuracy": d.sign_acc(pol[:3], s)}
          for s in ("occurrence", "word") for pol in ("positive", "negative")]), width="stretch")
-inputs = d.get("inputs") or {}
+inputs = d.inputs or {}
 if inputs:
     st.subheader("Where the feedback signal lives")
-    names = {"sae_selected": f"SAE features, layers {', '.join(map(str, pr.detail['layers']))} (the probe)",
-             "raw_selected": f"raw MLP outputs, layers {', '.join(map(str, pr.detail['layers']))}",
+    names = {"sae_selected": f"SAE features, layers {layer_list} (the probe)",
+             "raw_selected": f"raw MLP outputs, layers {layer_list}",
              "raw_all_layers": "raw MLP outputs, every layer"}
     st.dataframe(pd.DataFrame([{"probe input": names.get(k, k), "dimensions": v["dim"],
                                 "τ occurrence": v["occurrence"]["tau"], "τ word": v["word"]["tau"],
@@ -62,7 +72,7 @@ if inputs:
     st.caption("The same ridge probe, splits and targets on other inputs. SAE vs raw at the same layers: what the "
                "sparse basis keeps. Every layer vs the selected ones: how much of the lexicon's valence is read "
                "from layers RL changed less (word identity is largely decoded in early layers).")
-ct = d.get("tau_contrastive") or {}
+ct = d.tau_contrastive or {}
 if ct:
     st.markdown(f"**Contrastive variant** (the paper's): per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the "
                 f"word, also after swapping in an opposite-valence word; τ with VADER **{ct['tau']:.3f}** (p "
@@ -73,7 +83,7 @@ st.caption("Predictions are averaged per word and rescaled as in the paper (10th
 
 st.subheader("Error against how often the tuned policy generates the word")
 occ = words[words.split == "occurrence"]
-e = d["error_vs_tuned_freq_occurrence"]
+e = d.error_vs_tuned_freq_occurrence or {"pearson": float("nan"), "spearman": float("nan"), "n": 0}
 st.plotly_chart(viz.error_vs_frequency(occ), width="stretch")
 st.caption(f"Spearman ρ(|error|, count) = {e['spearman']:.3f} over {e['n']} test words (occurrence split).")
 b, w = st.columns(2)
@@ -85,11 +95,11 @@ w.dataframe(occ.nlargest(10, "abs_error")[cols], hide_index=True, width="stretch
 
 st.subheader("Implicit reward model: where it disagrees with VADER")
 st.caption("Sum of the probe's predictions over a completion's words (out-of-fold at lexicon words) against the raw "
-           f"VADER score; all words: Pearson {d['irm_all_words']['pearson']:.3f}.")
-st.dataframe(pd.DataFrame(d.get("irm_disagreements", [])), hide_index=True, width="stretch")
+           f"VADER score; all words: Pearson {(d.irm_all_words or {'pearson': float('nan')})['pearson']:.3f}.")
+st.dataframe(pd.DataFrame(d.irm_disagreements or []), hide_index=True, width="stretch")
 
 st.subheader("Token viewer")
-docs = read(run_dir, "probe_docs", role=role)
+docs = data.probe_docs(role)
 if docs.empty:
     st.info("No scored documents.")
     st.stop()
@@ -98,12 +108,12 @@ labels = {int(r.doc_id): f"#{int(r.doc_id)} · {r.source} · {int(r.n_words)} wo
 # options are the display strings themselves (AppTest and format_func do not mix)
 doc_of = {v: k for k, v in labels.items()}
 doc_id = doc_of[st.selectbox("Document", list(doc_of), key="probe_doc")]
-doc, toks = read(run_dir, "probe_doc", role=role, doc_id=doc_id)
+doc, toks = data.probe_doc(role, doc_id)
 if doc is None:
     st.error(f"document {doc_id} is not in this run")
     st.stop()
 by_pos = {int(r.pos): r for r in toks.itertuples()}
-strings = read(run_dir, "token_strings", token_ids=tuple(int(t) for t in doc["token_ids"]))
+strings = data.token_strings(tuple(int(t) for t in doc["token_ids"]))
 st.markdown(viz.token_scores_html(strings, [by_pos[i].valence if i in by_pos else None for i in range(len(strings))],
                                   [by_pos[i].pred if i in by_pos else None for i in range(len(strings))]),
             unsafe_allow_html=True)

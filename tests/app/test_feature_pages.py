@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pandas as pd
+
 from lfp_core import viz
 from lfp_core.store import RunReader, RunWriter
 from tests.helpers import open_page as _page
@@ -35,7 +36,7 @@ def test_browser_lists_filters_sorts_and_links(monkeypatch, quick_run):
     stored = r.features("tuned", layer).sort_values("density", ascending=False)
     assert list(t.density[:5]) == list(stored.density[:5])
     # search over top tokens: every row holds the needle; a needle with SQL in it is only text
-    token = next(tok for toks in r.query("SELECT top_tokens FROM features WHERE len(top_tokens) > 0").top_tokens
+    token = next(tok for toks in r.feature_table(limit=10**6)[0].top_tokens if toks is not None
                  for tok in toks if tok.strip())
     at.text_input(key="fb_search").set_value(token.strip()).run()
     t = at.dataframe[0].value
@@ -56,8 +57,9 @@ def test_browser_pages_through_results(monkeypatch, quick_run):
 
 def test_feature_page_shows_the_stored_feature(monkeypatch, quick_run):
     r = RunReader(quick_run)
-    f = r.query("SELECT role, layer, feature FROM features WHERE n_fired > 0 ORDER BY n_fired DESC LIMIT 1").iloc[0]
-    role, layer, fid = f.role, int(f.layer), int(f.feature)
+    role, layer, fid = max(((x.role, int(x.layer), int(f.feature), int(f.n_fired))
+                            for x in r.feature_layers().itertuples()
+                            for f in r.features(x.role, int(x.layer)).itertuples()), key=lambda t: t[3])[:3]
     stored = r.feature(role, layer, fid)
     at = _page(monkeypatch, quick_run.parent, "views/feature.py", run=quick_run, role=role, layer=layer, feature=fid)
     assert not at.exception and not at.error

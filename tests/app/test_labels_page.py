@@ -4,6 +4,7 @@ table; a run without the labels stage gets the command."""
 from __future__ import annotations
 
 from lfp_core.store import RunReader, RunWriter
+from lfp_core.store.summaries import LabelsSummary
 from tests.helpers import open_page
 
 
@@ -16,10 +17,10 @@ def test_labels_page_shows_the_offline_labels_and_agreement(monkeypatch, quick_r
     assert not at.exception
     r = RunReader(quick_run)
     labels = r.labels("tuned")
-    detail = {s.name: s for s in r.stages()}["labels"].detail
+    detail = r.summary(LabelsSummary)
     assert "offline" in at.info[0].value and "not an LLM" in at.info[0].value  # never passed off as an LLM
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Labelled features"] == str(len(labels)) == str(detail["n_labelled"])
+    assert metrics["Labelled features"] == str(len(labels)) == str(detail.n_labelled)
     freq = at.dataframe[0].value
     assert list(freq.set) == ["all features", "labelled", "labeller: reward-related", "labeller: not related", "probe top"]
     table = at.dataframe[1].value

@@ -6,6 +6,7 @@ from streamlit.testing.v1 import AppTest
 
 from lfp_core.config import REPO_ROOT
 from lfp_core.store import RunReader, RunWriter
+from lfp_core.store.testing import forget_stages
 from tests.helpers import open_page
 
 APP = str(REPO_ROOT / "app.py")
@@ -46,8 +47,7 @@ def test_layers_page_before_the_sae_stage(monkeypatch, tmp_path, quick_run):
 
     run = tmp_path / "no_saes"
     shutil.copytree(quick_run, run, ignore=shutil.ignore_patterns("artifacts"))
-    with RunWriter(run).transaction() as con:
-        con.execute("DELETE FROM stages WHERE name IN ('saes', 'features')")
+    forget_stages(run, ["saes", "features"])
     at = _layers(monkeypatch, tmp_path, run)
     assert not at.exception
     assert "No SAEs yet: the `saes` stage has not finished" in at.info[0].value

@@ -8,6 +8,7 @@ from streamlit.testing.v1 import AppTest
 from lfp_core import viz
 from lfp_core.config import REPO_ROOT
 from lfp_core.store import RunReader, RunWriter
+from lfp_core.store.summaries import ProbesSummary
 from tests.helpers import open_page
 
 APP = str(REPO_ROOT / "app.py")
@@ -20,10 +21,10 @@ def _page(monkeypatch, runs, run, page) -> AppTest:
 def test_token_scores_page(monkeypatch, quick_run):
     at = _page(monkeypatch, quick_run.parent, quick_run, "views/token_scores.py")
     assert not at.exception
-    detail = {s.name: s for s in RunReader(quick_run).stages()}["probes"].detail["tuned"]
+    detail = RunReader(quick_run).summary(ProbesSummary).tuned
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["τ, occurrence split"] == f"{detail['tau_occurrence']['tau']:.3f}"
-    assert metrics["τ, word split"] == f"{detail['tau_word']['tau']:.3f}"
+    assert metrics["τ, occurrence split"] == f"{detail.tau_occurrence['tau']:.3f}"
+    assert metrics["τ, word split"] == f"{detail.tau_word['tau']:.3f}"
     assert len(at.get("plotly_chart")) == 3
     html = " ".join(m.value for m in at.markdown)
     assert "lfp-tokens" in html and "fill: probe prediction" in html
@@ -32,8 +33,8 @@ def test_token_scores_page(monkeypatch, quick_run):
     at.selectbox(key="probe_word").select_index(0).run()
     assert not at.exception and "Top contributing features" in " ".join(m.value for m in at.markdown)
     at.radio(key="probe_role").set_value("base").run()
-    base = {s.name: s for s in RunReader(quick_run).stages()}["probes"].detail["base"]
-    assert {m.label: m.value for m in at.metric}["τ, occurrence split"] == f"{base['tau_occurrence']['tau']:.3f}"
+    base = RunReader(quick_run).summary(ProbesSummary).base
+    assert {m.label: m.value for m in at.metric}["τ, occurrence split"] == f"{base.tau_occurrence['tau']:.3f}"
 
 
 def test_separation_page(monkeypatch, quick_run):
