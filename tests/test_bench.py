@@ -7,9 +7,8 @@ from lfp_core.store import RunReader
 def test_synthetic_store_builds_and_answers_the_feature_page_and_browser_queries(tmp_path):
     run = build_synthetic_store(tmp_path / "synthetic", n_features=200, n_examples=3, n_tokens=8)
     r = RunReader(run)
-    assert r.query("SELECT count(*) AS n FROM features").n[0] == 200
-    assert r.query("SELECT count(*) AS n FROM feature_examples").n[0] == 600
-    assert r.query("SELECT count(*) AS n FROM feature_labels").n[0] == 200
+    assert r.table_size("features") == 200 and r.table_size("feature_examples") == 600
+    assert r.table_size("feature_labels") == 200
     q = query_latency(run, repeats=4)
     assert {"feature_page", "browser"} <= set(q) and all(v["n"] == 4 for v in q.values())
 
@@ -20,8 +19,31 @@ def test_stage_bench_reads_the_precompute_log_line():
     from lfp_core.resources import Meter
 
     m = Meter(wall=1.0, cpu=12.34, peak_rss=int(2.5 * 2**30), steal=0.07)
-    line = "INFO lfp_core.precompute: stage %-14s done in %.1fs (%s)" % ("saes", 169.9, m.describe())
+    line = "INFO lfp_core.precompute: stage %-14s done in %.1fs (%s)" % ("saes", 169.9, m.describe())  # noqa: UP031 (logging's format)
     assert _STAGE_LINE.search(line).groups() == ("saes", "169.9", "12.3", "2.50", "7")
     m.peak_sampled = True  # where the kernel ignores the high-water-mark reset
-    line = "INFO lfp_core.precompute: stage %-14s done in %.1fs (%s)" % ("saes", 169.9, m.describe())
+    line = "INFO lfp_core.precompute: stage %-14s done in %.1fs (%s)" % ("saes", 169.9, m.describe())  # noqa: UP031 (logging's format)
     assert "(sampled)" in line and _STAGE_LINE.search(line).groups() == ("saes", "169.9", "12.3", "2.50", "7")
+
+
+def test_contention_bench_children_and_table():
+    """bench contention: the child's environment with/without the policy, its RESULT line, and the
+    ratios to the idle cell of the same policy (no timing is measured here)."""
+    import pytest
+
+    from bench.contention import child_env, parse_result, summarize
+    from lfp_core.runtime import POLICY_ENV, SWITCH
+
+    on, off = child_env(True), child_env(False)
+    assert all(on[k] == v for k, v in POLICY_ENV.items()) and SWITCH not in on
+    assert not any(k in off for k in POLICY_ENV) and off[SWITCH] == "off"
+    assert parse_result('noise\nRESULT {"grpo_s": [1.0]}\nRESULT {"grpo_s": [2.0]}\n') == {"grpo_s": [2.0]}
+    with pytest.raises(ValueError, match="no RESULT"):
+        parse_result("Traceback ...")
+    cells = [{"policy": p, "busy": b, "threads": 2, "grpo_s": g, "harvest_s": h}
+             for p, b, g, h in [(False, 0, [1, 1, 3], [2, 2]), (False, 1, [9, 10, 11], [20, 20]),
+                                (True, 0, [1, 2, 2], [2, 2]), (True, 1, [3, 4, 5], [3, 5])]]
+    rows = {(r["policy"], r["busy"]): r for r in summarize(cells)}
+    assert rows[(False, 1)]["grpo_s_ratio"] == 10.0 and rows[(False, 1)]["harvest_s_ratio"] == 10.0
+    assert rows[(True, 1)]["grpo_s_ratio"] == 2.0 and rows[(True, 1)]["harvest_s"] == 4.0
+    assert rows[(True, 0)]["grpo_s_ratio"] == 1.0

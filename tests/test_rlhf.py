@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from lfp_core import report, rlhf
-from lfp_core.config import REPO_ROOT
+from lfp_core.config import REPO_ROOT, preset_config
 from lfp_core.models import load_model
+from lfp_core.settings import RLStageSettings
 from lfp_core.store import RunReader, artifacts_dir
 
 
@@ -76,7 +77,8 @@ def test_reward_nan_names_the_text(monkeypatch):
 
 def test_empty_prompt_set_is_refused(tmp_path, demo_model_dir):
     with pytest.raises(ValueError, match="prompt set is empty"):
-        rlhf.train_policy(load_model("demo"), [], rlhf.RLSettings(steps=1), tmp_path)
+        rlhf.train_policy(load_model("demo"), [], preset_config("quick", rl_steps=1).stage_settings(RLStageSettings),
+                          tmp_path)
 
 
 def test_missing_or_foreign_policy_is_refused(tmp_path, demo_model_dir):

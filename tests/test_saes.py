@@ -17,7 +17,7 @@ def _synthetic(n: int = 60_000, d: int = 48, n_true: int = 64, active: int = 3, 
     true = rng.normal(size=(n_true, d))
     true /= np.linalg.norm(true, axis=1, keepdims=True)
     x = np.zeros((n, d), dtype=np.float32)
-    for k in range(active):
+    for _ in range(active):
         which = rng.integers(0, n_true, size=n)
         x += (rng.uniform(0.5, 2.0, size=(n, 1)) * true[which]).astype(np.float32)
     return x, true
