@@ -12,25 +12,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import stats
+
+from lfp_core.errors import BadInputError
 
 
 def _hook_point(sae) -> str:
     return f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post"
 
 
-def check_features(saes: Mapping[int, object], features: Mapping[int, Sequence[int]]) -> None:
+def check_features(saes: Mapping[int, Any], features: Mapping[int, Sequence[int]]) -> None:
     """Every layer has an SAE and every feature id is inside its dictionary; else a clear ValueError."""
     for layer, ids in features.items():
         if layer not in saes:
-            raise ValueError(f"no SAE for layer {layer}; layers with SAEs: {sorted(saes)}")
+            raise BadInputError(f"no SAE for layer {layer}; layers with SAEs: {sorted(saes)}")
         d = int(saes[layer].cfg.d_sae)
         bad = [int(i) for i in ids if not 0 <= int(i) < d]
         if bad:
-            raise ValueError(f"feature ids {bad[:5]} are out of range for layer {layer} (0–{d - 1})")
+            raise BadInputError(f"feature ids {bad[:5]} are out of range for layer {layer} (0–{d - 1})")
 
 
 def _zero_hook(ids: Sequence[int], mask: torch.Tensor | None = None):
@@ -179,7 +182,7 @@ def random_sets(alive: Mapping[int, Sequence[int]], like: Mapping[int, Sequence[
     for _ in range(n):
         draw = {}
         for layer, ids in like.items():
-            pool = sorted(set(int(i) for i in alive.get(layer, ())) - set(int(i) for i in (exclude or {}).get(layer, ())))
+            pool = sorted({int(i) for i in alive.get(layer, ())} - {int(i) for i in (exclude or {}).get(layer, ())})
             if len(pool) < len(ids):
                 raise ValueError(f"layer {layer} has {len(pool)} firing features outside the set; cannot draw {len(ids)}")
             draw[layer] = sorted(int(x) for x in rng.choice(pool, size=len(ids), replace=False))

@@ -24,16 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lfp_core.errors import BadInputError, LFPError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 HOOK = "blocks.{layer}.hook_mlp_out"
 
 
-class NonFiniteActivationError(RuntimeError):
+class NonFiniteActivationError(LFPError, RuntimeError):
     """NaN or inf activations: the message names the layer and the batch."""
 
 
-class LayerRangeError(ValueError):
+class LayerRangeError(BadInputError):
     """A layer index the model does not have."""
 
 
@@ -77,7 +79,7 @@ class Harvest:
     def acts(self, role: str, layer: int) -> np.ndarray:
         p = self.path(role, layer)
         if not p.exists():
-            raise FileNotFoundError(f"no harvested activations for role {role!r} layer {layer} at {p}; "
+            raise MissingInputError(f"no harvested activations for role {role!r} layer {layer} at {p}; "
                                     "run the activations stage")
         return np.load(p, mmap_mode="r")
 
@@ -111,7 +113,7 @@ def write_index(root: Path, docs: list[Doc], special: set[int]) -> dict[str, np.
     idx = {"doc_id": np.concatenate(doc_id), "pos": np.concatenate(pos), "token_id": np.concatenate(tok),
            "is_eval": np.concatenate(ev)}
     root.mkdir(parents=True, exist_ok=True)
-    np.savez(root / "index.npz", **idx)
+    np.savez(root / "index.npz", allow_pickle=False, **idx)
     return idx
 
 

@@ -16,6 +16,7 @@ measures the same quantity by zeroing each feature for real.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ def integrated_gradients(model, sae_map: Mapping[int, object], layer: int, toks:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     m = mask.to(torch.float32)[..., None]  # [batch, pos, 1]
-    total, clean_acts, clean_metric = None, None, None
+    total: torch.Tensor | None = None
+    clean_acts: torch.Tensor | None = None
     for k in range(steps):
         alpha = (k + 0.5) / steps
         held: dict = {}
@@ -54,6 +56,7 @@ def integrated_gradients(model, sae_map: Mapping[int, object], layer: int, toks:
         clean_acts = held["clean"]
     with torch.no_grad(), ablated(model, sae_map, {}):
         clean_metric = scorer(model, toks, last, mask)
+    assert total is not None and clean_acts is not None  # steps >= 1
     est = -(clean_acts * (total / steps) * m).sum(1)  # [batch, d_sae]
     return est.detach().cpu().numpy(), clean_metric.detach().cpu().numpy()
 
@@ -76,11 +79,11 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> dict:
     """Spearman ρ with its p-value (NaN when fewer than three points or a constant input)."""
     from scipy.stats import spearmanr
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return {"rho": float("nan"), "p": float("nan"), "n": int(len(a))}
-    res = spearmanr(a, b)
-    return {"rho": float(res.statistic), "p": float(res.pvalue), "n": int(len(a))}
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"rho": float("nan"), "p": float("nan"), "n": int(len(x))}
+    res = spearmanr(x, y)
+    return {"rho": float(res.statistic), "p": float(res.pvalue), "n": int(len(x))}
 
 
 def right_pad(seqs: list[list[int]], pad: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +128,7 @@ def rank_and_verify(model, sae_map: Mapping[int, object], seqs: list[list[int]],
             per_layer[layer].append(est)
         clean_parts.append(clean)
     per_text = {layer: np.concatenate(v) for layer, v in per_layer.items()}
-    rows = [{"layer": int(layer), "feature": int(f), "estimate": float(est[:, f].mean()),
+    rows: list[dict[str, Any]] = [{"layer": int(layer), "feature": int(f), "estimate": float(est[:, f].mean()),
              "estimate_abs": float(np.abs(est[:, f]).mean())}
             for layer, est in per_text.items() for f in range(est.shape[1])]
     rows.sort(key=lambda r: -r["estimate_abs"])

@@ -15,34 +15,35 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from lfp_core import prompts
+from lfp_core.errors import BadInputError, LFPError
 
 log = logging.getLogger(__name__)
 OFFLINE = "offline (top tokens + VADER correlation; not an LLM)"
 
 
-class LLMError(RuntimeError):
+class LLMError(LFPError, RuntimeError):
     """An LLM call failed; the message says why and what to do (it never contains the key)."""
 
 
-class LLMConfigError(LLMError):
-    pass
+class LLMConfigError(LLMError, BadInputError):
+    """No API key, or an unusable endpoint setting (bad input)."""
 
 
-class LLMAuthError(LLMError):
-    pass
+class LLMAuthError(LLMError, BadInputError):
+    """The endpoint refused the key (bad input)."""
 
 
-class LLMNotFoundError(LLMError):
-    pass
+class LLMNotFoundError(LLMError, BadInputError):
+    """The endpoint has no such model (bad input)."""
 
 
 class LLMUnavailableError(LLMError):
-    pass
+    """The endpoint did not answer usefully after the retries (a failure, not bad input: re-run to resume)."""
 
 
 class Cache(Protocol):
@@ -98,7 +99,7 @@ class LLMClient:
     n_requests: int = 0
     n_cached: int = 0
     tokens_used: int = 0
-    _client: object = field(default=None, repr=False)
+    _client: Any = field(default=None, repr=False)  # openai.OpenAI, imported when the client is made
 
     def __post_init__(self) -> None:
         import openai
@@ -220,7 +221,7 @@ def llm_label(client: LLMClient, top: list[Excerpt], max_act: float, task: str, 
     activating (``positives``) and non-activating excerpts. Unparseable answers are counted, not scored."""
     shown = "\n".join(f"{i + 1}. {render_example(e.tokens, e.acts, max_act, with_values)}" for i, e in enumerate(top))
     explanation = parse_answer(client.complete(prompts.EXPLAIN_SYSTEM, prompts.EXPLAIN_USER.format(examples=shown)))
-    out = {"explanation": explanation, "relevant": None, "detection_acc": None, "detection_f1": None,
+    out: dict[str, Any] = {"explanation": explanation, "relevant": None, "detection_acc": None, "detection_f1": None,
            "detection_n": 0, "n_unparsed": 0}
     if explanation is None:
         out["n_unparsed"] = 1

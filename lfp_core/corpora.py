@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lfp_core.errors import BadInputError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 IMDB_LABELED = "aclImdb_v1_labeled.tar.gz"
@@ -54,7 +56,7 @@ def iter_imdb(data_dir: str | Path, splits: tuple[str, ...] = ("train",),
     for name in archives:
         path = d / name
         if not path.exists():
-            raise FileNotFoundError(f"IMDB archive not found: {path}")
+            raise MissingInputError(f"IMDB archive not found: {path}")
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
                 parts = member.name.split("/")
@@ -101,7 +103,7 @@ def imdb_reviews(data_dir: str | Path | None, splits: tuple[str, ...] = ("train"
         missing = tuple(s for s in splits if (str(d), s) not in _IMDB_READ)
         if missing:
             fresh: dict[str, list[Review]] = {s: [] for s in missing}
-            for r in iter_imdb(data_dir, missing):
+            for r in iter_imdb(d.parent, missing):
                 fresh[r.doc_id.split("/")[0]].append(r)
             _IMDB_READ.update({(str(d), s): v for s, v in fresh.items()})
         return {s: list(_IMDB_READ[(str(d), s)]) for s in splits}, f"local:{d}"
@@ -109,8 +111,8 @@ def imdb_reviews(data_dir: str | Path | None, splits: tuple[str, ...] = ("train"
         try:
             return {s: _hub_imdb(s) for s in splits}, f"hub:{HUB_IMDB}"
         except Exception as exc:  # network errors come in many types
-            raise FileNotFoundError(f"no local IMDB copy and the hub failed: {exc}") from exc
-    raise FileNotFoundError("no local IMDB copy (set LFP_DATA_DIR or --data-dir) and the hub is offline")
+            raise MissingInputError(f"no local IMDB copy and the hub failed: {exc}") from exc
+    raise MissingInputError("no local IMDB copy (set LFP_DATA_DIR or --data-dir) and the hub is offline")
 
 
 def imdb_prompts(tokenizer, reviews: list[Review], n: int, min_tokens: int, max_tokens: int,
@@ -121,7 +123,7 @@ def imdb_prompts(tokenizer, reviews: list[Review], n: int, min_tokens: int, max_
     """
     pool = sorted((r for r in reviews if len(r.text) > min_chars), key=lambda r: r.doc_id)
     if not pool:
-        raise ValueError(f"no review longer than {min_chars} characters")
+        raise BadInputError(f"no review longer than {min_chars} characters")
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
     lengths = rng.integers(min_tokens, max_tokens + 1, size=len(picks))
@@ -161,7 +163,7 @@ HUB_HH = "Anthropic/hh-rlhf"
 ASSISTANT = "\n\nAssistant:"
 
 
-class DataFormatError(ValueError):
+class DataFormatError(BadInputError):
     """A data file that does not have the expected shape; the message names the file and line."""
 
 
@@ -226,7 +228,7 @@ def hh_pairs(data_dir: str | Path | None, subsets: tuple[str, ...] = HH_SUBSETS)
             if parts:
                 out.append({"prompt": parts[0], "chosen": parts[1], "rejected": parts[2], "subset": "hub"})
         return out, f"hub:{HUB_HH}"
-    raise FileNotFoundError("no local HH-RLHF copy (set LFP_DATA_DIR or --data-dir) and the hub is offline")
+    raise MissingInputError("no local HH-RLHF copy (set LFP_DATA_DIR or --data-dir) and the hub is offline")
 
 
 # --- toxicity sets (for the toxicity task's probes) ----------------------------------------------

@@ -24,6 +24,8 @@ import re
 import numpy as np
 import torch
 
+from lfp_core.errors import BadInputError
+
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -36,7 +38,7 @@ def parameter_divergence(base_hf, tuned_hf) -> list[float]:
         if m is None:
             continue
         if name not in tuned or tuned[name].shape != p.shape:
-            raise ValueError(f"tuned model has no parameter {name} of shape {tuple(p.shape)}: not the same base model")
+            raise BadInputError(f"tuned model has no parameter {name} of shape {tuple(p.shape)}: not the same base model")
         layer = int(m.group(1))
         diff = (p.detach().float() - tuned[name].detach().float()).norm().item()
         out[layer] = out.get(layer, 0.0) + diff

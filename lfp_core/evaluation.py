@@ -88,7 +88,7 @@ def per_token_kl(tuned_hf, base_hf, sequences: list[tuple[list[int], list[int]]]
     for p, c in sequences:
         if c:
             by_len.setdefault(len(bos) + len(p) + len(c), []).append((p, c))
-    for length, group in by_len.items():
+    for group in by_len.values():
         for s in range(0, len(group), batch_size):
             chunk = group[s : s + batch_size]
             ids = torch.tensor([bos + p + c for p, c in chunk], device=device)

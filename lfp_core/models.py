@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lfp_core.config import DEMO_MODEL_DIR
+from lfp_core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _TL_ALIASES = {"pythia-70m", "pythia-160m", "gpt-neo-125m", "gemma-2b", "gpt2"}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(BadInputError):
     """A model spec that cannot be loaded; the message says why and what is accepted."""
 
 
@@ -161,7 +162,7 @@ def load_model(spec: str | os.PathLike | None = "demo", device: str = "cpu") -> 
         raise ModelLoadError(f"{ms.location} has architecture {arch!r}, which LFP Explorer does not support")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    hf.to(device).eval()
+    hf.to(device).eval()  # type: ignore[arg-type]  # transformers types PreTrainedModel.to via functools.wraps
     return LoadedModel(spec=ms, hf=hf, tokenizer=tokenizer, device=device)
 
 

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from lfp_core.errors import BadInputError
 
-class ProbeDataError(ValueError):
+
+class ProbeDataError(BadInputError):
     """Too little or degenerate data for a probe; the message says what and how much."""
 
 
@@ -274,7 +276,8 @@ def swap_tables(tokenizer, lexicon: dict[str, float]) -> tuple[dict[int, int], d
     import re
 
     word = re.compile(r"^( ?)([A-Za-z]{3,})$")
-    lex_tok, neutral_tok = {True: [], False: []}, {True: [], False: []}
+    lex_tok: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
+    neutral_tok: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
     for tid in range(len(tokenizer)):
         m = word.match(tokenizer.decode([tid]))
         if not m:

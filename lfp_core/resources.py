@@ -108,16 +108,16 @@ class Meter:
     _start: tuple = field(default=(), repr=False)
     _sampler: _PeakSampler | None = field(default=None, repr=False)
 
-    def start(self) -> "Meter":
+    def start(self) -> Meter:
         self._sampler = None if reset_peak_rss() or current_rss_bytes() is None else _PeakSampler()
         self.peak_sampled = self._sampler is not None
         self._start = (time.perf_counter(), time.process_time(), cpu_ticks())
         return self
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         return self.start()
 
-    def stop(self) -> "Meter":
+    def stop(self) -> Meter:
         w, c, ticks = self._start
         self.wall, self.cpu = time.perf_counter() - w, time.process_time() - c
         self.steal = steal_since(ticks)

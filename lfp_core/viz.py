@@ -180,7 +180,7 @@ def token_scores_html(tokens: list[str], true: list[float | None], pred: list[fl
     cells = []
     for tok, t, p in zip(tokens, true, pred):
         text = html.escape(tok).replace(" ", "&nbsp;") or "&nbsp;"
-        if p is None:
+        if p is None or t is None:
             cells.append(f"<span class='lfp-tok'>{text}</span>")
             continue
         title = html.escape(f"probe {p:+.2f} · VADER {t:+.2f}")
