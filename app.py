@@ -6,12 +6,16 @@ views/ and reads the selected run through lfp_core.store.
 
 from __future__ import annotations
 
-import argparse
-import sys
+from lfp_core.runtime import apply_thread_policy
 
-import streamlit as st
+apply_thread_policy()  # before anything imports torch: OpenMP reads its wait policy once (lfp_core/runtime.py)
 
-from views.common import sidebar
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+import streamlit as st  # noqa: E402
+
+from views.common import sidebar  # noqa: E402
 
 st.set_page_config(page_title="LFP Explorer", page_icon="🔎", layout="wide")
 

@@ -1,8 +1,9 @@
 """Benchmarks: ``python -m bench stages`` (the whole demo precompute, each stage's wall time, CPU time
 and peak RSS), ``python -m bench throughput`` (harvest and SAE training against a bare forward pass),
 ``python -m bench scaling`` (1× to 4× corpus), ``python -m bench dashboard`` (page render times, query
-latency at 50k features) and ``python -m bench live`` (the Ablation lab's engine); ``--run`` defaults
-to data/runs/demo.
+latency at 50k features), ``python -m bench live`` (the Ablation lab's engine) and ``python -m bench
+contention`` (the GRPO step and harvest pass idle vs beside competing busy processes, with and without
+lfp_core.runtime's thread policy); ``--run`` defaults to data/runs/demo.
 
 Prints the figures recorded in bench/RESULTS.md. Run it alone on the machine (other CPU work
 inflates every figure).
@@ -10,16 +11,20 @@ inflates every figure).
 
 from __future__ import annotations
 
-import argparse
-import platform
-import re
-import sys
-import tempfile
-import time
-from pathlib import Path
+from lfp_core.runtime import apply_thread_policy
 
-from lfp_core.config import REPO_ROOT
-from lfp_core.resources import cpu_ticks, steal_since
+apply_thread_policy()  # before anything imports torch (lfp_core/runtime.py)
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from lfp_core.config import REPO_ROOT  # noqa: E402
+from lfp_core.resources import cpu_ticks, steal_since  # noqa: E402
 
 
 def _machine() -> str:
@@ -170,6 +175,13 @@ def scaling(args) -> int:
     return 0
 
 
+def contention(args) -> int:
+    from bench import contention as c
+
+    print(f"machine: {_machine()}")
+    return c.parent(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
@@ -196,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
     sc.add_argument("--multiples", default="1,2,3,4")
     sc.add_argument("--base-docs", type=int, default=None, help="documents at 1x (default: the corpus / largest multiple)")
+    ct = sub.add_parser("contention", help="GRPO step and harvest time idle vs beside busy processes, policy on/off")
+    from bench.contention import add_arguments
+
+    add_arguments(ct)
     args = p.parse_args(argv)
+    if args.what == "contention":
+        return contention(args)
     if args.what == "stages":
         return stages(args)
     if args.what == "scaling":

@@ -4,11 +4,17 @@ Given a text, a feature set and the number of completions, it samples completion
 tuned policy with and without the features zeroed (error term kept, same seeds), scores them with the
 VADER reward, and reports the change in the next-token distribution and the chosen features'
 per-token activations. The model and SAEs are loaded once per engine; the dashboard keeps one engine
-per run.
+per run, shared by every browser session.
+
+Thread safety: a request splices SAEs and zeroing hooks into the engine's one model for its duration,
+so two requests at once would see each other's ablations. Each engine therefore serves one request at
+a time (a lock around the whole request); a second user waits for the first request to finish rather
+than getting a copy of the model per session.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,8 @@ import numpy as np
 import torch
 
 from lfp_core import ablation, reward, saes
+from lfp_core.errors import BadInputError
+from lfp_core.settings import run_settings_of
 from lfp_core.store import RunReader, artifacts_dir
 
 MAX_FEATURES = 64  # features one live request may zero
@@ -24,7 +32,7 @@ MAX_COMPLETIONS = 32
 MAX_NEW_TOKENS = 64
 
 
-class LiveInputError(ValueError):
+class LiveInputError(BadInputError):
     """A request the engine refuses; the message says what to change."""
 
 
@@ -57,27 +65,44 @@ class LiveEngine:
         RuntimeError: the run has no tuned policy or SAEs yet (the message names the stage).
     """
 
+    run_dir: Path | None  # None for an engine built with from_parts
+    policy: object | None
+
     def __init__(self, run_dir: str | Path, device: str = "cpu"):
         from lfp_core.models import load_model
         from lfp_core.rlhf import load_policy
 
-        self.run_dir = Path(run_dir)
-        r = RunReader(self.run_dir)
+        run_dir = self.run_dir = Path(run_dir)
+        r = RunReader(run_dir)
         info = r.run_info()
         if not info:
-            raise RuntimeError(f"{self.run_dir} has no run configuration; run precompute first")
+            raise RuntimeError(f"{run_dir} has no run configuration; run precompute first")
         div = r.layer_divergence()
         self.layers = sorted(int(x) for x in div.layer[div.selected]) if not div.empty else []
         if not self.layers:
             raise RuntimeError("the run has no selected layers yet: run the divergence and saes stages")
-        base = load_model(info["config"].get("model", "demo"), device=device)
-        self.policy = load_policy(artifacts_dir(self.run_dir) / "policy", base)
-        self.model = self.policy.hooked()
-        self.tokenizer = self.policy.tokenizer
-        self.saes = saes.main_saes(self.run_dir, r.saes("main"), "tuned", self.layers, self.model.cfg.d_model,
-                                   device=device)
+        base = load_model(run_settings_of(info["config"]).model, device=device)
+        policy = self.policy = load_policy(artifacts_dir(run_dir) / "policy", base)
+        model = policy.hooked()
+        self._attach(model, policy.tokenizer,
+                     saes.main_saes(run_dir, r.saes("main"), "tuned", self.layers, model.cfg.d_model, device=device),
+                     device)
+
+    def _attach(self, model, tokenizer, sae_of: dict, device: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.saes = sae_of
         self.device = device
         self.bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        self._lock = threading.Lock()  # one request at a time: a request splices SAEs and hooks into the model
+
+    @classmethod
+    def from_parts(cls, model, tokenizer, sae_of: Mapping[int, object], device: str = "cpu") -> LiveEngine:
+        """An engine on a HookedSAETransformer and its SAEs ({layer: sae}) already in memory (no run)."""
+        eng = cls.__new__(cls)
+        eng.run_dir, eng.policy, eng.layers = None, None, sorted(sae_of)
+        eng._attach(model, tokenizer, dict(sae_of), device)
+        return eng
 
     def d_sae(self, layer: int) -> int:
         return int(self.saes[layer].cfg.d_sae)
@@ -112,8 +137,13 @@ class LiveEngine:
             seed: int = 0, top_k: int = 10) -> LiveResult:
         """Completions and rewards with and without ``features`` ({layer: ids}) zeroed, the next-token
         change and the features' activations on the text."""
-        features = {int(k): sorted({int(i) for i in v}) for k, v in features.items() if len(v)}
-        self.check(text, features, n, new_tokens)
+        feats = {int(k): sorted({int(i) for i in v}) for k, v in features.items() if len(v)}
+        self.check(text, feats, n, new_tokens)
+        with self._lock:  # the model is shared by every session: no other request's SAEs or hooks meanwhile
+            return self._run(text, feats, n, new_tokens, seed, top_k)
+
+    def _run(self, text: str, features: dict[int, list[int]], n: int, new_tokens: int, seed: int,
+             top_k: int) -> LiveResult:
         ids, dropped = self.encode(text, new_tokens)
         toks = torch.tensor([ids], dtype=torch.long, device=self.device)
         names = [f"{ablation._hook_point(self.saes[layer])}" for layer in features]
@@ -154,11 +184,12 @@ class PreferenceScorer:
         table = table[table.kind == "rm"] if len(table) else table
         if not info or table.empty:
             raise RuntimeError("the run has no preference model SAEs yet: run the reward_model stage")
-        base = load_model(info["config"].get("model", "demo"), device=device)
+        base = load_model(run_settings_of(info["config"]).model, device=device)
         self.rm = RewardModel(artifacts_dir(self.run_dir) / "reward_model", base, device=device)
         self.saes = saes.main_saes(self.run_dir, table, "rm", sorted(int(x) for x in table.layer),
                                    self.rm.hooked.cfg.d_model, hook_of=lambda layer: f"blocks.{layer}.hook_resid_post",
                                    device=device, kind="rm")
+        self._lock = threading.Lock()  # one request at a time: scoring splices SAEs and hooks into the shared model
 
     @torch.no_grad()
     def score(self, text: str, features: Mapping[int, Sequence[int]]) -> dict:
@@ -173,11 +204,12 @@ class PreferenceScorer:
             ablation.check_features(self.saes, features)
         except ValueError as exc:
             raise LiveInputError(str(exc)) from exc
-        ids = self.rm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        room = int(self.rm.hooked.cfg.n_ctx) - len(self.rm.bos)
-        dropped = max(0, len(ids) - room)
-        toks, last = self.rm.batch([self.rm.bos + ids[dropped:]])
-        clean = float(self.rm.score_tokens(toks, last)[0])
-        with ablation.ablated(self.rm.hooked, self.saes, features):
-            abl = float(self.rm.score_tokens(toks, last)[0])
+        with self._lock:  # shared by every session: no other request's SAEs or hooks while we score
+            ids = self.rm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            room = int(self.rm.hooked.cfg.n_ctx) - len(self.rm.bos)
+            dropped = max(0, len(ids) - room)
+            toks, last = self.rm.batch([self.rm.bos + ids[dropped:]])
+            clean = float(self.rm.score_tokens(toks, last)[0])
+            with ablation.ablated(self.rm.hooked, self.saes, features):
+                abl = float(self.rm.score_tokens(toks, last)[0])
         return {"clean": clean, "ablated": abl, "oracle": reward.reward(text), "truncated": dropped}

@@ -78,3 +78,100 @@ def test_preference_scorer(quick_run):
         s.score("", {})
     with pytest.raises(LiveInputError, match="out of range"):
         s.score("fine", {layer: [10**6]})
+
+
+# --- one engine, shared by every browser session (st.cache_resource) -------------------------------------
+# A request splices SAEs and zeroing hooks into the engine's one model; without the engine's lock, a
+# request running beside another sees the other's ablation (or loses its own SAEs half-way).
+CONCURRENT = [("The film was", {1: list(range(0, 24))}, 1),
+              ("I hated this movie because the", {2: list(range(40, 80))}, 2),
+              ("An ordinary evening at the", {}, 3)]  # no features: the clean policy, SAEs spliced in
+
+
+@pytest.fixture(scope="module")
+def shared_engine():
+    """A live engine on the demo model with random SAEs at layers 1 and 2 (no pipeline run needed)."""
+    from lfp_core.models import load_model
+    from tests.helpers import random_sae
+
+    m = load_model("demo")
+    model = m.hooked()
+    d = model.cfg.d_model
+    return LiveEngine.from_parts(model, m.tokenizer, {1: random_sae(d, 128, "blocks.1.hook_mlp_out", seed=1),
+                                                     2: random_sae(d, 128, "blocks.2.hook_mlp_out", seed=2)})
+
+
+def _ask(engine, request):
+    text, features, seed = request
+    return engine.run(text, features, n=3, new_tokens=6, seed=seed)
+
+
+def _agree(a, b) -> bool:
+    """Texts and rewards equal; next-token probabilities and activations equal up to float rounding."""
+    if (a.prompt_tokens, a.clean, a.ablated, a.reward_clean, a.reward_ablated) != \
+            (b.prompt_tokens, b.clean, b.ablated, b.reward_clean, b.reward_ablated):
+        return False
+    if [t["token"] for t in a.next_tokens] != [t["token"] for t in b.next_tokens] or a.activations.keys() != b.activations.keys():
+        return False
+    close = [x["p_ablated"] == pytest.approx(y["p_ablated"], abs=1e-6) and x["p_clean"] == pytest.approx(y["p_clean"], abs=1e-6)
+             for x, y in zip(a.next_tokens, b.next_tokens)]
+    return all(close) and all(a.activations[k] == pytest.approx(b.activations[k], abs=1e-5) for k in a.activations)
+
+
+def test_concurrent_requests_on_one_engine_get_what_they_get_alone(shared_engine):
+    import threading
+
+    alone = [_ask(shared_engine, r) for r in CONCURRENT]
+    for res in alone[:2]:  # each ablation moves the next-token distribution, so a leak would show
+        assert max(abs(t["change"]) for t in res.next_tokens) > 1e-3
+    assert all(_agree(_ask(shared_engine, r), a) for r, a in zip(CONCURRENT, alone))  # repeatable alone
+    rounds, start = 5, threading.Barrier(len(CONCURRENT))
+    wrong: list[str] = []
+
+    def session(i: int) -> None:
+        start.wait()
+        for k in range(rounds):
+            try:
+                if not _agree(_ask(shared_engine, CONCURRENT[i]), alone[i]):
+                    wrong.append(f"request {i}, round {k}: differs from the request alone")
+            except Exception as exc:  # noqa: BLE001 - a crash is a failure of this test too
+                wrong.append(f"request {i}, round {k}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(CONCURRENT))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [], f"{len(wrong)} of {rounds * len(CONCURRENT)} concurrent requests went wrong: {wrong[:5]}"
+    assert not shared_engine.model.acts_to_saes  # every SAE detached again
+
+
+def test_concurrent_scores_on_one_scorer_get_what_they_get_alone(quick_run):
+    import threading
+
+    s = PreferenceScorer(quick_run)
+    first, last = sorted(s.saes)[0], sorted(s.saes)[-1]
+    requests = [("What a wonderful, lovely film", {first: list(range(64))}),
+                ("A dull and boring movie, I hated it", {last: list(range(32, 96))}),
+                ("The plot follows a family", {})]
+    alone = [s.score(t, f) for t, f in requests]
+    assert alone[0]["ablated"] != pytest.approx(alone[0]["clean"], abs=1e-4)
+    rounds, start = 5, threading.Barrier(len(requests))
+    wrong: list[str] = []
+
+    def session(i: int) -> None:
+        start.wait()
+        for k in range(rounds):
+            try:
+                got = s.score(*requests[i])
+                if got != pytest.approx(alone[i], abs=1e-5):
+                    wrong.append(f"request {i}, round {k}: {got} alone {alone[i]}")
+            except Exception as exc:  # noqa: BLE001 - a crash is a failure of this test too
+                wrong.append(f"request {i}, round {k}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []

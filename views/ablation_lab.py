@@ -11,11 +11,14 @@ import streamlit as st
 
 from lfp_core import viz
 from lfp_core.live import MAX_COMPLETIONS, MAX_FEATURES, LiveEngine, LiveInputError
-from views.common import _stamp, feature_url, read, require_run, require_stage
+from lfp_core.store.summaries import AblationSetSummary, AblationSummary, FeaturesSummary
+from views.common import feature_url, require_run, require_stage
+from views.data import RunData
 
 run_dir = require_run()
+data = RunData(run_dir)
 st.title("Ablation lab")
-require_stage(run_dir, "features", "SAE features")
+require_stage(data, FeaturesSummary, "SAE features")
 
 
 @st.cache_resource(show_spinner="Loading the tuned policy and its SAEs…", max_entries=2)
@@ -24,24 +27,24 @@ def engine(run: str, stamp: float) -> LiveEngine:
 
 
 # --- the stored experiment ------------------------------------------------------------------------------
-stages = {s.name: s for s in read(run_dir, "stages")}
-ab = stages.get("ablation")
-if ab is None or ab.status != "done":
+ab = data.summary(AblationSummary)
+if ab is None:
     st.info("The stored ablation experiment is not computed yet: run `python -m lfp_core.precompute --out "
             f"{run_dir}` (stage `ablation`). The live lab below works already.")
 else:
-    sets = read(run_dir, "ablation_sets")
-    top = ab.detail.get("sets", {}).get("probe_top", {})
+    sets = data.ablation_sets()
+    top = ab.sets.get("probe_top") or AblationSetSummary()
+    nan = float("nan")
     c = st.columns(4)
-    c[0].metric("Reward, clean policy", f"{ab.detail.get('reward_before') or float('nan'):.3f}",
-                help=f"{top.get('n', 0)} completions of held-out review prefixes, every SAE spliced in with its error term")
-    c[1].metric(f"Probe-top {top.get('size', 0)} zeroed", f"{ab.detail.get('reward_after') or float('nan'):.3f}",
-                delta=f"{top.get('diff', float('nan')):+.3f}")
-    c[2].metric("Random sets of that size", f"{ab.detail.get('random_after_mean') or float('nan'):.3f}",
+    c[0].metric("Reward, clean policy", f"{ab.reward_before or nan:.3f}",
+                help=f"{top.n or 0} completions of held-out review prefixes, every SAE spliced in with its error term")
+    c[1].metric(f"Probe-top {top.size or 0} zeroed", f"{ab.reward_after or nan:.3f}",
+                delta=f"{nan if top.diff is None else top.diff:+.3f}")
+    c[2].metric("Random sets of that size", f"{ab.random_after_mean or nan:.3f}",
                 help="mean over the size-matched random sets (same features per layer)")
-    c[3].metric("p (lower than random)", f"{ab.detail.get('p') or float('nan'):.3g}",
+    c[3].metric("p (lower than random)", f"{ab.p or nan:.3g}",
                 help="bootstrap over prefixes: the probe set's mean change not below the random sets' mean; "
-                     f"rank p {ab.detail.get('p_rank') or float('nan'):.3g}")
+                     f"rank p {ab.p_rank or nan:.3g}")
     st.plotly_chart(viz.ablation_effects(sets), width="stretch")
     st.dataframe(sets[["set_id", "kind", "size", "before", "after", "diff", "diff_lo", "diff_hi", "p", "p_rank"]],
                  hide_index=True, width="stretch", key="al_sets",
@@ -52,7 +55,7 @@ else:
                "feature set there can move the reward.")
     with st.expander("Completions side by side"):
         which = st.selectbox("Set", [s for s in sets.set_id if s != "baseline"], key="al_set")
-        comp = read(run_dir, "ablation_completions", set_ids=["baseline", which], limit=20)
+        comp = data.ablation_completions(["baseline", which], limit=20)
         wide = comp.pivot(index=["prefix_id", "prefix"], columns="set_id", values=["text", "reward"])
         wide.columns = [f"{a} ({b})" for a, b in wide.columns]
         st.dataframe(wide.reset_index().drop(columns="prefix_id"), hide_index=True, width="stretch")
@@ -60,13 +63,13 @@ else:
 # --- the live lab ----------------------------------------------------------------------------------------
 st.header("Live lab")
 try:
-    eng = engine(run_dir, _stamp(run_dir))
+    eng = engine(run_dir, data.version)
 except (RuntimeError, FileNotFoundError, ValueError) as exc:
     st.error(f"The live lab cannot load this run: {exc}")
     st.stop()
 
-pf = read(run_dir, "probe_features", role="tuned", limit=10**6)
-labels = read(run_dir, "labels", role="tuned")
+pf = data.probe_features("tuned", limit=None)
+labels = data.labels("tuned")
 options: dict[str, tuple[int, int]] = {}
 
 
@@ -84,7 +87,7 @@ for (a, b), e in label_of.items():
 c = st.columns([2, 1])
 search = c[0].text_input("Search features (label or top token)", key="al_search", max_chars=100)
 if search.strip():
-    found, n = read(run_dir, "feature_table", role="tuned", search=search, limit=30)
+    found, n = data.feature_table(role="tuned", search=search, limit=30)
     for a, b, e in zip(found.layer, found.feature, found.label):
         options.setdefault(_name(int(a), int(b), e if isinstance(e, str) else None), (int(a), int(b)))
     c[0].caption(f"{n} features match; the first {min(n, 30)} are added to the list below.")
@@ -104,7 +107,7 @@ if st.session_state.get("al_preset_used") != preset:
 picked = st.multiselect(f"Features to zero (at most {MAX_FEATURES})", list(options), key="al_features",
                         max_selections=MAX_FEATURES)
 
-prefixes = read(run_dir, "ablation_prefixes") if ab is not None and ab.status == "done" else pd.DataFrame()
+prefixes = data.ablation_prefixes() if ab is not None else pd.DataFrame()
 examples = list(prefixes.text.head(20)) if len(prefixes) else []
 c = st.columns([3, 1])
 pick = c[1].selectbox("Or pick a prompt", ["(type your own)"] + examples, key="al_pick")

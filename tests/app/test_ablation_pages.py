@@ -5,6 +5,7 @@ which command computes them."""
 from __future__ import annotations
 
 from lfp_core.store import RunReader, RunWriter
+from lfp_core.store.summaries import AblationSummary, AttributionSummary, RewardModelSummary
 from tests.helpers import open_page
 
 
@@ -13,17 +14,17 @@ def _table(at, column):
     return next(d.value for d in at.dataframe if column in d.value.columns)
 
 
-def _stage(run, name):
-    return {s.name: s for s in RunReader(run).stages()}[name]
+def _summary(run, kind):
+    return RunReader(run).summary(kind)
 
 
 def test_ablation_lab_shows_the_stored_experiment_and_runs_live(monkeypatch, quick_run):
     at = open_page(monkeypatch, quick_run.parent, "views/ablation_lab.py", run=quick_run)
     assert not at.exception
-    d = _stage(quick_run, "ablation").detail
+    d = _summary(quick_run, AblationSummary)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Reward, clean policy"] == f"{d['reward_before']:.3f}"
-    assert metrics["Random sets of that size"] == f"{d['random_after_mean']:.3f}"
+    assert metrics["Reward, clean policy"] == f"{d.reward_before:.3f}"
+    assert metrics["Random sets of that size"] == f"{d.random_after_mean:.3f}"
     sets = at.dataframe[0].value
     assert {"baseline", "probe_top", "all"} <= set(sets.set_id) and (sets.kind == "random").sum() >= 5
     assert len(at.multiselect(key="al_features").value) > 0  # preset: probe top 8
@@ -34,6 +35,39 @@ def test_ablation_lab_shows_the_stored_experiment_and_runs_live(monkeypatch, qui
     assert "Mean reward, clean" in metrics
     out = _table(at, "reward (ablated)")
     assert len(out) == 8 and list(out.columns) == ["clean", "reward (clean)", "ablated", "reward (ablated)"]
+
+
+def test_two_sessions_running_the_live_lab_at_once_each_get_their_own_results(monkeypatch, quick_run):
+    """The two sessions share one cached engine (one model); each must get what it gets alone."""
+    import threading
+
+    sessions = []
+    for text, pick in (("The acting in this film was", slice(0, 8)), ("I did not like the ending, it", slice(-4, None))):
+        at = open_page(monkeypatch, quick_run.parent, "views/ablation_lab.py", run=quick_run)
+        features = at.multiselect(key="al_features")
+        features.set_value(list(features.options)[pick]).run()
+        at.text_area[0].set_value(text).run()
+        sessions.append(at)
+    alone = []
+    for at in sessions:
+        at.button(key="al_run").click().run()
+        assert not at.exception and not at.error
+        alone.append(_table(at, "reward (ablated)"))
+    assert not alone[0].equals(alone[1])
+    wrong: list[str] = []
+
+    def click(i: int) -> None:
+        for k in range(3):
+            at = sessions[i].button(key="al_run").click().run()
+            if at.exception or at.error or not _table(at, "reward (ablated)").equals(alone[i]):
+                wrong.append(f"session {i}, round {k}")
+
+    threads = [threading.Thread(target=click, args=(i,)) for i in range(len(sessions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
 
 
 def test_ablation_lab_refuses_an_empty_prompt_and_warns_on_truncation(monkeypatch, quick_run):
@@ -50,18 +84,18 @@ def test_ablation_lab_refuses_an_empty_prompt_and_warns_on_truncation(monkeypatc
 def test_reward_model_page_shows_accuracy_attribution_and_scores_text(monkeypatch, quick_run):
     at = open_page(monkeypatch, quick_run.parent, "views/reward_model.py", run=quick_run)
     assert not at.exception
-    d = _stage(quick_run, "reward_model").detail
-    a = _stage(quick_run, "attribution").detail
+    d = _summary(quick_run, RewardModelSummary)
+    a = _summary(quick_run, AttributionSummary)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Held-out pair accuracy"] == f"{d['pair_acc']['acc']:.3f}"
-    top_k = a["pm"]["top_k"]
-    assert metrics[f"Spearman, top {top_k} features"] == f"{a['pm']['spearman_top']['rho']:.3f}"
+    assert metrics["Held-out pair accuracy"] == f"{d.pair_acc['acc']:.3f}"
+    top_k = a.pm["top_k"]
+    assert metrics[f"Spearman, top {top_k} features"] == f"{a.pm['spearman_top']['rho']:.3f}"
     rank = _table(at, "mean true change")
     assert list(rank["rank"]) == sorted(rank["rank"]) and rank["mean true change"].notna().sum() == top_k
     at.radio(key="rm_target").set_value("policy's probe-predicted reward").run()
     assert not at.exception
     assert {m.label: m.value for m in at.metric}[f"Spearman, top {top_k} features"] == \
-        f"{a['policy']['spearman_top']['rho']:.3f}"
+        f"{a.policy['spearman_top']['rho']:.3f}"
     at.button(key="rm_score").click().run()
     metrics = {m.label: m.value for m in at.metric}
     assert not at.exception and "Reward" in metrics and "VADER oracle" in metrics
