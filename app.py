@@ -23,16 +23,18 @@ _parser = argparse.ArgumentParser(add_help=False)
 _parser.add_argument("--run", default=None)
 cli, _ = _parser.parse_known_args(sys.argv[1:])
 
-nav = st.navigation([
-    st.Page("views/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
-    st.Page("views/layers.py", title="Layers & SAEs", icon="🧱", url_path="layers"),
-    st.Page("views/browser.py", title="Feature browser", icon="🗂️", url_path="features"),
-    st.Page("views/feature.py", title="Feature", icon="🔬", url_path="feature"),
-    st.Page("views/token_scores.py", title="Token scores", icon="🎯", url_path="token-scores"),
-    st.Page("views/labels.py", title="Labels", icon="🏷️", url_path="labels"),
-    st.Page("views/separation.py", title="Separation", icon="↔️", url_path="separation"),
-    st.Page("views/ablation_lab.py", title="Ablation lab", icon="✂️", url_path="ablation"),
-    st.Page("views/reward_model.py", title="Reward model", icon="⚖️", url_path="reward-model"),
-])
+nav = st.navigation(
+    [
+        st.Page("views/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
+        st.Page("views/layers.py", title="Layers & SAEs", icon="🧱", url_path="layers"),
+        st.Page("views/browser.py", title="Feature browser", icon="🗂️", url_path="features"),
+        st.Page("views/feature.py", title="Feature", icon="🔬", url_path="feature"),
+        st.Page("views/token_scores.py", title="Token scores", icon="🎯", url_path="token-scores"),
+        st.Page("views/labels.py", title="Labels", icon="🏷️", url_path="labels"),
+        st.Page("views/separation.py", title="Separation", icon="↔️", url_path="separation"),
+        st.Page("views/ablation_lab.py", title="Ablation lab", icon="✂️", url_path="ablation"),
+        st.Page("views/reward_model.py", title="Reward model", icon="⚖️", url_path="reward-model"),
+    ]
+)
 sidebar(default_run=cli.run)
 nav.run()

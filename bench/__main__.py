@@ -53,8 +53,10 @@ def dashboard(args) -> int:
         t = time.perf_counter()
         store = d.build_synthetic_store(Path(tmp) / "synthetic", n_features=args.features)
         size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
-        print(f"\n## Synthetic store: {args.features:,} features × 20 examples × 64 tokens, built in "
-              f"{time.perf_counter() - t:.1f} s, {size / 1e6:.0f} MB")
+        print(
+            f"\n## Synthetic store: {args.features:,} features × 20 examples × 64 tokens, built in "
+            f"{time.perf_counter() - t:.1f} s, {size / 1e6:.0f} MB"
+        )
         q = d.query_latency(store, args.queries)
         for name, v in q.items():
             print(f"{name:14s} p50 {v['p50_ms']:6.1f} ms  p95 {v['p95_ms']:6.1f} ms  (n {v['n']})")
@@ -80,17 +82,21 @@ def live(args) -> int:
     times = []
     ticks = cpu_ticks()
     for i in range(args.warmup + args.repeats):
-        feats = {layer: sorted(rng.choice(eng.d_sae(layer), size=args.features // len(layers), replace=False).tolist())
-                 for layer in layers}
+        feats = {
+            layer: sorted(rng.choice(eng.d_sae(layer), size=args.features // len(layers), replace=False).tolist())
+            for layer in layers
+        }
         t = time.perf_counter()
         eng.run(text, feats, n=8, new_tokens=20, seed=i)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     ms = np.array(times) * 1000
-    print(f"live ablation ({len(eng.encode(text, 20)[0])} tokens incl. BOS, 8 × 20 sampled tokens with and without "
-          f"{args.features} features zeroed): p50 {np.median(ms):.0f} ms  p95 {np.percentile(ms, 95):.0f} ms  "
-          f"max {ms.max():.0f} ms  (n {len(ms)} after {args.warmup} warm-up; CPU steal during the run "
-          f"{_steal_since(ticks)})")
+    print(
+        f"live ablation ({len(eng.encode(text, 20)[0])} tokens incl. BOS, 8 × 20 sampled tokens with and without "
+        f"{args.features} features zeroed): p50 {np.median(ms):.0f} ms  p95 {np.percentile(ms, 95):.0f} ms  "
+        f"max {ms.max():.0f} ms  (n {len(ms)} after {args.warmup} warm-up; CPU steal during the run "
+        f"{_steal_since(ticks)})"
+    )
     print("per call ms: " + " ".join(f"{x:.0f}" for x in ms))
     return 0
 
@@ -102,18 +108,24 @@ def throughput(args) -> int:
     ticks = cpu_ticks()
     m = measure(Path(args.run), args.docs, args.repeats)
     f = m["forward_tps"]
-    print(f"corpus: first {m['docs']} documents of the run's activation corpus, {m['tokens']:,} tokens "
-          f"({m['rows']:,} harvested rows), layers {m['layers']}; medians of {args.repeats}")
+    print(
+        f"corpus: first {m['docs']} documents of the run's activation corpus, {m['tokens']:,} tokens "
+        f"({m['rows']:,} harvested rows), layers {m['layers']}; medians of {args.repeats}"
+    )
     print(f"bare forward pass      {f:10,.0f} tokens/s  1.00")
     print(f"harvest ({len(m['layers'])} layers)      {m['harvest_tps']:10,.0f} tokens/s  {m['harvest_tps'] / f:.2f}")
     print(f"SAE training (1 SAE)   {m['sae_tps']:10,.0f} tokens/s  {m['sae_tps'] / f:.2f}")
-    print(f"harvest + {len(m['layers'])} SAEs        {m['harvest_plus_sae_tps']:10,.0f} tokens/s  "
-          f"{m['harvest_plus_sae_tps'] / f:.2f}  (target >= 0.70)")
+    print(
+        f"harvest + {len(m['layers'])} SAEs        {m['harvest_plus_sae_tps']:10,.0f} tokens/s  "
+        f"{m['harvest_plus_sae_tps'] / f:.2f}  (target >= 0.70)"
+    )
     print(f"CPU steal during the run {_steal_since(ticks)}")
     return 0
 
 
-_STAGE_LINE = re.compile(r"stage (\S+)\s+done in ([0-9.]+)s \(CPU ([0-9.]+)s, peak RSS ([0-9.]+) GiB(?: \(sampled\))?(?:, CPU steal (\d+)%)?\)")
+_STAGE_LINE = re.compile(
+    r"stage (\S+)\s+done in ([0-9.]+)s \(CPU ([0-9.]+)s, peak RSS ([0-9.]+) GiB(?: \(sampled\))?(?:, CPU steal (\d+)%)?\)"
+)
 
 
 def stages(args) -> int:
@@ -142,8 +154,10 @@ def stages(args) -> int:
     print(f"{'stage':14s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GiB':>13s} {'steal':>6s}")
     for name, w, c, rss, st in rows:
         print(f"{name:14s} {float(w):8.1f} {float(c):8.1f} {float(rss):13.2f} {(st or '?') + '%':>6s}")
-    print(f"{'total':14s} {wall:8.1f} {sum(float(r[2]) for r in rows):8.1f} {peak:13.2f} {_steal_since(ticks):>6s}"
-          f"   (wall incl. start-up; peak RSS: the largest stage's)")
+    print(
+        f"{'total':14s} {wall:8.1f} {sum(float(r[2]) for r in rows):8.1f} {peak:13.2f} {_steal_since(ticks):>6s}"
+        f"   (wall incl. start-up; peak RSS: the largest stage's)"
+    )
     print(f"targets (demo preset): total <= 600 s, peak RSS <= 4 GiB; log: {log_path}")
     if proc.returncode != 0:
         print(f"precompute failed (exit {proc.returncode}); see {log_path}", file=sys.stderr)
@@ -159,18 +173,32 @@ def scaling(args) -> int:
     print(f"machine: {_machine()}")
     ticks = cpu_ticks()
     rows = measure(Path(args.run), [int(x) for x in args.multiples.split(",")], args.base_docs)
-    print(f"{'corpus':>6s} {'docs':>6s} {'tokens':>9s} {'harvest s':>10s} {'SAEs s':>8s} {'features s':>11s} "
-          f"{'(CPU s)':>18s} {'harvest MB':>11s} {'DuckDB MB':>10s}")
+    print(
+        f"{'corpus':>6s} {'docs':>6s} {'tokens':>9s} {'harvest s':>10s} {'SAEs s':>8s} {'features s':>11s} "
+        f"{'(CPU s)':>18s} {'harvest MB':>11s} {'DuckDB MB':>10s}"
+    )
     for r in rows:
-        print(f"{r['multiple']:>5d}x {r['docs']:6d} {r['tokens']:9,d} {r['harvest_s']:10.1f} {r['sae_s']:8.1f} "
-              f"{r['features_s']:11.1f} {r['harvest_cpu_s']:6.1f}/{r['sae_cpu_s']:5.1f}/{r['features_cpu_s']:5.1f} "
-              f"{r['harvest_bytes'] / 1e6:11.1f} {r['db_bytes'] / 1e6:10.1f}")
+        print(
+            f"{r['multiple']:>5d}x {r['docs']:6d} {r['tokens']:9,d} {r['harvest_s']:10.1f} {r['sae_s']:8.1f} "
+            f"{r['features_s']:11.1f} {r['harvest_cpu_s']:6.1f}/{r['sae_cpu_s']:5.1f}/{r['features_cpu_s']:5.1f} "
+            f"{r['harvest_bytes'] / 1e6:11.1f} {r['db_bytes'] / 1e6:10.1f}"
+        )
     if len(rows) >= 2:
         x = [r["tokens"] for r in rows]
-        print("growth exponent against tokens (1.0 = linear): " + ", ".join(
-            f"{k} {exponent(x, [r[key] for r in rows]):.2f}" for k, key in
-            (("harvest", "harvest_cpu_s"), ("SAEs", "sae_cpu_s"), ("features", "features_cpu_s"),
-             ("harvest MB", "harvest_bytes"), ("DuckDB MB", "db_bytes"))) + "  (times: CPU seconds)")
+        print(
+            "growth exponent against tokens (1.0 = linear): "
+            + ", ".join(
+                f"{k} {exponent(x, [r[key] for r in rows]):.2f}"
+                for k, key in (
+                    ("harvest", "harvest_cpu_s"),
+                    ("SAEs", "sae_cpu_s"),
+                    ("features", "features_cpu_s"),
+                    ("harvest MB", "harvest_bytes"),
+                    ("DuckDB MB", "db_bytes"),
+                )
+            )
+            + "  (times: CPU seconds)"
+        )
     print(f"CPU steal during the run {_steal_since(ticks)}")
     return 0
 
@@ -207,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("scaling", help="harvest + SAE time and store size at 1x-4x corpus")
     sc.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
     sc.add_argument("--multiples", default="1,2,3,4")
-    sc.add_argument("--base-docs", type=int, default=None, help="documents at 1x (default: the corpus / largest multiple)")
+    sc.add_argument(
+        "--base-docs", type=int, default=None, help="documents at 1x (default: the corpus / largest multiple)"
+    )
     ct = sub.add_parser("contention", help="GRPO step and harvest time idle vs beside busy processes, policy on/off")
     from bench.contention import add_arguments
 
@@ -225,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         return live(args)
     if args.what == "dashboard":
         if not (Path(args.run) / "run.duckdb").exists():
-            print(f"no run at {args.run}: compute it with ./lfp demo (or python -m lfp_core.precompute --preset demo "
-                  f"--out {args.run})", file=sys.stderr)
+            print(
+                f"no run at {args.run}: compute it with ./lfp demo (or python -m lfp_core.precompute --preset demo "
+                f"--out {args.run})",
+                file=sys.stderr,
+            )
             return 2
         return dashboard(args)
     return 2

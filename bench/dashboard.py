@@ -17,8 +17,17 @@ from lfp_core.config import REPO_ROOT
 from lfp_core.store import RunReader, RunWriter
 from lfp_core.store.testing import fill_synthetic_features
 
-PAGES = ["views/overview.py", "views/layers.py", "views/browser.py", "views/feature.py", "views/token_scores.py",
-         "views/separation.py", "views/labels.py", "views/ablation_lab.py", "views/reward_model.py"]
+PAGES = [
+    "views/overview.py",
+    "views/layers.py",
+    "views/browser.py",
+    "views/feature.py",
+    "views/token_scores.py",
+    "views/separation.py",
+    "views/labels.py",
+    "views/ablation_lab.py",
+    "views/reward_model.py",
+]
 
 
 def page_render_times(run_dir: Path, repeats: int = 5) -> list[dict]:
@@ -41,13 +50,20 @@ def page_render_times(run_dir: Path, repeats: int = 5) -> list[dict]:
             t = time.perf_counter()
             at.run()
             warm.append(time.perf_counter() - t)
-        out.append({"page": page, "first_ms": cold * 1e3, "median_ms": statistics.median(warm) * 1e3,
-                    "max_ms": max(warm) * 1e3})
+        out.append(
+            {
+                "page": page,
+                "first_ms": cold * 1e3,
+                "median_ms": statistics.median(warm) * 1e3,
+                "max_ms": max(warm) * 1e3,
+            }
+        )
     return out
 
 
-def build_synthetic_store(run_dir: Path, n_features: int = 50_000, n_examples: int = 20, n_tokens: int = 64,
-                          n_layers: int = 2, seed: int = 0) -> Path:
+def build_synthetic_store(
+    run_dir: Path, n_features: int = 50_000, n_examples: int = 20, n_tokens: int = 64, n_layers: int = 2, seed: int = 0
+) -> Path:
     """A run store with ``n_features`` features (split over ``n_layers`` layers of the tuned model),
     each with ``n_examples`` top examples of ``n_tokens`` tokens, probe weights and labels.
 
@@ -89,8 +105,13 @@ def query_latency(run_dir: Path, repeats: int = 50, seed: int = 0) -> dict:
             r.feature_examples(row.role, int(row.layer), fid, "interval")
             page.append(time.perf_counter() - t)
             t = time.perf_counter()
-            (kept or RunReader(run_dir)).feature_table(search=searches[i % len(searches)], sort=sorts[i % len(sorts)],
-                                                       descending=bool(i % 2), limit=100, offset=100 * (i % 3))
+            (kept or RunReader(run_dir)).feature_table(
+                search=searches[i % len(searches)],
+                sort=sorts[i % len(sorts)],
+                descending=bool(i % 2),
+                limit=100,
+                offset=100 * (i % 3),
+            )
             browse.append(time.perf_counter() - t)
         if kept is not None:
             kept.close()

@@ -56,8 +56,9 @@ def measure(run: Path, multiples: list[int], base_docs: int | None = None) -> li
         try:
             root = tmp / "run" / "artifacts" / "activations"
             idx = activations.write_index(root, docs, special)
-            info, h_wall, h_cpu = _timed(activations.harvest_role, hooked, docs, layers, root, "tuned", eng.bos,
-                                         special)
+            info, h_wall, h_cpu = _timed(
+                activations.harvest_role, hooked, docs, layers, root, "tuned", eng.bos, special
+            )
             train = np.nonzero(~idx["is_eval"])[0]
             s_wall = s_cpu = f_wall = f_cpu = 0.0
             tables = []
@@ -70,23 +71,58 @@ def measure(run: Path, multiples: list[int], base_docs: int | None = None) -> li
                 doc_tokens = {d.doc_id: d.token_ids for d in docs}
                 src_of = {d.doc_id: d.source for d in docs}
                 row_source = np.array([src_of[int(d)] for d in idx["doc_id"]], dtype=object)
-                tbl, w, c = _timed(features.feature_tables, sae, acts, idx, doc_tokens, row_source, hooked.W_U,
-                                   vocab.__getitem__, settings, "tuned", layer)
+                tbl, w, c = _timed(
+                    features.feature_tables,
+                    sae,
+                    acts,
+                    idx,
+                    doc_tokens,
+                    row_source,
+                    hooked.W_U,
+                    vocab.__getitem__,
+                    settings,
+                    "tuned",
+                    layer,
+                )
                 f_wall, f_cpu = f_wall + w, f_cpu + c
                 tables.append(tbl)
             writer = RunWriter(tmp / "run")
             with writer.transaction() as con:
-                put_rows(con, "act_docs", [{"doc_id": d.doc_id, "source": d.source, "split": d.split,
-                                            "n_tokens": len(d.token_ids), "token_ids": d.token_ids,
-                                            "text": tok.decode(d.token_ids)} for d in docs])
+                put_rows(
+                    con,
+                    "act_docs",
+                    [
+                        {
+                            "doc_id": d.doc_id,
+                            "source": d.source,
+                            "split": d.split,
+                            "n_tokens": len(d.token_ids),
+                            "token_ids": d.token_ids,
+                            "text": tok.decode(d.token_ids),
+                        }
+                        for d in docs
+                    ],
+                )
                 for feats, ex in tables:
                     put_rows(con, "features", feats)
                     put_rows(con, "feature_examples", ex)
-            out.append({"multiple": m, "docs": len(docs), "tokens": int(sum(len(d.token_ids) + len(eng.bos) for d in docs)),
-                        "rows": int(info["rows"]), "train_rows": int(len(train)),
-                        "harvest_s": h_wall, "harvest_cpu_s": h_cpu, "sae_s": s_wall, "sae_cpu_s": s_cpu,
-                        "features_s": f_wall, "features_cpu_s": f_cpu,
-                        "harvest_bytes": _dir_bytes(root), "db_bytes": (tmp / "run" / "run.duckdb").stat().st_size})
+            out.append(
+                {
+                    "multiple": m,
+                    "docs": len(docs),
+                    "tokens": int(sum(len(d.token_ids) + len(eng.bos) for d in docs)),
+                    "rows": int(info["rows"]),
+                    "train_rows": int(len(train)),
+                    "harvest_s": h_wall,
+                    "harvest_cpu_s": h_cpu,
+                    "sae_s": s_wall,
+                    "sae_cpu_s": s_cpu,
+                    "features_s": f_wall,
+                    "features_cpu_s": f_cpu,
+                    "harvest_bytes": _dir_bytes(root),
+                    "db_bytes": (tmp / "run" / "run.duckdb").stat().st_size,
+                }
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out[1:]

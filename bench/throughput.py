@@ -20,7 +20,9 @@ def _docs(run: Path, n_docs: int):
     from lfp_core.store import RunReader
 
     df = RunReader(run).corpus_docs(limit=n_docs)
-    return [Doc(int(d), s, sp, [int(t) for t in ids]) for d, s, sp, ids in zip(df.doc_id, df.source, df.split, df.token_ids)]
+    return [
+        Doc(int(d), s, sp, [int(t) for t in ids]) for d, s, sp, ids in zip(df.doc_id, df.source, df.split, df.token_ids)
+    ]
 
 
 def run_sae_spec(run: Path, d_model: int, n_rows: int):
@@ -82,5 +84,13 @@ def measure(run: Path, n_docs: int, repeats: int) -> dict:
     f, h, s = float(np.median(fwd)), float(np.median(harv)), float(np.median(sae_tps))
     # harvest + one SAE per layer over the same tokens, as the precompute does per model
     combined = 1.0 / (1.0 / h + len(layers) / s)
-    return {"docs": len(docs), "tokens": n_tok, "rows": int(n_rows), "layers": layers, "forward_tps": f,
-            "harvest_tps": h, "sae_tps": s, "harvest_plus_sae_tps": combined}
+    return {
+        "docs": len(docs),
+        "tokens": n_tok,
+        "rows": int(n_rows),
+        "layers": layers,
+        "forward_tps": f,
+        "harvest_tps": h,
+        "sae_tps": s,
+        "harvest_plus_sae_tps": combined,
+    }

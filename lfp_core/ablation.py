@@ -45,12 +45,14 @@ def _zero_hook(ids: Sequence[int], mask: torch.Tensor | None = None):
         else:  # mask [batch, pos]: 1 where the features are zeroed
             acts[..., idx] = acts[..., idx] * (1.0 - mask[..., None].to(acts.dtype))
         return acts
+
     return hook
 
 
 @contextlib.contextmanager
-def ablated(model, saes: Mapping[int, object], features: Mapping[int, Sequence[int]],
-            mask: torch.Tensor | None = None) -> Iterator[None]:
+def ablated(
+    model, saes: Mapping[int, object], features: Mapping[int, Sequence[int]], mask: torch.Tensor | None = None
+) -> Iterator[None]:
     """Within the context, ``model`` (a HookedSAETransformer) runs with every SAE of ``saes`` spliced
     in (error term kept) and the ``features`` {layer: ids} zeroed — at every position, or where
     ``mask`` is 1: [batch, pos] for whole-sequence passes, or [batch, 1] (whole rows, any position,
@@ -62,8 +64,13 @@ def ablated(model, saes: Mapping[int, object], features: Mapping[int, Sequence[i
 
 
 @torch.no_grad()
-def run_with_ablation(model, saes: Mapping[int, object], features: Mapping[int, Sequence[int]],
-                      tokens: torch.Tensor, names: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+def run_with_ablation(
+    model,
+    saes: Mapping[int, object],
+    features: Mapping[int, Sequence[int]],
+    tokens: torch.Tensor,
+    names: Sequence[str] = (),
+) -> tuple[torch.Tensor, dict]:
     """Logits of ``model`` (a HookedSAETransformer) on ``tokens`` [batch, pos] with every SAE of ``saes``
     spliced in (error term kept) and the ``features`` {layer: ids} zeroed; plus the activations at
     ``names`` (e.g. ``blocks.2.hook_mlp_out.hook_sae_output``)."""
@@ -114,8 +121,14 @@ def _sample_with_uniforms(model, prompts: torch.Tensor, u: torch.Tensor, cache_c
 
 
 @torch.no_grad()
-def coupled_rows(model, saes: Mapping[int, object], features: Mapping[int, Sequence[int]], prompts: torch.Tensor,
-                 max_new_tokens: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+def coupled_rows(
+    model,
+    saes: Mapping[int, object],
+    features: Mapping[int, Sequence[int]],
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[list[list[int]], list[list[int]]]:
     """Clean and ablated completions of ``prompts`` in one batch: the first half of the rows runs
     with ``features`` kept, the second with them zeroed, each pair of rows drawing the same
     uniforms (what :func:`sample` with the same seed gives, at half the forward passes)."""
@@ -145,8 +158,18 @@ def paired_effect(before: np.ndarray, after: np.ndarray, level: float = 0.95) ->
 
     b, d = ci(before), ci(after - before)
     a = ci(after)
-    return {"n": n, "before": b[0], "before_lo": b[1], "before_hi": b[2], "after": a[0], "after_lo": a[1],
-            "after_hi": a[2], "diff": d[0], "diff_lo": d[1], "diff_hi": d[2]}
+    return {
+        "n": n,
+        "before": b[0],
+        "before_lo": b[1],
+        "before_hi": b[2],
+        "after": a[0],
+        "after_lo": a[1],
+        "after_hi": a[2],
+        "diff": d[0],
+        "diff_lo": d[1],
+        "diff_hi": d[2],
+    }
 
 
 def compare_with_controls(target: np.ndarray, controls: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -168,13 +191,23 @@ def compare_with_controls(target: np.ndarray, controls: np.ndarray, n_boot: int 
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(target), size=(n_boot, len(target)))
     gap = target[idx].mean(axis=1) - controls[:, idx].mean(axis=2).mean(axis=0)  # [n_boot]
-    return {"target_diff": t_mean, "random_diffs": [float(x) for x in c_means],
-            "random_diff_mean": float(c_means.mean()), "p_rank": float((1 + (c_means <= t_mean).sum()) / (1 + len(c_means))),
-            "p": float((1 + (gap >= 0).sum()) / (1 + n_boot)), "lower_than_all": bool((t_mean < c_means).all())}
+    return {
+        "target_diff": t_mean,
+        "random_diffs": [float(x) for x in c_means],
+        "random_diff_mean": float(c_means.mean()),
+        "p_rank": float((1 + (c_means <= t_mean).sum()) / (1 + len(c_means))),
+        "p": float((1 + (gap >= 0).sum()) / (1 + n_boot)),
+        "lower_than_all": bool((t_mean < c_means).all()),
+    }
 
 
-def random_sets(alive: Mapping[int, Sequence[int]], like: Mapping[int, Sequence[int]], n: int, seed: int,
-                exclude: Mapping[int, Sequence[int]] | None = None) -> list[dict[int, list[int]]]:
+def random_sets(
+    alive: Mapping[int, Sequence[int]],
+    like: Mapping[int, Sequence[int]],
+    n: int,
+    seed: int,
+    exclude: Mapping[int, Sequence[int]] | None = None,
+) -> list[dict[int, list[int]]]:
     """``n`` random feature sets with as many features per layer as ``like``, drawn from ``alive``
     (features that fire) minus ``exclude``."""
     rng = np.random.default_rng(seed)
@@ -184,7 +217,9 @@ def random_sets(alive: Mapping[int, Sequence[int]], like: Mapping[int, Sequence[
         for layer, ids in like.items():
             pool = sorted({int(i) for i in alive.get(layer, ())} - {int(i) for i in (exclude or {}).get(layer, ())})
             if len(pool) < len(ids):
-                raise ValueError(f"layer {layer} has {len(pool)} firing features outside the set; cannot draw {len(ids)}")
+                raise ValueError(
+                    f"layer {layer} has {len(pool)} firing features outside the set; cannot draw {len(ids)}"
+                )
             draw[layer] = sorted(int(x) for x in rng.choice(pool, size=len(ids), replace=False))
         out.append(draw)
     return out

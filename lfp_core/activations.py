@@ -79,8 +79,9 @@ class Harvest:
     def acts(self, role: str, layer: int) -> np.ndarray:
         p = self.path(role, layer)
         if not p.exists():
-            raise MissingInputError(f"no harvested activations for role {role!r} layer {layer} at {p}; "
-                                    "run the activations stage")
+            raise MissingInputError(
+                f"no harvested activations for role {role!r} layer {layer} at {p}; run the activations stage"
+            )
         return np.load(p, mmap_mode="r")
 
     def n_rows(self) -> int:
@@ -110,16 +111,30 @@ def write_index(root: Path, docs: list[Doc], special: set[int]) -> dict[str, np.
         pos.append(p.astype(np.int32))
         tok.append(np.asarray(d.token_ids, dtype=np.int32)[p])
         ev.append(np.full(len(p), d.split == "eval"))
-    idx = {"doc_id": np.concatenate(doc_id), "pos": np.concatenate(pos), "token_id": np.concatenate(tok),
-           "is_eval": np.concatenate(ev)}
+    idx = {
+        "doc_id": np.concatenate(doc_id),
+        "pos": np.concatenate(pos),
+        "token_id": np.concatenate(tok),
+        "is_eval": np.concatenate(ev),
+    }
     root.mkdir(parents=True, exist_ok=True)
     np.savez(root / "index.npz", allow_pickle=False, **idx)
     return idx
 
 
 @torch.no_grad()
-def harvest_role(hooked, docs: list[Doc], layers: list[int], out_dir: Path, role: str, bos: list[int],
-                 special: set[int], batch_size: int = 32, device: str = "cpu", hook_of=None) -> dict:
+def harvest_role(
+    hooked,
+    docs: list[Doc],
+    layers: list[int],
+    out_dir: Path,
+    role: str,
+    bos: list[int],
+    special: set[int],
+    batch_size: int = 32,
+    device: str = "cpu",
+    hook_of=None,
+) -> dict:
     """Run ``hooked`` over ``docs`` and write ``out_dir/role/L{layer}.npy`` for each layer.
 
     Written to a temporary folder and renamed at the end, so an interrupted harvest leaves nothing
@@ -134,8 +149,10 @@ def harvest_role(hooked, docs: list[Doc], layers: list[int], out_dir: Path, role
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     d_model = hooked.cfg.d_model
-    arrays = {layer: np.lib.format.open_memmap(tmp / f"L{layer}.npy", mode="w+", dtype=np.float16,
-                                               shape=(n_rows, d_model)) for layer in layers}
+    arrays = {
+        layer: np.lib.format.open_memmap(tmp / f"L{layer}.npy", mode="w+", dtype=np.float16, shape=(n_rows, d_model))
+        for layer in layers
+    }
     names = [(hook_of or hook_name)(layer) for layer in layers]
     row, batch_no, t0, n_tok = 0, 0, time.time(), 0
     for group in _groups(docs):
@@ -146,15 +163,17 @@ def harvest_role(hooked, docs: list[Doc], layers: list[int], out_dir: Path, role
             mask = np.stack([_mask(d.token_ids, special) for d in chunk])
             n = int(mask.sum())
             for layer, name in zip(layers, names):
-                a = cache[name][:, len(bos):].float().cpu().numpy()[mask]
+                a = cache[name][:, len(bos) :].float().cpu().numpy()[mask]
                 if not np.isfinite(a).all():
                     raise NonFiniteActivationError(
                         f"non-finite activations (NaN/inf) at layer {layer} ({name}), role {role}, harvest batch "
                         f"{batch_no} (documents {[d.doc_id for d in chunk][:8]}...): the model's weights or inputs "
-                        "are broken")
+                        "are broken"
+                    )
                 if np.abs(a).max(initial=0.0) > 6e4:
                     raise NonFiniteActivationError(
-                        f"activations beyond float16 range at layer {layer}, role {role}, batch {batch_no}")
+                        f"activations beyond float16 range at layer {layer}, role {role}, batch {batch_no}"
+                    )
                 arrays[layer][row : row + n] = a.astype(np.float16)
             row += n
             n_tok += toks.numel()
@@ -166,6 +185,12 @@ def harvest_role(hooked, docs: list[Doc], layers: list[int], out_dir: Path, role
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     secs = time.time() - t0
-    log.info("harvested %d rows x %d layers for %s in %.1fs (%.0f tokens/s)", row, len(layers), role, secs,
-             n_tok / max(secs, 1e-9))
+    log.info(
+        "harvested %d rows x %d layers for %s in %.1fs (%.0f tokens/s)",
+        row,
+        len(layers),
+        role,
+        secs,
+        n_tok / max(secs, 1e-9),
+    )
     return {"rows": row, "seconds": secs, "tokens_per_s": n_tok / max(secs, 1e-9)}

@@ -28,8 +28,16 @@ from lfp_core.ablation import _hook_point, ablated
 Scorer = Callable[[object, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def integrated_gradients(model, sae_map: Mapping[int, object], layer: int, toks: torch.Tensor, last: torch.Tensor,
-                         mask: torch.Tensor, scorer: Scorer, steps: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def integrated_gradients(
+    model,
+    sae_map: Mapping[int, object],
+    layer: int,
+    toks: torch.Tensor,
+    last: torch.Tensor,
+    mask: torch.Tensor,
+    scorer: Scorer,
+    steps: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
     """Estimated metric change [batch, d_sae] when each feature of ``layer`` is zeroed where ``mask``
     [batch, pos] is 1, and the clean metric [batch]. Every SAE of ``sae_map`` is spliced in (error
     term kept); only ``layer``'s features are scaled."""
@@ -48,8 +56,11 @@ def integrated_gradients(model, sae_map: Mapping[int, object], layer: int, toks:
             held["x"], held["clean"] = x, base
             return x
 
-        with torch.enable_grad(), model.saes(saes=list(sae_map.values()), use_error_term=True), \
-                model.hooks(fwd_hooks=[(_hook_point(sae_map[layer]), scale)]):
+        with (
+            torch.enable_grad(),
+            model.saes(saes=list(sae_map.values()), use_error_term=True),
+            model.hooks(fwd_hooks=[(_hook_point(sae_map[layer]), scale)]),
+        ):
             metric = scorer(model, toks, last, mask)
             (grad,) = torch.autograd.grad(metric.sum(), held["x"])
         total = grad if total is None else total + grad
@@ -62,8 +73,16 @@ def integrated_gradients(model, sae_map: Mapping[int, object], layer: int, toks:
 
 
 @torch.no_grad()
-def true_effects(model, sae_map: Mapping[int, object], layer: int, features: Sequence[int], toks: torch.Tensor,
-                 last: torch.Tensor, mask: torch.Tensor, scorer: Scorer) -> np.ndarray:
+def true_effects(
+    model,
+    sae_map: Mapping[int, object],
+    layer: int,
+    features: Sequence[int],
+    toks: torch.Tensor,
+    last: torch.Tensor,
+    mask: torch.Tensor,
+    scorer: Scorer,
+) -> np.ndarray:
     """Metric change [batch, len(features)] when each feature alone is zeroed where ``mask`` is 1
     (every SAE of ``sae_map`` spliced in with its error term)."""
     with ablated(model, sae_map, {}):
@@ -104,8 +123,17 @@ def masked_batches(seqs: list[list[int]], starts: list[int], batcher, batch_size
         yield toks, last, (pos >= st) & (pos <= last[:, None])
 
 
-def rank_and_verify(model, sae_map: Mapping[int, object], seqs: list[list[int]], starts: list[int], scorer: Scorer,
-                    batcher, steps: int, top_k: int, batch_size: int = 32) -> dict:
+def rank_and_verify(
+    model,
+    sae_map: Mapping[int, object],
+    seqs: list[list[int]],
+    starts: list[int],
+    scorer: Scorer,
+    batcher,
+    steps: int,
+    top_k: int,
+    batch_size: int = 32,
+) -> dict:
     """Attribute every feature of every layer of ``sae_map`` on ``seqs`` (masked from ``starts[i]``),
     rank features by mean |estimate| over texts, verify the top ``top_k`` by true ablation.
 
@@ -128,9 +156,16 @@ def rank_and_verify(model, sae_map: Mapping[int, object], seqs: list[list[int]],
             per_layer[layer].append(est)
         clean_parts.append(clean)
     per_text = {layer: np.concatenate(v) for layer, v in per_layer.items()}
-    rows: list[dict[str, Any]] = [{"layer": int(layer), "feature": int(f), "estimate": float(est[:, f].mean()),
-             "estimate_abs": float(np.abs(est[:, f]).mean())}
-            for layer, est in per_text.items() for f in range(est.shape[1])]
+    rows: list[dict[str, Any]] = [
+        {
+            "layer": int(layer),
+            "feature": int(f),
+            "estimate": float(est[:, f].mean()),
+            "estimate_abs": float(np.abs(est[:, f]).mean()),
+        }
+        for layer, est in per_text.items()
+        for f in range(est.shape[1])
+    ]
     rows.sort(key=lambda r: -r["estimate_abs"])
     for i, r in enumerate(rows):
         r["rank"] = i
@@ -144,8 +179,21 @@ def rank_and_verify(model, sae_map: Mapping[int, object], seqs: list[list[int]],
         for j, f in enumerate(feats):
             row = next(r for r in top if r["layer"] == layer and r["feature"] == f)
             row["true_effect"] = float(true[:, j].mean())
-            points += [{"layer": int(layer), "feature": int(f), "text_id": t, "estimate": float(per_text[layer][t, f]),
-                        "true_effect": float(true[t, j])} for t in range(len(seqs))]
-    return {"features": rows, "points": points, "per_text": per_text, "clean": np.concatenate(clean_parts),
-            "spearman_top": spearman([r["estimate"] for r in top], [r["true_effect"] for r in top]),
-            "spearman_points": spearman([p["estimate"] for p in points], [p["true_effect"] for p in points])}
+            points += [
+                {
+                    "layer": int(layer),
+                    "feature": int(f),
+                    "text_id": t,
+                    "estimate": float(per_text[layer][t, f]),
+                    "true_effect": float(true[t, j]),
+                }
+                for t in range(len(seqs))
+            ]
+    return {
+        "features": rows,
+        "points": points,
+        "per_text": per_text,
+        "clean": np.concatenate(clean_parts),
+        "spearman_top": spearman([r["estimate"] for r in top], [r["true_effect"] for r in top]),
+        "spearman_points": spearman([p["estimate"] for p in points], [p["true_effect"] for p in points]),
+    }

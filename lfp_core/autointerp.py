@@ -79,8 +79,11 @@ class LLMSettings:
     def from_env(cls, model: str | None = None, base_url: str | None = None, **kw) -> LLMSettings:
         if "LFP_LLM_BACKOFF" in os.environ:
             kw.setdefault("backoff", float(os.environ["LFP_LLM_BACKOFF"]))
-        return cls(model=model or os.environ.get("LFP_LLM_MODEL") or cls.model,
-                   base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None, **kw)
+        return cls(
+            model=model or os.environ.get("LFP_LLM_MODEL") or cls.model,
+            base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
+            **kw,
+        )
 
 
 def cache_key(model: str, messages: list[dict]) -> str:
@@ -106,10 +109,13 @@ class LLMClient:
 
         key = self.api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
-            raise LLMConfigError("--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
-                                 "(or use --labeller offline)")
-        self._client = openai.OpenAI(api_key=key, base_url=self.settings.base_url, timeout=self.settings.timeout,
-                                     max_retries=0)
+            raise LLMConfigError(
+                "--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
+                "(or use --labeller offline)"
+            )
+        self._client = openai.OpenAI(
+            api_key=key, base_url=self.settings.base_url, timeout=self.settings.timeout, max_retries=0
+        )
         self.api_key = None  # not kept on the object (repr, logs)
 
     def complete(self, system: str, user: str) -> str:
@@ -129,17 +135,21 @@ class LLMClient:
                 self.sleep(s.backoff * 2 ** (attempt - 1))
             self.n_requests += 1
             try:
-                r = self._client.chat.completions.create(model=s.model, messages=messages, max_tokens=s.max_tokens,
-                                                         temperature=0)
+                r = self._client.chat.completions.create(
+                    model=s.model, messages=messages, max_tokens=s.max_tokens, temperature=0
+                )
                 text = r.choices[0].message.content
                 if not isinstance(text, str):
                     raise ValueError("no message content in the response")
             except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-                raise LLMAuthError(f"{where} refused the API key (HTTP {exc.status_code}); check OPENAI_API_KEY") \
-                    from None
+                raise LLMAuthError(
+                    f"{where} refused the API key (HTTP {exc.status_code}); check OPENAI_API_KEY"
+                ) from None
             except openai.NotFoundError:
-                raise LLMNotFoundError(f"HTTP 404 from {where}: the model {s.model!r} or the URL does not exist "
-                                       "(check --llm-model and --llm-base-url)") from None
+                raise LLMNotFoundError(
+                    f"HTTP 404 from {where}: the model {s.model!r} or the URL does not exist "
+                    "(check --llm-model and --llm-base-url)"
+                ) from None
             except openai.RateLimitError:
                 last = "HTTP 429 (rate limited)"
             except openai.APITimeoutError:
@@ -158,11 +168,14 @@ class LLMClient:
                 self.cache.put(key, s.model, json.dumps(messages), text)
                 return text
             log.warning("LLM call failed (%s), attempt %d of %d", last, attempt + 1, s.max_retries + 1)
-        raise LLMUnavailableError(f"{where}: {last} after {s.max_retries + 1} attempts; re-run to resume (answers "
-                                  "already received are cached)")
+        raise LLMUnavailableError(
+            f"{where}: {last} after {s.max_retries + 1} attempts; re-run to resume (answers "
+            "already received are cached)"
+        )
 
 
 # --- prompts and parsing ---------------------------------------------------------------------------
+
 
 def render_example(tokens: list[str], acts: list[float], max_act: float, with_values: bool = False) -> str:
     """One excerpt with its active tokens between << and >> (optionally their 0–10 activations)."""
@@ -215,19 +228,37 @@ class Excerpt:
     acts: list[float]
 
 
-def llm_label(client: LLMClient, top: list[Excerpt], max_act: float, task: str, positives: list[Excerpt],
-              negatives: list[Excerpt], seed: int, with_values: bool = True) -> dict:
+def llm_label(
+    client: LLMClient,
+    top: list[Excerpt],
+    max_act: float,
+    task: str,
+    positives: list[Excerpt],
+    negatives: list[Excerpt],
+    seed: int,
+    with_values: bool = True,
+) -> dict:
     """Explain from the top excerpts, classify relevance to the task's reward, detection-score on held-out
     activating (``positives``) and non-activating excerpts. Unparseable answers are counted, not scored."""
     shown = "\n".join(f"{i + 1}. {render_example(e.tokens, e.acts, max_act, with_values)}" for i, e in enumerate(top))
     explanation = parse_answer(client.complete(prompts.EXPLAIN_SYSTEM, prompts.EXPLAIN_USER.format(examples=shown)))
-    out: dict[str, Any] = {"explanation": explanation, "relevant": None, "detection_acc": None, "detection_f1": None,
-           "detection_n": 0, "n_unparsed": 0}
+    out: dict[str, Any] = {
+        "explanation": explanation,
+        "relevant": None,
+        "detection_acc": None,
+        "detection_f1": None,
+        "detection_n": 0,
+        "n_unparsed": 0,
+    }
     if explanation is None:
         out["n_unparsed"] = 1
         return out
-    relevant = parse_binary(client.complete(prompts.RELEVANCE_SYSTEM, prompts.RELEVANCE_USER.format(
-        topic=prompts.TASK_TOPICS.get(task, task), explanation=explanation)))
+    relevant = parse_binary(
+        client.complete(
+            prompts.RELEVANCE_SYSTEM,
+            prompts.RELEVANCE_USER.format(topic=prompts.TASK_TOPICS.get(task, task), explanation=explanation),
+        )
+    )
     out["relevant"] = relevant
     out["n_unparsed"] += relevant is None
     mix = [(e, True) for e in positives] + [(e, False) for e in negatives]
@@ -235,8 +266,12 @@ def llm_label(client: LLMClient, top: list[Excerpt], max_act: float, task: str, 
         order = np.random.default_rng(seed).permutation(len(mix))
         mix = [mix[i] for i in order]
         excerpts = "\n".join(f"{i + 1}. {''.join(e.tokens).replace(chr(10), ' ')}" for i, (e, _) in enumerate(mix))
-        picked = parse_numbers(client.complete(prompts.DETECTION_SYSTEM, prompts.DETECTION_USER.format(
-            explanation=explanation, excerpts=excerpts)), len(mix))
+        picked = parse_numbers(
+            client.complete(
+                prompts.DETECTION_SYSTEM, prompts.DETECTION_USER.format(explanation=explanation, excerpts=excerpts)
+            ),
+            len(mix),
+        )
         if picked is None:
             out["n_unparsed"] += 1
         else:
@@ -245,8 +280,14 @@ def llm_label(client: LLMClient, top: list[Excerpt], max_act: float, task: str, 
     return out
 
 
-def offline_label(top: list[Excerpt], top_tokens: list[str], task: str, positives: list[Excerpt],
-                  negatives: list[Excerpt], lexicon: dict[str, float]) -> dict:
+def offline_label(
+    top: list[Excerpt],
+    top_tokens: list[str],
+    task: str,
+    positives: list[Excerpt],
+    negatives: list[Excerpt],
+    lexicon: dict[str, float],
+) -> dict:
     """The offline labeller (named as such in the store and UI). Explanation: the tokens the feature
     fires on most. Relevance (VADER task): Spearman correlation between the feature's activation and
     the |VADER valence| of each token's word over its example windows, relevant when ρ > 0.2 with
@@ -256,8 +297,14 @@ def offline_label(top: list[Excerpt], top_tokens: list[str], task: str, positive
 
     words = [t.strip() for t in top_tokens if t.strip()][:6]
     if not words:
-        return {"explanation": None, "relevant": None, "detection_acc": None, "detection_f1": None,
-                "detection_n": 0, "n_unparsed": 0}
+        return {
+            "explanation": None,
+            "relevant": None,
+            "detection_acc": None,
+            "detection_f1": None,
+            "detection_n": 0,
+            "n_unparsed": 0,
+        }
     explanation = "fires most on " + ", ".join(f"'{w}'" for w in words)
     relevant, rho = None, None
     if task == "vader":
@@ -268,13 +315,25 @@ def offline_label(top: list[Excerpt], top_tokens: list[str], task: str, positive
             relevant = bool(rho > 0.2 and p < 0.01)
     wanted = {w.lower() for w in words}
     mix = [(e, True) for e in positives] + [(e, False) for e in negatives]
-    s = scores([any(t.strip().lower() in wanted for t in e.tokens) for e, _ in mix], [t for _, t in mix]) \
-        if mix else {"acc": None, "f1": None, "n": 0}
-    return {"explanation": explanation, "relevant": relevant, "relevance_rho": None if rho is None else float(rho),
-            "detection_acc": s["acc"], "detection_f1": s["f1"], "detection_n": s["n"], "n_unparsed": 0}
+    s = (
+        scores([any(t.strip().lower() in wanted for t in e.tokens) for e, _ in mix], [t for _, t in mix])
+        if mix
+        else {"acc": None, "f1": None, "n": 0}
+    )
+    return {
+        "explanation": explanation,
+        "relevant": relevant,
+        "relevance_rho": None if rho is None else float(rho),
+        "detection_acc": s["acc"],
+        "detection_f1": s["f1"],
+        "detection_n": s["n"],
+        "n_unparsed": 0,
+    }
 
 
 def estimate(n_features: int, chars_per_feature: int, max_tokens: int, calls_per_feature: int = 3) -> dict:
     """Calls and tokens a run will use at most (prompt tokens ≈ characters / 4)."""
-    return {"calls": n_features * calls_per_feature,
-            "tokens": n_features * (chars_per_feature // 4 + calls_per_feature * max_tokens)}
+    return {
+        "calls": n_features * calls_per_feature,
+        "tokens": n_features * (chars_per_feature // 4 + calls_per_feature * max_tokens),
+    }

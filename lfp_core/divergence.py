@@ -38,7 +38,9 @@ def parameter_divergence(base_hf, tuned_hf) -> list[float]:
         if m is None:
             continue
         if name not in tuned or tuned[name].shape != p.shape:
-            raise BadInputError(f"tuned model has no parameter {name} of shape {tuple(p.shape)}: not the same base model")
+            raise BadInputError(
+                f"tuned model has no parameter {name} of shape {tuple(p.shape)}: not the same base model"
+            )
         layer = int(m.group(1))
         diff = (p.detach().float() - tuned[name].detach().float()).norm().item()
         out[layer] = out.get(layer, 0.0) + diff
@@ -46,8 +48,12 @@ def parameter_divergence(base_hf, tuned_hf) -> list[float]:
 
 
 @torch.no_grad()
-def activation_divergence(base_hooked, tuned_hooked, sequences: list[list[int]], batch_size: int = 32,
-                          ) -> tuple[list[float], list[float]]:
+def activation_divergence(
+    base_hooked,
+    tuned_hooked,
+    sequences: list[list[int]],
+    batch_size: int = 32,
+) -> tuple[list[float], list[float]]:
     """(mean 1 − cos, mean relative L2) of hook_mlp_out per layer over the tokens of ``sequences``.
 
     ``sequences`` start with BOS, which is excluded; sequences are grouped by length (no padding).

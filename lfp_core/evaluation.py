@@ -18,8 +18,11 @@ def reward_stats(values: np.ndarray) -> dict:
     """Mean, standard error and count of a reward sample."""
     v = np.asarray(values, dtype=float)
     n = len(v)
-    return {"mean": float(v.mean()) if n else float("nan"),
-            "se": float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"), "n": n}
+    return {
+        "mean": float(v.mean()) if n else float("nan"),
+        "se": float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+        "n": n,
+    }
 
 
 def paired_difference(base: np.ndarray, tuned: np.ndarray, level: float = 0.95) -> dict:
@@ -32,8 +35,15 @@ def paired_difference(base: np.ndarray, tuned: np.ndarray, level: float = 0.95) 
     se = float(d.std(ddof=1) / math.sqrt(n))
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * se)
     mean = float(d.mean())
-    return {"mean": mean, "se": se, "ci_low": mean - half, "ci_high": mean + half, "level": level,
-            "n_se": mean / se if se > 0 else float("inf"), "p_value": float(stats.ttest_1samp(d, 0.0).pvalue)}
+    return {
+        "mean": mean,
+        "se": se,
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "level": level,
+        "n_se": mean / se if se > 0 else float("inf"),
+        "p_value": float(stats.ttest_1samp(d, 0.0).pvalue),
+    }
 
 
 def words_of(text: str) -> list[str]:
@@ -61,22 +71,40 @@ def word_shifts(base_texts: list[str], tuned_texts: list[str], top: int = 15) ->
     b = Counter(w for t in base_texts for w in words_of(t))
     u = Counter(w for t in tuned_texts for w in words_of(t))
     lex = reward.lexicon()
-    df = pd.DataFrame([{"word": w, "base_count": b[w], "tuned_count": u[w], "delta": u[w] - b[w],
-                        "valence": lex.get(w, 0.0)} for w in set(b) | set(u)])
+    df = pd.DataFrame(
+        [
+            {"word": w, "base_count": b[w], "tuned_count": u[w], "delta": u[w] - b[w], "valence": lex.get(w, 0.0)}
+            for w in set(b) | set(u)
+        ]
+    )
     if df.empty:
         return df.assign(direction=[])
     parts = []
     for subset in (df, df[df.valence != 0]):
-        parts.append(subset[subset.delta > 0].sort_values(["delta", "word"], ascending=[False, True]).head(top)
-                     .assign(direction="raised"))
-        parts.append(subset[subset.delta < 0].sort_values(["delta", "word"], ascending=[True, True]).head(top)
-                     .assign(direction="lowered"))
+        parts.append(
+            subset[subset.delta > 0]
+            .sort_values(["delta", "word"], ascending=[False, True])
+            .head(top)
+            .assign(direction="raised")
+        )
+        parts.append(
+            subset[subset.delta < 0]
+            .sort_values(["delta", "word"], ascending=[True, True])
+            .head(top)
+            .assign(direction="lowered")
+        )
     return pd.concat(parts, ignore_index=True).drop_duplicates("word").reset_index(drop=True)
 
 
 @torch.no_grad()
-def per_token_kl(tuned_hf, base_hf, sequences: list[tuple[list[int], list[int]]], bos: list[int],
-                 device: str = "cpu", batch_size: int = 64) -> float:
+def per_token_kl(
+    tuned_hf,
+    base_hf,
+    sequences: list[tuple[list[int], list[int]]],
+    bos: list[int],
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> float:
     """Mean over completion tokens of the exact KL(tuned ‖ base) of the next-token distributions.
 
     Args:

@@ -55,10 +55,20 @@ class RowLookup:
 
 
 @torch.no_grad()
-def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_tokens: dict[int, list[int]],
-                   row_source: np.ndarray, W_U: torch.Tensor, token_str, s: FeatureSettings,
-                   role: str, layer: int, seed: int = 0,
-                   layout: TableLayout = TableLayout()) -> tuple[list[dict], list[dict]]:
+def feature_tables(
+    sae,
+    acts: np.ndarray,
+    index: dict[str, np.ndarray],
+    doc_tokens: dict[int, list[int]],
+    row_source: np.ndarray,
+    W_U: torch.Tensor,
+    token_str,
+    s: FeatureSettings,
+    role: str,
+    layer: int,
+    seed: int = 0,
+    layout: TableLayout = TableLayout(),
+) -> tuple[list[dict], list[dict]]:
     """Compute the ``features`` and ``feature_examples`` rows of one SAE.
 
     Args:
@@ -168,22 +178,31 @@ def feature_tables(sae, acts: np.ndarray, index: dict[str, np.ndarray], doc_toke
     feats = []
     for feat in range(d_sae):
         n_fired = float(count[feat])
-        feats.append({
-            "role": role, "layer": layer, "feature": feat,
-            "density": n_fired / n_rows, "n_fired": int(n_fired),
-            "mean_act": float(total[feat]) / n_fired if n_fired else 0.0, "max_act": float(vmax[feat]),
-            "hist_counts": hist[feat].tolist(), "top_tokens": top_tokens.get(feat, []),
-            "freq_base_text": float(sources["base_completion"][feat]) / n_src["base_completion"]
-            if n_src["base_completion"] else None,
-            "freq_tuned_text": float(sources["tuned_completion"][feat]) / n_src["tuned_completion"]
-            if n_src["tuned_completion"] else None,
-            "top_logit_tokens": [token_str(int(t)) for t in top_l.indices[feat]],
-            "top_logit_values": top_l.values[feat].tolist(),
-            "bottom_logit_tokens": [token_str(int(t)) for t in bot_l.indices[feat]],
-            "bottom_logit_values": (-bot_l.values[feat]).tolist(),
-            "neighbours": nb.indices[feat].tolist() if nb is not None else [],
-            "neighbour_cos": nb.values[feat].tolist() if nb is not None else [],
-        })
+        feats.append(
+            {
+                "role": role,
+                "layer": layer,
+                "feature": feat,
+                "density": n_fired / n_rows,
+                "n_fired": int(n_fired),
+                "mean_act": float(total[feat]) / n_fired if n_fired else 0.0,
+                "max_act": float(vmax[feat]),
+                "hist_counts": hist[feat].tolist(),
+                "top_tokens": top_tokens.get(feat, []),
+                "freq_base_text": float(sources["base_completion"][feat]) / n_src["base_completion"]
+                if n_src["base_completion"]
+                else None,
+                "freq_tuned_text": float(sources["tuned_completion"][feat]) / n_src["tuned_completion"]
+                if n_src["tuned_completion"]
+                else None,
+                "top_logit_tokens": [token_str(int(t)) for t in top_l.indices[feat]],
+                "top_logit_values": top_l.values[feat].tolist(),
+                "bottom_logit_tokens": [token_str(int(t)) for t in bot_l.indices[feat]],
+                "bottom_logit_values": (-bot_l.values[feat]).tolist(),
+                "neighbours": nb.indices[feat].tolist() if nb is not None else [],
+                "neighbour_cos": nb.values[feat].tolist() if nb is not None else [],
+            }
+        )
     return feats, ex_rows
 
 
@@ -216,16 +235,30 @@ def _contexts(sae, acts, index, doc_tokens, examples, window, token_str, role, l
         vals[ok[sel]] = f[torch.from_numpy(inv[sel] - start), torch.from_numpy(want_feat_a[ok[sel]])].numpy()
     out = []
     for feat, kind, rank, iv, d, p, v, lo, toks, off, n in spans:
-        out.append({"role": role, "layer": layer, "feature": feat, "kind": kind, "rank": rank, "interval": iv,
-                    "doc_id": d, "pos": p, "act": v, "center": p - lo,
-                    "tokens": [token_str(int(t)) for t in toks], "token_ids": [int(t) for t in toks],
-                    "acts": [round(float(x), 4) for x in vals[off : off + n]]})
+        out.append(
+            {
+                "role": role,
+                "layer": layer,
+                "feature": feat,
+                "kind": kind,
+                "rank": rank,
+                "interval": iv,
+                "doc_id": d,
+                "pos": p,
+                "act": v,
+                "center": p - lo,
+                "tokens": [token_str(int(t)) for t in toks],
+                "token_ids": [int(t) for t in toks],
+                "acts": [round(float(x), 4) for x in vals[off : off + n]],
+            }
+        )
     return out
 
 
 @torch.no_grad()
-def top_tokens_of(sae, acts: np.ndarray, rows: np.ndarray, token_ids: np.ndarray, features: list[int],
-                  token_str, n: int = 8) -> dict[int, list[str]]:
+def top_tokens_of(
+    sae, acts: np.ndarray, rows: np.ndarray, token_ids: np.ndarray, features: list[int], token_str, n: int = 8
+) -> dict[int, list[str]]:
     """The distinct tokens at which each of ``features`` fires most strongly over harvest ``rows`` (up
     to ``n`` per feature, strongest first); ``token_ids`` is the harvest index's token column."""
     from lfp_core.saes import encode_batches

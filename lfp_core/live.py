@@ -47,7 +47,9 @@ class LiveResult:
     reward_clean: list[float]
     reward_ablated: list[float]
     next_tokens: list[dict]  # token, p_clean, p_ablated, change; the union of both top-k, by |change|
-    activations: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (layer, feature) -> per prompt token
+    activations: dict[tuple[int, int], list[float]] = field(
+        default_factory=dict
+    )  # (layer, feature) -> per prompt token
 
     @property
     def mean_clean(self) -> float:
@@ -84,9 +86,12 @@ class LiveEngine:
         base = load_model(run_settings_of(info["config"]).model, device=device)
         policy = self.policy = load_policy(artifacts_dir(run_dir) / "policy", base)
         model = policy.hooked()
-        self._attach(model, policy.tokenizer,
-                     saes.main_saes(run_dir, r.saes("main"), "tuned", self.layers, model.cfg.d_model, device=device),
-                     device)
+        self._attach(
+            model,
+            policy.tokenizer,
+            saes.main_saes(run_dir, r.saes("main"), "tuned", self.layers, model.cfg.d_model, device=device),
+            device,
+        )
 
     def _attach(self, model, tokenizer, sae_of: dict, device: str) -> None:
         self.model = model
@@ -113,8 +118,10 @@ class LiveEngine:
             raise LiveInputError("the text is empty: type a prompt or pick one")
         total = sum(len(set(v)) for v in features.values())
         if total > MAX_FEATURES:
-            raise LiveInputError(f"{total} features selected; the live lab zeroes at most {MAX_FEATURES} at once "
-                                 "(the ablation stage handles larger sets)")
+            raise LiveInputError(
+                f"{total} features selected; the live lab zeroes at most {MAX_FEATURES} at once "
+                "(the ablation stage handles larger sets)"
+            )
         if not 1 <= n <= MAX_COMPLETIONS:
             raise LiveInputError(f"completions must be between 1 and {MAX_COMPLETIONS}, got {n}")
         if not 1 <= new_tokens <= MAX_NEW_TOKENS:
@@ -133,8 +140,15 @@ class LiveEngine:
         return self.bos + ids[dropped:], dropped
 
     @torch.no_grad()
-    def run(self, text: str, features: Mapping[int, Sequence[int]], n: int = 8, new_tokens: int = 20,
-            seed: int = 0, top_k: int = 10) -> LiveResult:
+    def run(
+        self,
+        text: str,
+        features: Mapping[int, Sequence[int]],
+        n: int = 8,
+        new_tokens: int = 20,
+        seed: int = 0,
+        top_k: int = 10,
+    ) -> LiveResult:
         """Completions and rewards with and without ``features`` ({layer: ids}) zeroed, the next-token
         change and the features' activations on the text."""
         feats = {int(k): sorted({int(i) for i in v}) for k, v in features.items() if len(v)}
@@ -142,8 +156,9 @@ class LiveEngine:
         with self._lock:  # the model is shared by every session: no other request's SAEs or hooks meanwhile
             return self._run(text, feats, n, new_tokens, seed, top_k)
 
-    def _run(self, text: str, features: dict[int, list[int]], n: int, new_tokens: int, seed: int,
-             top_k: int) -> LiveResult:
+    def _run(
+        self, text: str, features: dict[int, list[int]], n: int, new_tokens: int, seed: int, top_k: int
+    ) -> LiveResult:
         ids, dropped = self.encode(text, new_tokens)
         toks = torch.tensor([ids], dtype=torch.long, device=self.device)
         names = [f"{ablation._hook_point(self.saes[layer])}" for layer in features]
@@ -152,9 +167,18 @@ class LiveEngine:
         p0 = torch.softmax(clean_logits[0, -1], -1)
         p1 = torch.softmax(abl_logits[0, -1], -1)
         cand = torch.unique(torch.cat([p0.topk(top_k).indices, p1.topk(top_k).indices]))
-        next_tokens = sorted(({"token": self.tokenizer.decode([int(t)]), "p_clean": float(p0[t]),
-                               "p_ablated": float(p1[t]), "change": float(p1[t] - p0[t])} for t in cand),
-                             key=lambda d: -abs(d["change"]))
+        next_tokens = sorted(
+            (
+                {
+                    "token": self.tokenizer.decode([int(t)]),
+                    "p_clean": float(p0[t]),
+                    "p_ablated": float(p1[t]),
+                    "change": float(p1[t] - p0[t]),
+                }
+                for t in cand
+            ),
+            key=lambda d: -abs(d["change"]),
+        )
         acts = {}
         for layer, name in zip(features, names):
             a = cache[name][0]  # [pos, d_sae]
@@ -163,10 +187,16 @@ class LiveEngine:
         clean, abl = ablation.coupled_rows(self.model, self.saes, features, toks.repeat(n, 1), new_tokens, seed)
         dec = self.tokenizer.decode
         clean_t, abl_t = [dec(c) for c in clean], [dec(c) for c in abl]
-        return LiveResult(prompt_tokens=[dec([t]) for t in ids], truncated=dropped, clean=clean_t, ablated=abl_t,
-                          reward_clean=[reward.reward(t) for t in clean_t],
-                          reward_ablated=[reward.reward(t) for t in abl_t], next_tokens=next_tokens[: 2 * top_k],
-                          activations=acts)
+        return LiveResult(
+            prompt_tokens=[dec([t]) for t in ids],
+            truncated=dropped,
+            clean=clean_t,
+            ablated=abl_t,
+            reward_clean=[reward.reward(t) for t in clean_t],
+            reward_ablated=[reward.reward(t) for t in abl_t],
+            next_tokens=next_tokens[: 2 * top_k],
+            activations=acts,
+        )
 
 
 class PreferenceScorer:
@@ -186,9 +216,16 @@ class PreferenceScorer:
             raise RuntimeError("the run has no preference model SAEs yet: run the reward_model stage")
         base = load_model(run_settings_of(info["config"]).model, device=device)
         self.rm = RewardModel(artifacts_dir(self.run_dir) / "reward_model", base, device=device)
-        self.saes = saes.main_saes(self.run_dir, table, "rm", sorted(int(x) for x in table.layer),
-                                   self.rm.hooked.cfg.d_model, hook_of=lambda layer: f"blocks.{layer}.hook_resid_post",
-                                   device=device, kind="rm")
+        self.saes = saes.main_saes(
+            self.run_dir,
+            table,
+            "rm",
+            sorted(int(x) for x in table.layer),
+            self.rm.hooked.cfg.d_model,
+            hook_of=lambda layer: f"blocks.{layer}.hook_resid_post",
+            device=device,
+            kind="rm",
+        )
         self._lock = threading.Lock()  # one request at a time: scoring splices SAEs and hooks into the shared model
 
     @torch.no_grad()

@@ -52,10 +52,12 @@ def check_layout(writer: RunWriter, out: Path) -> None:
         return
     layout = RunConfig.layout_of(info["config"])
     if layout < LAYOUT and any(status == "done" for status, _ in (writer.stage_record(s.name) for s in STAGES)):
-        raise ConfigError(f"the run at {out} was made by an older version of LFP Explorer (settings layout {layout}); "
-                          f"its stage hashes cannot be checked against today's settings. The dashboard and the report "
-                          f"still read it. To recompute it, re-run the same command with --rebuild (the old "
-                          f"{DB_NAME} is moved aside, not deleted).")
+        raise ConfigError(
+            f"the run at {out} was made by an older version of LFP Explorer (settings layout {layout}); "
+            f"its stage hashes cannot be checked against today's settings. The dashboard and the report "
+            f"still read it. To recompute it, re-run the same command with --rebuild (the old "
+            f"{DB_NAME} is moved aside, not deleted)."
+        )
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> dict[str, str]:
@@ -141,28 +143,44 @@ def _move_aside(path: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lfp_core.precompute", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    ap.add_argument("--task", choices=typing.get_args(Task), default=None,
-                    help="vader (GRPO on the VADER reward) or hh (DPO)")
+    ap.add_argument(
+        "--task", choices=typing.get_args(Task), default=None, help="vader (GRPO on the VADER reward) or hh (DPO)"
+    )
     ap.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id")
     ap.add_argument("--out", required=True, type=Path, help="run directory (created if missing)")
-    ap.add_argument("--data-dir", default=None, help="public data sets folder (default: $LFP_DATA_DIR or ../shared/data)")
+    ap.add_argument(
+        "--data-dir", default=None, help="public data sets folder (default: $LFP_DATA_DIR or ../shared/data)"
+    )
     ap.add_argument("--device", default=None, help="cpu or cuda")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--n-prompts", type=int, default=None, help="RL (training) prompts")
     ap.add_argument("--n-eval-prompts", type=int, default=None, help="held-out evaluation prompts")
     ap.add_argument("--samples-per-prompt", type=int, default=None)
     ap.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generation batch")
-    ap.add_argument("--labeller", choices=("offline", "openai"), default=None,
-                    help="labels stage: the offline labeller (default) or an OpenAI-compatible endpoint "
-                         "(key from $OPENAI_API_KEY)")
+    ap.add_argument(
+        "--labeller",
+        choices=("offline", "openai"),
+        default=None,
+        help="labels stage: the offline labeller (default) or an OpenAI-compatible endpoint (key from $OPENAI_API_KEY)",
+    )
     ap.add_argument("--llm-model", default=None, help="model name for --labeller openai (default gpt-4o)")
-    ap.add_argument("--llm-base-url", default=None, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL or OpenAI)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override any setting by its dotted or flat name, e.g. --set rl.steps=300 --set rl_beta=0.2 "
-                         "(repeatable; lists comma-separated: --set sae_sweep_l1=0.5,2)")
+    ap.add_argument(
+        "--llm-base-url", default=None, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL or OpenAI)"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any setting by its dotted or flat name, e.g. --set rl.steps=300 --set rl_beta=0.2 "
+        "(repeatable; lists comma-separated: --set sae_sweep_l1=0.5,2)",
+    )
     ap.add_argument("--until", choices=sorted({s.name for s in STAGES}), default=None, help="stop after this stage")
-    ap.add_argument("--rebuild", action="store_true",
-                    help="move an existing run.duckdb aside (kept as run.duckdb.old-*) and start afresh")
+    ap.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="move an existing run.duckdb aside (kept as run.duckdb.old-*) and start afresh",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -176,10 +194,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     data_dir = args.data_dir or default_data_dir()
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise MissingInputError(f"--data-dir {args.data_dir} does not exist")
-    values = dict(model=args.model, task=args.task, device=args.device, seed=args.seed, n_prompts=args.n_prompts,
-                  n_eval_prompts=args.n_eval_prompts, samples_per_prompt=args.samples_per_prompt,
-                  gen_batch_size=args.gen_batch_size, labeller=args.labeller, llm_model=args.llm_model,
-                  llm_base_url=args.llm_base_url, data_dir=str(Path(data_dir).resolve()) if data_dir else None)
+    values = dict(
+        model=args.model,
+        task=args.task,
+        device=args.device,
+        seed=args.seed,
+        n_prompts=args.n_prompts,
+        n_eval_prompts=args.n_eval_prompts,
+        samples_per_prompt=args.samples_per_prompt,
+        gen_batch_size=args.gen_batch_size,
+        labeller=args.labeller,
+        llm_model=args.llm_model,
+        llm_base_url=args.llm_base_url,
+        data_dir=str(Path(data_dir).resolve()) if data_dir else None,
+    )
     try:
         values.update(parse_overrides(args.set))
         return preset_config(args.preset, **values)
@@ -189,8 +217,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out: Path = args.out
@@ -202,10 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError(f"--device {cfg.run.device} requested but torch sees no CUDA device; use --device cpu")
+                raise ConfigError(
+                    f"--device {cfg.run.device} requested but torch sees no CUDA device; use --device cpu"
+                )
         if cfg.labels.labeller == "openai" and not os.environ.get("OPENAI_API_KEY"):
-            raise ConfigError("--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
-                              "(nothing was computed); or use --labeller offline")
+            raise ConfigError(
+                "--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
+                "(nothing was computed); or use --labeller offline"
+            )
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))
             log.info("moved the old %s aside to %s", DB_NAME, moved)

@@ -48,8 +48,9 @@ class Positions:
     valence: np.ndarray
 
 
-def word_end_positions(tokenizer, docs: list[tuple[int, list[int]]], lexicon_only: bool = True
-                       ) -> list[tuple[int, int, str, float, bool]]:
+def word_end_positions(
+    tokenizer, docs: list[tuple[int, list[int]]], lexicon_only: bool = True
+) -> list[tuple[int, int, str, float, bool]]:
     """(doc_id, position, word, valence, in_lexicon) at the last token of every word of each document."""
     from lfp_core.reward import token_valences
 
@@ -78,8 +79,11 @@ def kendall(pred: np.ndarray, target: np.ndarray) -> dict:
 
 def tau_groups(pred: np.ndarray, valence: np.ndarray) -> dict:
     """τ for all, positive-only and negative-only words."""
-    return {"all": kendall(pred, valence), "pos": kendall(pred[valence > 0], valence[valence > 0]),
-            "neg": kendall(pred[valence < 0], valence[valence < 0])}
+    return {
+        "all": kendall(pred, valence),
+        "pos": kendall(pred[valence > 0], valence[valence > 0]),
+        "neg": kendall(pred[valence < 0], valence[valence < 0]),
+    }
 
 
 def rescale(pred: np.ndarray, lex_min: float, lex_max: float) -> np.ndarray:
@@ -153,8 +157,9 @@ def fit_ridge(X: np.ndarray, y: np.ndarray, alphas: np.ndarray = RIDGE_ALPHAS):
     return model
 
 
-def evaluate_split(X: np.ndarray, y: np.ndarray, words: np.ndarray, test: np.ndarray, lex_min: float,
-                   lex_max: float, seed: int) -> dict:
+def evaluate_split(
+    X: np.ndarray, y: np.ndarray, words: np.ndarray, test: np.ndarray, lex_min: float, lex_max: float, seed: int
+) -> dict:
     """Fit on ~test, evaluate per word on test: τ groups, sign accuracy, and the per-word table."""
     model = fit_ridge(X[~test], y[~test])
     pred = model.predict(X[test])
@@ -163,10 +168,13 @@ def evaluate_split(X: np.ndarray, y: np.ndarray, words: np.ndarray, test: np.nda
     scaled = rescale(pw, lex_min, lex_max)
     pos, neg = vw > 0, vw < 0
     return {
-        "model": model, "alpha": float(model[-1].alpha_), "tau": tau_groups(pw, vw),
+        "model": model,
+        "alpha": float(model[-1].alpha_),
+        "tau": tau_groups(pw, vw),
         "sign_acc_pos": float((scaled[pos] > 0).mean()) if pos.any() else float("nan"),
         "sign_acc_neg": float((scaled[neg] < 0).mean()) if neg.any() else float("nan"),
-        "n_train": int((~test).sum()), "n_test": int(test.sum()),
+        "n_train": int((~test).sum()),
+        "n_test": int(test.sum()),
         "words": {"word": uw, "valence": vw, "pred": pw, "pred_rescaled": scaled, "n_test": cnt},
         "test_pred": pred,
     }
@@ -192,8 +200,9 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, alpha: float, seed: int, folds: in
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return cross_val_predict(make_pipeline(StandardScaler(), Ridge(alpha=alpha)), X, y,
-                             cv=KFold(folds, shuffle=True, random_state=seed))
+    return cross_val_predict(
+        make_pipeline(StandardScaler(), Ridge(alpha=alpha)), X, y, cv=KFold(folds, shuffle=True, random_state=seed)
+    )
 
 
 def contributions(model, x: np.ndarray, top: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +225,11 @@ def correlation(a: np.ndarray, b: np.ndarray) -> dict:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return {"pearson": float("nan"), "spearman": float("nan"), "n": int(len(a))}
-    return {"pearson": float(stats.pearsonr(a, b).statistic), "spearman": float(stats.spearmanr(a, b).statistic),
-            "n": int(len(a))}
+    return {
+        "pearson": float(stats.pearsonr(a, b).statistic),
+        "spearman": float(stats.spearmanr(a, b).statistic),
+        "n": int(len(a)),
+    }
 
 
 def logistic_probe(X: np.ndarray, labels: np.ndarray, seed: int, test_frac: float = 0.3) -> dict:
@@ -237,8 +249,13 @@ def logistic_probe(X: np.ndarray, labels: np.ndarray, seed: int, test_frac: floa
     lo, hi = wilson_interval(acc, n)
     values, counts = np.unique(labels[~test], return_counts=True)
     majority = values[np.argmax(counts)]
-    return {"acc": acc, "ci_low": lo, "ci_high": hi, "n_test": n,
-            "majority_acc": float((labels[test] == majority).mean())}
+    return {
+        "acc": acc,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n_test": n,
+        "majority_acc": float((labels[test] == majority).mean()),
+    }
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -20,7 +20,9 @@ RELEVANCE_SYSTEM = (
     "You judge whether a feature of a language model is related to a given topic. Answer with a single digit: "
     "1 if the feature's description is related to the topic, 0 if it is not. Output nothing else."
 )
-RELEVANCE_USER = "Topic: {topic}\nFeature description: {explanation}\nIs the feature related to the topic? Answer 1 or 0."
+RELEVANCE_USER = (
+    "Topic: {topic}\nFeature description: {explanation}\nIs the feature related to the topic? Answer 1 or 0."
+)
 TASK_TOPICS = {
     "vader": "sentiment: words or phrases expressing positive or negative feeling or evaluation",
     "hh": "helpfulness or harmlessness of an assistant's reply: helping the user, refusing, or harmful content",

@@ -35,13 +35,27 @@ def oracle_pairs(groups: dict[int, list[tuple[list[int], float]]]) -> list[dict]
             if ra == rb:
                 continue
             (c, rc), (r, rr) = ((a, ra), (b, rb)) if ra > rb else ((b, rb), (a, ra))
-            out.append({"prompt_id": int(pid), "chosen_ids": list(c), "rejected_ids": list(r),
-                        "chosen_oracle": float(rc), "rejected_oracle": float(rr)})
+            out.append(
+                {
+                    "prompt_id": int(pid),
+                    "chosen_ids": list(c),
+                    "rejected_ids": list(r),
+                    "chosen_oracle": float(rc),
+                    "rejected_oracle": float(rr),
+                }
+            )
     return out
 
 
-def train_reward_model(base, pairs: list[dict], prompts: dict[int, list[int]], settings: RMSettings,
-                       out_dir: Path, seed: int = 0, device: str = "cpu") -> tuple[Path, list[dict]]:
+def train_reward_model(
+    base,
+    pairs: list[dict],
+    prompts: dict[int, list[int]],
+    settings: RMSettings,
+    out_dir: Path,
+    seed: int = 0,
+    device: str = "cpu",
+) -> tuple[Path, list[dict]]:
     """Fine-tune ``base`` (a LoadedModel) with a scalar head on ``pairs`` (see :func:`oracle_pairs`).
 
     Returns the model's directory (written via a temporary folder and a rename) and the training log.
@@ -51,25 +65,45 @@ def train_reward_model(base, pairs: list[dict], prompts: dict[int, list[int]], s
     from trl import RewardConfig, RewardTrainer
 
     if not pairs:
-        raise BadInputError("no preference pairs with differing rewards: sample more completions per prompt "
-                            "(--set rm_samples_per_prompt=...)")
+        raise BadInputError(
+            "no preference pairs with differing rewards: sample more completions per prompt "
+            "(--set rm_samples_per_prompt=...)"
+        )
     tok = base.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    data = Dataset.from_dict({
-        "chosen_ids": [bos + prompts[p["prompt_id"]] + p["chosen_ids"] for p in pairs],
-        "rejected_ids": [bos + prompts[p["prompt_id"]] + p["rejected_ids"] for p in pairs]})
+    data = Dataset.from_dict(
+        {
+            "chosen_ids": [bos + prompts[p["prompt_id"]] + p["chosen_ids"] for p in pairs],
+            "rejected_ids": [bos + prompts[p["prompt_id"]] + p["rejected_ids"] for p in pairs],
+        }
+    )
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base.spec.location, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = RewardConfig(output_dir=tmp, num_train_epochs=settings.epochs, learning_rate=settings.lr,
-                           per_device_train_batch_size=settings.batch_size, logging_steps=10, save_strategy="no",
-                           report_to=[], use_cpu=device == "cpu", seed=seed, data_seed=seed,
-                           disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=0, gradient_checkpointing=False)
+        cfg = RewardConfig(
+            output_dir=tmp,
+            num_train_epochs=settings.epochs,
+            learning_rate=settings.lr,
+            per_device_train_batch_size=settings.batch_size,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=device == "cpu",
+            seed=seed,
+            data_seed=seed,
+            disable_tqdm=True,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            gradient_checkpointing=False,
+        )
         trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
         trainer.train()
-    steps = [{"step": int(e["step"]), "loss": float(e["loss"]), "accuracy": float(e.get("accuracy", float("nan")))}
-             for e in trainer.state.log_history if "loss" in e]
+    steps = [
+        {"step": int(e["step"]), "loss": float(e["loss"]), "accuracy": float(e.get("accuracy", float("nan")))}
+        for e in trainer.state.log_history
+        if "loss" in e
+    ]
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)

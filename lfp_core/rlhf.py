@@ -76,13 +76,16 @@ def checked_rewards(texts: list[str]) -> list[float]:
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
     if not ckpt_dir.is_dir():
         return None
-    cks = sorted((p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
-                 key=lambda p: int(p.name.split("-")[1]))
+    cks = sorted(
+        (p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     return str(cks[-1]) if cks else None
 
 
-def train_policy(base, prompt_ids: list[list[int]], s: RLStageSettings, artifacts: Path,
-                 config_hash: str = "") -> tuple[Path, list[dict], list[dict]]:
+def train_policy(
+    base, prompt_ids: list[list[int]], s: RLStageSettings, artifacts: Path, config_hash: str = ""
+) -> tuple[Path, list[dict], list[dict]]:
     """Fine-tune a copy of ``base`` with GRPO against the VADER reward.
 
     Args:
@@ -118,7 +121,7 @@ def train_policy(base, prompt_ids: list[list[int]], s: RLStageSettings, artifact
         step = trainer.state.global_step if trainer is not None else 0
         if not samples or samples[-1]["step"] != step:
             for p, c, r in list(zip(prompts, completions, rewards))[:3]:
-                samples.append({"step": step, "prompt": p[len(bos):], "completion": c, "reward": r})
+                samples.append({"step": step, "prompt": p[len(bos) :], "completion": c, "reward": r})
         return rewards
 
     settings: RLSettings = s.rl
@@ -130,7 +133,6 @@ def train_policy(base, prompt_ids: list[list[int]], s: RLStageSettings, artifact
             assert trainer is not None  # callbacks run inside trainer.train()
             trainer.generation_config.max_new_tokens = rng.randint(lengths.min_new_tokens, lengths.max_new_tokens)
             trainer.generation_kwargs["max_new_tokens"] = trainer.generation_config.max_new_tokens
-
 
     cfg = GRPOConfig(
         output_dir=str(ckpt_dir),
@@ -161,17 +163,31 @@ def train_policy(base, prompt_ids: list[list[int]], s: RLStageSettings, artifact
     )
     policy = AutoModelForCausalLM.from_pretrained(base.spec.location, dtype=torch.float32)
     trainer = None
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward_fn, args=cfg, train_dataset=dataset,
-                          processing_class=tok, callbacks=[LengthAndLog()])
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=reward_fn,
+        args=cfg,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[LengthAndLog()],
+    )
     resume = _last_checkpoint(ckpt_dir)
     if resume:
         log.info("resuming RL from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     # The log history is restored from a checkpoint on resume, so the curve covers every step.
     nan = float("nan")
-    steps_log = [{"step": int(e["step"]), "reward": float(e["reward"]), "reward_std": float(e.get("reward_std", nan)),
-                  "kl": float(e.get("kl", nan)), "mean_length": float(e.get("completions/mean_length", nan))}
-                 for e in trainer.state.log_history if "reward" in e]
+    steps_log = [
+        {
+            "step": int(e["step"]),
+            "reward": float(e["reward"]),
+            "reward_std": float(e.get("reward_std", nan)),
+            "kl": float(e.get("kl", nan)),
+            "mean_length": float(e.get("completions/mean_length", nan)),
+        }
+        for e in trainer.state.log_history
+        if "reward" in e
+    ]
 
     _publish(trainer.model, tok, artifacts, ckpt_dir, final_dir)
     return final_dir, steps_log, samples
@@ -192,8 +208,9 @@ def load_policy(policy_dir: Path, base) -> LoadedModel:
     b, t = base.info(), tuned.info()
     for key in ("architecture", "n_layers", "d_model", "vocab_size", "n_params"):
         if b[key] != t[key]:
-            raise BadInputError(f"tuned policy at {policy_dir} is not a fine-tune of {b['name']}: "
-                                f"{key} {t[key]} vs base {b[key]}")
+            raise BadInputError(
+                f"tuned policy at {policy_dir} is not a fine-tune of {b['name']}: {key} {t[key]} vs base {b[key]}"
+            )
     if tuned.tokenizer.get_vocab() != base.tokenizer.get_vocab():
         raise BadInputError(f"tuned policy at {policy_dir} has a different tokenizer from the base model {b['name']}")
     return tuned
@@ -201,10 +218,11 @@ def load_policy(policy_dir: Path, base) -> LoadedModel:
 
 # --- DPO on preference pairs (the HH task) -------------------------------------------------------
 
+
 def truncate_pair(tok, pair: dict, s: DPOSettings) -> dict:
     """Keep the last ``max_prompt_length`` prompt tokens (the latest turns) and cut the responses so
     prompt + response fits ``max_length``; returns texts re-decoded from the kept tokens."""
-    p = tok(pair["prompt"], add_special_tokens=False)["input_ids"][-s.max_prompt_length:]
+    p = tok(pair["prompt"], add_special_tokens=False)["input_ids"][-s.max_prompt_length :]
     room = s.max_length - len(p)
     out = {"prompt": tok.decode(p)}
     for key in ("chosen", "rejected"):
@@ -212,8 +230,13 @@ def truncate_pair(tok, pair: dict, s: DPOSettings) -> dict:
     return out
 
 
-def train_dpo(base, pairs: list[dict], s: DPOStageSettings, artifacts: Path, config_hash: str = "",
-              ) -> tuple[Path, list[dict]]:
+def train_dpo(
+    base,
+    pairs: list[dict],
+    s: DPOStageSettings,
+    artifacts: Path,
+    config_hash: str = "",
+) -> tuple[Path, list[dict]]:
     """DPO-tune a copy of ``base`` on {prompt, chosen, rejected} pairs with trl's DPOTrainer.
 
     Resumes from ``artifacts/rlhf_checkpoints`` like :func:`train_policy`; the final policy is
@@ -232,12 +255,25 @@ def train_dpo(base, pairs: list[dict], s: DPOStageSettings, artifacts: Path, con
     data = Dataset.from_list([truncate_pair(tok, p, settings) for p in pairs])
     ckpt_dir, final_dir = _fresh_checkpoint_dir(artifacts, config_hash), artifacts / "policy"
     cfg = DPOConfig(
-        output_dir=str(ckpt_dir), learning_rate=settings.lr, beta=settings.beta, max_length=settings.max_length,
-        truncation_mode="keep_start", num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size, logging_steps=1, save_strategy="steps",
-        save_steps=settings.save_every, save_total_limit=1, report_to=[], use_cpu=device == "cpu",
-        seed=seed, data_seed=seed, disable_tqdm=True, lr_scheduler_type="constant",
-        gradient_checkpointing=False, dataset_num_proc=None,
+        output_dir=str(ckpt_dir),
+        learning_rate=settings.lr,
+        beta=settings.beta,
+        max_length=settings.max_length,
+        truncation_mode="keep_start",
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=settings.save_every,
+        save_total_limit=1,
+        report_to=[],
+        use_cpu=device == "cpu",
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        gradient_checkpointing=False,
+        dataset_num_proc=None,
     )
     policy = AutoModelForCausalLM.from_pretrained(base.spec.location, dtype=torch.float32)
     trainer = DPOTrainer(model=policy, args=cfg, train_dataset=data, processing_class=tok)
@@ -246,18 +282,29 @@ def train_dpo(base, pairs: list[dict], s: DPOStageSettings, artifacts: Path, con
         log.info("resuming DPO from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     nan = float("nan")
-    steps = [{"step": int(e["step"]), "reward": float(e.get("rewards/margins", nan)),
-              "reward_std": nan, "kl": nan, "mean_length": nan, "loss": float(e.get("loss", nan)),
-              "accuracy": float(e.get("rewards/accuracies", nan))}
-             for e in trainer.state.log_history if "loss" in e and "step" in e]
+    steps = [
+        {
+            "step": int(e["step"]),
+            "reward": float(e.get("rewards/margins", nan)),
+            "reward_std": nan,
+            "kl": nan,
+            "mean_length": nan,
+            "loss": float(e.get("loss", nan)),
+            "accuracy": float(e.get("rewards/accuracies", nan)),
+        }
+        for e in trainer.state.log_history
+        if "loss" in e and "step" in e
+    ]
     _publish(trainer.model, tok, artifacts, ckpt_dir, final_dir)
     return final_dir, steps
 
 
 @torch.no_grad()
-def implicit_rewards(policy_hf, ref_hf, tok, pairs: list[dict], settings: DPOSettings,
-                     batch_size: int = 16) -> tuple[list[float], list[float]]:
+def implicit_rewards(
+    policy_hf, ref_hf, tok, pairs: list[dict], settings: DPOSettings, batch_size: int = 16
+) -> tuple[list[float], list[float]]:
     """DPO implicit rewards β·(log π(y|x) − log π_ref(y|x)) of each pair's chosen and rejected response."""
+
     def seqs(key):
         out = []
         for pair in pairs:
@@ -277,8 +324,9 @@ def implicit_rewards(policy_hf, ref_hf, tok, pairs: list[dict], settings: DPOSet
             for r, (p, c) in enumerate(chunk):
                 ids[r, : len(p) + len(c)] = torch.tensor(p + c)
                 mask[r, : len(p) + len(c)] = 1
-            lp = torch.log_softmax(model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-                                   .logits.float(), -1).cpu()
+            lp = torch.log_softmax(
+                model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float(), -1
+            ).cpu()
             for r, (p, c) in enumerate(chunk):
                 pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)  # positions predicting the response
                 res.append(float(lp[r, pos, torch.tensor(c)].sum()) if c else 0.0)

@@ -120,8 +120,10 @@ class MFRTopKTrainingSAE(TopKTrainingSAE):
         self._peers: list = []  # a plain list: peers must not become submodules
 
     def get_coefficients(self):
-        return {**super().get_coefficients(),
-                "mfr": TrainCoefficientConfig(value=self.cfg.mfr_coefficient, warm_up_steps=self.cfg.mfr_warm_up_steps)}
+        return {
+            **super().get_coefficients(),
+            "mfr": TrainCoefficientConfig(value=self.cfg.mfr_coefficient, warm_up_steps=self.cfg.mfr_warm_up_steps),
+        }
 
     def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts, hidden_pre, sae_out):
         losses = super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
@@ -132,8 +134,10 @@ class MFRTopKTrainingSAE(TopKTrainingSAE):
 
 
 def _register() -> None:
-    for arch, cls, cfg_cls in (("tied", TiedTrainingSAE, TiedTrainingSAEConfig),
-                               ("mfr_topk", MFRTopKTrainingSAE, MFRTopKTrainingSAEConfig)):
+    for arch, cls, cfg_cls in (
+        ("tied", TiedTrainingSAE, TiedTrainingSAEConfig),
+        ("mfr_topk", MFRTopKTrainingSAE, MFRTopKTrainingSAEConfig),
+    ):
         if arch not in SAE_TRAINING_CLASS_REGISTRY:
             register_sae_training_class(arch, cls, cfg_cls)
 
@@ -203,7 +207,8 @@ class ActivationSource:
                 if not torch.isfinite(x).all():
                     raise NonFiniteActivationError(
                         f"non-finite activations (NaN/inf) in SAE training data at layer {self.layer}, "
-                        f"batch {self.batch_no} (rows {idx[:4].tolist()}...)")
+                        f"batch {self.batch_no} (rows {idx[:4].tolist()}...)"
+                    )
                 self.batch_no += 1
                 yield x
 
@@ -232,11 +237,29 @@ class SAESpec:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, s: SAESettings, d_model: int, seed: int, device: str, arch: str | None = None,
-                      expansion: int | None = None, **kw) -> SAESpec:
+    def from_settings(
+        cls,
+        s: SAESettings,
+        d_model: int,
+        seed: int,
+        device: str,
+        arch: str | None = None,
+        expansion: int | None = None,
+        **kw,
+    ) -> SAESpec:
         """The spec of an SAE of a run: ``s`` with an optional other architecture/expansion."""
-        return cls(arch=arch or s.arch, d_sae=(expansion or s.expansion) * d_model, k=s.k, l1=s.l1, lr=s.lr,
-                   train_tokens=s.train_tokens, batch_size=s.batch_size, seed=seed, device=device, **kw)
+        return cls(
+            arch=arch or s.arch,
+            d_sae=(expansion or s.expansion) * d_model,
+            k=s.k,
+            l1=s.l1,
+            lr=s.lr,
+            train_tokens=s.train_tokens,
+            batch_size=s.batch_size,
+            seed=seed,
+            device=device,
+            **kw,
+        )
 
     def describe(self) -> str:
         sparsity = f"k={self.k}" if self.arch == "topk" else f"l1={self.l1:g}"
@@ -251,9 +274,16 @@ def _training_cfg(spec: SAESpec, d_in: int, hook: str, model_name: str, arch: st
     arch = arch or spec.arch
     common = dict(d_in=d_in, d_sae=spec.d_sae, device=spec.device, normalize_activations="expected_average_only_in")
     if arch in ("topk", "mfr_topk"):
-        cfg = (TopKTrainingSAEConfig(k=spec.k, **common) if arch == "topk" else
-               MFRTopKTrainingSAEConfig(k=spec.k, mfr_coefficient=spec.mfr,
-                                        mfr_warm_up_steps=int(spec.mfr_warm_up_frac * _steps(spec)), **common))
+        cfg = (
+            TopKTrainingSAEConfig(k=spec.k, **common)
+            if arch == "topk"
+            else MFRTopKTrainingSAEConfig(
+                k=spec.k,
+                mfr_coefficient=spec.mfr,
+                mfr_warm_up_steps=int(spec.mfr_warm_up_frac * _steps(spec)),
+                **common,
+            )
+        )
     elif arch == "relu":
         cfg = StandardTrainingSAEConfig(l1_coefficient=spec.l1, l1_warm_up_steps=_steps(spec) // 10, **common)
     elif arch == "tied":
@@ -268,11 +298,17 @@ def _training_cfg(spec: SAESpec, d_in: int, hook: str, model_name: str, arch: st
 def _trainer_cfg(spec: SAESpec) -> SAETrainerConfig:
     steps = _steps(spec)
     return SAETrainerConfig(
-        total_training_samples=steps * spec.batch_size, train_batch_size_samples=spec.batch_size, lr=spec.lr,
-        lr_end=spec.lr / 10, lr_scheduler_name="cosineannealing" if steps >= 20 else "constant",
+        total_training_samples=steps * spec.batch_size,
+        train_batch_size_samples=spec.batch_size,
+        lr=spec.lr,
+        lr_end=spec.lr / 10,
+        lr_scheduler_name="cosineannealing" if steps >= 20 else "constant",
         lr_warm_up_steps=steps // 20,
-        device=spec.device, dead_feature_window=max(10, steps // 10), feature_sampling_window=max(10, steps // 5),
-        n_batches_for_norm_estimate=min(20, max(1, steps)), logger=LoggingConfig(log_to_wandb=False),
+        device=spec.device,
+        dead_feature_window=max(10, steps // 10),
+        feature_sampling_window=max(10, steps // 5),
+        n_batches_for_norm_estimate=min(20, max(1, steps)),
+        logger=LoggingConfig(log_to_wandb=False),
     )
 
 
@@ -282,7 +318,8 @@ def _check_budget(spec: SAESpec, source: ActivationSource) -> None:
     if spec.train_tokens > len(source):
         raise CorpusTooSmallError(
             f"requested {spec.train_tokens:,} SAE training tokens but the corpus has only {len(source):,} training "
-            f"tokens at layer {source.layer}; lower sae_train_tokens or enlarge the corpus (sae_corpus_docs)")
+            f"tokens at layer {source.layer}; lower sae_train_tokens or enlarge the corpus (sae_corpus_docs)"
+        )
 
 
 def _to_inference(training_sae) -> SAE:
@@ -321,8 +358,9 @@ def train_sae(spec: SAESpec, source: ActivationSource, hook: str, model_name: st
     return _to_inference(trained), {"seconds": secs, "tokens_per_s": spec.train_tokens / max(secs, 1e-9)}
 
 
-def train_mfr(spec: SAESpec, source: ActivationSource, hook: str, n: int = 2, model_name: str = ""
-              ) -> tuple[list[SAE], dict]:
+def train_mfr(
+    spec: SAESpec, source: ActivationSource, hook: str, n: int = 2, model_name: str = ""
+) -> tuple[list[SAE], dict]:
     """Train ``n`` TopK SAEs jointly with Mutual Feature Regularization (sae-lens MultiSAETrainer)."""
     _check_budget(spec, source)
     saes = []
@@ -373,8 +411,10 @@ def load_sae(path: str | Path, d_in: int | None = None, hook: str | None = None,
     cfg = json.loads(cfg_file.read_text())
     their_hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if d_in is not None and int(cfg["d_in"]) != int(d_in):
-        raise SAEMismatchError(f"SAE at {path} reads d_in={cfg['d_in']} but the model's {hook or 'hook'} has "
-                               f"width {d_in}: it was trained on another model")
+        raise SAEMismatchError(
+            f"SAE at {path} reads d_in={cfg['d_in']} but the model's {hook or 'hook'} has "
+            f"width {d_in}: it was trained on another model"
+        )
     if hook is not None and their_hook is not None and their_hook != hook:
         raise SAEMismatchError(f"SAE at {path} was trained on {their_hook}, not {hook}")
     with warnings.catch_warnings():
@@ -384,9 +424,16 @@ def load_sae(path: str | Path, d_in: int | None = None, hook: str | None = None,
     return sae
 
 
-def main_saes(run_dir: str | Path, table, role: str, layers: list[int], d_in: int,
-              hook_of=lambda layer: f"blocks.{layer}.hook_mlp_out", device: str = "cpu", kind: str = "main"
-              ) -> dict[int, SAE]:
+def main_saes(
+    run_dir: str | Path,
+    table,
+    role: str,
+    layers: list[int],
+    d_in: int,
+    hook_of=lambda layer: f"blocks.{layer}.hook_mlp_out",
+    device: str = "cpu",
+    kind: str = "main",
+) -> dict[int, SAE]:
     """``{layer: SAE}`` of ``role``'s main SAEs listed in ``table`` (the store's ``saes`` rows), each
     checked to read that layer's hook and to come from that model.
 
@@ -408,8 +455,9 @@ def main_saes(run_dir: str | Path, table, role: str, layers: list[int], d_in: in
 
 # --- metrics ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_batches(sae: SAE, acts: np.ndarray, rows: np.ndarray | None = None, batch_size: int = 8192
-                   ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+def encode_batches(
+    sae: SAE, acts: np.ndarray, rows: np.ndarray | None = None, batch_size: int = 8192
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Yield (row indices, x, feature activations) over ``rows`` (all rows when None), in order."""
     rows = np.arange(acts.shape[0]) if rows is None else np.asarray(rows)
     for start in range(0, len(rows), batch_size):
@@ -419,8 +467,9 @@ def encode_batches(sae: SAE, acts: np.ndarray, rows: np.ndarray | None = None, b
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, acts: np.ndarray, eval_rows: np.ndarray, all_rows: np.ndarray | None = None
-                           ) -> dict:
+def reconstruction_metrics(
+    sae: SAE, acts: np.ndarray, eval_rows: np.ndarray, all_rows: np.ndarray | None = None
+) -> dict:
     """MSE, FVU (per-dimension variance), L0, mean cos(x, x̂), mean ‖x̂‖/‖x‖ on ``eval_rows``;
     dead fraction (features that never fire) over ``all_rows`` (all harvested rows by default)."""
     d = acts.shape[1]
@@ -432,7 +481,7 @@ def reconstruction_metrics(sae: SAE, acts: np.ndarray, eval_rows: np.ndarray, al
         xh = sae.decode(f)
         x64 = x.double()
         s1 += x64.sum(0)
-        s2 += (x64 ** 2).sum(0)
+        s2 += (x64**2).sum(0)
         err += float(((x - xh).double() ** 2).sum())
         l0 += float((f > 0).sum())
         xn, xhn = x.norm(dim=-1), xh.norm(dim=-1)
@@ -441,14 +490,22 @@ def reconstruction_metrics(sae: SAE, acts: np.ndarray, eval_rows: np.ndarray, al
         n += x.shape[0]
     if n == 0:
         raise ValueError("no held-out activations to evaluate the SAE on")
-    total_var = float((s2 - s1 ** 2 / n).sum())  # Σ_rows ‖x − mean‖², mean per dimension
+    total_var = float((s2 - s1**2 / n).sum())  # Σ_rows ‖x − mean‖², mean per dimension
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     n_all = 0
     for _, _, f in encode_batches(sae, acts, all_rows):
         fired |= (f > 0).any(0).cpu()
         n_all += f.shape[0]
-    return {"mse": err / (n * d), "fvu": err / total_var, "l0": l0 / n, "cos_sim": cos / n, "l2_ratio": ratio / n,
-            "dead_frac": float((~fired).float().mean()), "dead_tokens": n_all, "n_eval_tokens": n}
+    return {
+        "mse": err / (n * d),
+        "fvu": err / total_var,
+        "l0": l0 / n,
+        "cos_sim": cos / n,
+        "l2_ratio": ratio / n,
+        "dead_frac": float((~fired).float().mean()),
+        "dead_tokens": n_all,
+        "n_eval_tokens": n,
+    }
 
 
 def _ce_batches(sequences: list[list[int]], batch_size: int, device) -> Iterator[torch.Tensor]:
@@ -491,8 +548,9 @@ def ce_baselines(hooked, layer: int, sequences: list[list[int]], batch_size: int
 
 
 @torch.no_grad()
-def ce_metrics(hooked, sae: SAE, layer: int, sequences: list[list[int]], batch_size: int = 32,
-               baseline: dict | None = None) -> dict:
+def ce_metrics(
+    hooked, sae: SAE, layer: int, sequences: list[list[int]], batch_size: int = 32, baseline: dict | None = None
+) -> dict:
     """Next-token cross-entropy on ``sequences`` (BOS + tokens): clean, with the SAE spliced in at
     ``blocks.L.hook_mlp_out`` (its reconstruction replaces the MLP output), and with the MLP
     output zero-ablated; loss recovered = (zero − spliced) / (zero − clean). ``baseline``: the
@@ -515,13 +573,31 @@ def decoder(sae: SAE) -> np.ndarray:
 
 
 def sae_record(sae: SAE, spec: SAESpec) -> dict:
-    return {"arch": spec.arch, "d_sae": int(sae.cfg.d_sae), "k": spec.k if spec.arch in ("topk", "mfr_topk") else None,
-            "l1_coefficient": spec.l1 if spec.arch in ("relu", "tied") else None}
+    return {
+        "arch": spec.arch,
+        "d_sae": int(sae.cfg.d_sae),
+        "k": spec.k if spec.arch in ("topk", "mfr_topk") else None,
+        "l1_coefficient": spec.l1 if spec.arch in ("relu", "tied") else None,
+    }
 
 
 def with_arch(spec: SAESpec, **kw) -> SAESpec:
     return replace(spec, **kw)
 
 
-__all__ = ["ARCHS", "ActivationSource", "CorpusTooSmallError", "SAEMismatchError", "SAESpec", "ce_baselines", "ce_metrics",
-           "decoder", "load_sae", "mmcs", "reconstruction_metrics", "save_sae", "train_mfr", "train_sae"]
+__all__ = [
+    "ARCHS",
+    "ActivationSource",
+    "CorpusTooSmallError",
+    "SAEMismatchError",
+    "SAESpec",
+    "ce_baselines",
+    "ce_metrics",
+    "decoder",
+    "load_sae",
+    "mmcs",
+    "reconstruction_metrics",
+    "save_sae",
+    "train_mfr",
+    "train_sae",
+]

@@ -19,8 +19,9 @@ def _bos(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, seed: int,
-                 allow_eos: bool = True) -> list[list[int]]:
+def sample_batch(
+    model, prompts: list[list[int]], max_new_tokens: int, seed: int, allow_eos: bool = True
+) -> list[list[int]]:
     """Sample ``max_new_tokens`` tokens after each prompt (all prompts the same length).
 
     Args:
@@ -52,13 +53,14 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, seed: int
         pad_token_id=tok.pad_token_id,
         suppress_tokens=None if allow_eos or tok.eos_token_id is None else [tok.eos_token_id],
     )
-    new = out[:, ids.shape[1]:].tolist()
+    new = out[:, ids.shape[1] :].tolist()
     eos = tok.eos_token_id
     return [row[: row.index(eos)] if eos is not None and eos in row else row for row in new]
 
 
-def sample_completions(model, prompts: list[list[int]], n_new: list[int], seed: int,
-                       batch_size: int = 64) -> list[tuple[list[int], int]]:
+def sample_completions(
+    model, prompts: list[list[int]], n_new: list[int], seed: int, batch_size: int = 64
+) -> list[tuple[list[int], int]]:
     """Sample one completion per prompt, of ``n_new[i]`` tokens (fewer if EOS comes first).
 
     Each batch samples the longest requested length and truncates the others, which gives each

@@ -58,8 +58,10 @@ def _check_choice(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if value not in allowed:
         group = _GROUP_OF_CLASS.get(type(obj).__name__, type(obj).__name__)
-        raise ConfigError(f"{group}.{name} ({flat_name(type(obj), name)}) must be one of "
-                          f"{', '.join(map(str, allowed))}; got {value!r}")
+        raise ConfigError(
+            f"{group}.{name} ({flat_name(type(obj), name)}) must be one of "
+            f"{', '.join(map(str, allowed))}; got {value!r}"
+        )
 
 
 # --- the groups ---------------------------------------------------------------------------------
@@ -103,7 +105,9 @@ class PromptSettings:
     def __post_init__(self) -> None:
         _check_positive(self, "n_train", "n_eval", "min_tokens")
         if self.min_tokens > self.max_tokens:
-            raise ConfigError(f"need prompts.min_tokens <= prompts.max_tokens, got {self.min_tokens} > {self.max_tokens}")
+            raise ConfigError(
+                f"need prompts.min_tokens <= prompts.max_tokens, got {self.min_tokens} > {self.max_tokens}"
+            )
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,9 @@ class CompletionSettings:
     def __post_init__(self) -> None:
         _check_positive(self, "min_new_tokens")
         if self.min_new_tokens > self.max_new_tokens:
-            raise ConfigError(f"need min_new_tokens <= max_new_tokens, got {self.min_new_tokens} > {self.max_new_tokens}")
+            raise ConfigError(
+                f"need min_new_tokens <= max_new_tokens, got {self.min_new_tokens} > {self.max_new_tokens}"
+            )
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,9 @@ class RLSettings:
         _check_positive(self, "steps", "lr", "prompts_per_step", "save_every")
         _check_positive(self, "beta", allow_zero=True)
         if self.generations < 2:
-            raise ConfigError(f"rl.generations (rl_generations) must be >= 2 (GRPO compares a group), got {self.generations}")
+            raise ConfigError(
+                f"rl.generations (rl_generations) must be >= 2 (GRPO compares a group), got {self.generations}"
+            )
 
 
 @dataclass(frozen=True)
@@ -187,8 +195,10 @@ class DPOSettings:
     def __post_init__(self) -> None:
         _check_positive(self, "beta", "lr", "epochs", "batch_size", "max_length", "max_prompt_length", "save_every")
         if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"dpo.max_prompt_length ({self.max_prompt_length}) must be < dpo.max_length "
-                              f"({self.max_length}): the response needs room")
+            raise ConfigError(
+                f"dpo.max_prompt_length ({self.max_prompt_length}) must be < dpo.max_length "
+                f"({self.max_length}): the response needs room"
+            )
 
 
 @dataclass(frozen=True)
@@ -250,8 +260,10 @@ class SAEVariant:
 
     def __post_init__(self) -> None:
         if self.arch not in get_args(SAEArch) or self.expansion < 1:
-            raise ConfigError(f"SAE variant {self.arch}-{self.expansion}x: expected ARCH-Nx with ARCH topk, relu or "
-                              "tied and N >= 1, e.g. relu-2x")
+            raise ConfigError(
+                f"SAE variant {self.arch}-{self.expansion}x: expected ARCH-Nx with ARCH topk, relu or "
+                "tied and N >= 1, e.g. relu-2x"
+            )
 
     @property
     def name(self) -> str:
@@ -261,7 +273,9 @@ class SAEVariant:
     def parse(cls, text: str) -> SAEVariant:
         arch, _, mult = text.strip().partition("-")
         if not mult.endswith("x") or not mult[:-1].isdigit() or arch not in get_args(SAEArch):
-            raise ConfigError(f"sae_variants item {text!r}: expected ARCH-Nx with ARCH topk, relu or tied, e.g. relu-2x")
+            raise ConfigError(
+                f"sae_variants item {text!r}: expected ARCH-Nx with ARCH topk, relu or tied, e.g. relu-2x"
+            )
         return cls(arch, int(mult[:-1]))  # type: ignore[arg-type]
 
 
@@ -273,7 +287,8 @@ class SAESuiteSettings:
     Regularization group on the first selected layer (members, 0 = off; penalty; warm-up share)."""
 
     variants: tuple[SAEVariant, ...] = field(
-        default=(SAEVariant("relu", 1), SAEVariant("relu", 2), SAEVariant("tied", 1)), metadata=_flat("sae_variants"))
+        default=(SAEVariant("relu", 1), SAEVariant("relu", 2), SAEVariant("tied", 1)), metadata=_flat("sae_variants")
+    )
     sweep_l1: tuple[float, ...] = field(default=(0.25, 0.5, 1.0, 2.0, 4.0), metadata=_flat("sae_sweep_l1"))
     ce_docs: int = field(default=128, metadata=_flat("sae_ce_docs"))
     mfr_n: int = 2
@@ -350,8 +365,10 @@ class AblationSettings:
     def __post_init__(self) -> None:
         _check_positive(self, "n", "prefix_tokens", "k")
         if self.random < 5:
-            raise ConfigError(f"ablation.random (ablation_random) must be >= 5 (random control sets per tested set), "
-                              f"got {self.random}")
+            raise ConfigError(
+                f"ablation.random (ablation_random) must be >= 5 (random control sets per tested set), "
+                f"got {self.random}"
+            )
 
 
 @dataclass(frozen=True)
@@ -369,8 +386,10 @@ class RMSettings:
     def __post_init__(self) -> None:
         _check_positive(self, "samples_per_prompt", "epochs", "lr", "batch_size")
         if self.samples_per_prompt < 2:
-            raise ConfigError("rm.samples_per_prompt (rm_samples_per_prompt) must be >= 2: pairs are made of "
-                              "completions of one prompt")
+            raise ConfigError(
+                "rm.samples_per_prompt (rm_samples_per_prompt) must be >= 2: pairs are made of "
+                "completions of one prompt"
+            )
         if self.layers != "auto" and (not isinstance(self.layers, tuple) or any(x < 0 for x in self.layers)):
             raise ConfigError(f"rm.layers (rm_layers) must be 'auto' or layer numbers >= 0, got {self.layers!r}")
 
@@ -522,8 +541,9 @@ def resolve_name(key: str) -> tuple[str, str]:
             return group, name
     elif k in FLAT_FIELDS:
         return FLAT_FIELDS[k]
-    raise ConfigError(f"unknown setting {key!r}; settings are GROUP.FIELD or the flat names: "
-                      f"{', '.join(sorted(FLAT_FIELDS))}")
+    raise ConfigError(
+        f"unknown setting {key!r}; settings are GROUP.FIELD or the flat names: {', '.join(sorted(FLAT_FIELDS))}"
+    )
 
 
 def describe_type(hint: Any) -> str:
@@ -640,11 +660,30 @@ def _from_plain(cls: type, raw: dict, label: str) -> Any:
 # --- presets ------------------------------------------------------------------------------------
 PRESETS: dict[str, dict[str, Any]] = {
     # quick: a smoke run of every stage, for tests and first contact (271 s on 2 cores: python -m bench stages --preset quick).
-    "quick": {"n_prompts": 64, "n_eval_prompts": 64, "samples_per_prompt": 1, "gen_batch_size": 32,
-              "rl_steps": 60, "n_pairs": 128, "n_eval_pairs": 64, "dpo_max_length": 128, "dpo_max_prompt_length": 64,
-              "sae_corpus_docs": 300, "sae_train_tokens": 30_000, "sae_batch_size": 256, "sae_lr": 3e-3,
-              "sae_sweep_l1": (0.5, 2.0), "sae_ce_docs": 32, "label_probe_top": 8, "label_random": 8, "ablation_n": 64,
-              "ablation_k": 8, "rm_samples_per_prompt": 4, "atp_pairs": 16, "atp_top_k": 10},
+    "quick": {
+        "n_prompts": 64,
+        "n_eval_prompts": 64,
+        "samples_per_prompt": 1,
+        "gen_batch_size": 32,
+        "rl_steps": 60,
+        "n_pairs": 128,
+        "n_eval_pairs": 64,
+        "dpo_max_length": 128,
+        "dpo_max_prompt_length": 64,
+        "sae_corpus_docs": 300,
+        "sae_train_tokens": 30_000,
+        "sae_batch_size": 256,
+        "sae_lr": 3e-3,
+        "sae_sweep_l1": (0.5, 2.0),
+        "sae_ce_docs": 32,
+        "label_probe_top": 8,
+        "label_random": 8,
+        "ablation_n": 64,
+        "ablation_k": 8,
+        "rm_samples_per_prompt": 4,
+        "atp_pairs": 16,
+        "atp_top_k": 10,
+    },
     # demo: the embedded demo run the quick start serves.
     "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64, "ablation_n": 512},
     # paper: the paper's scale (1,000 completions per evaluation); meant for a GPU.
@@ -787,4 +826,3 @@ def settings_hash(settings: Any, upstream: tuple[str, ...] = ()) -> str:
 def groups_of(stage_settings_cls: type) -> tuple[str, ...]:
     """The RunConfig groups a stage settings class holds."""
     return tuple(f.name for f in dataclasses.fields(stage_settings_cls))
-

@@ -33,14 +33,23 @@ from lfp_core.store.summaries import ActivationsSummary
 log = logging.getLogger("lfp_core.sweep")
 
 
-def run_sweep(run_dir: str | Path, coefficients: list[float], layer: int | None = None, role: str = "tuned",
-              expansion: int = 1, arch: str = "relu", tokens: int | None = None) -> list[dict]:
+def run_sweep(
+    run_dir: str | Path,
+    coefficients: list[float],
+    layer: int | None = None,
+    role: str = "tuned",
+    expansion: int = 1,
+    arch: str = "relu",
+    tokens: int | None = None,
+) -> list[dict]:
     """Train and evaluate one SAE per L1 coefficient; store and return their rows."""
     r = RunReader(run_dir)  # a missing or foreign run is an error here, never created
     writer = RunWriter(run_dir)
     harvested = r.summary(ActivationsSummary)
     if harvested is None:
-        raise StoreError(f"{run_dir} has no harvested activations yet; run python -m lfp_core.precompute --out {run_dir}")
+        raise StoreError(
+            f"{run_dir} has no harvested activations yet; run python -m lfp_core.precompute --out {run_dir}"
+        )
     if arch not in ("relu", "tied"):
         raise ConfigError("the L1 sweep is for the L1-penalised architectures: relu or tied")
     cfg = RunConfig.from_dict(r.run_info()["config"])
@@ -52,16 +61,23 @@ def run_sweep(run_dir: str | Path, coefficients: list[float], layer: int | None 
         raise BadInputError(f"layer {layer} has no harvested activations; this run harvested layers {layers}")
     h = harvest_dir(ctx)
     train_rows = np.nonzero(~h.index()["is_eval"])[0]
-    base_spec = saes.SAESpec.from_settings(cfg.sae, ctx.model.hooked().cfg.d_model, cfg.run.seed, cfg.run.device, arch,
-                                           expansion)
+    base_spec = saes.SAESpec.from_settings(
+        cfg.sae, ctx.model.hooked().cfg.d_model, cfg.run.seed, cfg.run.device, arch, expansion
+    )
     if tokens is not None:
         base_spec = replace(base_spec, train_tokens=tokens)
     rows = []
     for i, c in enumerate(coefficients):
-        job: dict[str, Any] = {"kind": "sweep", "role": role, "layer": layer, "spec": replace(base_spec, l1=c),
-               "name": f"{arch}-{expansion}x-l1={c:g}" if (arch, expansion) != ("relu", 1) else f"l1={c:g}"}
-        src = saes.ActivationSource(h.acts(role, layer), train_rows, base_spec.batch_size, seed=cfg.run.seed + 500 + i,
-                                    layer=layer)
+        job: dict[str, Any] = {
+            "kind": "sweep",
+            "role": role,
+            "layer": layer,
+            "spec": replace(base_spec, l1=c),
+            "name": f"{arch}-{expansion}x-l1={c:g}" if (arch, expansion) != ("relu", 1) else f"l1={c:g}",
+        }
+        src = saes.ActivationSource(
+            h.acts(role, layer), train_rows, base_spec.batch_size, seed=cfg.run.seed + 500 + i, layer=layer
+        )
         sae, info = saes.train_sae(job["spec"], src, activations.hook_name(layer), f"{ctx.model.spec.name}:{role}")
         rows.append(stage.sae_record_row(ctx, job, stage.sae_id(job), sae, info, base_spec.seed, cfg.sae_suite.ce_docs))
     with writer.transaction() as con:
@@ -97,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{'L1':>8} {'L0':>8} {'FVU':>7} {'MSE':>8} {'dead':>6} {'recovered':>9}")
     for x in sorted(rows, key=lambda x: x["l1_coefficient"]):
-        print(f"{x['l1_coefficient']:>8g} {x['l0']:>8.1f} {x['fvu']:>7.3f} {x['mse']:>8.4f} {x['dead_frac']:>6.3f} "
-              f"{x['ce_loss_recovered']:>9.1%}")
+        print(
+            f"{x['l1_coefficient']:>8g} {x['l0']:>8.1f} {x['fvu']:>7.3f} {x['mse']:>8.4f} {x['dead_frac']:>6.3f} "
+            f"{x['ce_loss_recovered']:>9.1%}"
+        )
     if args.plot:
         import pandas as pd
 

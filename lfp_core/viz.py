@@ -50,11 +50,18 @@ def completion_html(prompt: str, completion: str, reward_value: float) -> str:
     )
 
 
-def reward_histogram(df: pd.DataFrame, column: str = "reward", title: str = "Reward of base-model completions") -> go.Figure:
+def reward_histogram(
+    df: pd.DataFrame, column: str = "reward", title: str = "Reward of base-model completions"
+) -> go.Figure:
     """Histogram of a reward column."""
     fig = go.Figure(go.Histogram(x=df[column], nbinsx=40, marker_color="#4c78a8"))
-    fig.update_layout(title=title, xaxis_title="VADER reward (sum of valences / 5, clipped ±10)",
-                      yaxis_title="completions", height=320, margin=dict(l=40, r=20, t=50, b=40))
+    fig.update_layout(
+        title=title,
+        xaxis_title="VADER reward (sum of valences / 5, clipped ±10)",
+        yaxis_title="completions",
+        height=320,
+        margin=dict(l=40, r=20, t=50, b=40),
+    )
     return fig
 
 
@@ -63,10 +70,26 @@ def rl_curves(steps: pd.DataFrame) -> go.Figure:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Mean reward per step", "KL(policy ‖ base) per step"))
-    fig.add_trace(go.Scatter(x=steps.step, y=steps.reward + steps.reward_std, line=dict(width=0),
-                             showlegend=False, hoverinfo="skip"), 1, 1)
-    fig.add_trace(go.Scatter(x=steps.step, y=steps.reward - steps.reward_std, fill="tonexty", line=dict(width=0),
-                             fillcolor="rgba(76,120,168,0.2)", name="± batch std", hoverinfo="skip"), 1, 1)
+    fig.add_trace(
+        go.Scatter(
+            x=steps.step, y=steps.reward + steps.reward_std, line=dict(width=0), showlegend=False, hoverinfo="skip"
+        ),
+        1,
+        1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=steps.step,
+            y=steps.reward - steps.reward_std,
+            fill="tonexty",
+            line=dict(width=0),
+            fillcolor="rgba(76,120,168,0.2)",
+            name="± batch std",
+            hoverinfo="skip",
+        ),
+        1,
+        1,
+    )
     fig.add_trace(go.Scatter(x=steps.step, y=steps.reward, name="reward", line=dict(color="#4c78a8")), 1, 1)
     fig.add_trace(go.Scatter(x=steps.step, y=steps.kl, name="KL", line=dict(color="#e45756")), 1, 2)
     fig.update_xaxes(title_text="GRPO step")
@@ -80,9 +103,15 @@ def divergence_bars(div: pd.DataFrame) -> go.Figure:
 
     labels = [f"L{int(r.layer)}{' ★' if r.selected else ''}" for r in div.itertuples()]
     line = dict(color=["#222" if s else "rgba(0,0,0,0)" for s in div.selected], width=2)
-    fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        "Parameter divergence Σ‖θ_base − θ_tuned‖_F", "MLP-out 1 − cos (mean over tokens)",
-        "MLP-out relative L2"))
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        subplot_titles=(
+            "Parameter divergence Σ‖θ_base − θ_tuned‖_F",
+            "MLP-out 1 − cos (mean over tokens)",
+            "MLP-out relative L2",
+        ),
+    )
     fig.add_trace(go.Bar(x=labels, y=div.param, marker=dict(color="#4c78a8", line=line), name="param"), 1, 1)
     fig.add_trace(go.Bar(x=labels, y=div.act_cos, marker=dict(color="#f58518", line=line), name="1 − cos"), 1, 2)
     fig.add_trace(go.Bar(x=labels, y=div.act_rel_l2, marker=dict(color="#54a24b", line=line), name="rel. L2"), 1, 3)
@@ -96,7 +125,7 @@ def paired_html(prompt: str, base: str, base_reward: float, tuned: str, tuned_re
     return (
         f'<tr class="lfp-pair"><td {cell}><span style="color:#888">{html.escape(prompt)}</span>{valence_html(base)}'
         f' <b>[{base_reward:+.2f}]</b></td><td {cell}><span style="color:#888">{html.escape(prompt)}</span>'
-        f'{valence_html(tuned)} <b>[{tuned_reward:+.2f}]</b></td></tr>'
+        f"{valence_html(tuned)} <b>[{tuned_reward:+.2f}]</b></td></tr>"
     )
 
 
@@ -129,14 +158,27 @@ def probe_scatter(words: pd.DataFrame, taus: dict[str, dict]) -> go.Figure:
         if d.empty:
             continue
         t = taus.get(split, {})
-        fig.add_scatter(x=d.valence, y=d.pred_rescaled, mode="markers", name=f"{split} split: τ {t.get('tau', float('nan')):.3f}, "
-                        f"p {t.get('p', float('nan')):.1e}, {t.get('n_words', len(d))} words",
-                        marker={"color": colour, "size": 6, "opacity": 0.6},
-                        text=[html.escape(str(w)) for w in d.word], hovertemplate="%{text}: VADER %{x}, probe %{y:.2f}")
+        fig.add_scatter(
+            x=d.valence,
+            y=d.pred_rescaled,
+            mode="markers",
+            name=f"{split} split: τ {t.get('tau', float('nan')):.3f}, "
+            f"p {t.get('p', float('nan')):.1e}, {t.get('n_words', len(d))} words",
+            marker={"color": colour, "size": 6, "opacity": 0.6},
+            text=[html.escape(str(w)) for w in d.word],
+            hovertemplate="%{text}: VADER %{x}, probe %{y:.2f}",
+        )
     lim = [-4.2, 4.2]
-    fig.add_scatter(x=lim, y=lim, mode="lines", line={"dash": "dot", "color": "grey"}, showlegend=False, hoverinfo="skip")
-    fig.update_layout(height=430, xaxis_title="VADER valence", yaxis_title="probe prediction (rescaled)",
-                      margin={"t": 30}, legend={"orientation": "h", "y": 1.1})
+    fig.add_scatter(
+        x=lim, y=lim, mode="lines", line={"dash": "dot", "color": "grey"}, showlegend=False, hoverinfo="skip"
+    )
+    fig.update_layout(
+        height=430,
+        xaxis_title="VADER valence",
+        yaxis_title="probe prediction (rescaled)",
+        margin={"t": 30},
+        legend={"orientation": "h", "y": 1.1},
+    )
     return fig
 
 
@@ -154,11 +196,22 @@ def sign_accuracy_bars(rows: list[dict]) -> go.Figure:
 
 def error_vs_frequency(words: pd.DataFrame) -> go.Figure:
     d = words[words.tuned_count > 0]
-    fig = go.Figure(go.Scatter(x=d.tuned_count, y=d.abs_error, mode="markers", marker={"size": 6, "opacity": 0.6},
-                               text=[html.escape(str(w)) for w in d.word],
-                               hovertemplate="%{text}: generated %{x} times, |error| %{y:.2f}"))
-    fig.update_layout(height=320, xaxis={"type": "log", "title": "times the tuned policy generated the word"},
-                      yaxis_title="|rescaled prediction − VADER|", margin={"t": 30})
+    fig = go.Figure(
+        go.Scatter(
+            x=d.tuned_count,
+            y=d.abs_error,
+            mode="markers",
+            marker={"size": 6, "opacity": 0.6},
+            text=[html.escape(str(w)) for w in d.word],
+            hovertemplate="%{text}: generated %{x} times, |error| %{y:.2f}",
+        )
+    )
+    fig.update_layout(
+        height=320,
+        xaxis={"type": "log", "title": "times the tuned policy generated the word"},
+        yaxis_title="|rescaled prediction − VADER|",
+        margin={"t": 30},
+    )
     return fig
 
 
@@ -168,9 +221,12 @@ def pca_scatter(df: pd.DataFrame, ratio: list[float]) -> go.Figure:
     for label, colour in zip(sorted(df.label.unique(), reverse=True), palette):
         d = df[df.label == label]
         fig.add_scatter(x=d.pc1, y=d.pc2, mode="markers", name=label, marker={"color": colour, "size": 5})
-    fig.update_layout(height=420, margin={"t": 30},
-                      xaxis_title=f"PC1 ({ratio[0]:.1%} of variance)" if ratio else "PC1",
-                      yaxis_title=f"PC2 ({ratio[1]:.1%} of variance)" if len(ratio) > 1 else "PC2")
+    fig.update_layout(
+        height=420,
+        margin={"t": 30},
+        xaxis_title=f"PC1 ({ratio[0]:.1%} of variance)" if ratio else "PC1",
+        yaxis_title=f"PC2 ({ratio[1]:.1%} of variance)" if len(ratio) > 1 else "PC2",
+    )
     return fig
 
 
@@ -184,10 +240,14 @@ def token_scores_html(tokens: list[str], true: list[float | None], pred: list[fl
             cells.append(f"<span class='lfp-tok'>{text}</span>")
             continue
         title = html.escape(f"probe {p:+.2f} · VADER {t:+.2f}")
-        cells.append(f"<span class='lfp-tok' title='{title}' style='background:{_valence_colour(p)};"
-                     f"border-bottom:4px solid {_valence_colour(t)}'>{text}</span>")
-    return ("<div class='lfp-tokens' style='line-height:2.1;font-family:monospace'>" + "".join(cells) + "</div>"
-            "<div style='font-size:0.8em;color:grey'>fill: probe prediction · underline: VADER valence</div>")
+        cells.append(
+            f"<span class='lfp-tok' title='{title}' style='background:{_valence_colour(p)};"
+            f"border-bottom:4px solid {_valence_colour(t)}'>{text}</span>"
+        )
+    return (
+        "<div class='lfp-tokens' style='line-height:2.1;font-family:monospace'>" + "".join(cells) + "</div>"
+        "<div style='font-size:0.8em;color:grey'>fill: probe prediction · underline: VADER valence</div>"
+    )
 
 
 def _token_text(tok: str) -> str:
@@ -203,19 +263,36 @@ def activation_context_html(tokens: list[str], acts: list[float], center: int, v
     for i, (tok, a) in enumerate(zip(tokens, acts)):
         alpha = min(1.0, max(0.0, float(a)) / scale) * 0.85
         outline = "outline:2px solid #333;" if i == center else ""
-        cells.append(f"<span class='lfp-act' title='{float(a):.3f}' style='background:rgba(245,133,24,{alpha:.2f});"
-                     f"{outline}border-radius:2px'>{_token_text(tok)}</span>")
-    return "<div class='lfp-context' style='font-family:monospace;line-height:1.9;margin:2px 0'>" + "".join(cells) + "</div>"
+        cells.append(
+            f"<span class='lfp-act' title='{float(a):.3f}' style='background:rgba(245,133,24,{alpha:.2f});"
+            f"{outline}border-radius:2px'>{_token_text(tok)}</span>"
+        )
+    return (
+        "<div class='lfp-context' style='font-family:monospace;line-height:1.9;margin:2px 0'>"
+        + "".join(cells)
+        + "</div>"
+    )
 
 
 def activation_histogram(counts: list[int], max_act: float) -> go.Figure:
     """Histogram of a feature's non-zero activations (equal bins over [0, max])."""
     n = len(counts)
     width = max_act / n if n and max_act > 0 else 1.0
-    fig = go.Figure(go.Bar(x=[(i + 0.5) * width for i in range(n)], y=list(counts), width=width * 0.95,
-                           marker_color="#f58518", hovertemplate="%{x:.3f}: %{y} tokens<extra></extra>"))
-    fig.update_layout(height=260, margin={"t": 20, "b": 40, "l": 40, "r": 10}, xaxis_title="activation (non-zero)",
-                      yaxis_title="tokens")
+    fig = go.Figure(
+        go.Bar(
+            x=[(i + 0.5) * width for i in range(n)],
+            y=list(counts),
+            width=width * 0.95,
+            marker_color="#f58518",
+            hovertemplate="%{x:.3f}: %{y} tokens<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=260,
+        margin={"t": 20, "b": 40, "l": 40, "r": 10},
+        xaxis_title="activation (non-zero)",
+        yaxis_title="tokens",
+    )
     if sum(counts) > 0:
         fig.update_yaxes(type="log", dtick=1)  # ticks at 1, 10, 100, … (activation counts are heavy-tailed)
     return fig
@@ -226,8 +303,13 @@ def label_frequency_bars(freq: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     fig.add_bar(x=freq["set"], y=freq.freq_high, name="high-reward completions", marker_color="rgba(34,139,34,0.8)")
     fig.add_bar(x=freq["set"], y=freq.freq_low, name="low-reward completions", marker_color="rgba(200,30,30,0.8)")
-    fig.update_layout(height=320, barmode="group", yaxis={"title": "share of completions it fires on"},
-                      margin={"t": 30}, legend={"orientation": "h", "y": 1.12})
+    fig.update_layout(
+        height=320,
+        barmode="group",
+        yaxis={"title": "share of completions it fires on"},
+        margin={"t": 30},
+        legend={"orientation": "h", "y": 1.12},
+    )
     return fig
 
 
@@ -237,12 +319,25 @@ def ablation_effects(sets: pd.DataFrame) -> go.Figure:
     colour = {"probe_top": "rgba(31,119,180,0.9)", "labelled": "rgba(148,103,189,0.9)", "all": "rgba(90,90,90,0.9)"}
     fig = go.Figure()
     for kind, g in df.groupby("kind", sort=False):
-        fig.add_bar(x=g.set_id, y=g["diff"], name=kind, marker_color=colour.get(kind, "rgba(180,180,180,0.8)"),
-                    error_y={"type": "data", "symmetric": False, "array": g.diff_hi - g["diff"],
-                             "arrayminus": g["diff"] - g.diff_lo})
+        fig.add_bar(
+            x=g.set_id,
+            y=g["diff"],
+            name=kind,
+            marker_color=colour.get(kind, "rgba(180,180,180,0.8)"),
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": g.diff_hi - g["diff"],
+                "arrayminus": g["diff"] - g.diff_lo,
+            },
+        )
     fig.add_hline(y=0, line_color="black", line_width=1)
-    fig.update_layout(height=340, yaxis={"title": "mean reward change (ablated − clean)"}, margin={"t": 30},
-                      legend={"orientation": "h", "y": 1.12})
+    fig.update_layout(
+        height=340,
+        yaxis={"title": "mean reward change (ablated − clean)"},
+        margin={"t": 30},
+        legend={"orientation": "h", "y": 1.12},
+    )
     return fig
 
 
@@ -251,18 +346,34 @@ def attribution_scatter(points: pd.DataFrame, features: pd.DataFrame) -> go.Figu
     large point per feature (means over texts), and the line y = x."""
     fig = go.Figure()
     if not points.empty:
-        fig.add_scatter(x=points.estimate, y=points.true_effect, mode="markers", name="(text, feature)",
-                        marker={"size": 4, "color": "rgba(120,120,120,0.35)"}, hoverinfo="skip")
+        fig.add_scatter(
+            x=points.estimate,
+            y=points.true_effect,
+            mode="markers",
+            name="(text, feature)",
+            marker={"size": 4, "color": "rgba(120,120,120,0.35)"},
+            hoverinfo="skip",
+        )
     f = features.dropna(subset=["true_effect"])
-    fig.add_scatter(x=f.estimate, y=f.true_effect, mode="markers", name="feature (mean over texts)",
-                    marker={"size": 10, "color": "rgba(31,119,180,0.9)"},
-                    text=[f"L{a} #{b}" for a, b in zip(f.layer, f.feature)],
-                    hovertemplate="%{text}<br>estimate %{x:.4f}<br>true %{y:.4f}<extra></extra>")
+    fig.add_scatter(
+        x=f.estimate,
+        y=f.true_effect,
+        mode="markers",
+        name="feature (mean over texts)",
+        marker={"size": 10, "color": "rgba(31,119,180,0.9)"},
+        text=[f"L{a} #{b}" for a, b in zip(f.layer, f.feature)],
+        hovertemplate="%{text}<br>estimate %{x:.4f}<br>true %{y:.4f}<extra></extra>",
+    )
     lo = min([0.0, *points.estimate, *points.true_effect, *f.estimate, *f.true_effect]) if len(f) else -1
     hi = max([0.0, *points.estimate, *points.true_effect, *f.estimate, *f.true_effect]) if len(f) else 1
     fig.add_scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line={"dash": "dot", "color": "black"})
-    fig.update_layout(height=380, xaxis={"title": "estimated change if zeroed (AtP, IG)"},
-                      yaxis={"title": "true change when zeroed"}, margin={"t": 30}, legend={"orientation": "h", "y": 1.1})
+    fig.update_layout(
+        height=380,
+        xaxis={"title": "estimated change if zeroed (AtP, IG)"},
+        yaxis={"title": "true change when zeroed"},
+        margin={"t": 30},
+        legend={"orientation": "h", "y": 1.1},
+    )
     return fig
 
 
@@ -271,9 +382,17 @@ def next_token_bars(rows: list[dict]) -> go.Figure:
     df = pd.DataFrame(rows)
     fig = go.Figure()
     if not df.empty:
-        fig.add_bar(y=[repr(t) for t in df.token], x=df.change, orientation="h",
-                    marker_color=["rgba(34,139,34,0.8)" if c > 0 else "rgba(200,30,30,0.8)" for c in df.change],
-                    hovertemplate="%{y}: %{x:+.4f}<extra></extra>")
-    fig.update_layout(height=max(220, 22 * len(df)), xaxis={"title": "p(ablated) − p(clean)"},
-                      yaxis={"autorange": "reversed"}, margin={"t": 20, "l": 120})
+        fig.add_bar(
+            y=[repr(t) for t in df.token],
+            x=df.change,
+            orientation="h",
+            marker_color=["rgba(34,139,34,0.8)" if c > 0 else "rgba(200,30,30,0.8)" for c in df.change],
+            hovertemplate="%{y}: %{x:+.4f}<extra></extra>",
+        )
+    fig.update_layout(
+        height=max(220, 22 * len(df)),
+        xaxis={"title": "p(ablated) − p(clean)"},
+        yaxis={"autorange": "reversed"},
+        margin={"t": 20, "l": 120},
+    )
     return fig

@@ -12,8 +12,15 @@ import shutil
 
 from playwright.sync_api import sync_playwright
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def main() -> None:
@@ -35,8 +42,7 @@ def main() -> None:
         page.goto(f"{args.url}/{args.page}{'?' + args.query if args.query else ''}", wait_until="domcontentloaded")
         page.get_by_text(args.wait_for).first.wait_for(timeout=90_000)
         # Streamlit draws skeletons while a script runs; wait until the last one is replaced.
-        page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0",
-                               timeout=90_000)
+        page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=90_000)
         page.wait_for_timeout(2500)  # let charts draw
         page.screenshot(path=args.out, full_page=args.full_page)
         browser.close()

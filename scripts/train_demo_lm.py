@@ -153,8 +153,14 @@ def sample(model, tok, prompt: str, n_new: int, seed: int) -> str:
     torch.manual_seed(seed)
     ids = tok(EOT + prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     out = model.generate(
-        ids, max_new_tokens=n_new, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-        pad_token_id=tok.pad_token_id, eos_token_id=None,
+        ids,
+        max_new_tokens=n_new,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=None,
     )
     return tok.decode(out[0, 1:], skip_special_tokens=False)
 
@@ -177,8 +183,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--max-reviews", type=int, default=0, help="use only this many training reviews (smoke tests)")
-    ap.add_argument("--card-only", action="store_true",
-                    help="rewrite MODEL_CARD.md from the train_result.json in --out (no training)")
+    ap.add_argument(
+        "--card-only",
+        action="store_true",
+        help="rewrite MODEL_CARD.md from the train_result.json in --out (no training)",
+    )
     args = ap.parse_args()
     if args.card_only:
         saved = json.loads((args.out / "train_result.json").read_text())
@@ -206,7 +215,13 @@ def main() -> None:
     vocab = len(tok)
     train_stream = encode_corpus(tok, train_texts)
     heldout_stream = encode_corpus(tok, heldout_texts[:5000])
-    log.info("vocab %d; %d train tokens, %d held-out tokens (%.0fs)", vocab, len(train_stream), len(heldout_stream), time.time() - t0)
+    log.info(
+        "vocab %d; %d train tokens, %d held-out tokens (%.0fs)",
+        vocab,
+        len(train_stream),
+        len(heldout_stream),
+        time.time() - t0,
+    )
 
     model = build_model(vocab, args)
     n_params = sum(p.numel() for p in model.parameters())
@@ -224,15 +239,20 @@ def main() -> None:
             frac = (time.time() - t_train) / budget
             if frac >= 1.0:
                 break
-            lr = args.lr * (frac / args.warmup_frac if frac < args.warmup_frac else
-                            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (frac - args.warmup_frac) / (1 - args.warmup_frac))))
+            lr = args.lr * (
+                frac / args.warmup_frac
+                if frac < args.warmup_frac
+                else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (frac - args.warmup_frac) / (1 - args.warmup_frac)))
+            )
             for g in opt.param_groups:
                 g["lr"] = lr
             if pos + args.batch > n_blocks:
                 order, pos, epochs = np.random.permutation(n_blocks), 0, epochs + 1
             idx = order[pos : pos + args.batch]
             pos += args.batch
-            x = torch.from_numpy(np.stack([train_stream[j * args.ctx : (j + 1) * args.ctx + 1].astype(np.int64) for j in idx]))
+            x = torch.from_numpy(
+                np.stack([train_stream[j * args.ctx : (j + 1) * args.ctx + 1].astype(np.int64) for j in idx])
+            )
             logits = model(input_ids=x[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1))
             opt.zero_grad(set_to_none=True)
@@ -242,7 +262,13 @@ def main() -> None:
             step += 1
             tokens_seen += x[:, 1:].numel()
             if step % 100 == 0:
-                rec = {"step": step, "tokens": tokens_seen, "loss": float(loss), "lr": lr, "min": (time.time() - t_train) / 60}
+                rec = {
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "loss": float(loss),
+                    "lr": lr,
+                    "min": (time.time() - t_train) / 60,
+                }
                 if step % 1000 == 0:
                     nll, _ = heldout_nll(model, heldout_stream, args.ctx, 200)
                     rec["heldout_ppl_200blocks"] = math.exp(nll)
@@ -259,14 +285,24 @@ def main() -> None:
     prompts = ["", "", "", "", "", "This movie", "I was", "The acting", "Worst", "One of the best"]
     samples = [sample(model, tok, p, 60, seed=1000 + i) for i, p in enumerate(prompts)]
     result = {
-        "n_params": n_params, "vocab": vocab, "train_tokens_available": int(len(train_stream)),
-        "tokens_seen": tokens_seen, "steps": step, "epochs_completed": epochs,
-        "wall_minutes": wall / 60, "heldout_ppl": math.exp(nll), "unigram_ppl": math.exp(uni),
-        "heldout_eval_tokens": n_eval, "hardware": f"{platform.processor() or platform.machine()}, "
+        "n_params": n_params,
+        "vocab": vocab,
+        "train_tokens_available": int(len(train_stream)),
+        "tokens_seen": tokens_seen,
+        "steps": step,
+        "epochs_completed": epochs,
+        "wall_minutes": wall / 60,
+        "heldout_ppl": math.exp(nll),
+        "unigram_ppl": math.exp(uni),
+        "heldout_eval_tokens": n_eval,
+        "hardware": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, {'CUDA' if torch.cuda.is_available() else 'CPU'}",
-        "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "args": {k: str(v) for k, v in vars(args).items()},
     }
-    (args.out / "train_result.json").write_text(json.dumps({**result, "samples": list(zip(prompts, samples))}, indent=2))
+    (args.out / "train_result.json").write_text(
+        json.dumps({**result, "samples": list(zip(prompts, samples))}, indent=2)
+    )
     write_model_card(args.out, result, prompts, samples)
     log.info("done: %s", json.dumps(result))
 
@@ -313,7 +349,7 @@ def write_model_card(out: Path, r: dict, prompts: list[str], samples: list[str])
     ]
     for i, (p, s) in enumerate(zip(prompts, samples)):
         text = s.replace("\n", " ")
-        shown = f"**{p}**{text[len(p):]}" if p and text.startswith(p) else text
+        shown = f"**{p}**{text[len(p) :]}" if p and text.startswith(p) else text
         lines.append(f"{i + 1}. {shown}")
     lines += [
         "",

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
     os.environ[_k] = _v
 
 from lfp_core.runtime import apply_thread_policy  # noqa: E402
@@ -54,8 +59,7 @@ def quick_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "quick"
     data_dir = default_data_dir()
-    cfg = preset_config("quick",
-                        data_dir=str(data_dir) if data_dir else None)
+    cfg = preset_config("quick", data_dir=str(data_dir) if data_dir else None)
     run_pipeline(cfg, out)
     return out
 

@@ -97,7 +97,7 @@ def test_cached_sampler_draws_what_full_forward_passes_draw(setup):
             cdf = torch.softmax(model(seq)[:, -1], -1).cumsum(-1)
             nxt = torch.searchsorted(cdf, u[:, step : step + 1].to(cdf) * cdf[:, -1:]).clamp_(max=cdf.shape[1] - 1)
             seq = torch.cat([seq, nxt], 1)
-    ref = seq[:, prompts.shape[1]:].tolist()
+    ref = seq[:, prompts.shape[1] :].tolist()
     eos = model.tokenizer.eos_token_id
     assert got == [r[: r.index(eos)] if eos in r else r for r in ref]
 

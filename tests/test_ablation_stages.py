@@ -40,7 +40,9 @@ def test_ablation_sets_are_paired_size_matched_and_reported(quick_run):
     after = comp[comp.set_id == "probe_top"].reward.to_numpy()
     assert np.isclose(sets.loc["probe_top", "diff"], (after - base).mean())
     rep = build_report(str(quick_run))["ablation"]
-    assert rep["reward_before"] == sets.loc["baseline", "after"] and rep["reward_after"] == sets.loc["probe_top", "after"]
+    assert (
+        rep["reward_before"] == sets.loc["baseline", "after"] and rep["reward_after"] == sets.loc["probe_top", "after"]
+    )
     assert np.isclose(rep["random_after_mean"], sets[sets.control_of == "probe_top"].after.mean())
 
 

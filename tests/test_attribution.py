@@ -49,8 +49,16 @@ def test_estimates_track_true_ablation_for_a_nonlinear_metric(setup):
     def logit(m, t, la, mk):  # log-probability of token 42 at the last position
         return torch.log_softmax(m(t), -1)[torch.arange(len(la)), la, 42]
 
-    res = attribution.rank_and_verify(model, saes, [list(x) for x in toks.tolist()], [4, 4, 4], logit,
-                                      lambda s: (torch.tensor(s), last), steps=4, top_k=12)
+    res = attribution.rank_and_verify(
+        model,
+        saes,
+        [list(x) for x in toks.tolist()],
+        [4, 4, 4],
+        logit,
+        lambda s: (torch.tensor(s), last),
+        steps=4,
+        top_k=12,
+    )
     assert [r["rank"] for r in res["features"]] == list(range(48))
     assert len(res["points"]) == 12 * 3 and sum("true_effect" in r for r in res["features"]) == 12
     assert res["spearman_top"]["rho"] > 0.5 and res["spearman_points"]["rho"] > 0.5

@@ -62,10 +62,21 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"{not json")
         else:
             text = arg if arg is not None else _reply(body["messages"][0]["content"])
-            self._send(200, json.dumps({
-                "id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}).encode())
+            self._send(
+                200,
+                json.dumps(
+                    {
+                        "id": "c",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                    }
+                ).encode(),
+            )
 
     def _send(self, code: int, data: bytes) -> None:
         self.send_response(code)
@@ -90,9 +101,18 @@ def server():
 
 def _client(url: str, **kw) -> ai.LLMClient:
     sleeps: list[float] = []
-    c = ai.LLMClient(ai.LLMSettings(model="test-model", base_url=url, timeout=kw.pop("timeout", 5.0),
-                                    max_retries=kw.pop("max_retries", 3), backoff=0.01),
-                     ai.MemoryCache(), api_key="sk-test-secret", sleep=sleeps.append)
+    c = ai.LLMClient(
+        ai.LLMSettings(
+            model="test-model",
+            base_url=url,
+            timeout=kw.pop("timeout", 5.0),
+            max_retries=kw.pop("max_retries", 3),
+            backoff=0.01,
+        ),
+        ai.MemoryCache(),
+        api_key="sk-test-secret",
+        sleep=sleeps.append,
+    )
     c.sleeps = sleeps
     return c
 
@@ -175,7 +195,9 @@ def test_llm_label_scores_detection_and_counts_unparseable_answers(server):
 def test_strict_parsing():
     assert ai.parse_binary("1") is True and ai.parse_binary(" 0 ") is False and ai.parse_binary("<answer>1</answer>")
     assert ai.parse_binary("yes") is None and ai.parse_binary("1 because") is None
-    assert ai.parse_numbers("<answer>2, 5</answer>", 6) == {2, 5} and ai.parse_numbers("<answer>none</answer>", 6) == set()
+    assert (
+        ai.parse_numbers("<answer>2, 5</answer>", 6) == {2, 5} and ai.parse_numbers("<answer>none</answer>", 6) == set()
+    )
     assert ai.parse_numbers("<answer>7</answer>", 6) is None and ai.parse_numbers("2, 5", 6) is None
 
 
@@ -198,7 +220,9 @@ def test_labels_stage_resumes_without_repeating_a_request(server, monkeypatch, q
     shutil.copytree(quick_run, run)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     cfg = RunConfig.from_dict(RunReader(run).run_info()["config"])
-    cfg = cfg.with_values({"labels.labeller": "openai", "labels.llm_model": "test-model", "labels.llm_base_url": server.url})
+    cfg = cfg.with_values(
+        {"labels.labeller": "openai", "labels.llm_model": "test-model", "labels.llm_base_url": server.url}
+    )
     from lfp_core.pipeline.labels import LabelBudgetError
 
     with pytest.raises(LabelBudgetError, match="smaller than one feature"):

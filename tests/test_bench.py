@@ -40,9 +40,15 @@ def test_contention_bench_children_and_table():
     assert parse_result('noise\nRESULT {"grpo_s": [1.0]}\nRESULT {"grpo_s": [2.0]}\n') == {"grpo_s": [2.0]}
     with pytest.raises(ValueError, match="no RESULT"):
         parse_result("Traceback ...")
-    cells = [{"policy": p, "busy": b, "threads": 2, "grpo_s": g, "harvest_s": h}
-             for p, b, g, h in [(False, 0, [1, 1, 3], [2, 2]), (False, 1, [9, 10, 11], [20, 20]),
-                                (True, 0, [1, 2, 2], [2, 2]), (True, 1, [3, 4, 5], [3, 5])]]
+    cells = [
+        {"policy": p, "busy": b, "threads": 2, "grpo_s": g, "harvest_s": h}
+        for p, b, g, h in [
+            (False, 0, [1, 1, 3], [2, 2]),
+            (False, 1, [9, 10, 11], [20, 20]),
+            (True, 0, [1, 2, 2], [2, 2]),
+            (True, 1, [3, 4, 5], [3, 5]),
+        ]
+    ]
     rows = {(r["policy"], r["busy"]): r for r in summarize(cells)}
     assert rows[(False, 1)]["grpo_s_ratio"] == 10.0 and rows[(False, 1)]["harvest_s_ratio"] == 10.0
     assert rows[(True, 1)]["grpo_s_ratio"] == 2.0 and rows[(True, 1)]["harvest_s"] == 4.0

@@ -12,8 +12,12 @@ import pytest
 
 from lfp_core import cli
 
-SUBCOMMANDS = {"precompute": "lfp_core.precompute", "report": "lfp_core.report", "sweep": "lfp_core.sweep",
-               "bench": "bench.__main__"}
+SUBCOMMANDS = {
+    "precompute": "lfp_core.precompute",
+    "report": "lfp_core.report",
+    "sweep": "lfp_core.sweep",
+    "bench": "bench.__main__",
+}
 
 
 def _console_script() -> Path:
@@ -66,8 +70,12 @@ def test_serve_runs_the_dashboard_as_the_lfp_script_does(monkeypatch, tmp_path):
     assert cmd[1:4] == ["-m", "streamlit", "run"] and app.name == "app.py" and app.is_file()
     assert cwd == app.parent and (cwd / "views" / "overview.py").is_file()
     flags = cmd[5:]
-    for key, value in (("--server.address", "127.0.0.1"), ("--server.port", "8642"), ("--server.headless", "true"),
-                       ("--browser.gatherUsageStats", "false")):
+    for key, value in (
+        ("--server.address", "127.0.0.1"),
+        ("--server.port", "8642"),
+        ("--server.headless", "true"),
+        ("--browser.gatherUsageStats", "false"),
+    ):
         assert flags[flags.index(key) + 1] == value
     assert flags[-3:] == ["--", "--run", str(tmp_path.resolve())]
     assert cli.main(["serve", "--port", "x"]) == 2  # argparse usage error
@@ -78,10 +86,18 @@ def test_installed_script_passes_precompute_bad_input_exit_status_through(tmp_pa
     one line, nothing computed."""
     afile = tmp_path / "not-a-dir"
     afile.write_text("x")
-    p = subprocess.run([str(_console_script()), "precompute", "--preset", "quick", "--out", str(afile)],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [str(_console_script()), "precompute", "--preset", "quick", "--out", str(afile)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2, p.stderr
     assert f"--out {afile} is a file" in p.stderr and "Traceback" not in p.stderr
-    p = subprocess.run([str(_console_script()), "precompute", "--preset", "no-such-preset", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [str(_console_script()), "precompute", "--preset", "no-such-preset", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and "invalid choice" in p.stderr

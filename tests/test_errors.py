@@ -33,29 +33,32 @@ def test_every_exception_the_project_defines_derives_from_the_root():
     assert [n for n, c in found.items() if not issubclass(c, LFPError)] == []
 
 
-@pytest.mark.parametrize("name, bad_input, also", [
-    ("models.ModelLoadError", True, ValueError),
-    ("corpora.DataFormatError", True, ValueError),
-    ("saes.SAEMismatchError", True, ValueError),
-    ("saes.CorpusTooSmallError", True, ValueError),
-    ("pipeline.labels.LabelBudgetError", True, ValueError),
-    ("rlhf.RewardError", True, ValueError),
-    ("probes.ProbeDataError", True, ValueError),
-    ("live.LiveInputError", True, ValueError),
-    ("activations.LayerRangeError", True, ValueError),
-    ("store.StoreError", True, RuntimeError),
-    ("store.RunNotFoundError", True, RuntimeError),
-    ("store.SchemaVersionError", True, RuntimeError),
-    ("store.CorruptStoreError", True, RuntimeError),
-    ("store.StoreBusyError", True, RuntimeError),
-    ("autointerp.LLMConfigError", True, RuntimeError),
-    ("autointerp.LLMAuthError", True, RuntimeError),
-    ("autointerp.LLMNotFoundError", True, RuntimeError),
-    ("autointerp.LLMUnavailableError", False, RuntimeError),
-    ("activations.NonFiniteActivationError", False, RuntimeError),
-    ("store.errors.SummaryError", False, TypeError),
-    ("errors.MissingInputError", True, FileNotFoundError),
-])
+@pytest.mark.parametrize(
+    "name, bad_input, also",
+    [
+        ("models.ModelLoadError", True, ValueError),
+        ("corpora.DataFormatError", True, ValueError),
+        ("saes.SAEMismatchError", True, ValueError),
+        ("saes.CorpusTooSmallError", True, ValueError),
+        ("pipeline.labels.LabelBudgetError", True, ValueError),
+        ("rlhf.RewardError", True, ValueError),
+        ("probes.ProbeDataError", True, ValueError),
+        ("live.LiveInputError", True, ValueError),
+        ("activations.LayerRangeError", True, ValueError),
+        ("store.StoreError", True, RuntimeError),
+        ("store.RunNotFoundError", True, RuntimeError),
+        ("store.SchemaVersionError", True, RuntimeError),
+        ("store.CorruptStoreError", True, RuntimeError),
+        ("store.StoreBusyError", True, RuntimeError),
+        ("autointerp.LLMConfigError", True, RuntimeError),
+        ("autointerp.LLMAuthError", True, RuntimeError),
+        ("autointerp.LLMNotFoundError", True, RuntimeError),
+        ("autointerp.LLMUnavailableError", False, RuntimeError),
+        ("activations.NonFiniteActivationError", False, RuntimeError),
+        ("store.errors.SummaryError", False, TypeError),
+        ("errors.MissingInputError", True, FileNotFoundError),
+    ],
+)
 def test_bad_input_or_failure_and_the_old_bases_kept(name, bad_input, also):
     """Bad input derives from BadInputError; every class keeps the base older ``except`` clauses name."""
     mod, _, cls = name.rpartition(".")
@@ -70,6 +73,7 @@ def test_a_missing_input_is_still_a_file_not_found_error():
 
 # --- precompute --------------------------------------------------------------------------------------
 
+
 def _stages(run) -> dict:
     return {s.name: s for s in RunReader(run).stages()}
 
@@ -78,8 +82,9 @@ def _tracebacks(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
 
 
-def test_a_bug_inside_a_stage_exits_1_with_the_traceback_logged_and_the_stage_failed(tmp_path, monkeypatch,
-                                                                                        caplog, capsys):
+def test_a_bug_inside_a_stage_exits_1_with_the_traceback_logged_and_the_stage_failed(
+    tmp_path, monkeypatch, caplog, capsys
+):
     def bug(self):
         raise ValueError("simulated bug in a stage")
 
@@ -106,13 +111,16 @@ def test_bad_input_inside_a_stage_exits_2_with_one_line(tmp_path, monkeypatch, c
     assert _stages(run)["model"].status == "failed"
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--set", "rl_steps=0"], "rl"),
-    (["--set", "no_such_field=1"], "no_such_field"),
-    (["--set", "rl_steps=many"], "many"),
-    (["--set", "sae_variants=bogus"], "bogus"),
-    (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--set", "rl_steps=0"], "rl"),
+        (["--set", "no_such_field=1"], "no_such_field"),
+        (["--set", "rl_steps=many"], "many"),
+        (["--set", "sae_variants=bogus"], "bogus"),
+        (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder does not exist"),
+    ],
+)
 def test_bad_settings_on_the_command_line_exit_2_before_anything_is_written(tmp_path, caplog, capsys, args, says):
     run = tmp_path / "r"
     assert precompute.main(["--preset", "quick", "--out", str(run), *args]) == 2
@@ -128,6 +136,7 @@ def test_argparse_errors_exit_2(tmp_path):
 
 
 # --- report and sweep --------------------------------------------------------------------------------
+
 
 def test_report_bad_input_2_failure_1(tmp_path, monkeypatch, caplog, capsys):
     assert report.main([str(tmp_path / "missing")]) == 2

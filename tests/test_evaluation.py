@@ -76,7 +76,8 @@ def test_divergence_refuses_another_base_model(demo_model_dir):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     m = load_model("demo")
-    other = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64))
+    other = GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    )
     with pytest.raises(ValueError, match="not the same base model"):
         divergence.parameter_divergence(m.hf, other)

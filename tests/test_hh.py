@@ -49,16 +49,23 @@ def test_real_hh_and_toxicity_files_load(shared_data):
 @pytest.fixture(scope="module")
 def hh_run(tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp("hh") / "hh"
-    cfg = preset_config("quick", task="hh", n_pairs=160, n_eval_pairs=32, dpo_max_length=96,
-                        dpo_max_prompt_length=48, dpo_lr=1e-4, data_dir=str(shared_data))
+    cfg = preset_config(
+        "quick",
+        task="hh",
+        n_pairs=160,
+        n_eval_pairs=32,
+        dpo_max_length=96,
+        dpo_max_prompt_length=48,
+        dpo_lr=1e-4,
+        data_dir=str(shared_data),
+    )
     precompute.run_pipeline(cfg, out)
     return out
 
 
 def test_dpo_moves_the_training_margin_the_right_way(hh_run):
     rep = report.build_report(str(hh_run))
-    assert rep["stages"] == {"model": "done", "pairs": "done", "rlhf": "done", "rl_eval": "done",
-                             "divergence": "done"}
+    assert rep["stages"] == {"model": "done", "pairs": "done", "rlhf": "done", "rl_eval": "done", "divergence": "done"}
     x = rep["rlhf"]
     assert x["n_train"] == 32 and x["n_eval"] == 32
     assert x["train_margin"]["mean"] > 0 and x["train_accuracy"] > 0.6

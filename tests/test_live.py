@@ -16,8 +16,9 @@ def engine(quick_run):
 def test_an_empty_feature_set_changes_nothing(engine):
     res = engine.run("The film was", {}, n=4, new_tokens=6, seed=1)
     assert res.clean == res.ablated and res.reward_clean == res.reward_ablated and len(res.clean) == 4
-    assert res.truncated == 0 and res.prompt_tokens[1:] == [engine.tokenizer.decode([t]) for t in
-                                                            engine.tokenizer("The film was", add_special_tokens=False)["input_ids"]]
+    assert res.truncated == 0 and res.prompt_tokens[1:] == [
+        engine.tokenizer.decode([t]) for t in engine.tokenizer("The film was", add_special_tokens=False)["input_ids"]
+    ]
     assert all(abs(t["change"]) < 1e-5 for t in res.next_tokens)
 
 
@@ -83,9 +84,11 @@ def test_preference_scorer(quick_run):
 # --- one engine, shared by every browser session (st.cache_resource) -------------------------------------
 # A request splices SAEs and zeroing hooks into the engine's one model; without the engine's lock, a
 # request running beside another sees the other's ablation (or loses its own SAEs half-way).
-CONCURRENT = [("The film was", {1: list(range(0, 24))}, 1),
-              ("I hated this movie because the", {2: list(range(40, 80))}, 2),
-              ("An ordinary evening at the", {}, 3)]  # no features: the clean policy, SAEs spliced in
+CONCURRENT = [
+    ("The film was", {1: list(range(0, 24))}, 1),
+    ("I hated this movie because the", {2: list(range(40, 80))}, 2),
+    ("An ordinary evening at the", {}, 3),
+]  # no features: the clean policy, SAEs spliced in
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +100,14 @@ def shared_engine():
     m = load_model("demo")
     model = m.hooked()
     d = model.cfg.d_model
-    return LiveEngine.from_parts(model, m.tokenizer, {1: random_sae(d, 128, "blocks.1.hook_mlp_out", seed=1),
-                                                     2: random_sae(d, 128, "blocks.2.hook_mlp_out", seed=2)})
+    return LiveEngine.from_parts(
+        model,
+        m.tokenizer,
+        {
+            1: random_sae(d, 128, "blocks.1.hook_mlp_out", seed=1),
+            2: random_sae(d, 128, "blocks.2.hook_mlp_out", seed=2),
+        },
+    )
 
 
 def _ask(engine, request):
@@ -108,13 +117,23 @@ def _ask(engine, request):
 
 def _agree(a, b) -> bool:
     """Texts and rewards equal; next-token probabilities and activations equal up to float rounding."""
-    if (a.prompt_tokens, a.clean, a.ablated, a.reward_clean, a.reward_ablated) != \
-            (b.prompt_tokens, b.clean, b.ablated, b.reward_clean, b.reward_ablated):
+    if (a.prompt_tokens, a.clean, a.ablated, a.reward_clean, a.reward_ablated) != (
+        b.prompt_tokens,
+        b.clean,
+        b.ablated,
+        b.reward_clean,
+        b.reward_ablated,
+    ):
         return False
-    if [t["token"] for t in a.next_tokens] != [t["token"] for t in b.next_tokens] or a.activations.keys() != b.activations.keys():
+    if [t["token"] for t in a.next_tokens] != [
+        t["token"] for t in b.next_tokens
+    ] or a.activations.keys() != b.activations.keys():
         return False
-    close = [x["p_ablated"] == pytest.approx(y["p_ablated"], abs=1e-6) and x["p_clean"] == pytest.approx(y["p_clean"], abs=1e-6)
-             for x, y in zip(a.next_tokens, b.next_tokens)]
+    close = [
+        x["p_ablated"] == pytest.approx(y["p_ablated"], abs=1e-6)
+        and x["p_clean"] == pytest.approx(y["p_clean"], abs=1e-6)
+        for x, y in zip(a.next_tokens, b.next_tokens)
+    ]
     return all(close) and all(a.activations[k] == pytest.approx(b.activations[k], abs=1e-5) for k in a.activations)
 
 
@@ -151,9 +170,11 @@ def test_concurrent_scores_on_one_scorer_get_what_they_get_alone(quick_run):
 
     s = PreferenceScorer(quick_run)
     first, last = sorted(s.saes)[0], sorted(s.saes)[-1]
-    requests = [("What a wonderful, lovely film", {first: list(range(64))}),
-                ("A dull and boring movie, I hated it", {last: list(range(32, 96))}),
-                ("The plot follows a family", {})]
+    requests = [
+        ("What a wonderful, lovely film", {first: list(range(64))}),
+        ("A dull and boring movie, I hated it", {last: list(range(32, 96))}),
+        ("The plot follows a family", {}),
+    ]
     alone = [s.score(t, f) for t, f in requests]
     assert alone[0]["ablated"] != pytest.approx(alone[0]["clean"], abs=1e-4)
     rounds, start = 5, threading.Barrier(len(requests))

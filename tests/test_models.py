@@ -41,7 +41,10 @@ def _neox_tokenizer(shared_data: Path):
 
     return PreTrainedTokenizerFast(
         tokenizer_file=str(shared_data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"),
-        bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
 
 
 def _gpt2_tokenizer(shared_data: Path):
@@ -64,9 +67,17 @@ def test_random_pythia_shaped_model(shared_data, tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     tok = _neox_tokenizer(shared_data)
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, rotary_pct=0.25, max_position_embeddings=128,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        rotary_pct=0.25,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     d = _save_random(tmp_path, GPTNeoXForCausalLM(cfg), tok)
     m = load_model(d)
     assert m.hooked().cfg.rotary_dim == 4  # 25% of d_head 16
@@ -78,8 +89,15 @@ def test_random_gpt_neo_shaped_model(shared_data, tmp_path):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     tok = _gpt2_tokenizer(shared_data)
-    cfg = GPTNeoConfig(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4,
-                       attention_types=[[["global", "local"], 1]], window_size=8, max_position_embeddings=128)
+    cfg = GPTNeoConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+        max_position_embeddings=128,
+    )
     d = _save_random(tmp_path, GPTNeoForCausalLM(cfg), tok)
     m = load_model(d)
     assert _max_logprob_diff(m) < 1e-3

@@ -98,8 +98,14 @@ def test_report_json_has_every_headline_key(quick_run, capsys):
 
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "lfp_core.precompute", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "lfp_core.precompute", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        **kw,
+    )
 
 
 def test_cli_bad_model_path(tmp_path, capsys):
@@ -137,11 +143,28 @@ def test_cli_corrupt_db(tmp_path, capsys):
 @pytest.mark.slow
 def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     run = tmp_path / "killed"
-    args = ["--preset", "quick", "--out", str(run), "--n-prompts", "8", "--n-eval-prompts", "48",
-            "--samples-per-prompt", "2", "--until", "base_samples"]
+    args = [
+        "--preset",
+        "quick",
+        "--out",
+        str(run),
+        "--n-prompts",
+        "8",
+        "--n-eval-prompts",
+        "48",
+        "--samples-per-prompt",
+        "2",
+        "--until",
+        "base_samples",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     chunks = 0
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -162,8 +185,14 @@ def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     assert 0 < len(stored_before) < 96
     finished_before = {s.name: s.finished_at for s in r.stages() if s.status == "done"}
 
-    done = subprocess.run([sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "lfp_core.precompute", *args, "--gen-batch-size", "4"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr
     r = RunReader(run)
@@ -172,7 +201,8 @@ def test_sigkill_mid_stage_resumes_without_duplicates(tmp_path):
     assert r.table_size("completions") == len(keys) == 96 and (keys == 1).all()
     # Rows committed before the kill are untouched; finished stages were not re-run.
     after = r.completions("base")[["prompt_id", "sample_idx", "completion"]].merge(
-        stored_before, on=["prompt_id", "sample_idx"], suffixes=("", "_before"))
+        stored_before, on=["prompt_id", "sample_idx"], suffixes=("", "_before")
+    )
     assert (after.completion == after.completion_before).all() and len(after) == len(stored_before)
     assert {s.name: s.finished_at for s in r.stages() if s.name in ("model", "prompts")} == finished_before
 

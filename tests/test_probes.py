@@ -86,8 +86,17 @@ def test_probe_stage_reports_both_splits_controls_and_irm(probe_stage, quick_run
     toks = r.probe_tokens("tuned")
     assert not test_words & set(toks[toks.word_split == "train"].word)  # no test word in the word-split training set
     rep = build_report(str(quick_run))["probe"]
-    assert {"tau_occurrence", "tau_word", "tau_baseline", "tau_shuffled", "sign_acc_pos", "sign_acc_neg", "irm",
-            "logistic", "pca_var_ratio"} <= set(rep)
+    assert {
+        "tau_occurrence",
+        "tau_word",
+        "tau_baseline",
+        "tau_shuffled",
+        "sign_acc_pos",
+        "sign_acc_neg",
+        "irm",
+        "logistic",
+        "pca_var_ratio",
+    } <= set(rep)
     lg = rep["logistic"]["imdb"]
     assert lg["ci_low"] <= lg["acc"] <= lg["ci_high"] and 0 < lg["raw_acc"] <= 1 and len(rep["pca_var_ratio"]) == 2
 
@@ -118,7 +127,9 @@ def test_probe_uses_each_models_own_saes(quick_run, tmp_path):
     layers = RunReader(run).summary(ProbesSummary).layers
     w = RunWriter(run)
     main = w.reader().saes("main")
-    set_sae_paths(run, {i: p.replace("base-", "tuned-") for i, p in zip(main.sae_id, main.path) if i.startswith("base-")})
+    set_sae_paths(
+        run, {i: p.replace("base-", "tuned-") for i, p in zip(main.sae_id, main.path) if i.startswith("base-")}
+    )
     cfg = RunConfig.from_dict(RunReader(run).run_info()["config"])
     ctx = Context(run=cfg.run, writer=w)
     assert role_features(ctx, "tuned", layers, np.arange(5)).shape == (5, 512 * len(layers))

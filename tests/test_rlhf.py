@@ -77,8 +77,9 @@ def test_reward_nan_names_the_text(monkeypatch):
 
 def test_empty_prompt_set_is_refused(tmp_path, demo_model_dir):
     with pytest.raises(ValueError, match="prompt set is empty"):
-        rlhf.train_policy(load_model("demo"), [], preset_config("quick", rl_steps=1).stage_settings(RLStageSettings),
-                          tmp_path)
+        rlhf.train_policy(
+            load_model("demo"), [], preset_config("quick", rl_steps=1).stage_settings(RLStageSettings), tmp_path
+        )
 
 
 def test_missing_or_foreign_policy_is_refused(tmp_path, demo_model_dir):
@@ -87,8 +88,15 @@ def test_missing_or_foreign_policy_is_refused(tmp_path, demo_model_dir):
     base = load_model("demo")
     with pytest.raises(FileNotFoundError, match="re-run the rlhf stage"):
         rlhf.load_policy(tmp_path / "policy", base)
-    other = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=base.info()["vocab_size"], hidden_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, intermediate_size=128))
+    other = GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=base.info()["vocab_size"],
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+        )
+    )
     other.save_pretrained(tmp_path / "policy")
     base.tokenizer.save_pretrained(tmp_path / "policy")
     with pytest.raises(ValueError, match="not a fine-tune"):
@@ -98,9 +106,25 @@ def test_missing_or_foreign_policy_is_refused(tmp_path, demo_model_dir):
 @pytest.mark.slow
 def test_rl_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     run = tmp_path / "rl"
-    args = [sys.executable, "-m", "lfp_core.precompute", "--preset", "quick", "--out", str(run),
-            "--n-prompts", "8", "--n-eval-prompts", "8", "--until", "rlhf",
-            "--set", "rl_steps=12", "--set", "rl_save_every=4"]
+    args = [
+        sys.executable,
+        "-m",
+        "lfp_core.precompute",
+        "--preset",
+        "quick",
+        "--out",
+        str(run),
+        "--n-prompts",
+        "8",
+        "--n-eval-prompts",
+        "8",
+        "--until",
+        "rlhf",
+        "--set",
+        "rl_steps=12",
+        "--set",
+        "rl_save_every=4",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = artifacts_dir(run) / "rlhf_checkpoints"

@@ -26,10 +26,22 @@ def test_sae_stages_store_every_sae_with_metrics(reader):
     main = t[t.kind == "main"]
     assert sorted(zip(main.role, main.layer)) == sorted((r, ly) for r in ("base", "tuned") for ly in layers)
     assert set(t.kind) == {"main", "variant", "sweep", "mfr", "independent", "rm"}
-    t = t[t.kind != "rm"]  # the preference model's SAEs (residual stream, no next-token loss): tests/test_ablation_stages.py
+    t = t[
+        t.kind != "rm"
+    ]  # the preference model's SAEs (residual stream, no next-token loss): tests/test_ablation_stages.py
     assert sorted(t[t.kind == "variant"].arch.unique()) == ["relu", "tied"]
-    metrics = ["mse", "fvu", "l0", "dead_frac", "cos_sim", "l2_ratio", "ce_clean", "ce_spliced", "ce_zero",
-               "ce_loss_recovered"]
+    metrics = [
+        "mse",
+        "fvu",
+        "l0",
+        "dead_frac",
+        "cos_sim",
+        "l2_ratio",
+        "ce_clean",
+        "ce_spliced",
+        "ce_zero",
+        "ce_loss_recovered",
+    ]
     assert np.isfinite(t[metrics].to_numpy(dtype=float)).all()
     assert (main.l0 == 32).all() and (main.fvu < 0.5).all() and (main.ce_loss_recovered > 0.5).all()
     assert (t.ce_spliced >= t.ce_clean - 1e-3).all() and (t.ce_zero > t.ce_clean).all()
@@ -64,8 +76,9 @@ def test_feature_statistics_are_consistent(reader):
     fid = int(live.sort_values("n_fired").feature.iloc[len(live) // 2])
     one = reader.feature(role, layer, fid)
     assert sum(one["hist_counts"]) == one["n_fired"]
-    assert len(one["top_logit_tokens"]) == 10 and list(one["top_logit_values"]) == sorted(one["top_logit_values"],
-                                                                                           reverse=True)
+    assert len(one["top_logit_tokens"]) == 10 and list(one["top_logit_values"]) == sorted(
+        one["top_logit_values"], reverse=True
+    )
     assert fid not in list(one["neighbours"]) and len(one["neighbours"]) == 10
     assert one["freq_base_text"] is not None and one["freq_tuned_text"] is not None
     top = reader.feature_examples(role, layer, fid, "top")
@@ -96,7 +109,9 @@ def test_l1_sweep_command_stores_the_curve(tmp_path, quick_run, capsys):
 
     run = tmp_path / "sweep"
     shutil.copytree(quick_run, run)
-    assert sweep.main(["--run", str(run), "--l1", "0.3,3", "--tokens", "10240", "--plot", str(tmp_path / "c.html")]) == 0
+    assert (
+        sweep.main(["--run", str(run), "--l1", "0.3,3", "--tokens", "10240", "--plot", str(tmp_path / "c.html")]) == 0
+    )
     out = capsys.readouterr().out
     assert "L1" in out and "recovered" in out and (tmp_path / "c.html").exists()
     t = RunReader(run).saes("sweep")
@@ -117,8 +132,9 @@ def test_without_imdb_the_activation_corpus_is_sampled_from_the_model(quick_run,
 
     cfg = RunConfig.from_dict(RunReader(quick_run).run_info()["config"])
     cfg = cfg.with_values({"data_dir": str(tmp_path), "sae_corpus_docs": 6, "sae_doc_tokens": 12, "gen_batch_size": 4})
-    docs, where = build_corpus(Context(run=cfg.run, writer=RunWriter(quick_run)),
-                               cfg.stage_settings(ActivationsStageSettings))
+    docs, where = build_corpus(
+        Context(run=cfg.run, writer=RunWriter(quick_run)), cfg.stage_settings(ActivationsStageSettings)
+    )
     assert where == "model-sampled"
     sampled = [d for d in docs if d.source == "model_sampled"]
     assert len(sampled) == 6 and all(len(d.token_ids) == 12 for d in sampled)

@@ -30,10 +30,14 @@ def _recovery(sae, true: np.ndarray) -> float:
     return float((true @ dec.T).max(axis=1).mean())
 
 
-@pytest.mark.parametrize("spec", [
-    saes.SAESpec(arch="topk", d_sae=128, k=3, lr=3e-3, train_tokens=50_000, batch_size=256),
-    saes.SAESpec(arch="relu", d_sae=128, l1=3.0, lr=3e-3, train_tokens=50_000, batch_size=256),
-], ids=["topk", "relu"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        saes.SAESpec(arch="topk", d_sae=128, k=3, lr=3e-3, train_tokens=50_000, batch_size=256),
+        saes.SAESpec(arch="relu", d_sae=128, l1=3.0, lr=3e-3, train_tokens=50_000, batch_size=256),
+    ],
+    ids=["topk", "relu"],
+)
 def test_trained_sae_recovers_the_true_directions(spec):
     x, true = _synthetic()
     src = saes.ActivationSource(x, np.arange(len(x)), spec.batch_size, seed=0, layer="synthetic")
@@ -65,7 +69,9 @@ def test_mfr_aligns_dictionaries_more_than_independent_training():
     spec = saes.SAESpec(arch="topk", d_sae=96, k=4, lr=3e-3, train_tokens=20_480, batch_size=256)
     src = saes.ActivationSource(x, np.arange(len(x)), 256, seed=0)
     a, _ = saes.train_sae(spec, src, "h")
-    b, _ = saes.train_sae(saes.SAESpec(**{**spec.__dict__, "seed": 1}), saes.ActivationSource(x, np.arange(len(x)), 256, 1), "h")
+    b, _ = saes.train_sae(
+        saes.SAESpec(**{**spec.__dict__, "seed": 1}), saes.ActivationSource(x, np.arange(len(x)), 256, 1), "h"
+    )
     members, _ = saes.train_mfr(saes.SAESpec(**{**spec.__dict__, "mfr": 30.0}), src, "h", n=2)
     ind = saes.mmcs(saes.decoder(a), saes.decoder(b))["hungarian"]
     mfr = saes.mmcs(saes.decoder(members[0]), saes.decoder(members[1]))["hungarian"]
@@ -126,8 +132,13 @@ def test_spliced_sae_with_error_term_reproduces_clean_logits(demo):
     hooked = demo.hooked()
     d = hooked.cfg.d_model
     rng = np.random.default_rng(0)
-    sae = _fixed_sae(rng.normal(size=(d, 2 * d)) / 10, np.zeros(2 * d), rng.normal(size=(2 * d, d)) / 10,
-                     np.zeros(d), hook="blocks.2.hook_mlp_out")
+    sae = _fixed_sae(
+        rng.normal(size=(d, 2 * d)) / 10,
+        np.zeros(2 * d),
+        rng.normal(size=(2 * d, d)) / 10,
+        np.zeros(d),
+        hook="blocks.2.hook_mlp_out",
+    )
     toks = torch.tensor([[0] + list(range(5, 40))])
     with torch.no_grad():
         clean = hooked(toks)
@@ -143,10 +154,17 @@ def test_loss_recovered_with_a_shared_baseline_equals_the_full_measurement(demo)
     hooked = demo.hooked()
     d = hooked.cfg.d_model
     rng = np.random.default_rng(1)
-    sae = _fixed_sae(rng.normal(size=(d, 2 * d)) / 10, np.zeros(2 * d), rng.normal(size=(2 * d, d)) / 10,
-                     np.zeros(d), hook="blocks.2.hook_mlp_out")
-    text = demo.tokenizer("This film was a wonderful surprise: the acting is great and the plot never drags, "
-                          "although the ending felt rushed and a little silly.")["input_ids"]
+    sae = _fixed_sae(
+        rng.normal(size=(d, 2 * d)) / 10,
+        np.zeros(2 * d),
+        rng.normal(size=(2 * d, d)) / 10,
+        np.zeros(d),
+        hook="blocks.2.hook_mlp_out",
+    )
+    text = demo.tokenizer(
+        "This film was a wonderful surprise: the acting is great and the plot never drags, "
+        "although the ending felt rushed and a little silly."
+    )["input_ids"]
     seqs = [[0] + text[i : i + 20] for i in range(5)] + [[0] + text[:11]] * 3 + [[0]]
     full = saes.ce_metrics(hooked, sae, 2, seqs, batch_size=2)
     base = saes.ce_baselines(hooked, 2, seqs, batch_size=4)
@@ -161,8 +179,11 @@ def test_loss_recovered_with_a_shared_baseline_equals_the_full_measurement(demo)
 
 def test_harvest_masks_bos_and_keeps_doc_position_token(demo, tmp_path):
     hooked = demo.hooked()
-    docs = [activations.Doc(0, "imdb", "train", [15, 16, 17, 18]), activations.Doc(1, "imdb", "eval", [20, 0, 21]),
-            activations.Doc(2, "base_completion", "train", [30, 31, 32, 33])]
+    docs = [
+        activations.Doc(0, "imdb", "train", [15, 16, 17, 18]),
+        activations.Doc(1, "imdb", "eval", [20, 0, 21]),
+        activations.Doc(2, "base_completion", "train", [30, 31, 32, 33]),
+    ]
     idx = activations.write_index(tmp_path, docs, special={0})
     activations.harvest_role(hooked, docs, [1, 3], tmp_path, "base", bos=[0], special={0}, batch_size=2)
     h = activations.Harvest(tmp_path)

@@ -130,9 +130,11 @@ def test_every_group_is_read_by_some_stage():
 
 
 def test_the_registry_imports_without_torch():
-    code = ("import sys, lfp_core.stages, lfp_core.settings, lfp_core.report; "
-            "bad = [m for m in ('torch', 'transformer_lens', 'sae_lens', 'trl') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, lfp_core.stages, lfp_core.settings, lfp_core.report; "
+        "bad = [m for m in ('torch', 'transformer_lens', 'sae_lens', 'trl') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -141,8 +143,17 @@ def test_config_round_trips_and_reads_the_old_flat_layout():
     cfg = preset_config("demo", rl_steps=7, sae_variants="relu-2x", rm_layers="1,3")
     assert RunConfig.from_json(cfg.to_json()) == cfg
     assert json.loads(cfg.to_json())["layout"] == st.LAYOUT
-    old = {"model": "demo", "task": "vader", "rl_steps": 30, "sae_variants": "relu-1x,tied-1x", "sae_sweep_l1": "0.5,2",
-           "rm_layers": "auto", "extra": {}, "preset": "quick", "n_prompts": 64}
+    old = {
+        "model": "demo",
+        "task": "vader",
+        "rl_steps": 30,
+        "sae_variants": "relu-1x,tied-1x",
+        "sae_sweep_l1": "0.5,2",
+        "rm_layers": "auto",
+        "extra": {},
+        "preset": "quick",
+        "n_prompts": 64,
+    }
     up = RunConfig.from_dict(old)
     assert RunConfig.layout_of(old) == 1
     assert up.rl.steps == 30 and up.prompts.n_train == 64 and up.preset == "quick"
@@ -150,19 +161,22 @@ def test_config_round_trips_and_reads_the_old_flat_layout():
     assert up.sae_suite.sweep_l1 == (0.5, 2.0)
 
 
-@pytest.mark.parametrize("item, words", [
-    ("rl_stepz=3", ["unknown setting 'rl_stepz'", "rl_steps"]),
-    ("rl.lr=-1e-4", ["rl.lr", "must be > 0"]),
-    ("rl_beta=-0.1", ["rl.beta", ">= 0"]),
-    ("sae_arch=gated", ["sae.arch", "topk, relu, tied", "'gated'"]),
-    ("n_prompts=many", ["prompts.n_train", "int", "'many'"]),
-    ("sae_sweep_l1=0.5,x", ["sae_suite.sweep_l1", "float"]),
-    ("sae_variants=relu-two", ["ARCH-Nx"]),
-    ("rm_layers=middle", ["rm.layers", "auto"]),
-    ("dpo.max_prompt_length=300", ["dpo.max_prompt_length", "dpo.max_length"]),
-    ("ablation_random=2", [">= 5"]),
-    ("noequals", ["FIELD=VALUE"]),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("rl_stepz=3", ["unknown setting 'rl_stepz'", "rl_steps"]),
+        ("rl.lr=-1e-4", ["rl.lr", "must be > 0"]),
+        ("rl_beta=-0.1", ["rl.beta", ">= 0"]),
+        ("sae_arch=gated", ["sae.arch", "topk, relu, tied", "'gated'"]),
+        ("n_prompts=many", ["prompts.n_train", "int", "'many'"]),
+        ("sae_sweep_l1=0.5,x", ["sae_suite.sweep_l1", "float"]),
+        ("sae_variants=relu-two", ["ARCH-Nx"]),
+        ("rm_layers=middle", ["rm.layers", "auto"]),
+        ("dpo.max_prompt_length=300", ["dpo.max_prompt_length", "dpo.max_length"]),
+        ("ablation_random=2", [">= 5"]),
+        ("noequals", ["FIELD=VALUE"]),
+    ],
+)
 def test_bad_set_values_name_the_field_and_what_it_expects(item, words):
     from lfp_core.precompute import parse_overrides
 
@@ -209,6 +223,7 @@ def test_the_command_line_keeps_the_presets_values_for_flags_it_was_not_given():
     cfg = config_from_args(build_parser().parse_args(["--preset", "quick", "--out", "x"]))
     assert cfg == preset_config("quick", data_dir=cfg.run.data_dir)
     assert cfg.prompts.n_train == 64 and cfg.generation.batch_size == 32 and cfg.labels.probe_top == 8
-    cfg = config_from_args(build_parser().parse_args(["--preset", "quick", "--out", "x", "--n-prompts", "9",
-                                                      "--set", "rl.steps=3"]))
+    cfg = config_from_args(
+        build_parser().parse_args(["--preset", "quick", "--out", "x", "--n-prompts", "9", "--set", "rl.steps=3"])
+    )
     assert cfg.prompts.n_train == 9 and cfg.rl.steps == 3 and cfg.prompts.n_eval == 64

@@ -22,8 +22,15 @@ from tests.helpers import old_schema_run
 
 
 def _prompt(pid: int) -> dict:
-    return {"prompt_id": pid, "split": "train", "source": "imdb", "doc_id": f"train/pos/{pid}", "n_tokens": 2,
-            "token_ids": [1, 2], "text": "a b"}
+    return {
+        "prompt_id": pid,
+        "split": "train",
+        "source": "imdb",
+        "doc_id": f"train/pos/{pid}",
+        "n_tokens": 2,
+        "token_ids": [1, 2],
+        "text": "a b",
+    }
 
 
 def test_new_run_has_schema_version_and_tables(tmp_path):
@@ -103,10 +110,25 @@ def test_missing_run_and_file_as_run(tmp_path):
 
 
 def _feature(layer: int, f: int, tokens: list[str], density: float) -> dict:
-    return {"role": "tuned", "layer": layer, "feature": f, "density": density, "n_fired": 1, "mean_act": 1.0,
-            "max_act": 1.0 + f, "hist_counts": [1], "top_tokens": tokens, "freq_base_text": 0.1,
-            "freq_tuned_text": 0.1 + 0.01 * f, "top_logit_tokens": [], "top_logit_values": [], "bottom_logit_tokens": [],
-            "bottom_logit_values": [], "neighbours": [], "neighbour_cos": []}
+    return {
+        "role": "tuned",
+        "layer": layer,
+        "feature": f,
+        "density": density,
+        "n_fired": 1,
+        "mean_act": 1.0,
+        "max_act": 1.0 + f,
+        "hist_counts": [1],
+        "top_tokens": tokens,
+        "freq_base_text": 0.1,
+        "freq_tuned_text": 0.1 + 0.01 * f,
+        "top_logit_tokens": [],
+        "top_logit_values": [],
+        "bottom_logit_tokens": [],
+        "bottom_logit_values": [],
+        "neighbours": [],
+        "neighbour_cos": [],
+    }
 
 
 def test_feature_table_filters_searches_sorts_with_bound_parameters(tmp_path):
@@ -114,12 +136,44 @@ def test_feature_table_filters_searches_sorts_with_bound_parameters(tmp_path):
 
     w = RunWriter(tmp_path / "r")
     with w.transaction() as con:
-        put_rows(con, "features", [_feature(2, 0, [" great", " good"], 0.01), _feature(2, 1, [" awful"], 0.2),
-                                   _feature(3, 0, ["'; DROP TABLE features; --"], 0.05)])
-        put_rows(con, "probe_features", [{"role": "tuned", "layer": 2, "feature": 1, "weight": -0.5, "mean_act": 1.0,
-                                          "importance": 0.5, "rank": 0}])
-        put_rows(con, "feature_labels", [{"role": "tuned", "layer": 2, "feature": 0, "labeller": "offline",
-                                          "explanation": "Praise words", "relevant": True}])
+        put_rows(
+            con,
+            "features",
+            [
+                _feature(2, 0, [" great", " good"], 0.01),
+                _feature(2, 1, [" awful"], 0.2),
+                _feature(3, 0, ["'; DROP TABLE features; --"], 0.05),
+            ],
+        )
+        put_rows(
+            con,
+            "probe_features",
+            [
+                {
+                    "role": "tuned",
+                    "layer": 2,
+                    "feature": 1,
+                    "weight": -0.5,
+                    "mean_act": 1.0,
+                    "importance": 0.5,
+                    "rank": 0,
+                }
+            ],
+        )
+        put_rows(
+            con,
+            "feature_labels",
+            [
+                {
+                    "role": "tuned",
+                    "layer": 2,
+                    "feature": 0,
+                    "labeller": "offline",
+                    "explanation": "Praise words",
+                    "relevant": True,
+                }
+            ],
+        )
     r = RunReader(tmp_path / "r")
     df, n = r.feature_table()
     assert n == 3 and (df.layer.iloc[0], df.feature.iloc[0]) == (2, 1)  # probe rank first, unranked last
@@ -170,8 +224,13 @@ def test_rows_are_selected_with_typed_filters(tmp_path):
     w = RunWriter(tmp_path / "r")
     sae = {"layer": 1, "arch": "topk", "d_sae": 8, "path": "p"}
     with w.transaction() as con:
-        RunWriter.put_saes(con, [{"sae_id": s, "role": s.split("-")[0], "kind": k, **sae}
-                                 for s, k in (("tuned-a", "main"), ("base-a", "main"), ("rm-a", "rm"))])
+        RunWriter.put_saes(
+            con,
+            [
+                {"sae_id": s, "role": s.split("-")[0], "kind": k, **sae}
+                for s, k in (("tuned-a", "main"), ("base-a", "main"), ("rm-a", "rm"))
+            ],
+        )
         RunWriter.put_saes(con, [{"sae_id": "tuned-a", "role": "tuned", "kind": "main", **sae, "fvu": 0.1}])  # replaced
     r = RunReader(tmp_path / "r")
     assert r.table_size("saes") == 3 and r.saes().set_index("sae_id").fvu["tuned-a"] == 0.1
@@ -209,5 +268,6 @@ def test_stage_summaries_are_typed_and_checked_when_written(tmp_path):
     assert r.summary(ProbesSummary) == pr.summary
     assert isinstance(rl.summary, RLEvalSummary) and r.summary(RLEvalSummary) is None  # not done
     # reading a run written by another version: a key it does not know is dropped, not an error
-    assert parse_summary("probes", {"layers": [3], "retired": 1, "tuned": {"gone": 2}}, strict=False) == \
-        ProbesSummary(layers=[3], tuned=ProbeRoleSummary())
+    assert parse_summary("probes", {"layers": [3], "retired": 1, "tuned": {"gone": 2}}, strict=False) == ProbesSummary(
+        layers=[3], tuned=ProbeRoleSummary()
+    )

@@ -29,30 +29,52 @@ def engine(run: str, stamp: float) -> LiveEngine:
 # --- the stored experiment ------------------------------------------------------------------------------
 ab = data.summary(AblationSummary)
 if ab is None:
-    st.info("The stored ablation experiment is not computed yet: run `python -m lfp_core.precompute --out "
-            f"{run_dir}` (stage `ablation`). The live lab below works already.")
+    st.info(
+        "The stored ablation experiment is not computed yet: run `python -m lfp_core.precompute --out "
+        f"{run_dir}` (stage `ablation`). The live lab below works already."
+    )
 else:
     sets = data.ablation_sets()
     top = ab.sets.get("probe_top") or AblationSetSummary()
     nan = float("nan")
     c = st.columns(4)
-    c[0].metric("Reward, clean policy", f"{ab.reward_before or nan:.3f}",
-                help=f"{top.n or 0} completions of held-out review prefixes, every SAE spliced in with its error term")
-    c[1].metric(f"Probe-top {top.size or 0} zeroed", f"{ab.reward_after or nan:.3f}",
-                delta=f"{nan if top.diff is None else top.diff:+.3f}")
-    c[2].metric("Random sets of that size", f"{ab.random_after_mean or nan:.3f}",
-                help="mean over the size-matched random sets (same features per layer)")
-    c[3].metric("p (lower than random)", f"{ab.p or nan:.3g}",
-                help="bootstrap over prefixes: the probe set's mean change not below the random sets' mean; "
-                     f"rank p {ab.p_rank or nan:.3g}")
+    c[0].metric(
+        "Reward, clean policy",
+        f"{ab.reward_before or nan:.3f}",
+        help=f"{top.n or 0} completions of held-out review prefixes, every SAE spliced in with its error term",
+    )
+    c[1].metric(
+        f"Probe-top {top.size or 0} zeroed",
+        f"{ab.reward_after or nan:.3f}",
+        delta=f"{nan if top.diff is None else top.diff:+.3f}",
+    )
+    c[2].metric(
+        "Random sets of that size",
+        f"{ab.random_after_mean or nan:.3f}",
+        help="mean over the size-matched random sets (same features per layer)",
+    )
+    c[3].metric(
+        "p (lower than random)",
+        f"{ab.p or nan:.3g}",
+        help="bootstrap over prefixes: the probe set's mean change not below the random sets' mean; "
+        f"rank p {ab.p_rank or nan:.3g}",
+    )
     st.plotly_chart(viz.ablation_effects(sets), width="stretch")
-    st.dataframe(sets[["set_id", "kind", "size", "before", "after", "diff", "diff_lo", "diff_hi", "p", "p_rank"]],
-                 hide_index=True, width="stretch", key="al_sets",
-                 column_config={k: st.column_config.NumberColumn(format="%.3f")
-                                for k in ("before", "after", "diff", "diff_lo", "diff_hi", "p", "p_rank")})
-    st.caption("Every set is sampled from the same prefixes with the same random numbers as the clean policy, so "
-               "each difference is paired. `all` zeroes every firing feature of the selected layers: the most any "
-               "feature set there can move the reward.")
+    st.dataframe(
+        sets[["set_id", "kind", "size", "before", "after", "diff", "diff_lo", "diff_hi", "p", "p_rank"]],
+        hide_index=True,
+        width="stretch",
+        key="al_sets",
+        column_config={
+            k: st.column_config.NumberColumn(format="%.3f")
+            for k in ("before", "after", "diff", "diff_lo", "diff_hi", "p", "p_rank")
+        },
+    )
+    st.caption(
+        "Every set is sampled from the same prefixes with the same random numbers as the clean policy, so "
+        "each difference is paired. `all` zeroes every firing feature of the selected layers: the most any "
+        "feature set there can move the reward."
+    )
     with st.expander("Completions side by side"):
         which = st.selectbox("Set", [s for s in sets.set_id if s != "baseline"], key="al_set")
         comp = data.ablation_completions(["baseline", which], limit=20)
@@ -77,7 +99,9 @@ def _name(layer: int, feature: int, label: str | None = None) -> str:
     return f"L{layer} #{feature}" + (f" · {label[:40]}" if label else "")
 
 
-label_of = {(int(a), int(b)): e for a, b, e in zip(labels.layer, labels.feature, labels.explanation)} if len(labels) else {}
+label_of = (
+    {(int(a), int(b)): e for a, b, e in zip(labels.layer, labels.feature, labels.explanation)} if len(labels) else {}
+)
 pos = pf[(pf.weight > 0) & pf.layer.isin(eng.layers)].head(MAX_FEATURES)
 for a, b in zip(pos.layer, pos.feature):
     options[_name(int(a), int(b), label_of.get((int(a), int(b))))] = (int(a), int(b))
@@ -104,8 +128,9 @@ if st.session_state.get("al_preset_used") != preset:
         chosen = []
     st.session_state["al_features"] = chosen
     st.session_state["al_preset_used"] = preset
-picked = st.multiselect(f"Features to zero (at most {MAX_FEATURES})", list(options), key="al_features",
-                        max_selections=MAX_FEATURES)
+picked = st.multiselect(
+    f"Features to zero (at most {MAX_FEATURES})", list(options), key="al_features", max_selections=MAX_FEATURES
+)
 
 prefixes = data.ablation_prefixes() if ab is not None else pd.DataFrame()
 examples = list(prefixes.text.head(20)) if len(prefixes) else []
@@ -129,16 +154,33 @@ if st.button("Run", type="primary", key="al_run"):
         st.error(str(exc))
         st.stop()
     if res.truncated:
-        st.warning(f"The text is longer than the model's context ({eng.model.cfg.n_ctx} tokens with room for "
-                   f"{new_tokens} new ones): its first {res.truncated} tokens were dropped.")
+        st.warning(
+            f"The text is longer than the model's context ({eng.model.cfg.n_ctx} tokens with room for "
+            f"{new_tokens} new ones): its first {res.truncated} tokens were dropped."
+        )
     c = st.columns(3)
     c[0].metric("Mean reward, clean", f"{res.mean_clean:.3f}")
-    c[1].metric(f"Mean reward, {len(picked)} features zeroed", f"{res.mean_ablated:.3f}",
-                delta=f"{res.mean_ablated - res.mean_clean:+.3f}")
-    c[2].metric("Completions that changed", f"{sum(a != b for a, b in zip(res.clean, res.ablated))} of {len(res.clean)}")
-    st.dataframe(pd.DataFrame({"clean": res.clean, "reward (clean)": res.reward_clean, "ablated": res.ablated,
-                               "reward (ablated)": res.reward_ablated}), hide_index=True, width="stretch",
-                 key="al_out")
+    c[1].metric(
+        f"Mean reward, {len(picked)} features zeroed",
+        f"{res.mean_ablated:.3f}",
+        delta=f"{res.mean_ablated - res.mean_clean:+.3f}",
+    )
+    c[2].metric(
+        "Completions that changed", f"{sum(a != b for a, b in zip(res.clean, res.ablated))} of {len(res.clean)}"
+    )
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "clean": res.clean,
+                "reward (clean)": res.reward_clean,
+                "ablated": res.ablated,
+                "reward (ablated)": res.reward_ablated,
+            }
+        ),
+        hide_index=True,
+        width="stretch",
+        key="al_out",
+    )
     left, right = st.columns(2)
     left.subheader("Next token")
     left.plotly_chart(viz.next_token_bars(res.next_tokens), width="stretch")

@@ -75,10 +75,12 @@ def sidebar(default_run: str | None = None) -> None:
                 if n == wanted or runs[n] == wanted or Path(runs[n]).resolve() == Path(wanted).resolve():
                     index = i
                     break
-        choice = st.selectbox("Run", names, index=index if names else None, key="lfp_run_select",
-                              placeholder="no runs under data/runs")
-        typed = st.text_input("…or a run directory", value="", key="lfp_run_path",
-                              placeholder="/path/to/data/runs/NAME")
+        choice = st.selectbox(
+            "Run", names, index=index if names else None, key="lfp_run_select", placeholder="no runs under data/runs"
+        )
+        typed = st.text_input(
+            "…or a run directory", value="", key="lfp_run_path", placeholder="/path/to/data/runs/NAME"
+        )
         run_dir = typed.strip() or (runs[choice] if choice else None)
         st.session_state[RUN_KEY] = run_dir
         if run_dir and st.query_params.get("run") != run_param(run_dir):
@@ -92,9 +94,10 @@ def sidebar(default_run: str | None = None) -> None:
                 st.caption(f"⚠️ {exc}")
             else:
                 rs = run_settings_of(info.get("config"))
-                st.caption(f"**Model:** {model['name'] if model else rs.model}  \n"
-                           f"**Task:** {rs.task}  \n**Preset:** {info.get('preset', '?')}")
-
+                st.caption(
+                    f"**Model:** {model['name'] if model else rs.model}  \n"
+                    f"**Task:** {rs.task}  \n**Preset:** {info.get('preset', '?')}"
+                )
 
 
 def require_stage(data: RunData, kind: type[S], what: str) -> S:
@@ -105,8 +108,10 @@ def require_stage(data: RunData, kind: type[S], what: str) -> S:
     """
     summary = data.summary(kind)
     if summary is None:
-        st.info(f"No {what} yet: the `{kind.STAGE}` stage has not finished. Compute it (finished stages are kept) "
-                f"with `python -m lfp_core.precompute --out {data.run_dir}`.")
+        st.info(
+            f"No {what} yet: the `{kind.STAGE}` stage has not finished. Compute it (finished stages are kept) "
+            f"with `python -m lfp_core.precompute --out {data.run_dir}`."
+        )
         st.stop()
         raise AssertionError("unreachable")  # st.stop raises
     return summary
@@ -137,5 +142,6 @@ def feature_url(run_dir: str, role: str, layer: int, feature: int) -> str:
     """A relative deep link to a feature page (works under any base path)."""
     from urllib.parse import urlencode
 
-    return "feature?" + urlencode({"run": run_param(run_dir), "role": role, "layer": int(layer),
-                                   "feature": int(feature)})
+    return "feature?" + urlencode(
+        {"run": run_param(run_dir), "role": role, "layer": int(layer), "feature": int(feature)}
+    )

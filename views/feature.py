@@ -37,7 +37,8 @@ def _param(name: str, allowed: Sequence[T], outside: str | None = None) -> tuple
             return None, f"The link's `{name}` must be a whole number; it is {raw[:40]!r}."
     if value not in allowed:
         return None, (outside or "The link's `{name}` {value!r} is not in this run (choose from {allowed})").format(
-            name=name, value=str(value)[:40], allowed=allowed[:12]) + "."
+            name=name, value=str(value)[:40], allowed=allowed[:12]
+        ) + "."
     return next(a for a in allowed if a == value), None  # the allowed item equal to value (a T)
 
 
@@ -51,9 +52,11 @@ q_layer, e = _param("layer", role_layers)
 errors += [e] if e else []
 layer = int(q_layer) if isinstance(q_layer, int) else role_layers[0]
 n_feat = n_of[(role, layer)]
-q_feat, e = _param("feature", list(range(n_feat)),
-                   f"Feature {{value}} is out of range: the {role} model's layer-{layer} SAE has {n_feat} features "
-                   f"(0–{n_feat - 1})")
+q_feat, e = _param(
+    "feature",
+    list(range(n_feat)),
+    f"Feature {{value}} is out of range: the {role} model's layer-{layer} SAE has {n_feat} features (0–{n_feat - 1})",
+)
 errors += [e] if e else []
 wanted = (role, layer, q_feat if q_feat is not None else 0)
 if st.session_state.get("feat_synced") != wanted:  # a new link: its values win over old widget state
@@ -80,12 +83,17 @@ for msg in errors:
     st.error(msg)
 c = st.columns([2, 2, 2, 1, 1])
 c[0].radio("Model", roles, horizontal=True, key="feat_role", on_change=_sync)
-c[1].selectbox("Layer", [str(x) for x in sorted(x for r, x in n_of if r == st.session_state.feat_role)],
-               key="feat_layer", on_change=_sync)
+c[1].selectbox(
+    "Layer",
+    [str(x) for x in sorted(x for r, x in n_of if r == st.session_state.feat_role)],
+    key="feat_layer",
+    on_change=_sync,
+)
 role, layer = st.session_state.feat_role, int(st.session_state.feat_layer)
 n_feat = n_of[(role, layer)]
-c[2].number_input(f"Feature (0–{n_feat - 1})", min_value=0, max_value=n_feat - 1, step=1, key="feat_id",
-                  on_change=_sync)
+c[2].number_input(
+    f"Feature (0–{n_feat - 1})", min_value=0, max_value=n_feat - 1, step=1, key="feat_id", on_change=_sync
+)
 c[3].button("◀ prev", on_click=_step, args=(-1,), disabled=st.session_state.feat_id <= 0, key="feat_prev")
 c[4].button("next ▶", on_click=_step, args=(1,), disabled=st.session_state.feat_id >= n_feat - 1, key="feat_next")
 fid = int(st.session_state.feat_id)
@@ -103,8 +111,12 @@ f: dict = found
 density = f["density"]
 kind = "dead" if f["n_fired"] == 0 else "dense" if density > 0.1 else "sparse" if density > 1e-3 else "rare"
 st.subheader(f"{role} · layer {layer} · feature {fid}")
-colour: dict[str, Literal["gray", "orange", "blue", "violet"]] = {"dead": "gray", "dense": "orange",
-                                                                 "sparse": "blue", "rare": "violet"}
+colour: dict[str, Literal["gray", "orange", "blue", "violet"]] = {
+    "dead": "gray",
+    "dense": "orange",
+    "sparse": "blue",
+    "rare": "violet",
+}
 st.badge(f"{kind}: fires on {density:.3%} of tokens", color=colour[kind])
 m = st.columns(5)
 m[0].metric("Density", f"{density:.4%}", help=f"{int(f['n_fired']):,} firing tokens")
@@ -113,8 +125,12 @@ m[2].metric("Mean when firing", f"{f['mean_act']:.3f}")
 fb, ft = f.get("freq_base_text"), f.get("freq_tuned_text")
 if fb is not None and ft is not None and pd.notna(fb) and pd.notna(ft):
     m[3].metric("Fires on base-model text", f"{fb:.2%}")
-    m[4].metric("Fires on tuned-policy text", f"{ft:.2%}", delta=f"{(ft - fb) * 100:+.2f} pts",
-                help="Share of completion tokens (base model's vs tuned policy's completions of the same prompts)")
+    m[4].metric(
+        "Fires on tuned-policy text",
+        f"{ft:.2%}",
+        delta=f"{(ft - fb) * 100:+.2f} pts",
+        help="Share of completion tokens (base model's vs tuned policy's completions of the same prompts)",
+    )
 
 if f.get("labeller") and pd.notna(f.get("labeller")):
     rel = "" if pd.isna(f.get("relevant")) else (" · **related to the reward**" if f["relevant"] else " · not related")
@@ -123,9 +139,11 @@ if f.get("labeller") and pd.notna(f.get("labeller")):
 else:
     st.caption("No label yet: the labels stage labels features with an LLM or the offline labeller.")
 if pd.notna(f.get("probe_weight")):
-    st.markdown(f"**Probe** (VADER ridge probe on the {role} model): weight **{f['probe_weight']:+.4f}**, "
-                f"attribution rank **{int(f['probe_rank']) + 1}** by |weight × mean activation| "
-                f"= {f['probe_importance']:.4f}.")
+    st.markdown(
+        f"**Probe** (VADER ridge probe on the {role} model): weight **{f['probe_weight']:+.4f}**, "
+        f"attribution rank **{int(f['probe_rank']) + 1}** by |weight × mean activation| "
+        f"= {f['probe_importance']:.4f}."
+    )
 
 
 @st.fragment
@@ -133,8 +151,9 @@ def histogram_and_effects() -> None:
     left, right = st.columns([3, 2])
     with left:
         st.markdown("**Non-zero activations**")
-        st.plotly_chart(viz.activation_histogram(list(f["hist_counts"]), f["max_act"]), width="stretch",
-                        key="feat_hist")
+        st.plotly_chart(
+            viz.activation_histogram(list(f["hist_counts"]), f["max_act"]), width="stretch", key="feat_hist"
+        )
     with right:
         st.markdown("**Logit effects** (W_dec · W_U)")
         up = pd.DataFrame({"promotes": list(f["top_logit_tokens"]), "logit": list(f["top_logit_values"])})
@@ -151,21 +170,35 @@ def contexts() -> None:
     if top.empty:
         st.info("This feature never fired on the harvested corpus.")
         return
-    st.markdown("".join(viz.activation_context_html(list(r.tokens), list(r.acts), int(r.center), f["max_act"])
-                        for r in top.itertuples()), unsafe_allow_html=True)
+    st.markdown(
+        "".join(
+            viz.activation_context_html(list(r.tokens), list(r.acts), int(r.center), f["max_act"])
+            for r in top.itertuples()
+        ),
+        unsafe_allow_html=True,
+    )
     iv = data.feature_examples(role, layer, fid, "interval")
     if not iv.empty:
         with st.expander("Samples from equal-width activation intervals"):
             width = f["max_act"] / 10
             for k, g in iv.groupby("interval", sort=False):
                 st.caption(f"interval {int(k) + 1}: {int(k) * width:.3f}–{(int(k) + 1) * width:.3f}")
-                st.markdown("".join(viz.activation_context_html(list(r.tokens), list(r.acts), int(r.center), f["max_act"])
-                                    for r in g.itertuples()), unsafe_allow_html=True)
+                st.markdown(
+                    "".join(
+                        viz.activation_context_html(list(r.tokens), list(r.acts), int(r.center), f["max_act"])
+                        for r in g.itertuples()
+                    ),
+                    unsafe_allow_html=True,
+                )
 
 
 histogram_and_effects()
 contexts()
 nb = list(f["neighbours"])
 if nb:
-    st.markdown("**Nearest decoder directions** (cosine): " + " · ".join(
-        f"[{int(n)}]({feature_url(run_dir, role, layer, int(n))}) {cs:.2f}" for n, cs in zip(nb, f["neighbour_cos"])))
+    st.markdown(
+        "**Nearest decoder directions** (cosine): "
+        + " · ".join(
+            f"[{int(n)}]({feature_url(run_dir, role, layer, int(n))}) {cs:.2f}" for n, cs in zip(nb, f["neighbour_cos"])
+        )
+    )

@@ -19,33 +19,53 @@ d = require_stage(data, LabelsSummary, "feature labels")
 labels = data.labels("tuned")
 who = d.labeller or "?"
 if who.startswith("offline"):
-    st.info(f"Labeller: **{who}**. These labels are computed without any LLM: the explanation lists the tokens the "
-            "feature fires on most; relevance is the rank correlation of its activation with |VADER valence|. "
-            "Run `python -m lfp_core.precompute --out RUN --labeller openai` with OPENAI_API_KEY set for LLM labels.")
+    st.info(
+        f"Labeller: **{who}**. These labels are computed without any LLM: the explanation lists the tokens the "
+        "feature fires on most; relevance is the rank correlation of its activation with |VADER valence|. "
+        "Run `python -m lfp_core.precompute --out RUN --labeller openai` with OPENAI_API_KEY set for LLM labels."
+    )
 else:
     st.caption(f"Labeller: **{who}** (answers cached in the run; a re-run sends no repeated requests).")
 c = st.columns(4)
 c[0].metric("Labelled features", d.n_labelled or 0, help=f"{d.n_skipped_no_examples or 0} skipped: no examples")
 c[1].metric("Reward-related", d.n_relevant or 0)
 acc = d.detection_acc_mean
-c[2].metric("Detection accuracy (mean)", "n/a" if acc is None else f"{acc:.3f}",
-            help="held-out activating vs non-activating excerpts; 0.5 = chance")
+c[2].metric(
+    "Detection accuracy (mean)",
+    "n/a" if acc is None else f"{acc:.3f}",
+    help="held-out activating vs non-activating excerpts; 0.5 = chance",
+)
 ov = d.overlap
-c[3].metric("Overlap with probe top", f"{ov.get('n', 0)} of {ov.get('n_flagged', 0)}",
-            help=f"expected by chance {ov.get('expected') or 0:.1f}; hypergeometric p = {ov.get('p') or float('nan'):.1e}")
+c[3].metric(
+    "Overlap with probe top",
+    f"{ov.get('n', 0)} of {ov.get('n_flagged', 0)}",
+    help=f"expected by chance {ov.get('expected') or 0:.1f}; hypergeometric p = {ov.get('p') or float('nan'):.1e}",
+)
 
 st.subheader("Do the labeller's reward-related features fire on high-reward text?")
 freq = pd.DataFrame(d.frequency)
 if not freq.empty:
     st.plotly_chart(viz.label_frequency_bars(freq), width="stretch")
-    st.dataframe(freq.rename(columns={"freq_high": "fires on high-reward", "freq_low": "fires on low-reward",
-                                      "p": "Wilcoxon p", "n_high": "high-reward completions",
-                                      "n_low": "low-reward completions"}), hide_index=True, width="stretch")
-    st.caption("Share of the tuned policy's held-out completions (top vs bottom quartile by VADER reward) on which a "
-               "feature fires at least once, averaged over the features of each set; p from a paired Wilcoxon test "
-               f"over the set's features. Overlap: {ov.get('n', 0)} of the {ov.get('n_flagged', 0)} reward-related "
-               f"features are among the {ov.get('n_probe_top', 0)} probe-top ones of the {ov.get('n_labelled', 0)} "
-               f"labelled (p = {ov.get('p') or float('nan'):.1e}).")
+    st.dataframe(
+        freq.rename(
+            columns={
+                "freq_high": "fires on high-reward",
+                "freq_low": "fires on low-reward",
+                "p": "Wilcoxon p",
+                "n_high": "high-reward completions",
+                "n_low": "low-reward completions",
+            }
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption(
+        "Share of the tuned policy's held-out completions (top vs bottom quartile by VADER reward) on which a "
+        "feature fires at least once, averaged over the features of each set; p from a paired Wilcoxon test "
+        f"over the set's features. Overlap: {ov.get('n', 0)} of the {ov.get('n_flagged', 0)} reward-related "
+        f"features are among the {ov.get('n_probe_top', 0)} probe-top ones of the {ov.get('n_labelled', 0)} "
+        f"labelled (p = {ov.get('p') or float('nan'):.1e})."
+    )
 
 st.subheader("Explanations")
 c = st.columns([1, 2])
@@ -60,12 +80,31 @@ if needle:
 if shown.empty:
     st.info("No label matches.")
 else:
-    st.dataframe(shown.assign(page=[feature_url(run_dir, "tuned", a, b) for a, b in zip(shown.layer, shown.feature)],
-                              probe_rank=shown.probe_rank + 1)[
-        ["page", "layer", "feature", "selection", "explanation", "relevant", "detection_acc", "detection_f1",
-         "probe_rank", "density"]],
-        hide_index=True, width="stretch", key="lb_table",
-        column_config={"page": st.column_config.LinkColumn("page", display_text="open", width="small"),
-                       "detection_acc": st.column_config.NumberColumn("detection acc", format="%.2f"),
-                       "detection_f1": st.column_config.NumberColumn("F1", format="%.2f"),
-                       "density": st.column_config.NumberColumn(format="%.4f")})
+    st.dataframe(
+        shown.assign(
+            page=[feature_url(run_dir, "tuned", a, b) for a, b in zip(shown.layer, shown.feature)],
+            probe_rank=shown.probe_rank + 1,
+        )[
+            [
+                "page",
+                "layer",
+                "feature",
+                "selection",
+                "explanation",
+                "relevant",
+                "detection_acc",
+                "detection_f1",
+                "probe_rank",
+                "density",
+            ]
+        ],
+        hide_index=True,
+        width="stretch",
+        key="lb_table",
+        column_config={
+            "page": st.column_config.LinkColumn("page", display_text="open", width="small"),
+            "detection_acc": st.column_config.NumberColumn("detection acc", format="%.2f"),
+            "detection_f1": st.column_config.NumberColumn("F1", format="%.2f"),
+            "density": st.column_config.NumberColumn(format="%.4f"),
+        },
+    )

@@ -16,46 +16,86 @@ data = RunData(run_dir)
 st.title("Layers & SAEs")
 div = data.layer_divergence()
 if div.empty:
-    st.info(f"No divergence yet: the divergence stage has not run. Compute it with "
-            f"`python -m lfp_core.precompute --out {run_dir}` (finished stages are kept).")
+    st.info(
+        f"No divergence yet: the divergence stage has not run. Compute it with "
+        f"`python -m lfp_core.precompute --out {run_dir}` (finished stages are kept)."
+    )
     st.stop()
 measure = (data.summary(DivergenceSummary) or DivergenceSummary()).measure
 selected = [int(x) for x in div[div.selected].layer]
-st.markdown(f"Selected layers (★): **{', '.join(map(str, selected))}**, the top {len(selected)} by "
-            f"**{'parameter' if measure == 'param' else 'MLP-output (1 − cos)'}** divergence. Later "
-            "stages train SAEs on these layers' MLP outputs.")
+st.markdown(
+    f"Selected layers (★): **{', '.join(map(str, selected))}**, the top {len(selected)} by "
+    f"**{'parameter' if measure == 'param' else 'MLP-output (1 − cos)'}** divergence. Later "
+    "stages train SAEs on these layers' MLP outputs."
+)
 st.plotly_chart(viz.divergence_bars(div), width="stretch")
-st.caption("Parameter divergence: the paper's Σ over the layer's tensors of the Frobenius norm of the weight "
-           "change (float32). Activation divergence: base vs tuned `hook_mlp_out` on the same held-out "
-           "sequences, BOS excluded.")
-st.dataframe(div.rename(columns={"act_cos": "1 − cos", "act_rel_l2": "relative L2"}), hide_index=True,
-             width="stretch")
+st.caption(
+    "Parameter divergence: the paper's Σ over the layer's tensors of the Frobenius norm of the weight "
+    "change (float32). Activation divergence: base vs tuned `hook_mlp_out` on the same held-out "
+    "sequences, BOS excluded."
+)
+st.dataframe(div.rename(columns={"act_cos": "1 − cos", "act_rel_l2": "relative L2"}), hide_index=True, width="stretch")
 
 # --- SAEs on the selected layers -------------------------------------------------------------------
 st.header("SAEs")
 sae_stage = require_stage(data, SAEsSummary, "SAEs")
 table = data.saes()
-cols = ["sae_id", "role", "layer", "arch", "d_sae", "l0", "fvu", "ce_loss_recovered", "dead_frac", "cos_sim",
-        "l2_ratio", "mse", "ce_clean", "ce_spliced", "ce_zero", "k", "l1_coefficient", "seconds"]
-labels = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "dead_frac": "dead", "cos_sim": "cos(x, x̂)",
-          "l2_ratio": "‖x̂‖/‖x‖", "ce_clean": "CE clean", "ce_spliced": "CE spliced", "ce_zero": "CE zero-abl.",
-          "ce_loss_recovered": "loss recovered", "l1_coefficient": "L1"}
+cols = [
+    "sae_id",
+    "role",
+    "layer",
+    "arch",
+    "d_sae",
+    "l0",
+    "fvu",
+    "ce_loss_recovered",
+    "dead_frac",
+    "cos_sim",
+    "l2_ratio",
+    "mse",
+    "ce_clean",
+    "ce_spliced",
+    "ce_zero",
+    "k",
+    "l1_coefficient",
+    "seconds",
+]
+labels = {
+    "fvu": "FVU",
+    "mse": "MSE",
+    "l0": "L0",
+    "dead_frac": "dead",
+    "cos_sim": "cos(x, x̂)",
+    "l2_ratio": "‖x̂‖/‖x‖",
+    "ce_clean": "CE clean",
+    "ce_spliced": "CE spliced",
+    "ce_zero": "CE zero-abl.",
+    "ce_loss_recovered": "loss recovered",
+    "l1_coefficient": "L1",
+}
 act = data.stage("activations")
 if act is not None and isinstance(act.summary, ActivationsSummary):
     d = act.summary
-    st.markdown(f"Trained with sae-lens on `hook_mlp_out` activations of **{d.n_train_rows or 0:,}** tokens; "
-                f"metrics on **{d.n_eval_rows or 0:,}** held-out tokens (whole documents held out). "
-                f"Corpus: {d.n_docs or 0:,} documents ({d.source}) plus base and tuned completions.")
+    st.markdown(
+        f"Trained with sae-lens on `hook_mlp_out` activations of **{d.n_train_rows or 0:,}** tokens; "
+        f"metrics on **{d.n_eval_rows or 0:,}** held-out tokens (whole documents held out). "
+        f"Corpus: {d.n_docs or 0:,} documents ({d.source}) plus base and tuned completions."
+    )
 main = table[table.kind.isin(["main", "variant"])]
 st.subheader("Quality")
-st.dataframe(main[cols].rename(columns=labels), hide_index=True, width="stretch",
-             column_config={"loss recovered": st.column_config.ProgressColumn(format="percent", min_value=0,
-                                                                              max_value=1)})
-st.caption("FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² with the mean taken per dimension. Dead = share of features that never "
-           "fire on any harvested token. Loss recovered = (CE zero-ablated − CE spliced) / (CE zero-ablated − CE "
-           "clean), next-token cross-entropy on held-out documents with the SAE's reconstruction (or zeros) in "
-           "place of the layer's MLP output. Main SAEs of both models feed the feature pages; variants are the "
-           "paper's L1 ReLU (1× and 2× d_model) and tied-decoder SAEs of the tuned model.")
+st.dataframe(
+    main[cols].rename(columns=labels),
+    hide_index=True,
+    width="stretch",
+    column_config={"loss recovered": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1)},
+)
+st.caption(
+    "FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² with the mean taken per dimension. Dead = share of features that never "
+    "fire on any harvested token. Loss recovered = (CE zero-ablated − CE spliced) / (CE zero-ablated − CE "
+    "clean), next-token cross-entropy on held-out documents with the SAE's reconstruction (or zeros) in "
+    "place of the layer's MLP output. Main SAEs of both models feed the feature pages; variants are the "
+    "paper's L1 ReLU (1× and 2× d_model) and tied-decoder SAEs of the tuned model."
+)
 bars = sae_stage.bars
 missed = [f"{k}: {', '.join(b for b, ok in v.items() if not ok)}" for k, v in bars.items() if not all(v.values())]
 if missed:
@@ -65,26 +105,49 @@ sweep = table[table.kind == "sweep"]
 if not sweep.empty:
     st.subheader(f"L1 sweep (ReLU SAE, 1×, tuned model, layer {int(sweep.layer.iloc[0])})")
     st.plotly_chart(viz.l1_sweep_chart(sweep), width="stretch")
-    st.caption("A higher coefficient buys sparsity (lower L0) with reconstruction. More points: "
-               f"`python -m lfp_core.precompute --out {run_dir} --set sae_sweep_l1=0.1,0.25,0.5,1,2,4,8`.")
+    st.caption(
+        "A higher coefficient buys sparsity (lower L0) with reconstruction. More points: "
+        f"`python -m lfp_core.precompute --out {run_dir} --set sae_sweep_l1=0.1,0.25,0.5,1,2,4,8`."
+    )
 
 pairs = data.sae_pairs()
 if not pairs.empty:
     st.subheader("Dictionary similarity (MMCS)")
-    st.dataframe(pairs.rename(columns={"mmcs_hungarian": "MMCS (Hungarian)", "mmcs_max": "MMCS (max)"}),
-                 hide_index=True, width="stretch")
-    st.caption("Mean max cosine similarity between two SAEs' decoder directions. Hungarian: features paired one to "
-               "one (each feature of the smaller dictionary with a distinct feature of the other). base_vs_tuned: "
-               "how much the basis moved with RL — read it against `independent` (same model and settings, another "
-               "seed), which is how similar two SAEs are by chance; relu_1x_vs_2x: features shared across "
-               "dictionary sizes.")
+    st.dataframe(
+        pairs.rename(columns={"mmcs_hungarian": "MMCS (Hungarian)", "mmcs_max": "MMCS (max)"}),
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption(
+        "Mean max cosine similarity between two SAEs' decoder directions. Hungarian: features paired one to "
+        "one (each feature of the smaller dictionary with a distinct feature of the other). base_vs_tuned: "
+        "how much the basis moved with RL — read it against `independent` (same model and settings, another "
+        "seed), which is how similar two SAEs are by chance; relu_1x_vs_2x: features shared across "
+        "dictionary sizes."
+    )
 
 mfr = sae_stage.mfr
 if "mfr" in mfr and "independent" in mfr:
     st.subheader("Mutual Feature Regularization vs independent SAEs")
-    st.dataframe(pd.DataFrame([{"training": k, "SAEs": v["n"], "L0": v["l0"], "FVU": v["fvu"],
-                                "loss recovered": v["ce_loss_recovered"], "MMCS between them": v["mmcs"]}
-                               for k, v in mfr.items()]), hide_index=True, width="stretch")
-    st.caption("TopK SAEs with the same k (so equal L0), trained jointly with a penalty on low MMCS between their "
-               "dictionaries (MFR) or independently with different seeds. MFR's claim: features that several SAEs "
-               "agree on are more likely real.")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "training": k,
+                    "SAEs": v["n"],
+                    "L0": v["l0"],
+                    "FVU": v["fvu"],
+                    "loss recovered": v["ce_loss_recovered"],
+                    "MMCS between them": v["mmcs"],
+                }
+                for k, v in mfr.items()
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption(
+        "TopK SAEs with the same k (so equal L0), trained jointly with a penalty on low MMCS between their "
+        "dictionaries (MFR) or independently with different seeds. MFR's claim: features that several SAEs "
+        "agree on are more likely real."
+    )

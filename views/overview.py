@@ -38,9 +38,15 @@ recorded = {s.name: s for s in stages}
 rows = []
 for name, what in describe_stages(run_settings_of(info.get("config")).task).items():
     s = recorded.get(name)
-    rows.append({"stage": name, "status": s.status if s else "pending", "what it does": what,
-                 "seconds": round(s.seconds, 1) if s and s.seconds else None,
-                 "error": (s.error or "") if s else ""})
+    rows.append(
+        {
+            "stage": name,
+            "status": s.status if s else "pending",
+            "what it does": what,
+            "seconds": round(s.seconds, 1) if s and s.seconds else None,
+            "error": (s.error or "") if s else "",
+        }
+    )
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 missing = [str(r["stage"]) for r in rows if r["status"] != "done"]
 if missing:
@@ -55,7 +61,6 @@ st.caption(f"The same text as `python -m lfp_core.report {run_dir}` (`--json` fo
 
 with st.expander("Run config"):
     st.code(json.dumps(info.get("config", {}), indent=2), language="json")
-
 
 
 def hh_sections() -> None:
@@ -73,7 +78,7 @@ def hh_sections() -> None:
         e3.metric("Training-pair accuracy", f"{d.train_accuracy:.3f}", help=f"n = {d.n_train} pairs")
     st.line_chart(steps.set_index("step")[["loss", "reward"]].rename(columns={"reward": "batch margin"}))
     pairs = data.pairs("eval")
-    st.caption("Held-out pairs (first 5); the prompt ends at the last \"Assistant:\" turn.")
+    st.caption('Held-out pairs (first 5); the prompt ends at the last "Assistant:" turn.')
     st.dataframe(pairs.head(5)[["subset", "prompt", "chosen", "rejected"]], hide_index=True, width="stretch")
 
 
@@ -86,14 +91,23 @@ def vader_sections() -> None:
     else:
         st.plotly_chart(viz.reward_histogram(comps), width="stretch")
         order = st.radio("Order", ["highest reward", "lowest reward", "prompt order"], horizontal=True, key="ov_order")
-        sort = {"highest reward": ("reward", False), "lowest reward": ("reward", True), "prompt order": ("prompt_id", True)}[order]
+        sort = {
+            "highest reward": ("reward", False),
+            "lowest reward": ("reward", True),
+            "prompt order": ("prompt_id", True),
+        }[order]
         shown = comps.sort_values(sort[0], ascending=sort[1]).head(30)
-        st.caption("Prompt in grey, completion with VADER-lexicon words coloured by valence (hover for the value), "
-                   "reward in brackets.")
+        st.caption(
+            "Prompt in grey, completion with VADER-lexicon words coloured by valence (hover for the value), "
+            "reward in brackets."
+        )
         st.html("".join(viz.completion_html(r.prompt, r.completion, r.reward) for r in shown.itertuples()))
         with st.expander("All completions as a table"):
-            st.dataframe(comps[["prompt_id", "sample_idx", "prompt", "completion", "n_new", "reward", "raw_score"]],
-                         hide_index=True, width="stretch")
+            st.dataframe(
+                comps[["prompt_id", "sample_idx", "prompt", "completion", "n_new", "reward", "raw_score"]],
+                hide_index=True,
+                width="stretch",
+            )
 
     st.subheader("RL fine-tuning (GRPO against the VADER reward)")
     steps = data.rl_steps()
@@ -104,16 +118,28 @@ def vader_sections() -> None:
         if d is not None and d.difference is not None and d.reward_tuned is not None:
             diff, tuned = d.difference, d.reward_tuned
             e1, e2, e3, e4 = st.columns(4)
-            e1.metric("Tuned reward (held-out)", f"{tuned['mean']:+.3f} ± {tuned['se']:.3f}",
-                      delta=f"{diff['mean']:+.3f} vs base", help=f"n = {tuned['n']} paired completions")
-            e2.metric("Gain over base", f"{diff['mean']:+.3f}",
-                      help=f"{diff['n_se']:.1f} standard errors; paired t-test p = {diff['p_value']:.2g}")
+            e1.metric(
+                "Tuned reward (held-out)",
+                f"{tuned['mean']:+.3f} ± {tuned['se']:.3f}",
+                delta=f"{diff['mean']:+.3f} vs base",
+                help=f"n = {tuned['n']} paired completions",
+            )
+            e2.metric(
+                "Gain over base",
+                f"{diff['mean']:+.3f}",
+                help=f"{diff['n_se']:.1f} standard errors; paired t-test p = {diff['p_value']:.2g}",
+            )
             e3.metric("KL(tuned ‖ base) per token", f"{d.kl_per_token:.4f}")
-            e4.metric("Distinct-2 tuned / base", f"{d.distinct2_tuned:.3f} / {d.distinct2_base:.3f}",
-                      help="unique word bigrams / all bigrams; a collapse to repetition shows here")
-            st.caption(f"Gain 95% CI [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}], {diff['n_se']:.1f} standard errors, "
-                       f"paired t-test p = {diff['p_value']:.2g}, over {tuned['n']} held-out completions "
-                       "(same prompts, lengths and seeds for both policies).")
+            e4.metric(
+                "Distinct-2 tuned / base",
+                f"{d.distinct2_tuned:.3f} / {d.distinct2_base:.3f}",
+                help="unique word bigrams / all bigrams; a collapse to repetition shows here",
+            )
+            st.caption(
+                f"Gain 95% CI [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}], {diff['n_se']:.1f} standard errors, "
+                f"paired t-test p = {diff['p_value']:.2g}, over {tuned['n']} held-out completions "
+                "(same prompts, lengths and seeds for both policies)."
+            )
         st.plotly_chart(viz.rl_curves(steps), width="stretch")
         pairs = data.paired_completions(limit=200)
         if not pairs.empty:
@@ -121,8 +147,14 @@ def vader_sections() -> None:
             with left:
                 st.markdown("**Same held-out prompt, same seed: base vs tuned**")
                 shown = pairs.assign(gain=pairs.tuned_reward - pairs.base_reward).sort_values("gain", ascending=False)
-                st.html(viz.paired_table([viz.paired_html(r.prompt, r.base, r.base_reward, r.tuned, r.tuned_reward)
-                                          for r in shown.head(8).itertuples()]))
+                st.html(
+                    viz.paired_table(
+                        [
+                            viz.paired_html(r.prompt, r.base, r.base_reward, r.tuned, r.tuned_reward)
+                            for r in shown.head(8).itertuples()
+                        ]
+                    )
+                )
             with right:
                 shifts = data.word_shifts()
                 st.markdown("**Words RL made more / less frequent**")

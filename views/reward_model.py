@@ -21,42 +21,71 @@ acc = d.pair_acc
 assert acc is not None and d.pair_acc_train is not None, "the reward_model stage records both pair accuracies"
 c = st.columns(4)
 c[0].metric("Held-out pair accuracy", f"{acc['acc']:.3f}", help=f"95% CI {acc['lo']:.3f}–{acc['hi']:.3f}; chance 0.5")
-c[1].metric("Held-out pairs", acc["n"], help="pairs of base completions of held-out prompts with different VADER rewards")
+c[1].metric(
+    "Held-out pairs", acc["n"], help="pairs of base completions of held-out prompts with different VADER rewards"
+)
 c[2].metric("Training pairs", d.n_train, help=f"training pair accuracy {d.pair_acc_train['acc']:.3f}")
 sae_info = d.sae_stats
 c[3].metric("SAEs on the residual stream", len(sae_info))
-st.caption("The base model with a scalar head, trained with trl's RewardTrainer on pairs of base-model completions of "
-           "the same prompt, the higher-VADER one preferred (the oracle). Accuracy CI: Wilson 95%.")
+st.caption(
+    "The base model with a scalar head, trained with trl's RewardTrainer on pairs of base-model completions of "
+    "the same prompt, the higher-VADER one preferred (the oracle). Accuracy CI: Wilson 95%."
+)
 if sae_info:
-    st.dataframe(pd.DataFrame([{"SAE": k, **v} for k, v in sae_info.items()]).rename(
-        columns={"pair_acc_spliced": "pair accuracy, SAE spliced (no error term)"}), hide_index=True, width="stretch")
+    st.dataframe(
+        pd.DataFrame([{"SAE": k, **v} for k, v in sae_info.items()]).rename(
+            columns={"pair_acc_spliced": "pair accuracy, SAE spliced (no error term)"}
+        ),
+        hide_index=True,
+        width="stretch",
+    )
 
 at = data.summary(AttributionSummary)
 if at is None:
-    st.info(f"Attribution is not computed yet: run `python -m lfp_core.precompute --out {run_dir}` (stage `attribution`).")
+    st.info(
+        f"Attribution is not computed yet: run `python -m lfp_core.precompute --out {run_dir}` (stage `attribution`)."
+    )
 else:
     st.header("Which features move the reward")
-    target = st.radio("Metric", ["preference model reward", "policy's probe-predicted reward"], horizontal=True,
-                      key="rm_target")
+    target = st.radio(
+        "Metric", ["preference model reward", "policy's probe-predicted reward"], horizontal=True, key="rm_target"
+    )
     key = "pm" if target.startswith("preference") else "policy"
     a = at.target(key)
     assert a is not None, f"the attribution stage records the {key} target"
     c = st.columns(3)
-    c[0].metric(f"Spearman, top {a['top_k']} features", f"{a['spearman_top']['rho']:.3f}",
-                help=f"attribution estimate vs true ablation effect, means over texts; p {a['spearman_top']['p']:.1e}")
-    c[1].metric("Spearman, (text, feature) points", f"{a['spearman_points']['rho']:.3f}",
-                help=f"{a['spearman_points']['n']} points")
+    c[0].metric(
+        f"Spearman, top {a['top_k']} features",
+        f"{a['spearman_top']['rho']:.3f}",
+        help=f"attribution estimate vs true ablation effect, means over texts; p {a['spearman_top']['p']:.1e}",
+    )
+    c[1].metric(
+        "Spearman, (text, feature) points",
+        f"{a['spearman_points']['rho']:.3f}",
+        help=f"{a['spearman_points']['n']} points",
+    )
     c[2].metric("Texts", a["n_texts"], help=f"integrated-gradient steps: {a['steps']}")
     feats = data.attribution(key)
     points = data.attribution_points(key)
     st.plotly_chart(viz.attribution_scatter(points, feats), width="stretch")
-    st.dataframe(feats.head(50)[["rank", "layer", "feature", "estimate", "estimate_abs", "true_effect", "top_tokens"]].rename(
-        columns={"estimate": "mean estimated change", "estimate_abs": "mean |estimate|", "true_effect": "mean true change",
-                 "top_tokens": "fires most on"}),
-        hide_index=True, width="stretch", key="rm_rank")
-    st.caption("Estimated change of the metric if the feature is zeroed on the completion tokens (attribution "
-               "patching with integrated-gradient steps, error term kept), ranked by mean |estimate|; the top ones "
-               "are zeroed for real to check the estimate.")
+    st.dataframe(
+        feats.head(50)[["rank", "layer", "feature", "estimate", "estimate_abs", "true_effect", "top_tokens"]].rename(
+            columns={
+                "estimate": "mean estimated change",
+                "estimate_abs": "mean |estimate|",
+                "true_effect": "mean true change",
+                "top_tokens": "fires most on",
+            }
+        ),
+        hide_index=True,
+        width="stretch",
+        key="rm_rank",
+    )
+    st.caption(
+        "Estimated change of the metric if the feature is zeroed on the completion tokens (attribution "
+        "patching with integrated-gradient steps, error term kept), ranked by mean |estimate|; the top ones "
+        "are zeroed for real to check the estimate."
+    )
 
     st.header("Where the preference model disagrees with the oracle")
     dis = at.disagreement or {}
@@ -64,20 +93,37 @@ else:
     wrong = pairs[pairs.chosen_pm < pairs.rejected_pm]
     st.metric("Held-out pairs it gets wrong", f"{len(wrong)} of {len(pairs)}")
     if len(wrong):
-        st.dataframe(wrong[["prompt", "chosen", "chosen_oracle", "chosen_pm", "rejected", "rejected_oracle",
-                            "rejected_pm"]].head(100), hide_index=True, width="stretch", key="rm_wrong")
+        st.dataframe(
+            wrong[
+                ["prompt", "chosen", "chosen_oracle", "chosen_pm", "rejected", "rejected_oracle", "rejected_pm"]
+            ].head(100),
+            hide_index=True,
+            width="stretch",
+            key="rm_wrong",
+        )
         drivers = data.attribution("pm_disagree").head(15)
         st.subheader("Features behind the disagreements")
-        st.dataframe(drivers[["layer", "feature", "estimate", "contrast", "top_tokens"]].rename(
-            columns={"estimate": "margin change if zeroed (disagreeing pairs)",
-                     "contrast": "same on agreeing pairs", "top_tokens": "fires most on"}),
-            hide_index=True, width="stretch", key="rm_drivers")
+        st.dataframe(
+            drivers[["layer", "feature", "estimate", "contrast", "top_tokens"]].rename(
+                columns={
+                    "estimate": "margin change if zeroed (disagreeing pairs)",
+                    "contrast": "same on agreeing pairs",
+                    "top_tokens": "fires most on",
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+            key="rm_drivers",
+        )
         n_att = dis.get("n_attributed", len(wrong))
         if n_att < len(wrong):
-            st.caption(f"Attributed over the {n_att} disagreeing pairs with the largest oracle gaps (and as many agreeing ones).")
-        st.caption("Margin = reward(oracle-preferred) − reward(other). A feature whose removal would raise the margin on "
-                   "the pairs the model gets wrong, but not on those it gets right, pushes the model away from the oracle.")
-
+            st.caption(
+                f"Attributed over the {n_att} disagreeing pairs with the largest oracle gaps (and as many agreeing ones)."
+            )
+        st.caption(
+            "Margin = reward(oracle-preferred) − reward(other). A feature whose removal would raise the margin on "
+            "the pairs the model gets wrong, but not on those it gets right, pushes the model away from the oracle."
+        )
 
 
 @st.cache_resource(show_spinner="Loading the preference model…", max_entries=2)
@@ -88,11 +134,19 @@ def preference_scorer(run: str, stamp: float) -> PreferenceScorer:
 st.header("Score a text")
 try:
     scorer = preference_scorer(run_dir, data.version)
-except (RuntimeError, FileNotFoundError, ValueError) as exc:  # ValueError: any BadInputError (e.g. an SAE that does not fit)
+except (
+    RuntimeError,
+    FileNotFoundError,
+    ValueError,
+) as exc:  # ValueError: any BadInputError (e.g. an SAE that does not fit)
     st.error(f"Cannot load the preference model: {exc}")
     st.stop()
-text = st.text_area("Text (prompt and completion)", key="rm_text", max_chars=4000,
-                    value="This movie was wonderful, I loved every minute of it.")
+text = st.text_area(
+    "Text (prompt and completion)",
+    key="rm_text",
+    max_chars=4000,
+    value="This movie was wonderful, I loved every minute of it.",
+)
 top = data.attribution("pm") if at is not None else pd.DataFrame()
 opts = {f"L{a} #{b}": (int(a), int(b)) for a, b in zip(top.layer.head(40), top.feature.head(40))} if len(top) else {}
 picked = st.multiselect("Features to switch off", list(opts), key="rm_features")
@@ -109,5 +163,7 @@ if st.button("Score", key="rm_score"):
         st.warning(f"The text is longer than the model's context: its first {res['truncated']} tokens were dropped.")
     c = st.columns(3)
     c[0].metric("Reward", f"{res['clean']:.3f}")
-    c[1].metric(f"With {len(picked)} features off", f"{res['ablated']:.3f}", delta=f"{res['ablated'] - res['clean']:+.3f}")
+    c[1].metric(
+        f"With {len(picked)} features off", f"{res['ablated']:.3f}", delta=f"{res['ablated'] - res['clean']:+.3f}"
+    )
     c[2].metric("VADER oracle", f"{res['oracle']:.3f}")

@@ -19,18 +19,31 @@ pr = require_stage(data, ProbesSummary, "probes")
 rows = []
 for role in ("tuned", "base"):
     for task, r in ((pr.role(role) or ProbeRoleSummary()).logistic or {}).items():
-        rows.append({"model": role, "task": task, "accuracy (SAE features)": r["acc"], "95% CI low": r["ci_low"],
-                     "95% CI high": r["ci_high"], "raw activations": r["raw_acc"], "majority class": r["majority_acc"],
-                     "test texts": r["n_test"]})
+        rows.append(
+            {
+                "model": role,
+                "task": task,
+                "accuracy (SAE features)": r["acc"],
+                "95% CI low": r["ci_low"],
+                "95% CI high": r["ci_high"],
+                "raw activations": r["raw_acc"],
+                "majority class": r["majority_acc"],
+                "test texts": r["n_test"],
+            }
+        )
 if not rows:
-    st.info("This run's corpus has no labelled texts (IMDB was not reachable when it was built), so there is "
-            "nothing to separate.")
+    st.info(
+        "This run's corpus has no labelled texts (IMDB was not reachable when it was built), so there is "
+        "nothing to separate."
+    )
     st.stop()
 st.subheader("Logistic probes (held-out accuracy)")
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-st.caption("Each text's SAE features (selected layers, concatenated) are averaged over its tokens; an L2 logistic "
-           "regression (penalty by 3-fold CV) is fitted on 70% of the texts and scored on the rest. The 95% CI is "
-           "Wilson's. 'raw activations': the same probe on the averaged MLP outputs.")
+st.caption(
+    "Each text's SAE features (selected layers, concatenated) are averaged over its tokens; an L2 logistic "
+    "regression (penalty by 3-fold CV) is fitted on 70% of the texts and scored on the rest. The 95% CI is "
+    "Wilson's. 'raw activations': the same probe on the averaged MLP outputs."
+)
 left, right = st.columns(2)
 role = left.radio("Model", ["tuned", "base"], horizontal=True, key="sep_role")
 probe = pr.role(role) or ProbeRoleSummary()

@@ -16,27 +16,43 @@ run_dir = require_run()
 data = RunData(run_dir)
 st.title("Token scores")
 pr = require_stage(data, ProbesSummary, "probe")
-role = st.radio("Model", ["tuned", "base"], horizontal=True, key="probe_role",
-                help="Each model's activations through its own SAEs (never mixed).")
+role = st.radio(
+    "Model",
+    ["tuned", "base"],
+    horizontal=True,
+    key="probe_role",
+    help="Each model's activations through its own SAEs (never mixed).",
+)
 d = pr.role(role) or ProbeRoleSummary()
 layer_list = ", ".join(map(str, pr.layers or []))
-st.markdown(f"Ridge probe from the SAE features of layers {layer_list} (concatenated) "
-            f"to the VADER valence of **{pr.n_points:,}** lexicon-word positions "
-            f"(**{pr.n_words:,}** distinct words), scored at each word's last token.")
+st.markdown(
+    f"Ridge probe from the SAE features of layers {layer_list} (concatenated) "
+    f"to the VADER valence of **{pr.n_points:,}** lexicon-word positions "
+    f"(**{pr.n_words:,}** distinct words), scored at each word's last token."
+)
 occ_tau, word_tau, base_tau, shuf_tau, irm = d.tau_occurrence, d.tau_word, d.tau_baseline, d.tau_shuffled, d.irm
 if occ_tau is None or word_tau is None or base_tau is None or shuf_tau is None or irm is None:
     st.info(f"The probe stage recorded no results for the {role} model.")
     st.stop()
     raise AssertionError("unreachable")  # st.stop raises
 c = st.columns(5)
-c[0].metric("τ, occurrence split", f"{occ_tau['tau']:.3f}", help=f"p = {occ_tau['p']:.1e}, "
-            f"{occ_tau['n_words']} test words; a word may also occur in training")
-c[1].metric("τ, word split", f"{word_tau['tau']:.3f}", help=f"p = {word_tau['p']:.1e}, "
-            f"{word_tau['n_words']} test words never seen in training")
+c[0].metric(
+    "τ, occurrence split",
+    f"{occ_tau['tau']:.3f}",
+    help=f"p = {occ_tau['p']:.1e}, {occ_tau['n_words']} test words; a word may also occur in training",
+)
+c[1].metric(
+    "τ, word split",
+    f"{word_tau['tau']:.3f}",
+    help=f"p = {word_tau['p']:.1e}, {word_tau['n_words']} test words never seen in training",
+)
 c[2].metric("τ, untrained map", f"{base_tau['tau']:.3f}", help="random linear map (the paper's baseline)")
 c[3].metric("τ, shuffled targets", f"{shuf_tau['tau']:.3f}", help="probe fitted to permuted valences")
-c[4].metric("IRM vs reward (Pearson)", f"{irm['pearson']:.3f}",
-            help=f"Spearman {irm['spearman']:.3f} over {irm['n']} held-out tuned completions")
+c[4].metric(
+    "IRM vs reward (Pearson)",
+    f"{irm['pearson']:.3f}",
+    help=f"Spearman {irm['spearman']:.3f} over {irm['n']} held-out tuned completions",
+)
 
 words = data.probe_words(role)
 st.plotly_chart(viz.probe_scatter(words, {"occurrence": dict(occ_tau), "word": dict(word_tau)}), width="stretch")
@@ -48,38 +64,70 @@ def _tau(split: str, group: str) -> Tau:
     return (t if group == "all" else t.get("pos") if group == "pos" else t.get("neg")) or Tau()
 
 
-taus = pd.DataFrame([{"split": s, "words": g, "τ": _tau(s, g)["tau"], "p": _tau(s, g)["p"], "n": _tau(s, g)["n_words"]}
-                     for s in ("occurrence", "word") for g in ("all", "pos", "neg")])
+taus = pd.DataFrame(
+    [
+        {"split": s, "words": g, "τ": _tau(s, g)["tau"], "p": _tau(s, g)["p"], "n": _tau(s, g)["n_words"]}
+        for s in ("occurrence", "word")
+        for g in ("all", "pos", "neg")
+    ]
+)
 left, right = st.columns(2)
 with left:
     st.subheader("Kendall τ by word polarity")
     st.dataframe(taus, hide_index=True, width="stretch")
 with right:
     st.subheader("Sign accuracy")
-    st.plotly_chart(viz.sign_accuracy_bars(
-        [{"split": s, "polarity": f"{pol} words", "accuracy": d.sign_acc(pol[:3], s)}
-         for s in ("occurrence", "word") for pol in ("positive", "negative")]), width="stretch")
+    st.plotly_chart(
+        viz.sign_accuracy_bars(
+            [
+                {"split": s, "polarity": f"{pol} words", "accuracy": d.sign_acc(pol[:3], s)}
+                for s in ("occurrence", "word")
+                for pol in ("positive", "negative")
+            ]
+        ),
+        width="stretch",
+    )
 inputs = d.inputs or {}
 if inputs:
     st.subheader("Where the feedback signal lives")
-    names = {"sae_selected": f"SAE features, layers {layer_list} (the probe)",
-             "raw_selected": f"raw MLP outputs, layers {layer_list}",
-             "raw_all_layers": "raw MLP outputs, every layer"}
-    st.dataframe(pd.DataFrame([{"probe input": names.get(k, k), "dimensions": v["dim"],
-                                "τ occurrence": v["occurrence"]["tau"], "τ word": v["word"]["tau"],
-                                "p (word)": v["word"]["p"]} for k, v in inputs.items()]),
-                 hide_index=True, width="stretch")
-    st.caption("The same ridge probe, splits and targets on other inputs. SAE vs raw at the same layers: what the "
-               "sparse basis keeps. Every layer vs the selected ones: how much of the lexicon's valence is read "
-               "from layers RL changed less (word identity is largely decoded in early layers).")
+    names = {
+        "sae_selected": f"SAE features, layers {layer_list} (the probe)",
+        "raw_selected": f"raw MLP outputs, layers {layer_list}",
+        "raw_all_layers": "raw MLP outputs, every layer",
+    }
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "probe input": names.get(k, k),
+                    "dimensions": v["dim"],
+                    "τ occurrence": v["occurrence"]["tau"],
+                    "τ word": v["word"]["tau"],
+                    "p (word)": v["word"]["p"],
+                }
+                for k, v in inputs.items()
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption(
+        "The same ridge probe, splits and targets on other inputs. SAE vs raw at the same layers: what the "
+        "sparse basis keeps. Every layer vs the selected ones: how much of the lexicon's valence is read "
+        "from layers RL changed less (word identity is largely decoded in early layers)."
+    )
 ct = d.tau_contrastive or {}
 if ct:
-    st.markdown(f"**Contrastive variant** (the paper's): per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the "
-                f"word, also after swapping in an opposite-valence word; τ with VADER **{ct['tau']:.3f}** (p "
-                f"{ct['p']:.1e}, {ct['n_words']} words; positive words {ct['pos']['tau']:.3f}, negative "
-                f"{ct['neg']['tau']:.3f}) from {ct['n_sentences']:,} sentence variants.")
-st.caption("Predictions are averaged per word and rescaled as in the paper (10th–90th percentile → the lexicon's "
-           "[min, max]) before the sign is read.")
+    st.markdown(
+        f"**Contrastive variant** (the paper's): per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the "
+        f"word, also after swapping in an opposite-valence word; τ with VADER **{ct['tau']:.3f}** (p "
+        f"{ct['p']:.1e}, {ct['n_words']} words; positive words {ct['pos']['tau']:.3f}, negative "
+        f"{ct['neg']['tau']:.3f}) from {ct['n_sentences']:,} sentence variants."
+    )
+st.caption(
+    "Predictions are averaged per word and rescaled as in the paper (10th–90th percentile → the lexicon's "
+    "[min, max]) before the sign is read."
+)
 
 st.subheader("Error against how often the tuned policy generates the word")
 occ = words[words.split == "occurrence"]
@@ -94,8 +142,10 @@ w.markdown("**Worst recovered words**")
 w.dataframe(occ.nlargest(10, "abs_error")[cols], hide_index=True, width="stretch")
 
 st.subheader("Implicit reward model: where it disagrees with VADER")
-st.caption("Sum of the probe's predictions over a completion's words (out-of-fold at lexicon words) against the raw "
-           f"VADER score; all words: Pearson {(d.irm_all_words or {'pearson': float('nan')})['pearson']:.3f}.")
+st.caption(
+    "Sum of the probe's predictions over a completion's words (out-of-fold at lexicon words) against the raw "
+    f"VADER score; all words: Pearson {(d.irm_all_words or {'pearson': float('nan')})['pearson']:.3f}."
+)
 st.dataframe(pd.DataFrame(d.irm_disagreements or []), hide_index=True, width="stretch")
 
 st.subheader("Token viewer")
@@ -103,8 +153,9 @@ docs = data.probe_docs(role)
 if docs.empty:
     st.info("No scored documents.")
     st.stop()
-labels = {int(r.doc_id): f"#{int(r.doc_id)} · {r.source} · {int(r.n_words)} words · {r.text[:60]}…"
-          for r in docs.itertuples()}
+labels = {
+    int(r.doc_id): f"#{int(r.doc_id)} · {r.source} · {int(r.n_words)} words · {r.text[:60]}…" for r in docs.itertuples()
+}
 # options are the display strings themselves (AppTest and format_func do not mix)
 doc_of = {v: k for k, v in labels.items()}
 doc_id = doc_of[st.selectbox("Document", list(doc_of), key="probe_doc")]
@@ -114,12 +165,22 @@ if doc is None:
     st.stop()
 by_pos = {int(r.pos): r for r in toks.itertuples()}
 strings = data.token_strings(tuple(int(t) for t in doc["token_ids"]))
-st.markdown(viz.token_scores_html(strings, [by_pos[i].valence if i in by_pos else None for i in range(len(strings))],
-                                  [by_pos[i].pred if i in by_pos else None for i in range(len(strings))]),
-            unsafe_allow_html=True)
+st.markdown(
+    viz.token_scores_html(
+        strings,
+        [by_pos[i].valence if i in by_pos else None for i in range(len(strings))],
+        [by_pos[i].pred if i in by_pos else None for i in range(len(strings))],
+    ),
+    unsafe_allow_html=True,
+)
 pos_of = {f"{r.word} (position {p})": p for p, r in by_pos.items()}
 pick = pos_of[st.selectbox("Scored word", list(pos_of), key="probe_word")]
 row = by_pos[pick]
-st.markdown(f"**{row.word}**: VADER {row.valence:+.2f}, probe {row.pred:+.2f} (out-of-fold). Top contributing features:")
-st.dataframe(pd.DataFrame({"layer": row.top_layers, "feature": row.top_features,
-                           "contribution w·f": row.top_contributions}), hide_index=True, width="stretch")
+st.markdown(
+    f"**{row.word}**: VADER {row.valence:+.2f}, probe {row.pred:+.2f} (out-of-fold). Top contributing features:"
+)
+st.dataframe(
+    pd.DataFrame({"layer": row.top_layers, "feature": row.top_features, "contribution w·f": row.top_contributions}),
+    hide_index=True,
+    width="stretch",
+)

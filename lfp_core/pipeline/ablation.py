@@ -41,8 +41,15 @@ def prefixes(ctx: Context, s: AblationStageSettings) -> list[dict]:
         rows = corpora.model_prompts(m, n, k, k, seed + 53, s.generation.batch_size, split="ablation")
     lo, hi = s.completions.min_new_tokens, s.completions.max_new_tokens
     lengths = np.random.default_rng([seed, 59]).integers(lo, hi + 1, size=len(rows))
-    return [{"prefix_id": i, "token_ids": [int(t) for t in r["token_ids"]], "text": m.tokenizer.decode(r["token_ids"]),
-             "n_new": int(ln)} for i, (r, ln) in enumerate(zip(rows, lengths))]
+    return [
+        {
+            "prefix_id": i,
+            "token_ids": [int(t) for t in r["token_ids"]],
+            "text": m.tokenizer.decode(r["token_ids"]),
+            "n_new": int(ln),
+        }
+        for i, (r, ln) in enumerate(zip(rows, lengths))
+    ]
 
 
 def feature_sets(ctx: Context, s: AblationStageSettings, layers: list[int]) -> list[dict]:
@@ -64,15 +71,17 @@ def feature_sets(ctx: Context, s: AblationStageSettings, layers: list[int]) -> l
     lab = r.labels("tuned")
     if not lab.empty:
         rel = lab[lab.relevant.fillna(False).astype(bool)]
-        tested.append(("labelled", grouped((int(a), int(b)) for a, b in zip(rel.layer, rel.feature)
-                                           if (int(a), int(b)) in alive)))
+        tested.append(
+            ("labelled", grouped((int(a), int(b)) for a, b in zip(rel.layer, rel.feature) if (int(a), int(b)) in alive))
+        )
     for i, (name, feats) in enumerate(tested):
         if not feats:
             log.warning("the %s set is empty; skipped", name)
             continue
         sets.append({"set_id": name, "kind": name, "features": feats})
-        for j, draw in enumerate(ablation.random_sets(firing, feats, s.ablation.random, seed=seed * 1000 + 67 + i,
-                                                      exclude=feats)):
+        for j, draw in enumerate(
+            ablation.random_sets(firing, feats, s.ablation.random, seed=seed * 1000 + 67 + i, exclude=feats)
+        ):
             sets.append({"set_id": f"random_{name}_{j}", "kind": "random", "control_of": name, "features": draw})
     sets.append({"set_id": "all", "kind": "all", "features": firing})
     return sets
@@ -108,20 +117,42 @@ def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> 
         if ci in done:
             continue
         outs = _sample_set(ctx, hooked, sae_map, fs["features"], pre, s.run.seed)
-        rows = [{"set_id": fs["set_id"], "prefix_id": p["prefix_id"], "token_ids": [int(t) for t in o],
-                 "text": tok.decode(o), "reward": reward.reward(tok.decode(o))} for p, o in zip(pre, outs)]
-        log.info("ablation set %-22s (%3d features): mean reward %.3f", fs["set_id"],
-                 sum(len(v) for v in fs["features"].values()), np.mean([x["reward"] for x in rows]))
+        rows = [
+            {
+                "set_id": fs["set_id"],
+                "prefix_id": p["prefix_id"],
+                "token_ids": [int(t) for t in o],
+                "text": tok.decode(o),
+                "reward": reward.reward(tok.decode(o)),
+            }
+            for p, o in zip(pre, outs)
+        ]
+        log.info(
+            "ablation set %-22s (%3d features): mean reward %.3f",
+            fs["set_id"],
+            sum(len(v) for v in fs["features"].values()),
+            np.mean([x["reward"] for x in rows]),
+        )
         with w.transaction() as con:
             put_rows(con, "ablation_completions", rows)
             RunWriter.add_chunk_marker(con, "ablation", config_hash, ci)
     rows = summarise(ctx, sets, s.run.seed)
     detail = ablation_detail(rows)
     for name, d in detail["sets"].items():
-        log.info("ablating %s (%d features): reward %.3f -> %.3f (diff %+.3f [%+.3f, %+.3f]); random sets' mean after "
-                 "%.3f; p %.3g (rank p %.3g)", name, d["size"], d["reward_before"], d["reward_after"], d["diff"],
-                 d["diff_lo"], d["diff_hi"], d.get("random_after_mean", float("nan")), d.get("p", float("nan")),
-                 d.get("p_rank", float("nan")))
+        log.info(
+            "ablating %s (%d features): reward %.3f -> %.3f (diff %+.3f [%+.3f, %+.3f]); random sets' mean after "
+            "%.3f; p %.3g (rank p %.3g)",
+            name,
+            d["size"],
+            d["reward_before"],
+            d["reward_after"],
+            d["diff"],
+            d["diff_lo"],
+            d["diff_hi"],
+            d.get("random_after_mean", float("nan")),
+            d.get("p", float("nan")),
+            d.get("p_rank", float("nan")),
+        )
     ctx.commit(lambda con: put_rows(con, "ablation_sets", rows), detail)
 
 
@@ -133,18 +164,37 @@ def ablation_detail(rows: list[dict]) -> dict:
         if row["kind"] in ("baseline", "random"):
             continue
         ctrl = [c for c in rows if c.get("control_of") == row["set_id"]]
-        d = {"size": row["size"], "n": row["n"], "reward_before": row["before"], "reward_after": row["after"],
-             "after_lo": row["after_lo"], "after_hi": row["after_hi"], "diff": row["diff"], "diff_lo": row["diff_lo"],
-             "diff_hi": row["diff_hi"]}
+        d = {
+            "size": row["size"],
+            "n": row["n"],
+            "reward_before": row["before"],
+            "reward_after": row["after"],
+            "after_lo": row["after_lo"],
+            "after_hi": row["after_hi"],
+            "diff": row["diff"],
+            "diff_lo": row["diff_lo"],
+            "diff_hi": row["diff_hi"],
+        }
         if ctrl:
-            d.update(random_after_mean=float(np.mean([c["after"] for c in ctrl])),
-                     random_diffs=[c["diff"] for c in ctrl], p=row["p"], p_rank=row["p_rank"],
-                     lower_than_all=row["lower_than_all"], n_random=len(ctrl))
+            d.update(
+                random_after_mean=float(np.mean([c["after"] for c in ctrl])),
+                random_diffs=[c["diff"] for c in ctrl],
+                p=row["p"],
+                p_rank=row["p_rank"],
+                lower_than_all=row["lower_than_all"],
+                n_random=len(ctrl),
+            )
         sets[row["set_id"]] = d
     top = sets.get("probe_top", {})
-    return {"reward_before": top.get("reward_before"), "reward_after": top.get("reward_after"),
-            "random_after_mean": top.get("random_after_mean"), "p": top.get("p"), "p_rank": top.get("p_rank"),
-            "lower_than_all": top.get("lower_than_all"), "sets": sets}
+    return {
+        "reward_before": top.get("reward_before"),
+        "reward_after": top.get("reward_after"),
+        "random_after_mean": top.get("random_after_mean"),
+        "p": top.get("p"),
+        "p_rank": top.get("p_rank"),
+        "lower_than_all": top.get("lower_than_all"),
+        "sets": sets,
+    }
 
 
 def summarise(ctx: Context, sets: list[dict], seed: int) -> list[dict]:
@@ -158,16 +208,23 @@ def summarise(ctx: Context, sets: list[dict], seed: int) -> list[dict]:
     for fs in sets:
         after = table[fs["set_id"]].to_numpy()
         eff = ablation.paired_effect(before, after)
-        row = {"set_id": fs["set_id"], "kind": fs["kind"], "control_of": fs.get("control_of"),
-               "size": sum(len(v) for v in fs["features"].values()),
-               "layers": [a for a, ids in fs["features"].items() for _ in ids],
-               "features": [b for ids in fs["features"].values() for b in ids], **eff,
-               "p_rank": None, "p": None, "lower_than_all": None}
+        row = {
+            "set_id": fs["set_id"],
+            "kind": fs["kind"],
+            "control_of": fs.get("control_of"),
+            "size": sum(len(v) for v in fs["features"].values()),
+            "layers": [a for a, ids in fs["features"].items() for _ in ids],
+            "features": [b for ids in fs["features"].values() for b in ids],
+            **eff,
+            "p_rank": None,
+            "p": None,
+            "lower_than_all": None,
+        }
         controls = [c["set_id"] for c in sets if c.get("control_of") == fs["set_id"]]
         if controls:
-            cmp = ablation.compare_with_controls(after - before, np.stack([table[c].to_numpy() - before for c in controls]),
-                                                 seed=seed)
+            cmp = ablation.compare_with_controls(
+                after - before, np.stack([table[c].to_numpy() - before for c in controls]), seed=seed
+            )
             row.update(p_rank=cmp["p_rank"], p=cmp["p"], lower_than_all=cmp["lower_than_all"])
         rows.append(row)
     return rows
-

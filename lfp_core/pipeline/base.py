@@ -54,8 +54,9 @@ def stage_prompts(ctx: Context, s: PromptsStageSettings, config_hash: str) -> No
     try:
         reviews, where = corpora.imdb_reviews(s.run.data_dir, ("train", "test"))
         rows = corpora.imdb_prompts(m.tokenizer, reviews["train"], p.n_train, lo, hi, seed)
-        rows += corpora.imdb_prompts(m.tokenizer, reviews["test"], p.n_eval, lo, hi, seed + 1,
-                                     split="eval", first_id=len(rows))
+        rows += corpora.imdb_prompts(
+            m.tokenizer, reviews["test"], p.n_eval, lo, hi, seed + 1, split="eval", first_id=len(rows)
+        )
     except FileNotFoundError as exc:
         log.warning("IMDB not reachable (%s): sampling prompt prefixes from the model itself", exc)
         where = "model-sampled"
@@ -63,8 +64,10 @@ def stage_prompts(ctx: Context, s: PromptsStageSettings, config_hash: str) -> No
         rows += corpora.model_prompts(m, p.n_eval, lo, hi, seed + 1, gen, split="eval", first_id=len(rows))
     n_train = sum(r["split"] == "train" for r in rows)
     log.info("built %d RL and %d held-out prompts from %s", n_train, len(rows) - n_train, where)
-    ctx.commit(lambda con: RunWriter.put_prompts(con, rows),
-               {"n_train": n_train, "n_eval": len(rows) - n_train, "source": where})
+    ctx.commit(
+        lambda con: RunWriter.put_prompts(con, rows),
+        {"n_train": n_train, "n_eval": len(rows) - n_train, "source": where},
+    )
 
 
 def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], outs) -> list[dict]:
@@ -73,11 +76,21 @@ def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], out
         text = tokenizer.decode(ids)
         words = [w for w in reward.segment(text) if w.in_lexicon]
         raw = sum(w.valence for w in words)
-        rows.append({
-            "role": role, "prompt_id": pid, "sample_idx": sidx, "seed": seed, "n_new": len(ids),
-            "token_ids": [int(t) for t in ids], "text": text, "reward": reward.reward(text), "raw_score": raw,
-            "lexicon_words": [w.text for w in words], "lexicon_valences": [w.valence for w in words],
-        })
+        rows.append(
+            {
+                "role": role,
+                "prompt_id": pid,
+                "sample_idx": sidx,
+                "seed": seed,
+                "n_new": len(ids),
+                "token_ids": [int(t) for t in ids],
+                "text": text,
+                "reward": reward.reward(text),
+                "raw_score": raw,
+                "lexicon_words": [w.text for w in words],
+                "lexicon_valences": [w.valence for w in words],
+            }
+        )
     return rows
 
 
@@ -88,9 +101,17 @@ def stage_pairs(ctx: Context, s: PairsStageSettings, config_hash: str) -> None:
     order = np.random.default_rng([s.run.seed, 29]).permutation(len(pairs))
     n_eval = min(s.pairs.n_eval, len(pairs) // 2)
     n_train = min(s.pairs.n_train, len(pairs) - n_eval)
-    rows = [{"pair_id": k, "split": "eval" if k < n_eval else "train", "subset": pairs[i].get("subset"),
-             "prompt": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
-            for k, i in enumerate(order[: n_eval + n_train])]
+    rows = [
+        {
+            "pair_id": k,
+            "split": "eval" if k < n_eval else "train",
+            "subset": pairs[i].get("subset"),
+            "prompt": pairs[i]["prompt"],
+            "chosen": pairs[i]["chosen"],
+            "rejected": pairs[i]["rejected"],
+        }
+        for k, i in enumerate(order[: n_eval + n_train])
+    ]
     log.info("HH pairs from %s: %d training, %d held-out", where, n_train, n_eval)
     ctx.commit(lambda con: put_rows(con, "pairs", rows), {"n_train": n_train, "n_eval": n_eval, "source": where})
 
@@ -109,8 +130,11 @@ def sample_role(ctx: Context, s: SamplesStageSettings, config_hash: str, stage: 
         raise BadInputError("the held-out prompt set is empty: run the prompts stage with --n-eval-prompts >= 1")
     rng = np.random.default_rng([seed, 17])
     lo, hi, gen = s.completions.min_new_tokens, s.completions.max_new_tokens, s.generation.batch_size
-    jobs = [(int(pid), k, int(rng.integers(lo, hi + 1)))
-            for pid in prompts.prompt_id for k in range(s.evaluation.samples_per_prompt)]
+    jobs = [
+        (int(pid), k, int(rng.integers(lo, hi + 1)))
+        for pid in prompts.prompt_id
+        for k in range(s.evaluation.samples_per_prompt)
+    ]
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
     chunk_size = gen * 2
     chunks = [jobs[i : i + chunk_size] for i in range(0, len(jobs), chunk_size)]
@@ -120,8 +144,9 @@ def sample_role(ctx: Context, s: SamplesStageSettings, config_hash: str, stage: 
     for ci, chunk in enumerate(tqdm(chunks, desc=f"{role} samples", unit="chunk")):
         if ci in done:
             continue
-        outs = sampling.sample_completions(model, [list(ids_of[j[0]]) for j in chunk], [j[2] for j in chunk],
-                                           seed=seed * 7919 + ci, batch_size=gen)
+        outs = sampling.sample_completions(
+            model, [list(ids_of[j[0]]) for j in chunk], [j[2] for j in chunk], seed=seed * 7919 + ci, batch_size=gen
+        )
         rows = _completion_rows(model.tokenizer, role, chunk, outs)
         with w.transaction() as con:
             RunWriter.put_completions(con, rows)
@@ -132,4 +157,3 @@ def stage_base_samples(ctx: Context, s: SamplesStageSettings, config_hash: str) 
     """Base-model completions of the held-out prompts (8–19 new tokens, pure sampling), scored."""
     sample_role(ctx, s, config_hash, "base_samples", "base", ctx.model)
     ctx.commit(lambda con: None, {"reward": ctx.writer.reader().reward_summary("base") or {}})
-

@@ -54,9 +54,17 @@ def frequency_table(firing: dict, rewards: np.ndarray, sets: dict[str, list]) ->
         fh = np.array([firing[k][hi].mean() for k in keys]) if keys else np.zeros(0)
         fl = np.array([firing[k][lo].mean() for k in keys]) if keys else np.zeros(0)
         p = float(wilcoxon(fh, fl).pvalue) if len(keys) >= 5 and np.any(fh != fl) else None
-        out.append({"set": name, "n_features": len(keys), "freq_high": float(fh.mean()) if len(fh) else None,
-                    "freq_low": float(fl.mean()) if len(fl) else None, "p": p,
-                    "n_high": int(hi.sum()), "n_low": int(lo.sum())})
+        out.append(
+            {
+                "set": name,
+                "n_features": len(keys),
+                "freq_high": float(fh.mean()) if len(fh) else None,
+                "freq_low": float(fl.mean()) if len(fl) else None,
+                "p": p,
+                "n_high": int(hi.sum()),
+                "n_low": int(lo.sum()),
+            }
+        )
     return out
 
 
@@ -77,12 +85,19 @@ def agreement_detail(ctx: Context, layers: list[int], sae_of: dict) -> dict:
     key = lambda df: [(int(a), int(b)) for a, b in zip(df.layer, df.feature)]  # noqa: E731
     flagged = labels[labels.relevant.fillna(False).astype(bool)]
     top = labels[labels.selection == "probe_top"]
-    sets = {"all features": sorted(firing), "labelled": key(labels), "labeller: reward-related": key(flagged),
-            "labeller: not related": key(labels[labels.relevant.notna() & ~labels.relevant.fillna(False).astype(bool)]),
-            "probe top": key(top)}
+    sets = {
+        "all features": sorted(firing),
+        "labelled": key(labels),
+        "labeller: reward-related": key(flagged),
+        "labeller: not related": key(labels[labels.relevant.notna() & ~labels.relevant.fillna(False).astype(bool)]),
+        "probe top": key(top),
+    }
     acc = labels.detection_acc.dropna()
-    return {"n_labelled": int(len(labels)), "n_relevant": int(len(flagged)),
-            "n_unparsed": int(labels.n_unparsed.fillna(0).sum()),
-            "detection_acc_mean": float(acc.mean()) if len(acc) else None,
-            "frequency": frequency_table(firing, rewards, sets),
-            "overlap": overlap(key(labels), set(key(flagged)), set(key(top)))}
+    return {
+        "n_labelled": int(len(labels)),
+        "n_relevant": int(len(flagged)),
+        "n_unparsed": int(labels.n_unparsed.fillna(0).sum()),
+        "detection_acc_mean": float(acc.mean()) if len(acc) else None,
+        "frequency": frequency_table(firing, rewards, sets),
+        "overlap": overlap(key(labels), set(key(flagged)), set(key(top))),
+    }

@@ -50,7 +50,9 @@ def choose_features(ctx: Context, s: LabelsStageSettings, layers: list[int]) -> 
     return [(a, b, "probe_top") for a, b in top] + [(*rest[i], "random") for i in sorted(pick)]
 
 
-def negative_pool(ctx: Context, s: LabelsStageSettings, layer: int, sae, n_windows: int = 300) -> tuple[list[autointerp.Excerpt], np.ndarray]:
+def negative_pool(
+    ctx: Context, s: LabelsStageSettings, layer: int, sae, n_windows: int = 300
+) -> tuple[list[autointerp.Excerpt], np.ndarray]:
     """Held-out windows (±feature_window tokens) and, per window, each feature's max activation over it."""
     r = ctx.writer.reader()
     h = harvest_dir(ctx)
@@ -101,17 +103,26 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
         chars = int(1.5 * sum(len("".join(t)) * 2 for t in first.tokens)) + 3000 if first is not None else 3000
         per = autointerp.estimate(1, chars, settings.max_tokens)["tokens"]
         if per > lab_s.max_tokens:
-            raise LabelBudgetError(f"label_max_tokens {lab_s.max_tokens:,} is smaller than one feature "
-                                   f"(≈ {per:,} tokens); raise it")
+            raise LabelBudgetError(
+                f"label_max_tokens {lab_s.max_tokens:,} is smaller than one feature (≈ {per:,} tokens); raise it"
+            )
         if per * len(chosen) > lab_s.max_tokens:
             keep = lab_s.max_tokens // per
-            log.warning("labels: the token budget covers %d of %d features; labelling the first %d", keep,
-                        len(chosen), keep)
+            log.warning(
+                "labels: the token budget covers %d of %d features; labelling the first %d", keep, len(chosen), keep
+            )
             chosen = chosen[:keep]
         est = autointerp.estimate(len(chosen), chars, settings.max_tokens)
-        log.info("labels: %d features with %s at %s: at most %d calls, ≈ %d tokens (budget %d); cached answers "
-                 "are not re-sent", len(chosen), settings.model, settings.base_url or "the OpenAI API", est["calls"],
-                 est["tokens"], lab_s.max_tokens)
+        log.info(
+            "labels: %d features with %s at %s: at most %d calls, ≈ %d tokens (budget %d); cached answers "
+            "are not re-sent",
+            len(chosen),
+            settings.model,
+            settings.base_url or "the OpenAI API",
+            est["calls"],
+            est["tokens"],
+            lab_s.max_tokens,
+        )
     labeller = autointerp.OFFLINE if client is None else f"openai:{lab_s.llm_model}"
     lexicon = reward.lexicon()
     sae_of = own_saes(ctx, "tuned", layers)
@@ -138,26 +149,57 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
             zero = np.nonzero(pools[layer][1][:, fid] <= 0)[0]
             neg = [pools[layer][0][i] for i in rng.choice(zero, size=min(lab_s.detection_n, len(zero)), replace=False)]
             if client is None:
-                lab = autointerp.offline_label(_excerpts(top), list(f["top_tokens"] if f["top_tokens"] is not None else []),
-                                               task, pos, neg, lexicon)
+                lab = autointerp.offline_label(
+                    _excerpts(top),
+                    list(f["top_tokens"] if f["top_tokens"] is not None else []),
+                    task,
+                    pos,
+                    neg,
+                    lexicon,
+                )
             else:
-                lab = autointerp.llm_label(client, _excerpts(top.head(10)), f["max_act"], task, pos, neg,
-                                           seed=seed + fid)
+                lab = autointerp.llm_label(
+                    client, _excerpts(top.head(10)), f["max_act"], task, pos, neg, seed=seed + fid
+                )
             if lab["explanation"] is None and client is None:
                 skipped += 1
                 continue
-            rows.append({"role": "tuned", "layer": layer, "feature": fid, "labeller": labeller,
-                         "model": None if client is None else lab_s.llm_model, "selection": selection,
-                         **{k: lab.get(k) for k in ("explanation", "relevant", "detection_acc", "detection_f1",
-                                                    "detection_n", "n_unparsed", "relevance_rho")}})
+            rows.append(
+                {
+                    "role": "tuned",
+                    "layer": layer,
+                    "feature": fid,
+                    "labeller": labeller,
+                    "model": None if client is None else lab_s.llm_model,
+                    "selection": selection,
+                    **{
+                        k: lab.get(k)
+                        for k in (
+                            "explanation",
+                            "relevant",
+                            "detection_acc",
+                            "detection_f1",
+                            "detection_n",
+                            "n_unparsed",
+                            "relevance_rho",
+                        )
+                    },
+                }
+            )
         with w.transaction() as con:
             if rows:
                 put_rows(con, "feature_labels", rows)
             RunWriter.add_chunk_marker(con, "labels", config_hash, ci // CHUNK)
         log.info("labels: %d of %d features done", min(ci + CHUNK, len(chosen)), len(chosen))
-    detail = {"labeller": labeller, "n_chosen": len(chosen), "n_skipped_no_examples": skipped,
-              **({"llm_requests": client.n_requests, "llm_cached": client.n_cached, "llm_tokens": client.tokens_used}
-                 if client is not None else {})}
+    detail = {
+        "labeller": labeller,
+        "n_chosen": len(chosen),
+        "n_skipped_no_examples": skipped,
+        **(
+            {"llm_requests": client.n_requests, "llm_cached": client.n_cached, "llm_tokens": client.tokens_used}
+            if client is not None
+            else {}
+        ),
+    }
     detail.update(agreement_detail(ctx, layers, sae_of))
     ctx.commit(lambda con: None, detail)
-

@@ -27,8 +27,11 @@ def role_features(ctx: Context, role: str, layers: list[int], rows: np.ndarray) 
     parts = []
     for layer, sae in own_saes(ctx, role, layers).items():
         acts = h.acts(role, layer)
-        parts.append(np.concatenate([f.cpu().numpy() for _, _, f in saes.encode_batches(sae, acts, rows)])
-                     if len(rows) else np.zeros((0, sae.cfg.d_sae), dtype=np.float32))
+        parts.append(
+            np.concatenate([f.cpu().numpy() for _, _, f in saes.encode_batches(sae, acts, rows)])
+            if len(rows)
+            else np.zeros((0, sae.cfg.d_sae), dtype=np.float32)
+        )
     return np.concatenate(parts, axis=1)
 
 
@@ -66,8 +69,9 @@ def _pooled(ctx: Context, role: str, layers: list[int], doc_rows: list[np.ndarra
     return np.concatenate(feats, axis=1), np.concatenate(raws, axis=1)
 
 
-def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int,
-                     last_only: bool = False):
+def _forward_batches(
+    ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int, last_only: bool = False
+):
     """Run ``role``'s model over ``seqs`` batched by length (nothing padded); yield (sequence indices,
     SAE features [batch, pos, d_sae·L] through its own SAEs, raw MLP outputs [batch, pos, d_model·L]);
     ``last_only``: only the last position of each (pos = 1), without encoding the others."""
@@ -86,11 +90,15 @@ def _forward_batches(ctx: Context, role: str, layers: list[int], seqs: list[list
         for idxs in by_len.values():
             for start in range(0, len(idxs), batch_size):
                 part = idxs[start : start + batch_size]
-                _, cache = hooked.run_with_cache(torch.tensor([seqs[i] for i in part]), names_filter=names,
-                                                 stop_at_layer=max(layers) + 1)
+                _, cache = hooked.run_with_cache(
+                    torch.tensor([seqs[i] for i in part]), names_filter=names, stop_at_layer=max(layers) + 1
+                )
                 acts = {n: cache[n][:, -1:] if last_only else cache[n] for n in names}
-                yield (part, torch.cat([sae.encode(acts[n]) for sae, n in zip(sae_of.values(), names)], -1),
-                       torch.cat([acts[n] for n in names], -1))
+                yield (
+                    part,
+                    torch.cat([sae.encode(acts[n]) for sae, n in zip(sae_of.values(), names)], -1),
+                    torch.cat([acts[n] for n in names], -1),
+                )
 
 
 def _filled(rows: list[np.ndarray | None]) -> list[np.ndarray]:
@@ -101,8 +109,9 @@ def _filled(rows: list[np.ndarray | None]) -> list[np.ndarray]:
     return [x for x in rows if x is not None]
 
 
-def last_position_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]],
-                           batch_size: int = 64) -> np.ndarray:
+def last_position_features(
+    ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int = 64
+) -> np.ndarray:
     """SAE features (own SAEs, layers concatenated) at the last token of each sequence (BOS included)."""
     out: list[np.ndarray | None] = [None] * len(seqs)
     for part, f, _ in _forward_batches(ctx, role, layers, seqs, batch_size, last_only=True):
@@ -111,8 +120,9 @@ def last_position_features(ctx: Context, role: str, layers: list[int], seqs: lis
     return np.stack(_filled(out))
 
 
-def pooled_features(ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int = 32
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def pooled_features(
+    ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean over each sequence's tokens (BOS excluded) of its SAE features (own SAEs, layers
     concatenated) and of its raw MLP outputs. Sequences are batched by length: nothing is padded."""
     feats: list[np.ndarray | None] = [None] * len(seqs)
@@ -123,8 +133,15 @@ def pooled_features(ctx: Context, role: str, layers: list[int], seqs: list[list[
     return np.stack(_filled(feats)), np.stack(_filled(raws))
 
 
-def mlp_outputs_at(ctx: Context, role: str, doc_tokens: dict[int, list[int]], doc_a: np.ndarray, pos_a: np.ndarray,
-                   layers: list[int], batch_size: int = 32) -> np.ndarray:
+def mlp_outputs_at(
+    ctx: Context,
+    role: str,
+    doc_tokens: dict[int, list[int]],
+    doc_a: np.ndarray,
+    pos_a: np.ndarray,
+    layers: list[int],
+    batch_size: int = 32,
+) -> np.ndarray:
     """Raw ``hook_mlp_out`` of ``layers`` (concatenated, numeric order) at each (document, position),
     with BOS prepended as in the harvest; documents batched by length (nothing padded)."""
     import torch
@@ -146,33 +163,52 @@ def mlp_outputs_at(ctx: Context, role: str, doc_tokens: dict[int, list[int]], do
         for group in by_len.values():
             for start in range(0, len(group), batch_size):
                 part = group[start : start + batch_size]
-                _, cache = hooked.run_with_cache(torch.tensor([bos + list(doc_tokens[d]) for d in part]),
-                                                 names_filter=names, stop_at_layer=max(layers) + 1)
-                acts = torch.cat([cache[n][:, len(bos):] for n in names], -1).cpu().numpy()  # [batch, pos, d_model·L]
+                _, cache = hooked.run_with_cache(
+                    torch.tensor([bos + list(doc_tokens[d]) for d in part]),
+                    names_filter=names,
+                    stop_at_layer=max(layers) + 1,
+                )
+                acts = torch.cat([cache[n][:, len(bos) :] for n in names], -1).cpu().numpy()  # [batch, pos, d_model·L]
                 for b, d in enumerate(part):
                     idx = where[d]
                     out[idx] = acts[b, pos_a[idx]]
     return out
 
 
-def input_controls(ctx: Context, role: str, layers: list[int], rows: np.ndarray,
-                   doc_tokens: dict[int, list[int]], doc_a: np.ndarray, pos_a: np.ndarray, words: np.ndarray,
-                   y: np.ndarray, splits: dict[str, np.ndarray], lex_range: tuple[float, float]) -> dict:
+def input_controls(
+    ctx: Context,
+    role: str,
+    layers: list[int],
+    rows: np.ndarray,
+    doc_tokens: dict[int, list[int]],
+    doc_a: np.ndarray,
+    pos_a: np.ndarray,
+    words: np.ndarray,
+    y: np.ndarray,
+    splits: dict[str, np.ndarray],
+    lex_range: tuple[float, float],
+) -> dict:
     """The same probe on other inputs, to say where the feedback signal lives: raw MLP outputs of the
     selected layers (does the SAE basis lose anything?) and of every layer (how much of it sits
     outside the layers RL changed most?). τ per split, as for the probe."""
     h = harvest_dir(ctx)
     n_layers = ctx.model.hooked().cfg.n_layers
-    inputs = {"raw_selected": np.concatenate([np.asarray(h.acts(role, layer)[rows], dtype=np.float32)
-                                              for layer in sorted(layers)], axis=1),
-              "raw_all_layers": mlp_outputs_at(ctx, role, doc_tokens, doc_a, pos_a, list(range(n_layers)))}
+    inputs = {
+        "raw_selected": np.concatenate(
+            [np.asarray(h.acts(role, layer)[rows], dtype=np.float32) for layer in sorted(layers)], axis=1
+        ),
+        "raw_all_layers": mlp_outputs_at(ctx, role, doc_tokens, doc_a, pos_a, list(range(n_layers))),
+    }
     out: dict[str, dict[str, Any]] = {}
     for name, Z in inputs.items():
         out[name] = {"dim": int(Z.shape[1])}
         for split, test in splits.items():
             e = probes.evaluate_split(Z, y, words, test, *lex_range, 0)
-            out[name][split] = {"tau": e["tau"]["all"]["tau"], "p": e["tau"]["all"]["p"],
-                                "n_words": e["tau"]["all"]["n_words"]}
+            out[name][split] = {
+                "tau": e["tau"]["all"]["tau"],
+                "p": e["tau"]["all"]["p"],
+                "n_words": e["tau"]["all"]["n_words"],
+            }
     return out
 
 
@@ -206,8 +242,14 @@ def labelled_texts(run: RunSettings, tok, n: int) -> dict[str, tuple[list[list[i
     return {k: ([t for t in texts if len(t) > 1], lab[[len(t) > 1 for t in texts]]) for k, (texts, lab) in out.items()}
 
 
-def contrastive(ctx: Context, role: str, layers: list[int], items: list[tuple[list[int], int, str, float]],
-                swaps: tuple[dict, dict], lexicon: dict) -> dict:
+def contrastive(
+    ctx: Context,
+    role: str,
+    layers: list[int],
+    items: list[tuple[list[int], int, str, float]],
+    swaps: tuple[dict, dict],
+    lexicon: dict,
+) -> dict:
     """The paper's contrastive variant: per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the word
     (sign of the word's valence), also for the word swapped to an opposite-valence one; per-word means
     against VADER valence by Kendall τ."""
@@ -274,7 +316,8 @@ def lexicon_points(ctx: Context, s: ProbesStageSettings, docs, idx: dict) -> Lex
     if n_lex < s.probes.min_points:
         raise probes.ProbeDataError(
             f"only {n_lex} lexicon-word positions in the activation corpus; the probe needs at least "
-            f"{s.probes.min_points}: raise sae_corpus_docs (or lower probe_min_points)")
+            f"{s.probes.min_points}: raise sae_corpus_docs (or lower probe_min_points)"
+        )
     words = np.array([p[2] for p in pts], dtype=object)[in_lex]
     y = np.array([p[3] for p in pts])[in_lex]
     occ = probes.occurrence_split(len(y), seed)
@@ -299,13 +342,16 @@ def contrast_items(tok, pts: LexiconPoints, ids_of: dict, n: int) -> list[tuple[
     return items
 
 
-def token_probe(X: np.ndarray, pts: LexiconPoints, role: str, lex_range: tuple[float, float], tuned_counts: Counter,
-                seed: int) -> tuple[dict, dict, list[dict]]:
+def token_probe(
+    X: np.ndarray, pts: LexiconPoints, role: str, lex_range: tuple[float, float], tuned_counts: Counter, seed: int
+) -> tuple[dict, dict, list[dict]]:
     """Ridge probe from SAE features to per-token valence on both splits, with its controls (untrained,
     shuffled) and per-word rows. Returns (summary, the two splits' fits, probe_words rows)."""
     y, words = pts.y, pts.words
-    res = {"occurrence": probes.evaluate_split(X, y, words, pts.occ, *lex_range, seed),
-           "word": probes.evaluate_split(X, y, words, pts.wsp, *lex_range, seed)}
+    res = {
+        "occurrence": probes.evaluate_split(X, y, words, pts.occ, *lex_range, seed),
+        "word": probes.evaluate_split(X, y, words, pts.wsp, *lex_range, seed),
+    }
     base = probes.baselines(X, y, words, pts.occ, seed)
     d: dict = {}
     word_rows: list[dict] = []
@@ -317,18 +363,35 @@ def token_probe(X: np.ndarray, pts: LexiconPoints, role: str, lex_range: tuple[f
         d[f"sign_acc_pos_{split}"], d[f"sign_acc_neg_{split}"] = e["sign_acc_pos"], e["sign_acc_neg"]
         d[f"alpha_{split}"] = e["alpha"]
         d[f"error_vs_tuned_freq_{split}"] = probes.correlation(err, counts)
-        word_rows += [{"role": role, "split": split, "word": w, "valence": float(v), "pred": float(p),
-                       "pred_rescaled": float(sc), "n_test": int(n), "tuned_count": int(c), "abs_error": float(a)}
-                      for w, v, p, sc, n, c, a in zip(t["word"], t["valence"], t["pred"], t["pred_rescaled"],
-                                                      t["n_test"], counts, err)]
+        word_rows += [
+            {
+                "role": role,
+                "split": split,
+                "word": w,
+                "valence": float(v),
+                "pred": float(p),
+                "pred_rescaled": float(sc),
+                "n_test": int(n),
+                "tuned_count": int(c),
+                "abs_error": float(a),
+            }
+            for w, v, p, sc, n, c, a in zip(
+                t["word"], t["valence"], t["pred"], t["pred_rescaled"], t["n_test"], counts, err
+            )
+        ]
     d["tau_baseline"], d["tau_shuffled"] = base["untrained"], base["shuffled"]
-    d["inputs"] = {"sae_selected": {"dim": int(X.shape[1]), **{
-        split: {k: e["tau"]["all"][k] for k in ("tau", "p", "n_words")} for split, e in res.items()}}}
+    d["inputs"] = {
+        "sae_selected": {
+            "dim": int(X.shape[1]),
+            **{split: {k: e["tau"]["all"][k] for k in ("tau", "p", "n_words")} for split, e in res.items()},
+        }
+    }
     return d, res, word_rows
 
 
-def implicit_reward(ctx: Context, role: str, layers: list[int], pts: LexiconPoints, X: np.ndarray, model, oof: np.ndarray,
-                    comp, comps) -> dict:
+def implicit_reward(
+    ctx: Context, role: str, layers: list[int], pts: LexiconPoints, X: np.ndarray, model, oof: np.ndarray, comp, comps
+) -> dict:
     """The probe as an implicit reward model: summed predictions over each tuned completion's lexicon
     words (out-of-fold) and over all its words, against the VADER oracle; the worst disagreements."""
     pred_of = dict(zip(zip(pts.doc_a[pts.in_lex], pts.pos_a[pts.in_lex]), oof))
@@ -351,13 +414,21 @@ def implicit_reward(ctx: Context, role: str, layers: list[int], pts: LexiconPoin
     z = lambda v: (v - v.mean()) / (v.std() or 1.0)  # noqa: E731
     gap = z(all_sum) - z(true_raw)
     worst = np.argsort(-np.abs(gap))[:10]
-    d["irm_disagreements"] = [{"prompt": comps.prompt.iloc[i], "completion": comps.completion.iloc[i],
-                               "reward_raw": float(true_raw[i]), "irm": float(all_sum[i])} for i in worst]
+    d["irm_disagreements"] = [
+        {
+            "prompt": comps.prompt.iloc[i],
+            "completion": comps.completion.iloc[i],
+            "reward_raw": float(true_raw[i]),
+            "irm": float(all_sum[i]),
+        }
+        for i in worst
+    ]
     return d
 
 
-def attributions(role: str, layers: list[int], X: np.ndarray, model, pts: LexiconPoints,
-                 oof: np.ndarray) -> tuple[list[dict], list[dict]]:
+def attributions(
+    role: str, layers: list[int], X: np.ndarray, model, pts: LexiconPoints, oof: np.ndarray
+) -> tuple[list[dict], list[dict]]:
     """Per-feature weights and importance |w * mean activation| (probe_features rows), and per-token top
     contributions (probe_tokens rows)."""
     w_eff = probes.effective_weights(model)
@@ -367,18 +438,36 @@ def attributions(role: str, layers: list[int], X: np.ndarray, model, pts: Lexico
     rank = np.empty(len(order), dtype=int)
     rank[order] = np.arange(len(order))
     d_sae = X.shape[1] // len(layers)
-    feat_rows = [{"role": role, "layer": sorted(layers)[j // d_sae], "feature": j % d_sae, "weight": float(w_eff[j]),
-                  "mean_act": float(mean_act[j]), "importance": float(imp[j]), "rank": int(rank[j])}
-                 for j in range(X.shape[1])]
+    feat_rows = [
+        {
+            "role": role,
+            "layer": sorted(layers)[j // d_sae],
+            "feature": j % d_sae,
+            "weight": float(w_eff[j]),
+            "mean_act": float(mean_act[j]),
+            "importance": float(imp[j]),
+            "rank": int(rank[j]),
+        }
+        for j in range(X.shape[1])
+    ]
     top_i, top_v = probes.contributions(model, X)
     doc_l, pos_l = pts.doc_a[pts.in_lex], pts.pos_a[pts.in_lex]  # once: masking inside the loop made it quadratic
-    token_rows = [{"role": role, "doc_id": int(doc_l[k]), "pos": int(pos_l[k]), "word": pts.words[k],
-                   "valence": float(pts.y[k]), "pred": float(oof[k]),
-                   "occurrence_split": "test" if pts.occ[k] else "train", "word_split": "test" if pts.wsp[k] else "train",
-                   "top_layers": [sorted(layers)[j // d_sae] for j in top_i[k]],
-                   "top_features": [int(j % d_sae) for j in top_i[k]],
-                   "top_contributions": [float(v) for v in top_v[k]]}
-                  for k in range(len(pts.y))]
+    token_rows = [
+        {
+            "role": role,
+            "doc_id": int(doc_l[k]),
+            "pos": int(pos_l[k]),
+            "word": pts.words[k],
+            "valence": float(pts.y[k]),
+            "pred": float(oof[k]),
+            "occurrence_split": "test" if pts.occ[k] else "train",
+            "word_split": "test" if pts.wsp[k] else "train",
+            "top_layers": [sorted(layers)[j // d_sae] for j in top_i[k]],
+            "top_features": [int(j % d_sae) for j in top_i[k]],
+            "top_contributions": [float(v) for v in top_v[k]],
+        }
+        for k in range(len(pts.y))
+    ]
     return feat_rows, token_rows
 
 
@@ -399,13 +488,14 @@ def separation(ctx: Context, role: str, layers: list[int], docs, idx: dict, seed
         coords, ratio = probes.pca(pooled)
         d["pca_var_ratio"] = ratio
         d["pca_var_ratio_by_task"] = {"imdb": ratio}
-        pca_rows += [{"role": role, "task": "imdb", "doc_id": int(dd), "label": lb, "pc1": float(a), "pc2": float(b)}
-                     for dd, lb, (a, b) in zip(imdb.doc_id.to_numpy()[keep], labels, coords)]
+        pca_rows += [
+            {"role": role, "task": "imdb", "doc_id": int(dd), "label": lb, "pc1": float(a), "pc2": float(b)}
+            for dd, lb, (a, b) in zip(imdb.doc_id.to_numpy()[keep], labels, coords)
+        ]
     return d, pca_rows
 
 
-def extra_separation(ctx: Context, role: str, layers: list[int], extra_tasks: dict, seed: int,
-                     d: dict) -> list[dict]:
+def extra_separation(ctx: Context, role: str, layers: list[int], extra_tasks: dict, seed: int, d: dict) -> list[dict]:
     """The HH and toxicity separation probes (when their data is reachable), added to ``d``."""
     pca_rows: list[dict] = []
     for task, (seqs, lab) in extra_tasks.items():
@@ -415,8 +505,10 @@ def extra_separation(ctx: Context, role: str, layers: list[int], extra_tasks: di
         d.setdefault("logistic", {})[task] = lg
         coords, ratio = probes.pca(pooled)
         d.setdefault("pca_var_ratio_by_task", {})[task] = ratio
-        pca_rows += [{"role": role, "task": task, "doc_id": i, "label": lb, "pc1": float(a), "pc2": float(b)}
-                     for i, (lb, (a, b)) in enumerate(zip(lab, coords))]
+        pca_rows += [
+            {"role": role, "task": task, "doc_id": i, "label": lb, "pc1": float(a), "pc2": float(b)}
+            for i, (lb, (a, b)) in enumerate(zip(lab, coords))
+        ]
     return pca_rows
 
 
@@ -439,15 +531,33 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
     ids_of = dict(zip(docs.doc_id.astype(int), docs.token_ids))
     items = contrast_items(tok, pts, ids_of, s.probes.contrast_items)
     extra_tasks = labelled_texts(s.run, tok, s.probes.texts_per_class)
-    detail: dict = {"layers": layers, "n_points": int(len(pts.y)), "n_words": int(len(np.unique(pts.words))),
-                    "n_test_occurrence": int(pts.occ.sum()), "n_test_word": int(pts.wsp.sum())}
+    detail: dict = {
+        "layers": layers,
+        "n_points": int(len(pts.y)),
+        "n_words": int(len(np.unique(pts.words))),
+        "n_test_occurrence": int(pts.occ.sum()),
+        "n_test_word": int(pts.wsp.sum()),
+    }
     word_rows, token_rows, feat_rows, pca_rows = [], [], [], []
     for role in ROLES:
         X = role_features(ctx, role, layers, rows)
         d, res, w_rows = token_probe(X, pts, role, lex_range, tuned_counts, seed)
         word_rows += w_rows
-        d["inputs"].update(input_controls(ctx, role, layers, rows, ids_of, pts.doc_a[pts.in_lex], pts.pos_a[pts.in_lex],
-                                          pts.words, pts.y, {"occurrence": pts.occ, "word": pts.wsp}, lex_range))
+        d["inputs"].update(
+            input_controls(
+                ctx,
+                role,
+                layers,
+                rows,
+                ids_of,
+                pts.doc_a[pts.in_lex],
+                pts.pos_a[pts.in_lex],
+                pts.words,
+                pts.y,
+                {"occurrence": pts.occ, "word": pts.wsp},
+                lex_range,
+            )
+        )
         d["sign_acc_pos"], d["sign_acc_neg"] = d["sign_acc_pos_occurrence"], d["sign_acc_neg_occurrence"]
         model = res["occurrence"]["model"]
         # implicit reward model: out-of-fold predictions at lexicon words, the model at other words
@@ -462,17 +572,33 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
         d["tau_contrastive"] = contrastive(ctx, role, layers, items, swaps, lex)
         pca_rows += extra_separation(ctx, role, layers, extra_tasks, seed, d)
         detail[role] = d
-        log.info("probe (%s): τ occurrence %.3f (p %.1e, %d words), τ word %.3f (p %.1e, %d words), untrained %.3f, "
-                 "shuffled %.3f, sign acc %.2f/%.2f, IRM pearson %.3f%s", role, d["tau_occurrence"]["tau"],
-                 d["tau_occurrence"]["p"], d["tau_occurrence"]["n_words"], d["tau_word"]["tau"], d["tau_word"]["p"],
-                 d["tau_word"]["n_words"], d["tau_baseline"]["tau"], d["tau_shuffled"]["tau"], d["sign_acc_pos"],
-                 d["sign_acc_neg"], d["irm"]["pearson"],
-                 f", IMDB logistic {d['logistic']['imdb']['acc']:.3f} (raw {d['logistic']['imdb']['raw_acc']:.3f})"
-                 if "logistic" in d else "")
+        log.info(
+            "probe (%s): τ occurrence %.3f (p %.1e, %d words), τ word %.3f (p %.1e, %d words), untrained %.3f, "
+            "shuffled %.3f, sign acc %.2f/%.2f, IRM pearson %.3f%s",
+            role,
+            d["tau_occurrence"]["tau"],
+            d["tau_occurrence"]["p"],
+            d["tau_occurrence"]["n_words"],
+            d["tau_word"]["tau"],
+            d["tau_word"]["p"],
+            d["tau_word"]["n_words"],
+            d["tau_baseline"]["tau"],
+            d["tau_shuffled"]["tau"],
+            d["sign_acc_pos"],
+            d["sign_acc_neg"],
+            d["irm"]["pearson"],
+            f", IMDB logistic {d['logistic']['imdb']['acc']:.3f} (raw {d['logistic']['imdb']['raw_acc']:.3f})"
+            if "logistic" in d
+            else "",
+        )
 
     def write(con):
-        for table, rows_ in (("probe_words", word_rows), ("probe_tokens", token_rows), ("probe_features", feat_rows),
-                             ("probe_pca", pca_rows)):
+        for table, rows_ in (
+            ("probe_words", word_rows),
+            ("probe_tokens", token_rows),
+            ("probe_features", feat_rows),
+            ("probe_pca", pca_rows),
+        ):
             put_rows(con, table, rows_)
 
     ctx.commit(write, detail)

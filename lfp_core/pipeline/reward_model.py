@@ -46,14 +46,26 @@ def resid_hook(layer: int) -> str:
 def sample_pairs(ctx: Context, s: RewardModelStageSettings) -> list[dict]:
     """``rm.samples_per_prompt`` base completions of every prompt (one length per prompt, drawn as in
     the RL), turned into oracle pairs; pairs of RL prompts train, pairs of held-out prompts evaluate."""
-    m, r, seed, lo, hi = ctx.model, ctx.writer.reader(), s.run.seed, s.completions.min_new_tokens, s.completions.max_new_tokens
+    m, r, seed, lo, hi = (
+        ctx.model,
+        ctx.writer.reader(),
+        s.run.seed,
+        s.completions.min_new_tokens,
+        s.completions.max_new_tokens,
+    )
     prompts = r.prompts()
     rng = np.random.default_rng([seed, 83])
     lengths = {int(p): int(rng.integers(lo, hi + 1)) for p in prompts.prompt_id}
-    jobs = [(int(p), list(t)) for p, t in zip(prompts.prompt_id, prompts.token_ids)
-            for _ in range(s.rm.samples_per_prompt)]
-    outs = sampling.sample_completions(m, [t for _, t in jobs], [lengths[p] for p, _ in jobs], seed=seed * 7919 + 83,
-                                       batch_size=s.generation.batch_size)
+    jobs = [
+        (int(p), list(t)) for p, t in zip(prompts.prompt_id, prompts.token_ids) for _ in range(s.rm.samples_per_prompt)
+    ]
+    outs = sampling.sample_completions(
+        m,
+        [t for _, t in jobs],
+        [lengths[p] for p, _ in jobs],
+        seed=seed * 7919 + 83,
+        batch_size=s.generation.batch_size,
+    )
     groups: dict[int, list] = {}
     for (pid, _), (ids, _) in zip(jobs, outs):
         groups.setdefault(pid, []).append((ids, reward.reward(m.tokenizer.decode(ids))))
@@ -70,12 +82,16 @@ def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: s
     pairs = sample_pairs(ctx, s)
     train = [p for p in pairs if p["split"] == "train"]
     held = [p for p in pairs if p["split"] == "eval"]
-    log.info("preference pairs (oracle: higher VADER reward preferred, ties dropped): %d training, %d held out",
-             len(train), len(held))
+    log.info(
+        "preference pairs (oracle: higher VADER reward preferred, ties dropped): %d training, %d held out",
+        len(train),
+        len(held),
+    )
     ctx.cache.pop("rm", None)
     ctx.cache.pop("rm_saes", None)
-    _, steps = reward_model.train_reward_model(ctx.model, train, prompts, s.rm, rm_dir(ctx), seed=s.run.seed,
-                                               device=s.run.device)
+    _, steps = reward_model.train_reward_model(
+        ctx.model, train, prompts, s.rm, rm_dir(ctx), seed=s.run.seed, device=s.run.device
+    )
     rm = loaded_rm(ctx)
     bos = rm.bos
 
@@ -90,15 +106,32 @@ def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: s
             for p, a, b in zip(held, c, j):
                 p["chosen_pm"], p["rejected_pm"] = float(a), float(b)
     acc = detail["pair_acc"]
-    log.info("preference model: held-out pair accuracy %.3f (95%% CI %.3f–%.3f, %d pairs); training %.3f", acc["acc"],
-             acc["lo"], acc["hi"], acc["n"], detail["pair_acc_train"]["acc"])
+    log.info(
+        "preference model: held-out pair accuracy %.3f (95%% CI %.3f–%.3f, %d pairs); training %.3f",
+        acc["acc"],
+        acc["lo"],
+        acc["hi"],
+        acc["n"],
+        detail["pair_acc_train"]["acc"],
+    )
     sae_rows, detail["saes"] = train_rm_saes(ctx, s, rm, held, prompts)
-    rows = [{"pair_id": p["pair_id"], "split": p["split"], "prompt_id": p["prompt_id"],
-             "prompt": tok.decode(prompts[p["prompt_id"]]), "chosen": tok.decode(p["chosen_ids"]),
-             "rejected": tok.decode(p["rejected_ids"]), "chosen_ids": [int(t) for t in p["chosen_ids"]],
-             "rejected_ids": [int(t) for t in p["rejected_ids"]], "chosen_oracle": p["chosen_oracle"],
-             "rejected_oracle": p["rejected_oracle"], "chosen_pm": p.get("chosen_pm"), "rejected_pm": p.get("rejected_pm")}
-            for p in pairs]
+    rows = [
+        {
+            "pair_id": p["pair_id"],
+            "split": p["split"],
+            "prompt_id": p["prompt_id"],
+            "prompt": tok.decode(prompts[p["prompt_id"]]),
+            "chosen": tok.decode(p["chosen_ids"]),
+            "rejected": tok.decode(p["rejected_ids"]),
+            "chosen_ids": [int(t) for t in p["chosen_ids"]],
+            "rejected_ids": [int(t) for t in p["rejected_ids"]],
+            "chosen_oracle": p["chosen_oracle"],
+            "rejected_oracle": p["rejected_oracle"],
+            "chosen_pm": p.get("chosen_pm"),
+            "rejected_pm": p.get("rejected_pm"),
+        }
+        for p in pairs
+    ]
 
     def write(con):
         put_rows(con, "rm_pairs", rows)
@@ -107,8 +140,9 @@ def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: s
     ctx.commit(write, detail)
 
 
-def train_rm_saes(ctx: Context, s: RewardModelStageSettings, rm, held: list[dict],
-                  prompts: dict[int, list[int]]) -> tuple[list[dict], dict]:
+def train_rm_saes(
+    ctx: Context, s: RewardModelStageSettings, rm, held: list[dict], prompts: dict[int, list[int]]
+) -> tuple[list[dict], dict]:
     """Harvest the preference model's residual stream over the activation corpus (same documents and
     row index as the policy's harvest) and train one SAE per ``rm.layers`` layer with the run's SAE
     settings; report FVU, L0, dead fraction and the held-out pair accuracy with the SAE spliced in (no
@@ -116,12 +150,24 @@ def train_rm_saes(ctx: Context, s: RewardModelStageSettings, rm, held: list[dict
     tok, r, seed = ctx.model.tokenizer, ctx.writer.reader(), s.run.seed
     layers = rm_layers(ctx, s)
     docs_df = r.corpus_docs()
-    docs = [activations.Doc(int(d), src, sp, [int(t) for t in ids])
-            for d, src, sp, ids in zip(docs_df.doc_id, docs_df.source, docs_df.split, docs_df.token_ids)]
+    docs = [
+        activations.Doc(int(d), src, sp, [int(t) for t in ids])
+        for d, src, sp, ids in zip(docs_df.doc_id, docs_df.source, docs_df.split, docs_df.token_ids)
+    ]
     h = harvest_dir(ctx)
     idx = h.index()
-    info = activations.harvest_role(rm.hooked, docs, layers, h.root, ROLE, rm.bos, special_tokens(tok), device=s.run.device,
-                                    batch_size=ctx.batch(), hook_of=resid_hook)
+    info = activations.harvest_role(
+        rm.hooked,
+        docs,
+        layers,
+        h.root,
+        ROLE,
+        rm.bos,
+        special_tokens(tok),
+        device=s.run.device,
+        batch_size=ctx.batch(),
+        hook_of=resid_hook,
+    )
     train_rows, eval_rows = np.nonzero(~idx["is_eval"])[0], np.nonzero(idx["is_eval"])[0]
     chosen = [rm.bos + prompts[p["prompt_id"]] + p["chosen_ids"] for p in held]
     rejected = [rm.bos + prompts[p["prompt_id"]] + p["rejected_ids"] for p in held]
@@ -136,14 +182,34 @@ def train_rm_saes(ctx: Context, s: RewardModelStageSettings, rm, held: list[dict
         m = saes.reconstruction_metrics(sae, acts, eval_rows)
         with rm.hooked.saes(saes=[sae], use_error_term=False):
             acc = reward_model.pair_accuracy(rm.score(chosen), rm.score(rejected))
-        log.info("SAE %-18s FVU %.3f  L0 %.1f  dead %.3f  held-out pair accuracy spliced %.3f  (%.1fs)", sid, m["fvu"],
-                 m["l0"], m["dead_frac"], acc["acc"], tinfo["seconds"])
+        log.info(
+            "SAE %-18s FVU %.3f  L0 %.1f  dead %.3f  held-out pair accuracy spliced %.3f  (%.1fs)",
+            sid,
+            m["fvu"],
+            m["l0"],
+            m["dead_frac"],
+            acc["acc"],
+            tinfo["seconds"],
+        )
         detail[sid] = {**{k: m[k] for k in ("fvu", "l0", "dead_frac")}, "pair_acc_spliced": acc["acc"]}
-        out.append({"sae_id": sid, "role": ROLE, "layer": layer, "kind": "rm", **saes.sae_record(sae, spec),
-                    "seed": spec.seed, "hook_name": resid_hook(layer), "path": str(path.relative_to(ctx.writer.run_dir)),
-                    "train_tokens": spec.train_tokens, "seconds": tinfo["seconds"],
-                    **{k: m[k] for k in ("mse", "fvu", "l0", "dead_frac", "dead_tokens", "n_eval_tokens", "cos_sim",
-                                         "l2_ratio")}})
+        out.append(
+            {
+                "sae_id": sid,
+                "role": ROLE,
+                "layer": layer,
+                "kind": "rm",
+                **saes.sae_record(sae, spec),
+                "seed": spec.seed,
+                "hook_name": resid_hook(layer),
+                "path": str(path.relative_to(ctx.writer.run_dir)),
+                "train_tokens": spec.train_tokens,
+                "seconds": tinfo["seconds"],
+                **{
+                    k: m[k]
+                    for k in ("mse", "fvu", "l0", "dead_frac", "dead_tokens", "n_eval_tokens", "cos_sim", "l2_ratio")
+                },
+            }
+        )
     return out, detail
 
 
@@ -155,9 +221,16 @@ def rm_saes(ctx: Context) -> dict:
         layers = sorted({int(x) for x in table.layer[(table.role == ROLE) & (table.kind == "rm")]})
         if not layers:
             raise RuntimeError("the preference model has no SAEs: run the reward_model stage first")
-        ctx.cache["rm_saes"] = saes.main_saes(ctx.writer.run_dir, table, ROLE, layers,
-                                              loaded_rm(ctx).hooked.cfg.d_model, hook_of=resid_hook,
-                                              device=ctx.run.device, kind="rm")
+        ctx.cache["rm_saes"] = saes.main_saes(
+            ctx.writer.run_dir,
+            table,
+            ROLE,
+            layers,
+            loaded_rm(ctx).hooked.cfg.d_model,
+            hook_of=resid_hook,
+            device=ctx.run.device,
+            kind="rm",
+        )
     return ctx.cache["rm_saes"]
 
 
@@ -167,13 +240,18 @@ def _pair_seqs(ctx: Context, pairs) -> tuple[list[list[int]], list[list[int]], l
     prompts = dict(zip(p.prompt_id.astype(int), p.token_ids))
     bos = loaded_rm(ctx).bos
     heads = [bos + [int(t) for t in prompts[int(p)]] for p in pairs.prompt_id]
-    return ([h + [int(t) for t in c] for h, c in zip(heads, pairs.chosen_ids)],
-            [h + [int(t) for t in c] for h, c in zip(heads, pairs.rejected_ids)], [len(h) for h in heads])
+    return (
+        [h + [int(t) for t in c] for h, c in zip(heads, pairs.chosen_ids)],
+        [h + [int(t) for t in c] for h, c in zip(heads, pairs.rejected_ids)],
+        [len(h) for h in heads],
+    )
 
 
 def _rows(target: str, res: dict) -> tuple[list[dict], list[dict]]:
-    feats = [{"target": target, "n_texts": len(res["clean"]), "true_effect": None, "contrast": None, **f}
-             for f in res["features"]]
+    feats = [
+        {"target": target, "n_texts": len(res["clean"]), "true_effect": None, "contrast": None, **f}
+        for f in res["features"]
+    ]
     return feats, [{"target": target, **p} for p in res["points"]]
 
 
@@ -183,16 +261,34 @@ def pm_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict, lis
     atp, r = s.atp, ctx.writer.reader()
     rm, sae_map = loaded_rm(ctx), rm_saes(ctx)
     held = r.rm_pairs("eval")
-    held = held.assign(gap=held.chosen_oracle - held.rejected_oracle).sort_values(["gap", "pair_id"],
-                                                                                  ascending=[False, True])
+    held = held.assign(gap=held.chosen_oracle - held.rejected_oracle).sort_values(
+        ["gap", "pair_id"], ascending=[False, True]
+    )
     top = held.head(atp.pairs)
     chosen, rejected, starts = _pair_seqs(ctx, top)
-    res = attribution.rank_and_verify(rm.hooked, sae_map, chosen + rejected, starts + starts,
-                                      lambda m, t, la, mk: rm.score_tokens(t, la), rm.batch, atp.steps, atp.top_k,
-                                      batch_size=ctx.batch())
+    res = attribution.rank_and_verify(
+        rm.hooked,
+        sae_map,
+        chosen + rejected,
+        starts + starts,
+        lambda m, t, la, mk: rm.score_tokens(t, la),
+        rm.batch,
+        atp.steps,
+        atp.top_k,
+        batch_size=ctx.batch(),
+    )
     feats, points = _rows("pm", res)
-    return ({"n_texts": len(chosen) * 2, "steps": atp.steps, "top_k": atp.top_k,
-             "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
+    return (
+        {
+            "n_texts": len(chosen) * 2,
+            "steps": atp.steps,
+            "top_k": atp.top_k,
+            "spearman_top": res["spearman_top"],
+            "spearman_points": res["spearman_points"],
+        },
+        feats,
+        points,
+    )
 
 
 def disagreement(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[dict]]:
@@ -203,8 +299,9 @@ def disagreement(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[
     atp, r = s.atp, ctx.writer.reader()
     rm, sae_map = loaded_rm(ctx), rm_saes(ctx)
     held = r.rm_pairs("eval")
-    held = held.assign(gap=held.chosen_oracle - held.rejected_oracle).sort_values(["gap", "pair_id"],
-                                                                                  ascending=[False, True])
+    held = held.assign(gap=held.chosen_oracle - held.rejected_oracle).sort_values(
+        ["gap", "pair_id"], ascending=[False, True]
+    )
     n_wrong = int((held.chosen_pm < held.rejected_pm).sum())
     cap = 4 * atp.pairs  # the clearest cases: the largest oracle gaps
     wrong = held[held.chosen_pm < held.rejected_pm].head(cap)
@@ -218,23 +315,50 @@ def disagreement(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[
         for layer in sae_map:
             parts = []
             for seqs in (c, j):
-                parts.append(np.concatenate([
-                    attribution.integrated_gradients(rm.hooked, sae_map, layer, toks, last, mask,
-                                                     lambda m, t, la, mk: rm.score_tokens(t, la), atp.steps)[0]
-                    for toks, last, mask in attribution.masked_batches(seqs, st, rm.batch, ctx.batch())]))
+                parts.append(
+                    np.concatenate(
+                        [
+                            attribution.integrated_gradients(
+                                rm.hooked,
+                                sae_map,
+                                layer,
+                                toks,
+                                last,
+                                mask,
+                                lambda m, t, la, mk: rm.score_tokens(t, la),
+                                atp.steps,
+                            )[0]
+                            for toks, last, mask in attribution.masked_batches(seqs, st, rm.batch, ctx.batch())
+                        ]
+                    )
+                )
             out[layer] = parts[0] - parts[1]  # [pairs, d_sae]: estimated change of the margin
         return out
 
     bad, good = margin_effects(wrong), margin_effects(right)
-    rows = [{"target": "pm_disagree", "layer": int(layer), "feature": int(f), "estimate": float(bad[layer][:, f].mean()),
-             "estimate_abs": float(np.abs(bad[layer][:, f]).mean()), "contrast": float(good[layer][:, f].mean()),
-             "n_texts": len(wrong), "true_effect": None}
-            for layer in bad for f in range(bad[layer].shape[1])]
+    rows = [
+        {
+            "target": "pm_disagree",
+            "layer": int(layer),
+            "feature": int(f),
+            "estimate": float(bad[layer][:, f].mean()),
+            "estimate_abs": float(np.abs(bad[layer][:, f]).mean()),
+            "contrast": float(good[layer][:, f].mean()),
+            "n_texts": len(wrong),
+            "true_effect": None,
+        }
+        for layer in bad
+        for f in range(bad[layer].shape[1])
+    ]
     rows.sort(key=lambda x: -float(x["estimate"] or 0.0))
     for i, x in enumerate(rows):
         x["rank"] = i
-    return {"n_disagree": n_wrong, "n_eval": len(held), "n_attributed": len(wrong),
-            "top": [{k: x[k] for k in ("layer", "feature", "estimate", "contrast")} for x in rows[:5]]}, rows
+    return {
+        "n_disagree": n_wrong,
+        "n_eval": len(held),
+        "n_attributed": len(wrong),
+        "top": [{k: x[k] for k in ("layer", "feature", "estimate", "contrast")} for x in rows[:5]],
+    }, rows
 
 
 def policy_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[dict], list[dict]]:
@@ -255,7 +379,9 @@ def policy_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict,
 
     def probe_reward(model, toks, last, mask):
         acts: dict = {}
-        hooks = [(attribution._hook_point(sae_map[la]), lambda a, hook, la=la: acts.__setitem__(la, a)) for la in layers]
+        hooks = [
+            (attribution._hook_point(sae_map[la]), lambda a, hook, la=la: acts.__setitem__(la, a)) for la in layers
+        ]
         with model.hooks(fwd_hooks=hooks):
             model(toks, stop_at_layer=max(layers) + 1)
         per_pos = sum((acts[la] * weights[la]).sum(-1) for la in layers)  # [batch, pos]
@@ -267,12 +393,29 @@ def policy_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict,
     bos = [hooked.tokenizer.bos_token_id] if hooked.tokenizer.bos_token_id is not None else []
     heads = [bos + [int(t) for t in prompts[int(p)]] for p in comp.prompt_id]
     seqs = [h + [int(t) for t in c] for h, c in zip(heads, comp.token_ids)]
-    res = attribution.rank_and_verify(hooked, sae_map, seqs, [len(h) for h in heads], probe_reward,
-                                      lambda q: attribution.right_pad(q, ctx.model.tokenizer.pad_token_id or 0, ctx.run.device),
-                                      atp.steps, atp.top_k, batch_size=ctx.batch())
+    res = attribution.rank_and_verify(
+        hooked,
+        sae_map,
+        seqs,
+        [len(h) for h in heads],
+        probe_reward,
+        lambda q: attribution.right_pad(q, ctx.model.tokenizer.pad_token_id or 0, ctx.run.device),
+        atp.steps,
+        atp.top_k,
+        batch_size=ctx.batch(),
+    )
     feats, points = _rows("policy", res)
-    return ({"n_texts": len(seqs), "steps": atp.steps, "top_k": atp.top_k,
-             "spearman_top": res["spearman_top"], "spearman_points": res["spearman_points"]}, feats, points)
+    return (
+        {
+            "n_texts": len(seqs),
+            "steps": atp.steps,
+            "top_k": atp.top_k,
+            "spearman_top": res["spearman_top"],
+            "spearman_points": res["spearman_points"],
+        },
+        feats,
+        points,
+    )
 
 
 def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None:
@@ -282,8 +425,11 @@ def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None
     h = harvest_dir(ctx)
     idx = h.index()
     eval_rows = np.nonzero(idx["is_eval"])[0]
-    maps = {"pm": ("rm", rm_saes(ctx)), "pm_disagree": ("rm", rm_saes(ctx)),
-            "policy": ("tuned", own_saes(ctx, "tuned", selected_layers(ctx)))}
+    maps = {
+        "pm": ("rm", rm_saes(ctx)),
+        "pm_disagree": ("rm", rm_saes(ctx)),
+        "policy": ("tuned", own_saes(ctx, "tuned", selected_layers(ctx))),
+    }
     wanted: dict[tuple[str, int], set[int]] = {}
     for x in rows:
         if x["rank"] < per_target:
@@ -291,8 +437,9 @@ def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None
     found = {}
     for (role, layer), feats in wanted.items():
         sae = next(m for r_, m in maps.values() if r_ == role)[layer]
-        for f, toks in features.top_tokens_of(sae, h.acts(role, layer), eval_rows, idx["token_id"], sorted(feats),
-                                              lambda t: tok.decode([t])).items():
+        for f, toks in features.top_tokens_of(
+            sae, h.acts(role, layer), eval_rows, idx["token_id"], sorted(feats), lambda t: tok.decode([t])
+        ).items():
             found[(role, layer, f)] = toks
     for x in rows:
         x["top_tokens"] = found.get((maps[x["target"]][0], x["layer"], x["feature"]))
@@ -305,9 +452,16 @@ def stage_attribution(ctx: Context, s: AttributionStageSettings, config_hash: st
         detail[name] = d
         rows += f
         points += p
-        log.info("attribution (%s): AtP vs true ablation on the top %d features: Spearman %.3f (p %.2g); over %d "
-                 "(text, feature) points %.3f", name, d["top_k"], d["spearman_top"]["rho"], d["spearman_top"]["p"],
-                 d["spearman_points"]["n"], d["spearman_points"]["rho"])
+        log.info(
+            "attribution (%s): AtP vs true ablation on the top %d features: Spearman %.3f (p %.2g); over %d "
+            "(text, feature) points %.3f",
+            name,
+            d["top_k"],
+            d["spearman_top"]["rho"],
+            d["spearman_top"]["p"],
+            d["spearman_points"]["n"],
+            d["spearman_points"]["rho"],
+        )
     d, f = disagreement(ctx, s)
     detail["disagreement"] = d
     rows += f
@@ -319,4 +473,3 @@ def stage_attribution(ctx: Context, s: AttributionStageSettings, config_hash: st
         put_rows(con, "attribution_points", points)
 
     ctx.commit(write, detail)
-

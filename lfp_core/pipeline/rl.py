@@ -45,8 +45,9 @@ def stage_dpo_eval(ctx: Context, s: DPOStageSettings, config_hash: str) -> None:
         detail[f"{split}_margin"] = evaluation.reward_stats(margin)
         detail[f"{split}_accuracy"] = float((margin > 0).mean())
         detail[f"n_{split}"] = len(pairs)
-    log.info("DPO implicit-reward accuracy: held-out %.3f, training %.3f", detail["eval_accuracy"],
-             detail["train_accuracy"])
+    log.info(
+        "DPO implicit-reward accuracy: held-out %.3f, training %.3f", detail["eval_accuracy"], detail["train_accuracy"]
+    )
     ctx.commit(lambda con: None, detail)
 
 
@@ -54,8 +55,9 @@ def stage_rlhf(ctx: Context, s: RLStageSettings, config_hash: str) -> None:
     """GRPO fine-tuning on the RL prompts; logs per-step reward/KL and sample completions."""
     prompts = ctx.writer.reader().prompts("train")
     ctx.cache.pop("tuned", None)
-    policy_dir, steps, samples = rlhf.train_policy(ctx.model, [list(t) for t in prompts.token_ids], s,
-                                                   artifacts_dir(ctx.writer.run_dir), config_hash)
+    policy_dir, steps, samples = rlhf.train_policy(
+        ctx.model, [list(t) for t in prompts.token_ids], s, artifacts_dir(ctx.writer.run_dir), config_hash
+    )
     tuned = tuned_policy(ctx)
     info = {**tuned.info(), "name": f"{ctx.model.spec.name} + GRPO (VADER)"}
     for i, sample in enumerate(samples):
@@ -68,8 +70,9 @@ def stage_rlhf(ctx: Context, s: RLStageSettings, config_hash: str) -> None:
         put_rows(con, "rl_steps", steps)
         put_rows(con, "rl_samples", samples)
 
-    ctx.commit(write, {"policy_dir": str(policy_dir), "steps": len(steps), "first_reward": first,
-                       "last10_reward": last})
+    ctx.commit(
+        write, {"policy_dir": str(policy_dir), "steps": len(steps), "first_reward": first, "last10_reward": last}
+    )
 
 
 def stage_rl_eval(ctx: Context, s: SamplesStageSettings, config_hash: str) -> None:
@@ -86,9 +89,14 @@ def stage_rl_eval(ctx: Context, s: SamplesStageSettings, config_hash: str) -> No
     prompts = r.prompts("eval")
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
     bos = [ctx.model.tokenizer.bos_token_id] if ctx.model.tokenizer.bos_token_id is not None else []
-    kl = evaluation.per_token_kl(tuned.hf, ctx.model.hf,
-                                 [(list(ids_of[int(p)]), list(c)) for p, c in zip(tun.prompt_id, tun.token_ids)],
-                                 bos, device=s.run.device, batch_size=ctx.batch(64))
+    kl = evaluation.per_token_kl(
+        tuned.hf,
+        ctx.model.hf,
+        [(list(ids_of[int(p)]), list(c)) for p, c in zip(tun.prompt_id, tun.token_ids)],
+        bos,
+        device=s.run.device,
+        batch_size=ctx.batch(64),
+    )
     shifts = evaluation.word_shifts(list(base.completion), list(tun.completion))
     detail: dict[str, Any] = {
         "reward_base": evaluation.reward_stats(pair.reward_b.to_numpy()),
@@ -98,9 +106,15 @@ def stage_rl_eval(ctx: Context, s: SamplesStageSettings, config_hash: str) -> No
         "distinct2_base": evaluation.distinct_n(list(base.completion)),
         "distinct2_tuned": evaluation.distinct_n(list(tun.completion)),
     }
-    log.info("tuned %.3f vs base %.3f (%.1f s.e.), KL/token %.4f, distinct-2 %.3f vs %.3f",
-             detail["reward_tuned"]["mean"], detail["reward_base"]["mean"], detail["difference"]["n_se"], kl,
-             detail["distinct2_tuned"], detail["distinct2_base"])
+    log.info(
+        "tuned %.3f vs base %.3f (%.1f s.e.), KL/token %.4f, distinct-2 %.3f vs %.3f",
+        detail["reward_tuned"]["mean"],
+        detail["reward_base"]["mean"],
+        detail["difference"]["n_se"],
+        kl,
+        detail["distinct2_tuned"],
+        detail["distinct2_base"],
+    )
     ctx.commit(lambda con: put_rows(con, "word_shifts", shifts), detail)
 
 
@@ -111,7 +125,9 @@ def _held_out_sequences(ctx: Context, s: DivergenceStageSettings) -> list[list[i
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     if s.run.task == "hh":
         pairs = r.pairs("eval").head(n)
-        return [bos + tok(p + c, add_special_tokens=False)["input_ids"][:64] for p, c in zip(pairs.prompt, pairs.chosen)]
+        return [
+            bos + tok(p + c, add_special_tokens=False)["input_ids"][:64] for p, c in zip(pairs.prompt, pairs.chosen)
+        ]
     prompts = r.prompts("eval")
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
     base = r.completions("base", limit=n)
@@ -124,12 +140,13 @@ def stage_divergence(ctx: Context, s: DivergenceStageSettings, config_hash: str)
     tuned = tuned_policy(ctx)
     param = divergence.parameter_divergence(ctx.model.hf, tuned.hf)
     seqs = _held_out_sequences(ctx, s)
-    act_cos, act_rel = divergence.activation_divergence(ctx.model.hooked(), tuned.hooked(), seqs,
-                                                         batch_size=ctx.batch())
+    act_cos, act_rel = divergence.activation_divergence(
+        ctx.model.hooked(), tuned.hooked(), seqs, batch_size=ctx.batch()
+    )
     scores = param if d.measure == "param" else act_cos
     selected = divergence.select_layers(scores, d.n_layers)
-    rows = [{"layer": i, "param": param[i], "act_cos": act_cos[i], "act_rel_l2": act_rel[i],
-             "selected": i in selected} for i in range(len(param))]
-    ctx.commit(lambda con: put_rows(con, "layer_divergence", rows),
-               {"selected_layers": selected, "measure": d.measure})
-
+    rows = [
+        {"layer": i, "param": param[i], "act_cos": act_cos[i], "act_rel_l2": act_rel[i], "selected": i in selected}
+        for i in range(len(param))
+    ]
+    ctx.commit(lambda con: put_rows(con, "layer_divergence", rows), {"selected_layers": selected, "measure": d.measure})

@@ -18,6 +18,7 @@ from lfp_core.store import RunWriter, Where, artifacts_dir, put_rows
 
 log = logging.getLogger(__name__)
 
+
 def build_corpus(ctx: Context, s: ActivationsStageSettings) -> tuple[list[activations.Doc], str]:
     """Held-out IMDB reviews (first ``corpus.doc_tokens`` tokens) or model-sampled documents, then
     every base and tuned completion (prompt + completion). Every ``corpus.eval_every``-th document
@@ -42,18 +43,26 @@ def build_corpus(ctx: Context, s: ActivationsStageSettings) -> tuple[list[activa
         gen = s.generation.batch_size
         for start in range(0, c.docs, gen):
             n = min(gen, c.docs - start)
-            for ids in sample_batch(ctx.model, [[] for _ in range(n)], c.doc_tokens,
-                                    seed=seed * 31 + start, allow_eos=False):
+            for ids in sample_batch(
+                ctx.model, [[] for _ in range(n)], c.doc_tokens, seed=seed * 31 + start, allow_eos=False
+            ):
                 texts.append(("model_sampled", list(ids), {}))
     prompts = r.prompts("eval")
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
     for role in ("base", "tuned"):
         comp = r.completions(role)
-        texts += [(f"{role}_completion", list(ids_of[int(p)]) + list(t),
-                   {"prompt_id": int(p), "sample_idx": int(k), "n_prefix": len(ids_of[int(p)])})
-                  for p, k, t in zip(comp.prompt_id, comp.sample_idx, comp.token_ids)]
-    docs = [activations.Doc(i, src, "eval" if i % c.eval_every == 0 else "train", [int(t) for t in ids], **meta)
-            for i, (src, ids, meta) in enumerate(texts)]
+        texts += [
+            (
+                f"{role}_completion",
+                list(ids_of[int(p)]) + list(t),
+                {"prompt_id": int(p), "sample_idx": int(k), "n_prefix": len(ids_of[int(p)])},
+            )
+            for p, k, t in zip(comp.prompt_id, comp.sample_idx, comp.token_ids)
+        ]
+    docs = [
+        activations.Doc(i, src, "eval" if i % c.eval_every == 0 else "train", [int(t) for t in ids], **meta)
+        for i, (src, ids, meta) in enumerate(texts)
+    ]
     return docs, where
 
 
@@ -66,17 +75,42 @@ def stage_activations(ctx: Context, s: ActivationsStageSettings, config_hash: st
     special = special_tokens(tok)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     idx = activations.write_index(h.root, docs, special)
-    detail: dict = {"layers": layers, "source": where, "n_docs": len(docs), "n_rows": int(len(idx["doc_id"])),
-                    "n_train_rows": int((~idx["is_eval"]).sum()), "n_eval_rows": int(idx["is_eval"].sum())}
+    detail: dict = {
+        "layers": layers,
+        "source": where,
+        "n_docs": len(docs),
+        "n_rows": int(len(idx["doc_id"])),
+        "n_train_rows": int((~idx["is_eval"]).sum()),
+        "n_eval_rows": int(idx["is_eval"].sum()),
+    }
     for role in ROLES:
         m = role_model(ctx, role)
-        detail[role] = activations.harvest_role(m.hooked(), docs, layers, h.root, role, bos, special,
-                                                batch_size=ctx.batch(), device=s.run.device)
-    rows = [{"doc_id": d.doc_id, "source": d.source, "split": d.split, "n_tokens": len(d.token_ids),
-             "token_ids": d.token_ids, "text": tok.decode(d.token_ids), "label": d.label, "prompt_id": d.prompt_id,
-             "sample_idx": d.sample_idx, "n_prefix": d.n_prefix} for d in docs]
-    log.info("activation corpus: %d documents from %s, %d rows (%d held out) at layers %s", len(docs), where,
-             detail["n_rows"], detail["n_eval_rows"], layers)
+        detail[role] = activations.harvest_role(
+            m.hooked(), docs, layers, h.root, role, bos, special, batch_size=ctx.batch(), device=s.run.device
+        )
+    rows = [
+        {
+            "doc_id": d.doc_id,
+            "source": d.source,
+            "split": d.split,
+            "n_tokens": len(d.token_ids),
+            "token_ids": d.token_ids,
+            "text": tok.decode(d.token_ids),
+            "label": d.label,
+            "prompt_id": d.prompt_id,
+            "sample_idx": d.sample_idx,
+            "n_prefix": d.n_prefix,
+        }
+        for d in docs
+    ]
+    log.info(
+        "activation corpus: %d documents from %s, %d rows (%d held out) at layers %s",
+        len(docs),
+        where,
+        detail["n_rows"],
+        detail["n_eval_rows"],
+        layers,
+    )
     vocab = [{"token_id": i, "text": tok.decode([i])} for i in range(ctx.model.hooked().cfg.d_vocab)]
 
     def write(con):
@@ -97,18 +131,33 @@ def sae_jobs(s: SAEStageSettings, layers: list[int], d_model: int) -> list[dict]
     jobs = [{"kind": "main", "role": role, "layer": layer, "spec": spec()} for role in ROLES for layer in layers]
     for layer in layers:
         for v in suite.variants:
-            jobs.append({"kind": "variant", "role": "tuned", "layer": layer, "spec": spec(v.arch, v.expansion),
-                         "name": v.name})
+            jobs.append(
+                {"kind": "variant", "role": "tuned", "layer": layer, "spec": spec(v.arch, v.expansion), "name": v.name}
+            )
     first = layers[0]
     for c in suite.sweep_l1:
-        jobs.append({"kind": "sweep", "role": "tuned", "layer": first,
-                     "spec": replace(spec("relu", 1), l1=c), "name": f"l1={c:g}"})
+        jobs.append(
+            {
+                "kind": "sweep",
+                "role": "tuned",
+                "layer": first,
+                "spec": replace(spec("relu", 1), l1=c),
+                "name": f"l1={c:g}",
+            }
+        )
     if suite.mfr_n >= 2:
         mfr_spec = spec("topk", mfr=suite.mfr_coefficient, mfr_warm_up_frac=suite.mfr_warmup_frac)
         jobs.append({"kind": "mfr", "role": "tuned", "layer": first, "spec": mfr_spec, "n": suite.mfr_n})
         for i in range(1, suite.mfr_n):  # the main SAE (seed 0) is the first independent one
-            jobs.append({"kind": "independent", "role": "tuned", "layer": first,
-                         "spec": replace(spec("topk"), seed=seed + i), "name": f"seed{i}"})
+            jobs.append(
+                {
+                    "kind": "independent",
+                    "role": "tuned",
+                    "layer": first,
+                    "spec": replace(spec("topk"), seed=seed + i),
+                    "name": f"seed{i}",
+                }
+            )
     return jobs
 
 
@@ -152,16 +201,45 @@ def sae_record_row(ctx: Context, job: dict, sid: str, sae, info: dict, seed: int
     s = job["spec"]
     path = saes.save_sae(sae, sae_path(ctx, sid))
     metrics = evaluate(ctx, sae, job["role"], job["layer"], ce_docs)
-    log.info("SAE %-28s FVU %.3f  L0 %.1f  dead %.3f  loss recovered %.3f  (%.1fs)", sid, metrics["fvu"],
-             metrics["l0"], metrics["dead_frac"], metrics["ce_loss_recovered"], info["seconds"])
-    return {"sae_id": sid, "role": job["role"], "layer": job["layer"], "kind": job["kind"],
-            **saes.sae_record(sae, s), "seed": seed, "hook_name": activations.hook_name(job["layer"]),
-            "path": str(path.relative_to(ctx.writer.run_dir)), "train_tokens": s.train_tokens,
-            "seconds": info["seconds"], **{k: metrics[k] for k in _METRICS}}
+    log.info(
+        "SAE %-28s FVU %.3f  L0 %.1f  dead %.3f  loss recovered %.3f  (%.1fs)",
+        sid,
+        metrics["fvu"],
+        metrics["l0"],
+        metrics["dead_frac"],
+        metrics["ce_loss_recovered"],
+        info["seconds"],
+    )
+    return {
+        "sae_id": sid,
+        "role": job["role"],
+        "layer": job["layer"],
+        "kind": job["kind"],
+        **saes.sae_record(sae, s),
+        "seed": seed,
+        "hook_name": activations.hook_name(job["layer"]),
+        "path": str(path.relative_to(ctx.writer.run_dir)),
+        "train_tokens": s.train_tokens,
+        "seconds": info["seconds"],
+        **{k: metrics[k] for k in _METRICS},
+    }
 
 
-_METRICS = ("mse", "fvu", "l0", "dead_frac", "dead_tokens", "n_eval_tokens", "cos_sim", "l2_ratio", "ce_clean",
-            "ce_spliced", "ce_zero", "ce_loss_recovered", "ce_tokens")
+_METRICS = (
+    "mse",
+    "fvu",
+    "l0",
+    "dead_frac",
+    "dead_tokens",
+    "n_eval_tokens",
+    "cos_sim",
+    "l2_ratio",
+    "ce_clean",
+    "ce_spliced",
+    "ce_zero",
+    "ce_loss_recovered",
+    "ce_tokens",
+)
 
 
 def stage_saes(ctx: Context, s: SAEStageSettings, config_hash: str) -> None:
@@ -183,8 +261,10 @@ def stage_saes(ctx: Context, s: SAEStageSettings, config_hash: str) -> None:
         name = f"{ctx.model.spec.name}:{job['role']}"
         if job["kind"] == "mfr":
             members, info = saes.train_mfr(job["spec"], src, hook, job["n"], model_name=name)
-            rows = [sae_record_row(ctx, job, sae_id(job, i), sae, info, job["spec"].seed + 1000 * i, ce_docs)
-                    for i, sae in enumerate(members)]
+            rows = [
+                sae_record_row(ctx, job, sae_id(job, i), sae, info, job["spec"].seed + 1000 * i, ce_docs)
+                for i, sae in enumerate(members)
+            ]
         else:
             sae, info = saes.train_sae(job["spec"], src, hook, model_name=name)
             rows = [sae_record_row(ctx, job, sae_id(job), sae, info, job["spec"].seed, ce_docs)]
@@ -194,10 +274,18 @@ def stage_saes(ctx: Context, s: SAEStageSettings, config_hash: str) -> None:
     table = w.reader().saes()
     pairs = dictionary_pairs(ctx, table)
     main = table[table.kind == "main"]
-    bars = {r.sae_id: {"fvu<=0.2": bool(r.fvu <= 0.2), "loss_recovered>=0.8": bool(r.ce_loss_recovered >= 0.8),
-                       "dead<=0.2": bool(r.dead_frac <= 0.2)} for r in main.itertuples()}
-    ctx.commit(lambda con: put_rows(con, "sae_pairs", pairs),
-               {"n_saes": len(table), "layers": layers, "bars": bars, "mfr": mfr_summary(table, pairs)})
+    bars = {
+        r.sae_id: {
+            "fvu<=0.2": bool(r.fvu <= 0.2),
+            "loss_recovered>=0.8": bool(r.ce_loss_recovered >= 0.8),
+            "dead<=0.2": bool(r.dead_frac <= 0.2),
+        }
+        for r in main.itertuples()
+    }
+    ctx.commit(
+        lambda con: put_rows(con, "sae_pairs", pairs),
+        {"n_saes": len(table), "layers": layers, "bars": bars, "mfr": mfr_summary(table, pairs)},
+    )
 
 
 def _pair(ctx: Context, table, a: str, b: str, comparison: str, layer: int) -> dict | None:
@@ -207,8 +295,14 @@ def _pair(ctx: Context, table, a: str, b: str, comparison: str, layer: int) -> d
     da = saes.decoder(saes.load_sae(ctx.writer.run_dir / paths[a]))
     db = saes.decoder(saes.load_sae(ctx.writer.run_dir / paths[b]))
     m = saes.mmcs(da, db)
-    return {"a": a, "b": b, "comparison": comparison, "layer": layer, "mmcs_hungarian": m["hungarian"],
-            "mmcs_max": m["max"]}
+    return {
+        "a": a,
+        "b": b,
+        "comparison": comparison,
+        "layer": layer,
+        "mmcs_hungarian": m["hungarian"],
+        "mmcs_max": m["max"],
+    }
 
 
 def dictionary_pairs(ctx: Context, table) -> list[dict]:
@@ -218,8 +312,11 @@ def dictionary_pairs(ctx: Context, table) -> list[dict]:
     ids = set(table.sae_id)
     for layer in sorted(set(table.layer)):
         out.append(_pair(ctx, table, f"base-L{layer}-main", f"tuned-L{layer}-main", "base_vs_tuned", layer))
-        out.append(_pair(ctx, table, f"tuned-L{layer}-variant-relu-1x", f"tuned-L{layer}-variant-relu-2x",
-                         "relu_1x_vs_2x", layer))
+        out.append(
+            _pair(
+                ctx, table, f"tuned-L{layer}-variant-relu-1x", f"tuned-L{layer}-variant-relu-2x", "relu_1x_vs_2x", layer
+            )
+        )
         mfr = sorted(i for i in ids if i.startswith(f"tuned-L{layer}-mfr-"))
         ind = [f"tuned-L{layer}-main"] + sorted(i for i in ids if i.startswith(f"tuned-L{layer}-independent-"))
         for group, name in ((mfr, "mfr"), (ind if len(ind) > 1 else [], "independent")):
@@ -233,14 +330,22 @@ def mfr_summary(table, pairs: list[dict]) -> dict:
     """MFR vs independently trained SAEs of the same layer, architecture and k (so equal L0)."""
     out = {}
     mfr_layers = set(table.layer[table.kind == "mfr"])
-    groups = {"mfr": table[table.kind == "mfr"],
-              "independent": table[(table.role == "tuned") & table.layer.isin(mfr_layers)
-                                   & table.kind.isin(["main", "independent"])]}
+    groups = {
+        "mfr": table[table.kind == "mfr"],
+        "independent": table[
+            (table.role == "tuned") & table.layer.isin(mfr_layers) & table.kind.isin(["main", "independent"])
+        ],
+    }
     for kind, sel in groups.items():
         mm = [p["mmcs_hungarian"] for p in pairs if p["comparison"] == kind]
         if len(sel) and mm:
-            out[kind] = {"n": len(sel), "fvu": float(sel.fvu.mean()), "l0": float(sel.l0.mean()),
-                         "ce_loss_recovered": float(sel.ce_loss_recovered.mean()), "mmcs": float(np.mean(mm))}
+            out[kind] = {
+                "n": len(sel),
+                "fvu": float(sel.fvu.mean()),
+                "l0": float(sel.l0.mean()),
+                "ce_loss_recovered": float(sel.ce_loss_recovered.mean()),
+                "mmcs": float(np.mean(mm)),
+            }
     return out
 
 
@@ -263,9 +368,19 @@ def stage_features(ctx: Context, s: FeaturesStageSettings, config_hash: str) -> 
             continue
         sae = saes.load_sae(w.run_dir / row.path)
         m = role_model(ctx, row.role).hooked()
-        feats, ex = features.feature_tables(sae, h.acts(row.role, row.layer), idx, doc_tokens, row_source, m.W_U,
-                                            vocab.__getitem__, s.features, row.role, int(row.layer),
-                                            seed=s.run.seed)
+        feats, ex = features.feature_tables(
+            sae,
+            h.acts(row.role, row.layer),
+            idx,
+            doc_tokens,
+            row_source,
+            m.W_U,
+            vocab.__getitem__,
+            s.features,
+            row.role,
+            int(row.layer),
+            seed=s.run.seed,
+        )
         log.info("features of %s: %d features, %d examples", row.sae_id, len(feats), len(ex))
         with w.transaction() as con:
             RunWriter.delete_rows(con, "features", Where(role=row.role, layer=int(row.layer)))
@@ -275,4 +390,3 @@ def stage_features(ctx: Context, s: FeaturesStageSettings, config_hash: str) -> 
             RunWriter.add_chunk_marker(con, "features", config_hash, ci)
         n += len(feats)
     ctx.commit(lambda con: None, {"saes": list(main.sae_id)})
-

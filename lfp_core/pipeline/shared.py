@@ -40,5 +40,11 @@ def tuned_policy(ctx: Context):
 
 def own_saes(ctx: Context, role: str, layers: list[int]) -> dict:
     """``{layer: SAE}`` of ``role``'s main SAEs, checked to read that layer's hook and to come from that model."""
-    return saes.main_saes(ctx.writer.run_dir, ctx.writer.reader().saes("main"), role, layers,
-                          ctx.model.hooked().cfg.d_model, device=ctx.run.device)
+    return saes.main_saes(
+        ctx.writer.run_dir,
+        ctx.writer.reader().saes("main"),
+        role,
+        layers,
+        ctx.model.hooked().cfg.d_model,
+        device=ctx.run.device,
+    )

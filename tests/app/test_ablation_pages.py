@@ -42,7 +42,10 @@ def test_two_sessions_running_the_live_lab_at_once_each_get_their_own_results(mo
     import threading
 
     sessions = []
-    for text, pick in (("The acting in this film was", slice(0, 8)), ("I did not like the ending, it", slice(-4, None))):
+    for text, pick in (
+        ("The acting in this film was", slice(0, 8)),
+        ("I did not like the ending, it", slice(-4, None)),
+    ):
         at = open_page(monkeypatch, quick_run.parent, "views/ablation_lab.py", run=quick_run)
         features = at.multiselect(key="al_features")
         features.set_value(list(features.options)[pick]).run()
@@ -94,8 +97,9 @@ def test_reward_model_page_shows_accuracy_attribution_and_scores_text(monkeypatc
     assert list(rank["rank"]) == sorted(rank["rank"]) and rank["mean true change"].notna().sum() == top_k
     at.radio(key="rm_target").set_value("policy's probe-predicted reward").run()
     assert not at.exception
-    assert {m.label: m.value for m in at.metric}[f"Spearman, top {top_k} features"] == \
-        f"{a.policy['spearman_top']['rho']:.3f}"
+    assert {m.label: m.value for m in at.metric}[
+        f"Spearman, top {top_k} features"
+    ] == f"{a.policy['spearman_top']['rho']:.3f}"
     at.button(key="rm_score").click().run()
     metrics = {m.label: m.value for m in at.metric}
     assert not at.exception and "Reward" in metrics and "VADER oracle" in metrics

@@ -36,8 +36,9 @@ def test_browser_lists_filters_sorts_and_links(monkeypatch, quick_run):
     stored = r.features("tuned", layer).sort_values("density", ascending=False)
     assert list(t.density[:5]) == list(stored.density[:5])
     # search over top tokens: every row holds the needle; a needle with SQL in it is only text
-    token = next(tok for toks in r.feature_table(limit=10**6)[0].top_tokens if toks is not None
-                 for tok in toks if tok.strip())
+    token = next(
+        tok for toks in r.feature_table(limit=10**6)[0].top_tokens if toks is not None for tok in toks if tok.strip()
+    )
     at.text_input(key="fb_search").set_value(token.strip()).run()
     t = at.dataframe[0].value
     assert len(t) and all(token.strip().lower() in s.lower() for s in t.top_tokens)
@@ -57,9 +58,14 @@ def test_browser_pages_through_results(monkeypatch, quick_run):
 
 def test_feature_page_shows_the_stored_feature(monkeypatch, quick_run):
     r = RunReader(quick_run)
-    role, layer, fid = max(((x.role, int(x.layer), int(f.feature), int(f.n_fired))
-                            for x in r.feature_layers().itertuples()
-                            for f in r.features(x.role, int(x.layer)).itertuples()), key=lambda t: t[3])[:3]
+    role, layer, fid = max(
+        (
+            (x.role, int(x.layer), int(f.feature), int(f.n_fired))
+            for x in r.feature_layers().itertuples()
+            for f in r.features(x.role, int(x.layer)).itertuples()
+        ),
+        key=lambda t: t[3],
+    )[:3]
     stored = r.feature(role, layer, fid)
     at = _page(monkeypatch, quick_run.parent, "views/feature.py", run=quick_run, role=role, layer=layer, feature=fid)
     assert not at.exception and not at.error
@@ -76,7 +82,10 @@ def test_feature_page_shows_the_stored_feature(monkeypatch, quick_run):
     assert len(at.get("plotly_chart")) == 1
     # next / prev move one feature and keep the link in step
     at.button(key="feat_next").click().run()
-    assert f"feature {fid + 1}" in at.subheader[0].value and at.query_params["feature"] in (str(fid + 1), [str(fid + 1)])
+    assert f"feature {fid + 1}" in at.subheader[0].value and at.query_params["feature"] in (
+        str(fid + 1),
+        [str(fid + 1)],
+    )
     at.button(key="feat_prev").click().run()
     assert f"feature {fid}" in at.subheader[0].value
     # the other model
@@ -88,15 +97,24 @@ def test_feature_page_shows_the_stored_feature(monkeypatch, quick_run):
 def test_feature_page_bad_links_get_messages(monkeypatch, quick_run):
     r = RunReader(quick_run)
     role, layer, n = r.feature_layers().iloc[0]
-    for params, expected in (({"feature": "abc"}, "must be a whole number"),
-                             ({"feature": str(int(n) + 5)}, f"out of range: the {role} model's layer-{int(layer)} SAE "
-                                                            f"has {int(n)} features"),
-                             ({"feature": "-1"}, "out of range"),
-                             ({"layer": "x"}, "must be a whole number"),
-                             ({"layer": "99"}, "not in this run"),
-                             ({"role": "<script>"}, "not in this run")):
-        at = _page(monkeypatch, quick_run.parent, "views/feature.py", run=quick_run,
-                   **{"role": role, "layer": int(layer), **params})
+    for params, expected in (
+        ({"feature": "abc"}, "must be a whole number"),
+        (
+            {"feature": str(int(n) + 5)},
+            f"out of range: the {role} model's layer-{int(layer)} SAE has {int(n)} features",
+        ),
+        ({"feature": "-1"}, "out of range"),
+        ({"layer": "x"}, "must be a whole number"),
+        ({"layer": "99"}, "not in this run"),
+        ({"role": "<script>"}, "not in this run"),
+    ):
+        at = _page(
+            monkeypatch,
+            quick_run.parent,
+            "views/feature.py",
+            run=quick_run,
+            **{"role": role, "layer": int(layer), **params},
+        )
         assert not at.exception, params
         assert expected in at.error[0].value, (params, at.error[0].value)
 
@@ -125,7 +143,8 @@ def test_deleted_run_gets_a_message_and_other_runs_still_work(monkeypatch, quick
 
 
 def test_activation_context_escapes_tokens():
-    out = viz.activation_context_html(["<script>alert(1)</script>", " <img src=x onerror=alert(1)>", "\n"],
-                                      [0.0, 2.0, 1.0], center=1, vmax=2.0)
+    out = viz.activation_context_html(
+        ["<script>alert(1)</script>", " <img src=x onerror=alert(1)>", "\n"], [0.0, 2.0, 1.0], center=1, vmax=2.0
+    )
     assert "<script>" not in out and "<img" not in out and "&lt;script&gt;" in out and "⏎" in out
     assert "title='2.000'" in out and "outline:2px" in out

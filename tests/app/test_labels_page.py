@@ -22,7 +22,13 @@ def test_labels_page_shows_the_offline_labels_and_agreement(monkeypatch, quick_r
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Labelled features"] == str(len(labels)) == str(detail.n_labelled)
     freq = at.dataframe[0].value
-    assert list(freq.set) == ["all features", "labelled", "labeller: reward-related", "labeller: not related", "probe top"]
+    assert list(freq.set) == [
+        "all features",
+        "labelled",
+        "labeller: reward-related",
+        "labeller: not related",
+        "probe top",
+    ]
     table = at.dataframe[1].value
     assert len(table) == len(labels) and table.page.str.startswith("feature?run=").all()
     at.radio(key="lb_filter").set_value("reward-related").run()

@@ -75,18 +75,44 @@ def test_partial_run_lists_missing_stages_and_the_command(monkeypatch, tmp_path)
     assert any("No completions yet" in i.value for i in at.info)
 
 
-@pytest.mark.parametrize("evil", ["<script>alert(1)</script>", '<img src=x onerror=alert(1)>'])
+@pytest.mark.parametrize("evil", ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"])
 def test_html_in_generated_text_is_escaped(monkeypatch, tmp_path, evil):
     run = tmp_path / "evil"
     w = RunWriter(run)
     w.set_config("quick", '{"model": "demo", "task": "vader"}')
     with w.transaction() as con:
-        RunWriter.put_prompts(con, [{"prompt_id": 0, "split": "eval", "source": "imdb", "doc_id": "x", "n_tokens": 1,
-                                     "token_ids": [1], "text": evil}])
-        RunWriter.put_completions(con, [{
-            "role": "base", "prompt_id": 0, "sample_idx": 0, "seed": 0, "n_new": 3, "token_ids": [1, 2, 3],
-            "text": f" great {evil} bad", "reward": 0.12, "raw_score": 0.6,
-            "lexicon_words": ["great", "bad"], "lexicon_valences": [3.1, -2.5]}])
+        RunWriter.put_prompts(
+            con,
+            [
+                {
+                    "prompt_id": 0,
+                    "split": "eval",
+                    "source": "imdb",
+                    "doc_id": "x",
+                    "n_tokens": 1,
+                    "token_ids": [1],
+                    "text": evil,
+                }
+            ],
+        )
+        RunWriter.put_completions(
+            con,
+            [
+                {
+                    "role": "base",
+                    "prompt_id": 0,
+                    "sample_idx": 0,
+                    "seed": 0,
+                    "n_new": 3,
+                    "token_ids": [1, 2, 3],
+                    "text": f" great {evil} bad",
+                    "reward": 0.12,
+                    "raw_score": 0.6,
+                    "lexicon_words": ["great", "bad"],
+                    "lexicon_valences": [3.1, -2.5],
+                }
+            ],
+        )
     at = _app(monkeypatch, tmp_path, run=str(run))
     assert not at.exception
     html = _all_html(at)

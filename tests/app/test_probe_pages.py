@@ -42,8 +42,10 @@ def test_separation_page(monkeypatch, quick_run):
     assert not at.exception
     table = at.dataframe[0].value
     assert set(table.model) == {"tuned", "base"} and set(table.task) == {"imdb", "hh", "toxicity"}
-    assert ((table["95% CI low"] <= table["accuracy (SAE features)"]) &
-            (table["accuracy (SAE features)"] <= table["95% CI high"])).all()
+    assert (
+        (table["95% CI low"] <= table["accuracy (SAE features)"])
+        & (table["accuracy (SAE features)"] <= table["95% CI high"])
+    ).all()
     assert len(at.get("plotly_chart")) == 1
     at.radio(key="sep_task").set_value("toxic/non-toxic").run()
     at.radio(key="sep_role").set_value("base").run()
@@ -59,5 +61,7 @@ def test_probe_pages_before_the_probe_stage(monkeypatch, tmp_path):
 
 
 def test_token_scores_html_escapes_tokens():
-    out = viz.token_scores_html(["<script>alert(1)</script>", " <img src=x onerror=alert(1)>"], [None, 2.0], [None, 1.5])
+    out = viz.token_scores_html(
+        ["<script>alert(1)</script>", " <img src=x onerror=alert(1)>"], [None, 2.0], [None, 1.5]
+    )
     assert "<script>" not in out and "<img" not in out and "&lt;script&gt;" in out

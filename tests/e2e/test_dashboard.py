@@ -21,8 +21,15 @@ from lfp_core.store import RunWriter, put_rows
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium() -> str:
@@ -49,33 +56,128 @@ def server(quick_run, tmp_path_factory):
         w = RunWriter(evil)
         w.set_config("quick", '{"model": "demo", "task": "vader"}')
         with w.transaction() as con:
-            RunWriter.put_prompts(con, [{"prompt_id": 0, "split": "eval", "source": "imdb", "doc_id": "x", "n_tokens": 1,
-                                         "token_ids": [1], "text": "<img src=x onerror=alert(1)>"}])
-            RunWriter.put_completions(con, [{
-                "role": "base", "prompt_id": 0, "sample_idx": 0, "seed": 0, "n_new": 2, "token_ids": [1, 2],
-                "text": " great <script>alert(1)</script>", "reward": 0.62, "raw_score": 3.1,
-                "lexicon_words": ["great"], "lexicon_valences": [3.1]}])
+            RunWriter.put_prompts(
+                con,
+                [
+                    {
+                        "prompt_id": 0,
+                        "split": "eval",
+                        "source": "imdb",
+                        "doc_id": "x",
+                        "n_tokens": 1,
+                        "token_ids": [1],
+                        "text": "<img src=x onerror=alert(1)>",
+                    }
+                ],
+            )
+            RunWriter.put_completions(
+                con,
+                [
+                    {
+                        "role": "base",
+                        "prompt_id": 0,
+                        "sample_idx": 0,
+                        "seed": 0,
+                        "n_new": 2,
+                        "token_ids": [1, 2],
+                        "text": " great <script>alert(1)</script>",
+                        "reward": 0.62,
+                        "raw_score": 3.1,
+                        "lexicon_words": ["great"],
+                        "lexicon_valences": [3.1],
+                    }
+                ],
+            )
             evil_tokens = ["<script>alert(1)</script>", " <img src=x onerror=alert(1)>", " fine"]
-            put_rows(con, "features", [{"role": "tuned", "layer": 0, "feature": f, "density": 0.01, "n_fired": 3,
-                                        "mean_act": 1.0, "max_act": 2.0, "hist_counts": [1, 2], "top_tokens": evil_tokens,
-                                        "freq_base_text": 0.0, "freq_tuned_text": 0.1,
-                                        "top_logit_tokens": evil_tokens, "top_logit_values": [1.0, 0.5, 0.1],
-                                        "bottom_logit_tokens": evil_tokens, "bottom_logit_values": [-1.0, -0.5, -0.1],
-                                        "neighbours": [1 - f], "neighbour_cos": [0.5]} for f in (0, 1)])
-            put_rows(con, "feature_examples", [{"role": "tuned", "layer": 0, "feature": 0, "kind": "top", "rank": 0,
-                                                "interval": -1, "doc_id": 0, "pos": 1, "act": 2.0, "center": 1,
-                                                "tokens": evil_tokens, "token_ids": [1, 2, 3], "acts": [0.0, 2.0, 1.0]}])
-            put_rows(con, "feature_labels", [{"role": "tuned", "layer": 0, "feature": 0, "labeller": "offline",
-                                              "explanation": "<img src=x onerror=alert(1)> praise", "relevant": True}])
+            put_rows(
+                con,
+                "features",
+                [
+                    {
+                        "role": "tuned",
+                        "layer": 0,
+                        "feature": f,
+                        "density": 0.01,
+                        "n_fired": 3,
+                        "mean_act": 1.0,
+                        "max_act": 2.0,
+                        "hist_counts": [1, 2],
+                        "top_tokens": evil_tokens,
+                        "freq_base_text": 0.0,
+                        "freq_tuned_text": 0.1,
+                        "top_logit_tokens": evil_tokens,
+                        "top_logit_values": [1.0, 0.5, 0.1],
+                        "bottom_logit_tokens": evil_tokens,
+                        "bottom_logit_values": [-1.0, -0.5, -0.1],
+                        "neighbours": [1 - f],
+                        "neighbour_cos": [0.5],
+                    }
+                    for f in (0, 1)
+                ],
+            )
+            put_rows(
+                con,
+                "feature_examples",
+                [
+                    {
+                        "role": "tuned",
+                        "layer": 0,
+                        "feature": 0,
+                        "kind": "top",
+                        "rank": 0,
+                        "interval": -1,
+                        "doc_id": 0,
+                        "pos": 1,
+                        "act": 2.0,
+                        "center": 1,
+                        "tokens": evil_tokens,
+                        "token_ids": [1, 2, 3],
+                        "acts": [0.0, 2.0, 1.0],
+                    }
+                ],
+            )
+            put_rows(
+                con,
+                "feature_labels",
+                [
+                    {
+                        "role": "tuned",
+                        "layer": 0,
+                        "feature": 0,
+                        "labeller": "offline",
+                        "explanation": "<img src=x onerror=alert(1)> praise",
+                        "relevant": True,
+                    }
+                ],
+            )
             w.mark_stage("features", 0, "x", "done", con=con)
     port = _free_port()
     env = {**os.environ, "LFP_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO_ROOT)}
     log = (tmp_path_factory.mktemp("srv") / "streamlit.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--", "--run", str(quick_run)],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+            "--",
+            "--run",
+            str(quick_run),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -178,9 +280,17 @@ def test_probe_pages_render_in_chromium(server, browser):
     page.close()
 
 
-PAGES = {"": "Stages", "layers": "Selected layers", "features": "Feature browser", "feature": "Density",
-         "token-scores": "Token viewer", "labels": "Labelled features", "separation": "Logistic probes",
-         "ablation": "Live lab", "reward-model": "Held-out pair accuracy"}
+PAGES = {
+    "": "Stages",
+    "layers": "Selected layers",
+    "features": "Feature browser",
+    "feature": "Density",
+    "token-scores": "Token viewer",
+    "labels": "Labelled features",
+    "separation": "Logistic probes",
+    "ablation": "Live lab",
+    "reward-model": "Held-out pair accuracy",
+}
 
 
 def test_every_page_renders_without_an_exception(server, browser):
