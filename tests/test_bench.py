@@ -27,29 +27,36 @@ def test_stage_bench_reads_the_precompute_log_line():
 
 
 def test_contention_bench_children_and_table():
-    """bench contention: the child's environment with/without the policy, its RESULT line, and the
-    ratios to the idle cell of the same policy (no timing is measured here)."""
+    """bench contention: the child's environment under each policy variant, its RESULT line, and the
+    ratios to the idle cells (no timing is measured here)."""
     import pytest
 
-    from bench.contention import child_env, parse_result, summarize
+    from bench.contention import child_env, parse_policy, parse_result, summarize, too_loaded
     from lfp_core.runtime import POLICY_ENV, SWITCH
 
-    on, off = child_env(True), child_env(False)
-    assert all(on[k] == v for k, v in POLICY_ENV.items()) and SWITCH not in on
+    on, off = child_env("on"), child_env("off")
+    assert all(on[k] == v for k, v in POLICY_ENV.items())
     assert not any(k in off for k in POLICY_ENV) and off[SWITCH] == "off"
+    spin = child_env("GOMP_SPINCOUNT=10000+OMP_PROC_BIND=false")
+    assert spin["GOMP_SPINCOUNT"] == "10000" and spin["OMP_PROC_BIND"] == "false"
+    assert not any(k in spin for k in POLICY_ENV)
+    with pytest.raises(ValueError, match="expected on, off"):
+        parse_policy("passive")
     assert parse_result('noise\nRESULT {"grpo_s": [1.0]}\nRESULT {"grpo_s": [2.0]}\n') == {"grpo_s": [2.0]}
     with pytest.raises(ValueError, match="no RESULT"):
         parse_result("Traceback ...")
     cells = [
         {"policy": p, "busy": b, "threads": 2, "grpo_s": g, "harvest_s": h}
         for p, b, g, h in [
-            (False, 0, [1, 1, 3], [2, 2]),
-            (False, 1, [9, 10, 11], [20, 20]),
-            (True, 0, [1, 2, 2], [2, 2]),
-            (True, 1, [3, 4, 5], [3, 5]),
+            ("off", 0, [1, 1, 3], [2, 2]),
+            ("off", 1, [9, 10, 11], [20, 20]),
+            ("on", 0, [1, 2, 2], [2, 2]),
+            ("on", 1, [3, 4, 5], [3, 5]),
         ]
     ]
     rows = {(r["policy"], r["busy"]): r for r in summarize(cells)}
-    assert rows[(False, 1)]["grpo_s_ratio"] == 10.0 and rows[(False, 1)]["harvest_s_ratio"] == 10.0
-    assert rows[(True, 1)]["grpo_s_ratio"] == 2.0 and rows[(True, 1)]["harvest_s"] == 4.0
-    assert rows[(True, 0)]["grpo_s_ratio"] == 1.0
+    assert rows[("off", 1)]["grpo_s_ratio"] == 10.0 and rows[("off", 1)]["harvest_s_ratio"] == 10.0
+    assert rows[("on", 1)]["grpo_s_ratio"] == 2.0 and rows[("on", 1)]["harvest_s"] == 4.0
+    assert rows[("on", 0)]["grpo_s_ratio"] == 1.0 and rows[("on", 0)]["grpo_s_vs_off"] == 2.0
+    assert too_loaded({"other_cores": 0.5}, 0.2) and not too_loaded({"other_cores": 0.1}, 0.2)
+    assert not too_loaded({"other_cores": None}, 0.2)  # no /proc/stat: measured once
