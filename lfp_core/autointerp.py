@@ -238,8 +238,11 @@ def llm_label(
     seed: int,
     with_values: bool = True,
 ) -> dict:
-    """Explain from the top excerpts, classify relevance to the task's reward, detection-score on held-out
-    activating (``positives``) and non-activating excerpts. Unparseable answers are counted, not scored."""
+    """Explain from the top excerpts (the explain set), classify the explanation's relevance to the task's
+    reward (the LLM reads only the explanation), detection-score it on held-out activating (``positives``)
+    and non-activating (``negatives``) excerpts — the caller draws those from documents the explainer was
+    not shown. Without both kinds the explanation is not detection-scored. Unparseable answers are
+    counted, not scored."""
     shown = "\n".join(f"{i + 1}. {render_example(e.tokens, e.acts, max_act, with_values)}" for i, e in enumerate(top))
     explanation = parse_answer(client.complete(prompts.EXPLAIN_SYSTEM, prompts.EXPLAIN_USER.format(examples=shown)))
     out: dict[str, Any] = {
@@ -261,7 +264,7 @@ def llm_label(
     )
     out["relevant"] = relevant
     out["n_unparsed"] += relevant is None
-    mix = [(e, True) for e in positives] + [(e, False) for e in negatives]
+    mix = [(e, True) for e in positives] + [(e, False) for e in negatives] if positives and negatives else []
     if mix:
         order = np.random.default_rng(seed).permutation(len(mix))
         mix = [mix[i] for i in order]
@@ -281,18 +284,27 @@ def llm_label(
 
 
 def offline_label(
-    top: list[Excerpt],
     top_tokens: list[str],
     task: str,
     positives: list[Excerpt],
     negatives: list[Excerpt],
     lexicon: dict[str, float],
+    relevance_windows: list[Excerpt] | None = None,
 ) -> dict:
-    """The offline labeller (named as such in the store and UI). Explanation: the tokens the feature
-    fires on most. Relevance (VADER task): Spearman correlation between the feature's activation and
-    the |VADER valence| of each token's word over its example windows, relevant when ρ > 0.2 with
-    p < 0.01. Detection: an excerpt is predicted to contain the feature when it holds one of the
-    explanation's tokens — a real score of how well the top tokens predict held-out activations."""
+    """The offline labeller (named as such in the store and UI).
+
+    Explanation: the tokens the feature fires on most in its top examples (the explain set).
+    Everything scored is on held-out windows the caller draws from documents outside the explain set:
+
+    - relevance (VADER task): Spearman correlation between the feature's activation and the |VADER
+      valence| of each token's word over held-out activating windows (``relevance_windows``, default
+      ``positives``), relevant when ρ > 0.2 with p < 0.01. It reads word valence, as the probe does, so
+      agreement with the probe is consistency between two readings of valence, not independent
+      validation;
+    - detection: an excerpt is predicted to contain the feature when it holds one of the explanation's
+      tokens — how well the explain set's top tokens predict activations on unseen text. Not scored
+      without both activating and non-activating excerpts.
+    """
     from scipy.stats import spearmanr
 
     words = [t.strip() for t in top_tokens if t.strip()][:6]
@@ -307,14 +319,15 @@ def offline_label(
         }
     explanation = "fires most on " + ", ".join(f"'{w}'" for w in words)
     relevant, rho = None, None
+    held = list(positives) if relevance_windows is None else relevance_windows
     if task == "vader":
-        acts = [a for e in top + positives for a in e.acts]
-        vals = [abs(lexicon.get(t.strip().lower(), 0.0)) for e in top + positives for t in e.tokens]
+        acts = [a for e in held for a in e.acts]
+        vals = [abs(lexicon.get(t.strip().lower(), 0.0)) for e in held for t in e.tokens]
         if len(set(vals)) > 1 and len(set(acts)) > 1:
             rho, p = spearmanr(acts, vals)
             relevant = bool(rho > 0.2 and p < 0.01)
     wanted = {w.lower() for w in words}
-    mix = [(e, True) for e in positives] + [(e, False) for e in negatives]
+    mix = [(e, True) for e in positives] + [(e, False) for e in negatives] if positives and negatives else []
     s = (
         scores([any(t.strip().lower() in wanted for t in e.tokens) for e, _ in mix], [t for _, t in mix])
         if mix

@@ -25,13 +25,67 @@ def reward_stats(values: np.ndarray) -> dict:
     }
 
 
-def paired_difference(base: np.ndarray, tuned: np.ndarray, level: float = 0.95) -> dict:
+def cluster_bootstrap_means(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """Means of ``values`` over ``n_boot`` resamples of whole clusters with replacement (the cluster, or
+    block, bootstrap: Davison & Hinkley 1997, §3.8; Cameron, Gelbach & Miller 2008). Units sharing a
+    ``groups`` label (e.g. completions or pairs of one prompt) are drawn together, so their correlation
+    widens the spread instead of being counted as independent evidence. Each resample's mean pools the
+    units of the drawn clusters (a cluster drawn twice counts twice).
+
+    Returns:
+        The ``n_boot`` resampled means.
+    """
+    v = np.asarray(values, dtype=float)
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(inv.max()) + 1 if len(inv) else 0
+    if n_groups == 0:
+        raise ValueError("no values to resample")
+    sums = np.bincount(inv, weights=v, minlength=n_groups)
+    counts = np.bincount(inv, minlength=n_groups).astype(float)
+    draws = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_boot)
+    return (draws @ sums) / (draws @ counts)  # [n_boot]: every draw holds at least one unit
+
+
+def paired_difference(
+    base: np.ndarray,
+    tuned: np.ndarray,
+    level: float = 0.95,
+    groups: np.ndarray | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Mean of tuned − base over paired completions (same prompt, same seed), its standard error,
-    a t-interval and how many standard errors it is from zero."""
+    an interval and how many standard errors it is from zero.
+
+    Without ``groups`` the pairs are taken as independent: a t-interval and a paired t-test. With
+    ``groups`` (each pair's prompt id; several samples of one prompt are not independent) the
+    standard error is the spread of a cluster bootstrap over prompts
+    (:func:`cluster_bootstrap_means`), the interval its percentiles, and ``p_value`` the two-sided
+    p of mean / se against a t distribution with (prompts − 1) degrees of freedom.
+    """
     d = np.asarray(tuned, float) - np.asarray(base, float)
     n = len(d)
     if n < 2:
         raise ValueError("need at least two paired completions")
+    if groups is not None:
+        n_clusters = len(np.unique(np.asarray(groups)))
+        if n_clusters < 2:
+            raise ValueError("need paired completions of at least two prompts")
+        boot = cluster_bootstrap_means(d, groups, n_boot, seed)
+        mean, se = float(d.mean()), float(boot.std(ddof=1))
+        lo, hi = np.quantile(boot, [0.5 - level / 2, 0.5 + level / 2])
+        n_se = mean / se if se > 0 else float("inf")
+        return {
+            "mean": mean,
+            "se": se,
+            "ci_low": float(lo),
+            "ci_high": float(hi),
+            "level": level,
+            "n_se": n_se,
+            "p_value": float(2 * stats.t.sf(abs(n_se), n_clusters - 1)) if se > 0 else 0.0,
+            "n_clusters": n_clusters,
+            "method": f"cluster bootstrap over {n_clusters} prompts ({n_boot} resamples)",
+        }
     se = float(d.std(ddof=1) / math.sqrt(n))
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * se)
     mean = float(d.mean())
@@ -43,6 +97,8 @@ def paired_difference(base: np.ndarray, tuned: np.ndarray, level: float = 0.95) 
         "level": level,
         "n_se": mean / se if se > 0 else float("inf"),
         "p_value": float(stats.ttest_1samp(d, 0.0).pvalue),
+        "n_clusters": n,
+        "method": "paired t-test (pairs independent)",
     }
 
 

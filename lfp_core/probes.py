@@ -7,16 +7,24 @@ piece). Its input is the SAE features of one model at that position, concatenate
 selected layers in numeric layer order — the tuned model's activations through the tuned
 model's SAEs, or the base model's through the base model's (never mixed). Its target is the
 word's VADER valence. Ridge regression; the penalty is chosen by cross-validation on the training
-split only.
+split only, with folds shaped like the split it is evaluated on (:func:`fit_ridge`).
 
 **Splits.** By occurrence (80/20 over positions; a word can fall on both sides — comparable with
-the paper) and by word (80/20 over distinct words: test words never occur in training).
+the paper) and by word (about 20% of the distinct words held out, grouped by stem: no test word
+shares a Snowball English stem with a training word, so "love" in training never lets "loved" or
+"loving" count as unseen).
 
 **Metrics.** Per-word mean prediction vs VADER valence: Kendall τ (on numbers) with its p-value,
 for all, positive-only and negative-only words; the same for an untrained (random) linear map and
 for a probe fitted to shuffled targets; sign accuracy after the paper's rescaling (10th–90th
 percentile of the predictions → the lexicon's [min, max]); |error| vs how often the tuned policy
-generates the word (Spearman).
+generates the word (Spearman). Baselines through the same ridge and split (token embedding, raw
+activations, difference of means) and the tuned − base τ difference with a bootstrap CI over
+test words (:func:`tau_difference`).
+
+**Contrastive probe.** The paper's contrastive score signs ‖F(x) − F(x')‖ by the *true* valence,
+so any features give τ ≈ 0.5; here the feature difference is the input of a ridge fitted on
+training words and scored on held-out words (:func:`contrastive_probe`).
 
 **Implicit reward model.** Out-of-fold predictions (5 folds over positions) summed over a
 completion's words give a reward with the VADER reward's signature; compared with the true reward
@@ -26,6 +34,7 @@ completion's words give a reward with the VADER reward's signature; compared wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -109,24 +118,66 @@ def occurrence_split(n: int, seed: int, test_frac: float = 0.2) -> np.ndarray:
     return test
 
 
+def stems(words: np.ndarray) -> np.ndarray:
+    """The Snowball (Porter2) English stem of each word, lower-cased (nltk; needs no downloaded data):
+    "love", "loved", "loving" and "lovely" share the stem "love"."""
+    from nltk.stem.snowball import SnowballStemmer
+
+    stemmer = SnowballStemmer("english")
+    uniq, inv = np.unique(np.asarray(words, dtype=object).astype(str), return_inverse=True)
+    return np.array([stemmer.stem(w.lower()) for w in uniq], dtype=object)[inv]
+
+
 def word_split(words: np.ndarray, seed: int, test_frac: float = 0.2) -> np.ndarray:
-    """Boolean test mask over positions such that no test word occurs in training."""
+    """Boolean test mask over positions: stems drawn at random until about ``test_frac`` of the distinct
+    words are held out, so no test word occurs in training and none shares a stem with a training word."""
     uniq = np.unique(words)
+    stem_of = dict(zip(uniq, stems(uniq)))
+    words_of: dict[str, list] = {}
+    for w in uniq:
+        words_of.setdefault(stem_of[w], []).append(w)
+    keys = sorted(words_of)
     rng = np.random.default_rng([seed, 59])
-    test_words = set(uniq[rng.permutation(len(uniq))[: int(round(len(uniq) * test_frac))]])
+    target, test_words = int(round(len(uniq) * test_frac)), set[str]()
+    for i in rng.permutation(len(keys)):
+        if len(test_words) >= target:
+            break
+        test_words.update(words_of[keys[i]])
+    if len(test_words) == len(uniq) and len(keys) > 1:  # one stem took every word: leave one for training
+        test_words -= set(words_of[keys[i]])
     return np.array([w in test_words for w in words])
+
+
+def stem_overlap(train_words, test_words) -> float:
+    """Share of the distinct test words that share a stem with some training word."""
+    test_u = np.unique(np.asarray(test_words, dtype=object))
+    if not len(test_u):
+        return float("nan")
+    train_stems = set(stems(np.unique(np.asarray(train_words, dtype=object))))
+    return float(np.mean([s in train_stems for s in stems(test_u)]))
 
 
 RIDGE_ALPHAS = np.logspace(-1, 5, 13)
 
 
-def fit_ridge(X: np.ndarray, y: np.ndarray, alphas: np.ndarray = RIDGE_ALPHAS):
-    """Standardised ridge (a sklearn pipeline: StandardScaler → Ridge); the penalty chosen by exact
-    leave-one-out cross-validation on (X, y) only — the generalised CV of sklearn's RidgeCV — from one
-    eigendecomposition of the centred covariance shared by every penalty. Same penalty and
-    coefficients as RidgeCV (tested); 1.7 s vs 7.0 s on 16,000 random sparse points × 1,024
-    features, where sklearn recomputes the hat-matrix diagonal from scratch per penalty.
-    ``model[-1].alpha_`` is the chosen penalty."""
+def fit_ridge(
+    X: np.ndarray, y: np.ndarray, alphas: np.ndarray = RIDGE_ALPHAS, groups: np.ndarray | None = None, folds: int = 5
+):
+    """Standardised ridge (a sklearn pipeline: StandardScaler → Ridge) with the penalty chosen on (X, y) only.
+
+    Without ``groups`` the penalty minimises the exact leave-one-out error over rows — the generalised CV
+    of sklearn's RidgeCV — from one eigendecomposition of the centred covariance shared by every penalty
+    (same penalty and coefficients as RidgeCV, tested; 1.7 s vs 7.0 s on 16,000 random sparse points ×
+    1,024 features). That fits the occurrence split, whose test rows are words seen in training.
+
+    With ``groups`` (a word or stem per row) it minimises the error of ``folds``-fold CV whose folds never
+    split a group (sklearn's GroupKFold): the condition of the word split, where memorising a word cannot
+    help on a held-out word, but helps every other row of the same word under leave-one-out. Each fold
+    reuses the full scatter matrix minus the fold's part, then one eigendecomposition serves every
+    penalty. The scaler is fitted once on all of (X, y), as in the leave-one-out path.
+
+    ``model[-1].alpha_`` is the chosen penalty, ``model[-1].cv_`` how it was chosen.
+    """
     from sklearn.linear_model import Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -138,38 +189,90 @@ def fit_ridge(X: np.ndarray, y: np.ndarray, alphas: np.ndarray = RIDGE_ALPHAS):
         raise ProbeDataError("the probe target is constant after filtering; nothing to learn")
     scaler = StandardScaler().fit(X)
     Z = scaler.transform(X).astype(np.float64)
-    Z -= Z.mean(0)
-    yc = np.asarray(y, dtype=np.float64) - np.mean(y)
+    y64 = np.asarray(y, dtype=np.float64)
+    if groups is None:
+        errors, how = _loo_errors(Z, y64, alphas), "leave-one-out over rows"
+    else:
+        errors, k = _grouped_errors(Z, y64, np.asarray(groups), alphas, folds)
+        how = f"{k}-fold CV grouped by word"
+    del Z
+    best = float(alphas[int(np.argmin(errors))])
+    model = make_pipeline(scaler, Ridge(alpha=best)).fit(X, y)
+    model[-1].alpha_ = best
+    model[-1].cv_ = how
+    return model
+
+
+def _loo_errors(Z: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> list[float]:
+    """Exact leave-one-out mean squared error of ridge (with an intercept) on standardised Z, per penalty."""
+    Z = Z - Z.mean(0)
+    yc = y - y.mean()
     s2, V = np.linalg.eigh(Z.T @ Z)
     s2 = np.clip(s2, 0.0, None)
     Q = Z @ V  # Z in the covariance's eigenbasis: hat(α) = Q diag(1/(s² + α)) Qᵀ (+ 1/n for the intercept)
     Qty, Q2, n = Q.T @ yc, Q * Q, len(yc)
-    del Z
     errors = []
     for a in alphas:
         d = 1.0 / (s2 + a)
         resid = yc - Q @ (d * Qty)
         h = Q2 @ d + 1.0 / n
         errors.append(float(np.mean((resid / (1.0 - h)) ** 2)))
-    best = float(alphas[int(np.argmin(errors))])
-    model = make_pipeline(scaler, Ridge(alpha=best)).fit(X, y)
-    model[-1].alpha_ = best
-    return model
+    return errors
+
+
+def _grouped_errors(
+    Z: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas: np.ndarray, folds: int
+) -> tuple[list[float], int]:
+    """Mean squared error of group-wise K-fold CV of ridge (with an intercept) per penalty, and K."""
+    from sklearn.model_selection import GroupKFold
+
+    k = min(folds, len(np.unique(groups)))
+    if k < 2:
+        raise ProbeDataError("the penalty search needs at least two words in the training split")
+    G, zs, zy, ys = Z.T @ Z, Z.sum(0), Z.T @ y, y.sum()  # full scatter; each fold subtracts its own part
+    sse = np.zeros(len(alphas))
+    for _, te in GroupKFold(n_splits=k).split(Z, y, groups):
+        Zf, yf = Z[te], y[te]
+        n_tr = len(y) - len(te)
+        mu = (zs - Zf.sum(0)) / n_tr  # training-fold means
+        ybar = (ys - yf.sum()) / n_tr
+        C = G - Zf.T @ Zf - n_tr * np.outer(mu, mu)  # centred training-fold scatter
+        b = zy - Zf.T @ yf - n_tr * mu * ybar
+        s2, V = np.linalg.eigh(C)
+        s2 = np.clip(s2, 0.0, None)
+        P, Vb = (Zf - mu) @ V, V.T @ b  # held-out rows in the eigenbasis
+        for i, a in enumerate(alphas):
+            sse[i] += float(np.sum((yf - ybar - P @ (Vb / (s2 + a))) ** 2))
+    return list(sse / len(y)), k
 
 
 def evaluate_split(
-    X: np.ndarray, y: np.ndarray, words: np.ndarray, test: np.ndarray, lex_min: float, lex_max: float, seed: int
+    X: np.ndarray,
+    y: np.ndarray,
+    words: np.ndarray,
+    test: np.ndarray,
+    lex_min: float,
+    lex_max: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> dict:
-    """Fit on ~test, evaluate per word on test: τ groups, sign accuracy, and the per-word table."""
-    model = fit_ridge(X[~test], y[~test])
+    """Fit on ~test (penalty grouped by ``groups`` where given: the word split), evaluate per word on test:
+    τ groups, sign accuracy, and the per-word table."""
+    model = fit_ridge(X[~test], y[~test], groups=None if groups is None else groups[~test])
     pred = model.predict(X[test])
+    return {"model": model, "alpha": float(model[-1].alpha_), **score_words(pred, y, words, test, lex_min, lex_max)}
+
+
+def score_words(
+    pred: np.ndarray, y: np.ndarray, words: np.ndarray, test: np.ndarray, lex_min: float, lex_max: float
+) -> dict:
+    """Per-word means of the test rows' predictions against their valences: τ groups, sign accuracy after
+    the paper's rescaling, and the per-word table."""
     uw, pw, cnt = per_word(words[test], pred)
     _, vw, _ = per_word(words[test], y[test])
     scaled = rescale(pw, lex_min, lex_max)
     pos, neg = vw > 0, vw < 0
     return {
-        "model": model,
-        "alpha": float(model[-1].alpha_),
         "tau": tau_groups(pw, vw),
         "sign_acc_pos": float((scaled[pos] > 0).mean()) if pos.any() else float("nan"),
         "sign_acc_neg": float((scaled[neg] < 0).mean()) if neg.any() else float("nan"),
@@ -191,6 +294,94 @@ def baselines(X: np.ndarray, y: np.ndarray, words: np.ndarray, test: np.ndarray,
     model = fit_ridge(X[~test], y_shuf)
     uw, ps, _ = per_word(words[test], model.predict(X[test]))
     return {"untrained": untrained, "shuffled": kendall(ps, vw)}
+
+
+def diff_of_means(X: np.ndarray, y: np.ndarray, words: np.ndarray, test: np.ndarray) -> dict:
+    """Difference-of-means baseline: direction = mean of the training rows with positive valence minus
+    that of those with negative valence; score = projection on it; τ of per-word mean scores on test."""
+    tr = ~test
+    pos, neg = tr & (y > 0), tr & (y < 0)
+    if not pos.any() or not neg.any():
+        return kendall(np.zeros(0), np.zeros(0))
+    direction = X[pos].mean(0) - X[neg].mean(0)
+    _, pw, _ = per_word(words[test], X[test] @ direction)
+    _, vw, _ = per_word(words[test], y[test])
+    return kendall(pw, vw)
+
+
+def score_inputs(
+    inputs: dict[str, np.ndarray],
+    y: np.ndarray,
+    words: np.ndarray,
+    splits: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    lex_range: tuple[float, float],
+) -> dict:
+    """τ per split of the same ridge (same splits, same penalty search) on each input, and of the difference
+    of means on ``raw_selected`` (listed after it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, Z in inputs.items():
+        kinds = [name] + (["diff_means_raw"] if name == "raw_selected" else [])
+        for kind in kinds:
+            out[kind] = {"dim": int(Z.shape[1])}
+            for split, (test, groups) in splits.items():
+                if kind == "diff_means_raw":
+                    t = diff_of_means(Z, y, words, test)
+                else:
+                    t = evaluate_split(Z, y, words, test, *lex_range, 0, groups=groups)["tau"]["all"]
+                out[kind][split] = {k: t[k] for k in ("tau", "p", "n_words")}
+    return out
+
+
+def tau_difference(
+    pred_a: np.ndarray, pred_b: np.ndarray, valence: np.ndarray, seed: int, n_boot: int = 1000, level: float = 0.95
+) -> dict:
+    """τ(pred_a, valence) − τ(pred_b, valence) over the same test words, with a percentile bootstrap CI
+    that resamples words (with replacement; both predictions of a word move together)."""
+    pred_a, pred_b, valence = (np.asarray(v, dtype=float) for v in (pred_a, pred_b, valence))
+    n = len(valence)
+    ta, tb = kendall(pred_a, valence)["tau"], kendall(pred_b, valence)["tau"]
+    out = {"diff": ta - tb, "tau_a": ta, "tau_b": tb, "lo": float("nan"), "hi": float("nan")}
+    out.update({"level": level, "n_words": n, "n_boot": n_boot})
+    if n < 3 or not np.isfinite(ta - tb):
+        return out
+    rng = np.random.default_rng([seed, 71])
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, n, n)
+        a, b = stats.kendalltau(pred_a[i], valence[i]).statistic, stats.kendalltau(pred_b[i], valence[i]).statistic
+        boots.append(a - b)
+    boots = np.asarray(boots, dtype=float)
+    boots = boots[np.isfinite(boots)]
+    if len(boots):
+        out["lo"], out["hi"] = (float(q) for q in np.quantile(boots, [(1 - level) / 2, (1 + level) / 2]))
+    return out
+
+
+def contrastive_probe(
+    D: np.ndarray,
+    words: np.ndarray,
+    valence: np.ndarray,
+    test: np.ndarray,
+    groups: np.ndarray,
+    lex_min: float,
+    lex_max: float,
+) -> dict:
+    """The contrastive variant as a fitted probe: a ridge from the feature difference D = F(x) − F(x with a
+    neutral word) (one row per sentence variant) to the valence of the word in x, fitted on the training
+    words (penalty by CV grouped by ``groups``) and scored on held-out words (τ of per-word means).
+
+    The paper's own score, sign(valence)·‖D‖, takes its sign from the answer: any features give τ ≈ 0.5 with
+    a tiny p. A fitted probe on held-out words gives τ ≈ 0 for features that carry no valence.
+    Returns {} where either side has too little data.
+    """
+    if test.sum() < 3 or (~test).sum() < 3 or np.ptp(valence[~test]) == 0:
+        return {}
+    try:
+        e = evaluate_split(D, valence, words, test, lex_min, lex_max, 0, groups=groups)
+    except ProbeDataError:
+        return {}
+    t = e["tau"]
+    return {**t["all"], "pos": t["pos"], "neg": t["neg"], "n_train_words": int(len(np.unique(words[~test])))}
 
 
 def out_of_fold(X: np.ndarray, y: np.ndarray, alpha: float, seed: int, folds: int = 5) -> np.ndarray:

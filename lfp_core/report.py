@@ -102,6 +102,7 @@ def build_report(run_dir: str) -> dict:
         ]
         rep["sae_comparisons"] = {
             "mfr_vs_independent": sa.mfr,
+            "basis": [dict(b) for b in sa.basis],  # per layer: base vs tuned beside base vs base′, tuned vs tuned′
             "mmcs": r.sae_pairs().drop(columns=["mmcs_max"]).to_dict("records"),
         }
     pr = done_summary(records, ProbesSummary)
@@ -112,13 +113,16 @@ def build_report(run_dir: str) -> dict:
             "tau_word": t.tau_word,
             "tau_baseline": t.tau_baseline,
             "tau_shuffled": t.tau_shuffled,
-            "tau_contrastive": t.tau_contrastive,
+            "contrastive_probe": t.contrastive_probe,
             "sign_acc_pos": t.sign_acc_pos,
             "sign_acc_neg": t.sign_acc_neg,
             "irm": t.irm,
             "logistic": t.logistic,
             "pca_var_ratio": t.pca_var_ratio,
             "inputs": t.inputs,
+            "word_split_by": pr.word_split_by,
+            "penalty_cv": pr.penalty_cv,
+            "tau_difference": pr.tau_difference,
         }
         rep["probe"] = {k: v for k, v in probe.items() if v is not None}
         b = pr.base or ProbeRoleSummary()
@@ -130,6 +134,8 @@ def build_report(run_dir: str) -> dict:
             "n_labelled": lb.n_labelled,
             "n_relevant": lb.n_relevant,
             "detection_acc_mean": lb.detection_acc_mean,
+            "n_score_docs": lb.n_score_docs,  # held-out scoring text (None: a run before schema 5)
+            "n_not_detection_scored": lb.n_not_detection_scored,
             "overlap": {k: lb.overlap.get(k) for k in ("n", "p", "expected", "n_flagged", "n_probe_top", "n_labelled")},
         }
     ab = done_summary(records, AblationSummary)
@@ -153,6 +159,15 @@ def build_report(run_dir: str) -> dict:
                 "random_after_mean": x.random_after_mean,
                 "p": x.p,
                 "p_rank": x.p_rank,
+                "n": x.n,
+                "hypothesis": x.hypothesis,
+                "rank_n": x.rank_n,
+                "rank_diff": x.rank_diff,
+                "n_random": x.n_random,
+                "random_median": x.random_median,
+                "random_lo": x.random_lo,
+                "random_hi": x.random_hi,
+                "p_min": x.p_min,
             }
             for name, x in ab.sets.items()
         }
@@ -162,6 +177,8 @@ def build_report(run_dir: str) -> dict:
             "pair_acc": rm.pair_acc["acc"],
             "pair_acc_ci": [rm.pair_acc["lo"], rm.pair_acc["hi"]],
             "n_eval_pairs": rm.pair_acc["n"],
+            "n_eval_prompts": rm.pair_acc.get("n_prompts"),
+            "pair_acc_ci_method": rm.pair_acc.get("method"),
             "pair_acc_train": rm.pair_acc_train["acc"],
             "saes": rm.sae_stats,
         }
@@ -169,11 +186,108 @@ def build_report(run_dir: str) -> dict:
         if at is not None and at.pm is not None:
             rep["reward_model"]["atp_true_spearman"] = at.pm["spearman_top"]["rho"]
             rep["reward_model"]["atp"] = {k: v for k, v in (("pm", at.pm), ("policy", at.policy)) if v is not None}
+            # per target, AtP and the path estimate vs true ablation, on the top features and the random sample
+            rep["reward_model"]["atp_checks"] = {k: at.check_rows(k) for k in rep["reward_model"]["atp"]}
             rep["reward_model"]["disagreement"] = at.disagreement
     return rep
 
 
+_INPUT_NAMES = {
+    "token_embedding": "token identity (the token's input embedding → the same ridge)",
+    "raw_selected": "raw MLP outputs the SAEs read → the same ridge",
+    "diff_means_raw": "difference of means of the raw MLP outputs (positive − negative words), projection",
+    "raw_all_layers": "raw MLP outputs of every layer → the same ridge",
+}
 _SAE_KEYS = ("fvu", "mse", "l0", "dead_frac", "cos_sim", "l2_ratio", "ce_loss_recovered")
+
+
+def _label_lines(lb: dict) -> list[str]:
+    """The labels stage's figures, each with what it tests."""
+    ov, acc = lb["overlap"], lb["detection_acc_mean"]
+    offline = str(lb["labeller"]).startswith("offline")
+    held = lb.get("n_score_docs")
+    where = (
+        f"held-out windows ({held} documents holding none of the probe's points, never a feature's own "
+        "top-example documents)"
+        if held is not None
+        else "windows that may share documents with the explainer's and the probe's (a run before schema 5)"
+    )
+    windows = "held-out activating windows" if held is not None else "its windows"
+    relevance = (
+        f"Spearman of activation with |VADER valence| on {windows}"
+        if offline
+        else "the LLM's reading of the explanation"
+    )
+    unscored = lb.get("n_not_detection_scored")
+    return [
+        f"labels ({lb['labeller']}): {lb['n_labelled']} features, {lb['n_relevant']} reward-related ({relevance}); "
+        f"detection accuracy {'n/a' if acc is None else f'{acc:.3f}'} (chance 0.5) on {where}"
+        + (f"; {unscored} features not detection-scored (no held-out activating window)" if unscored else ""),
+        f"labels: overlap of the reward-related with the probe's top {ov['n_probe_top']}: {ov['n']} (expected "
+        f"{ov['expected'] or 0:.1f}, hypergeometric p {ov['p'] if ov['p'] is not None else float('nan'):.1e}); "
+        + (
+            "both read word valence: consistency between two readings of valence, not independent validation"
+            if offline
+            else "the LLM judges explanations written from top examples, the probe reads word valence"
+        ),
+    ]
+
+
+def _ablation_line(name: str, x: dict) -> str:
+    """One tested ablation set: its effect with CI, and (schema 5) its matched random controls' distribution
+    and the one-sided rank p with the number of controls and the hypothesised direction."""
+    head = f"ablation {name} ({x['size']} features"
+    if x.get("hypothesis"):
+        head += f"; hypothesis: zeroing them {x['hypothesis']}s the reward"
+    body = (
+        f"): reward {x['reward_before']:.3f} -> {x['reward_after']:.3f} (diff {x['diff']:+.3f}, 95% CI "
+        f"{x['diff_lo']:+.3f} to {x['diff_hi']:+.3f}"
+    )
+    if x.get("rank_diff") is not None and x.get("n_random"):
+        return (
+            f"{head}{body}, {x['n']} prefixes); on the first {x['rank_n']}: {x['rank_diff']:+.3f} vs {x['n_random']} "
+            f"random sets matched in size per layer and activation mass, median {x['random_median']:+.3f} (range "
+            f"{x['random_lo']:+.3f} to {x['random_hi']:+.3f}); rank p {x['p_rank']:.3g} (one-sided, N={x['n_random']}, "
+            f"smallest attainable {x['p_min']:.3g})"
+        )
+    if x.get("random_after_mean") is not None:  # a run of schema 4: 5 random sets, bootstrap over prefixes
+        return (
+            f"{head}{body}); size-matched random sets {x['random_after_mean']:.3f} on average, p {x['p']:.3g} "
+            f"(rank p {x['p_rank']:.3g})"
+        )
+    return f"{head}{body})"
+
+
+def attribution_lines(name: str, a: dict, rows: list[dict]) -> list[str]:
+    """The attribution check of one target (``pm`` or ``policy``): AtP and the path estimate side by side
+    against true ablation, on the top features by |AtP| and on the random sample (``rows``:
+    ``AttributionSummary.check_rows``)."""
+    if not rows:  # runs before schema 5: layer-wide integrated gradients, top features only
+        return [
+            f"attribution ({'preference model' if name == 'pm' else 'policy probe reward'}): layer-wide "
+            f"integrated gradients ({a['steps']} steps) vs true ablation, top {a['top_k']} features: Spearman "
+            f"{a['spearman_top']['rho']:.3f} (p {a['spearman_top']['p']:.1e}); {a['spearman_points']['n']} "
+            f"(text, feature) points {a['spearman_points']['rho']:.3f}"
+        ]
+    target = "preference model reward" if name == "pm" else "policy's expected next-token valence"
+    lines = [
+        f"attribution ({target}): single-feature estimates vs true ablation of one feature, over {a['n_texts']} "
+        f"texts (means over texts; non-negligible: |true| >= {a['rel_floor_share']:.0%} of the sample's largest)"
+    ]
+    for c in rows:
+        p = f"p {c['p']:.1e}" if c["p"] > 0 else "p < 1e-300"  # (scipy's p underflows to 0)
+        recall = (
+            f", recall of the true top {c['k']} {c['recall']:.2f} (chance {c['recall_chance']:.2f})"
+            if "recall" in c
+            else ""
+        )
+        lines.append(
+            f"  {c['sample']}, {c['estimator']}: Spearman {c['rho']:.3f} "
+            f"({p}, {c['n']} features; "
+            f"sign-only {c['rho_sign_only']:.3f}); over the {c['n_rel']} non-negligible: sign agreement "
+            f"{c['sign_agree']:.2f}, median relative error {c['median_rel_err']:.3g}{recall}"
+        )
+    return lines
 
 
 def format_report(rep: dict) -> str:
@@ -207,7 +321,8 @@ def format_report(rep: dict) -> str:
         d = x["difference"]
         lines.append(
             f"tuned-policy reward: mean {x['reward_tuned']['mean']:.3f} ± {x['reward_tuned']['se']:.3f}; "
-            f"gain {d['mean']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}, {d['n_se']:.1f} s.e.)"
+            f"gain {d['mean']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}, {d['n_se']:.1f} s.e.; "
+            f"{d.get('method') or 'paired t-test'})"
         )
         lines.append(
             f"KL(tuned||base) per token {x['kl_per_token']:.4f}; distinct-2 base {x['distinct2_base']:.3f}, "
@@ -228,11 +343,23 @@ def format_report(rep: dict) -> str:
             )
     if "probe" in rep:
         p = rep["probe"]
+        cv = p.get("penalty_cv") or {}
+        how = {"occurrence": "positions", "word": "words, no test word sharing a stem with a training word"}
+        if p.get("word_split_by") != "stem":
+            how["word"] = "words"  # a run from before schema 5: split by word only
         for split in ("occurrence", "word"):
-            x = p[f"tau_{split}"]
+            x, diff = p[f"tau_{split}"], (p.get("tau_difference") or {}).get(split)
             lines.append(
-                f"probe, {split} split: Kendall τ {x['tau']:.3f} (p {x['p']:.1e}, {x['n_words']} words); base "
-                f"model {p['base_model'][f'tau_{split}']['tau']:.3f}"
+                f"probe, {split} split (80/20 over {how[split]}"
+                + (f"; penalty by {cv[split]}" if split in cv else "")
+                + f"): Kendall τ {x['tau']:.3f} (p {x['p']:.1e}, {x['n_words']} words); base model "
+                f"{p['base_model'][f'tau_{split}']['tau']:.3f}"
+                + (
+                    f"; tuned − base {diff['diff']:+.3f} ({diff['level']:.0%} bootstrap CI over words "
+                    f"{diff['lo']:+.3f} to {diff['hi']:+.3f})"
+                    if diff
+                    else ""
+                )
             )
         lines.append(
             f"probe controls: untrained map τ {p['tau_baseline']['tau']:.3f}, shuffled targets τ "
@@ -242,9 +369,16 @@ def format_report(rep: dict) -> str:
         for name, x in p.get("inputs", {}).items():
             if name != "sae_selected":
                 lines.append(
-                    f"probe on {name.replace('_', ' ')} ({x['dim']} dims): τ occurrence {x['occurrence']['tau']:.3f}, "
-                    f"τ word {x['word']['tau']:.3f}"
+                    f"baseline: {_INPUT_NAMES.get(name, name.replace('_', ' '))} ({x['dim']} dims): τ occurrence "
+                    f"{x['occurrence']['tau']:.3f}, τ word {x['word']['tau']:.3f} (p {x['word']['p']:.1e}); "
+                    f"SAE probe {p['tau_occurrence']['tau']:.3f}, {p['tau_word']['tau']:.3f}"
                 )
+        ct = p.get("contrastive_probe")
+        if ct:
+            lines.append(
+                f"contrastive probe (ridge on F(x) − F(x with a neutral word), fitted on training words): τ "
+                f"{ct['tau']:.3f} (p {ct['p']:.1e}) on {ct['n_words']} held-out words"
+            )
         if "logistic" in p:
             lg = p["logistic"]["imdb"]
             lines.append(
@@ -252,44 +386,27 @@ def format_report(rep: dict) -> str:
                 f"{lg['ci_high']:.3f}), raw activations {lg['raw_acc']:.3f}, majority {lg['majority_acc']:.3f}"
             )
     if "labels" in rep:
-        lb, ov = rep["labels"], rep["labels"]["overlap"]
-        acc = lb["detection_acc_mean"]
-        lines.append(
-            f"labels ({lb['labeller']}): {lb['n_labelled']} features, {lb['n_relevant']} reward-related, "
-            f"detection accuracy {'n/a' if acc is None else f'{acc:.3f}'}; overlap with the probe's top "
-            f"{ov['n_probe_top']}: {ov['n']} (expected {ov['expected'] or 0:.1f}, hypergeometric p "
-            f"{ov['p'] if ov['p'] is not None else float('nan'):.1e})"
-        )
+        lines += _label_lines(rep["labels"])
     for name, x in rep.get("ablation", {}).get("sets", {}).items():
-        ctrl = (
-            ""
-            if x.get("random_after_mean") is None
-            else (
-                f"; size-matched random sets {x['random_after_mean']:.3f} on average, p {x['p']:.3g} (rank p {x['p_rank']:.3g})"
-            )
-        )
-        lines.append(
-            f"ablation {name} ({x['size']} features): reward {x['reward_before']:.3f} -> {x['reward_after']:.3f} "
-            f"(diff {x['diff']:+.3f}, 95% CI {x['diff_lo']:+.3f} to {x['diff_hi']:+.3f}){ctrl}"
-        )
+        lines.append(_ablation_line(name, x))
     if "reward_model" in rep:
         x = rep["reward_model"]
         lines.append(
             f"preference model: held-out pair accuracy {x['pair_acc']:.3f} (95% CI {x['pair_acc_ci'][0]:.3f}–"
-            f"{x['pair_acc_ci'][1]:.3f}, {x['n_eval_pairs']} pairs; chance 0.5), training {x['pair_acc_train']:.3f}"
+            f"{x['pair_acc_ci'][1]:.3f}, {x['n_eval_pairs']} pairs"
+            + (f" from {x['n_eval_prompts']} prompts" if x.get("n_eval_prompts") else "")
+            + f", CI {x.get('pair_acc_ci_method') or 'Wilson over pairs'}; chance 0.5), "
+            f"training {x['pair_acc_train']:.3f}"
         )
         for name, a in x.get("atp", {}).items():
-            lines.append(
-                f"attribution ({'preference model' if name == 'pm' else 'policy probe reward'}): AtP (IG {a['steps']} "
-                f"steps) vs true ablation, top {a['top_k']} features: Spearman {a['spearman_top']['rho']:.3f} "
-                f"(p {a['spearman_top']['p']:.1e}); {a['spearman_points']['n']} (text, feature) points "
-                f"{a['spearman_points']['rho']:.3f}"
-            )
+            lines += attribution_lines(name, a, x.get("atp_checks", {}).get(name, []))
         dis = x.get("disagreement") or {}
         if dis:
             lines.append(
                 f"preference model vs oracle: disagrees on {dis['n_disagree']} of {dis['n_eval']} held-out pairs"
             )
+    for b in rep.get("sae_comparisons", {}).get("basis", []):
+        lines.append(basis_line(b))
     mfr = rep.get("sae_comparisons", {}).get("mfr_vs_independent", {})
     if "mfr" in mfr and "independent" in mfr:
         a, b = mfr["mfr"], mfr["independent"]
@@ -299,6 +416,23 @@ def format_report(rep: dict) -> str:
             f"{b['ce_loss_recovered']:.1%}"
         )
     return "\n".join(lines)
+
+
+def basis_line(b: dict) -> str:
+    """One layer's base-vs-tuned MMCS beside its same-model different-seed references, with the reading."""
+
+    def f(x) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    head = (
+        f"layer {b['layer']} MMCS (Hungarian): base vs tuned {f(b['base_vs_tuned'])}; same model, another seed: "
+        f"base vs base′ {f(b.get('base_vs_base_reseed'))}, tuned vs tuned′ {f(b.get('tuned_vs_tuned_reseed'))}"
+    )
+    if b.get("below_reference") is None:
+        return head + " (no other-seed reference: base vs tuned cannot be read)"
+    if b["below_reference"]:
+        return head + " — below both references: evidence that RL changed the basis"
+    return head + " — not below both references: no evidence that RL changed the basis beyond seed-to-seed variation"
 
 
 def main(argv: list[str] | None = None) -> int:

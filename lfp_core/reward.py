@@ -151,3 +151,17 @@ def token_valences(tokenizer, token_ids: list[int]) -> tuple[list[Word], list[To
     text, spans = token_offsets(tokenizer, token_ids)
     words = segment(text)
     return words, align(words, spans)
+
+
+def token_valence_table(tokenizer, vocab_size: int | None = None) -> list[float]:
+    """Per token id, the VADER lexicon valence of the word the token spells, when its decoded text is a
+    space followed by exactly one word (by :func:`segment`, e.g. ``" good"`` → 1.9): the valence a token adds
+    to the reward when it is a whole word. Every other token gets 0 — word-internal pieces (``"ily"`` of
+    ``" family"`` is no lexicon word there), and the pieces of a word split over several tokens."""
+    n = vocab_size if vocab_size is not None else len(tokenizer)
+    out = []
+    for i in range(n):
+        text = tokenizer.decode([i], skip_special_tokens=False)
+        words = segment(text) if text[:1].isspace() else []
+        out.append(words[0].valence if len(words) == 1 else 0.0)
+    return out

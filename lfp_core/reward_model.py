@@ -169,11 +169,37 @@ class RewardModel:
         return np.concatenate(out) if out else np.zeros(0)
 
 
-def pair_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> dict:
-    """Held-out pair accuracy (chosen scored above rejected) with a Wilson 95% interval."""
+def pair_accuracy(
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    prompt_ids: np.ndarray | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Held-out pair accuracy (chosen scored above rejected) with a 95% interval.
+
+    Pairs made from completions of one prompt share that prompt (and completions), so they are not
+    independent: with ``prompt_ids`` the interval is the percentile interval of a cluster bootstrap that
+    resamples prompts (:func:`lfp_core.evaluation.cluster_bootstrap_means`). Where every resample gives
+    the same accuracy (all pairs right, or all wrong) it is the Wilson interval of one observation per
+    prompt instead. Without ``prompt_ids``: the Wilson interval over pairs (pairs taken as independent).
+    """
     from lfp_core.probes import wilson_interval
 
     n = len(chosen)
-    acc = float((np.asarray(chosen) > np.asarray(rejected)).mean()) if n else float("nan")
-    lo, hi = wilson_interval(acc, n) if n else (float("nan"), float("nan"))
-    return {"acc": acc, "lo": lo, "hi": hi, "n": n}
+    right = np.asarray(chosen) > np.asarray(rejected)
+    acc = float(right.mean()) if n else float("nan")
+    if prompt_ids is None or not n:
+        lo, hi = wilson_interval(acc, n) if n else (float("nan"), float("nan"))
+        return {"acc": acc, "lo": lo, "hi": hi, "n": n, "method": "Wilson over pairs (pairs independent)"}
+    from lfp_core.evaluation import cluster_bootstrap_means
+
+    n_prompts = len(np.unique(np.asarray(prompt_ids)))
+    boot = cluster_bootstrap_means(right.astype(float), prompt_ids, n_boot, seed)
+    if boot.min() == boot.max():
+        lo, hi = wilson_interval(acc, n_prompts)
+        method = f"Wilson over {n_prompts} prompts (every pair alike)"
+    else:
+        lo, hi = (float(x) for x in np.quantile(boot, [0.025, 0.975]))
+        method = f"cluster bootstrap over {n_prompts} prompts ({n_boot} resamples)"
+    return {"acc": acc, "lo": lo, "hi": hi, "n": n, "n_prompts": n_prompts, "method": method}

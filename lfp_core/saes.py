@@ -7,10 +7,15 @@ in lockstep), fed from harvested activations (:mod:`lfp_core.activations`). Arch
 * ``relu``  — the paper's L1-penalised ReLU SAE (sae-lens "standard"), dictionary 1x or 2x d_model;
 * ``tied``  — the paper's tied-decoder ReLU SAE (encoder = decoder transposed), registered with
   sae-lens's registry as a training architecture; saved as a "standard" SAE with the encoder
-  written out, which is the same function at inference;
+  written out, which is the same function at inference (the input scaling sae-lens trains with is
+  folded into the biases, :meth:`TiedTrainingSAE.fold_activation_norm_scaling_factor`);
 * ``mfr_topk`` — TopK members of a Mutual Feature Regularization group (Marks et al. 2024, "Enhancing
   Neural Network Interpretability with Feature-Aligned Sparse Autoencoders"): each member's loss
   adds ``mfr * (1 - MMCS)`` between its decoder and its peers' (linear warm-up), trained jointly.
+
+Every architecture, saved and loaded, computes the features and reconstruction of the SAE as trained
+(tests/test_saes.py). Each SAE is initialised from its own seed (:func:`derive_seed`): dictionaries
+that are compared must not share an initialisation.
 
 Metrics (:func:`reconstruction_metrics`, :func:`ce_metrics`) are computed on held-out documents.
 FVU divides by the per-dimension variance, Σ‖x − x̂‖² / Σ‖x − mean‖², not by the variance of the
@@ -86,6 +91,28 @@ class TiedTrainingSAE(StandardTrainingSAE):
     @property
     def W_enc(self) -> torch.Tensor:
         return self.W_dec.T
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """Fold the input scaling ``s`` (training saw ``s·x``) into the biases, keeping the SAE tied.
+
+        sae-lens's fold multiplies ``W_enc`` by ``s`` and divides ``W_dec`` by ``s``; with ``W_enc``
+        a view of ``W_dec`` the two cancel and only ``b_dec`` is divided, which leaves the encoder
+        bias ``s``× too strong against the input (a different SAE after saving). The tied fold:
+        ``relu((s·x − b_dec)·W + b_enc) = s·relu((x − b_dec/s)·W + b_enc/s)``, so dividing both biases
+        by ``s`` gives the same features divided by ``s``, and decoding them with the same ``W`` gives
+        the trained reconstruction divided by ``s`` — the trained SAE in the input's own units, with
+        each feature's contribution ``f_i·W_i`` unchanged (the convention of sae-lens's TopK fold).
+        """
+        self.b_enc.data /= scaling_factor
+        self.b_dec.data /= scaling_factor
+        self.cfg.normalize_activations = "none"
+
+    def fold_and_get_W_dec_norm(self) -> torch.Tensor:
+        raise NotImplementedError("a tied SAE cannot fold its decoder norms into the encoder and stay tied")
+
+    def fold_activation_whitening(self, *args, **kwargs) -> None:
+        raise NotImplementedError("a tied SAE cannot fold a whitening transform and stay tied")
 
     def process_state_dict_for_saving_inference(self, state_dict: dict) -> None:
         state_dict["W_enc"] = self.W_dec.detach().T.contiguous().clone()
@@ -180,6 +207,17 @@ def mmcs(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> dict:
     c = (_unit_rows(a) @ _unit_rows(b).T).cpu().numpy().astype(np.float64)
     rows, cols = linear_sum_assignment(c, maximize=True)
     return {"hungarian": float(c[rows, cols].mean()), "max": float(c.max(axis=1).mean())}
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A seed in [0, 2³¹) derived from a run seed and labels (e.g. an SAE's id). SAEs whose
+    dictionaries are compared must not share their initialisation: with one seed, sae-lens draws
+    identical decoders for the base and tuned SAEs, and the 1× dictionary's initial rows are the
+    first rows of the 2×'s — both bias MMCS upwards."""
+    import hashlib
+
+    digest = hashlib.sha256(":".join(str(x) for x in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -358,14 +396,21 @@ def train_sae(spec: SAESpec, source: ActivationSource, hook: str, model_name: st
     return _to_inference(trained), {"seconds": secs, "tokens_per_s": spec.train_tokens / max(secs, 1e-9)}
 
 
+def mfr_member_seeds(spec: SAESpec, n: int) -> list[int]:
+    """The initialisation seed of each of the ``n`` members of an MFR group: the first is the
+    group's seed, the others derived from it (all distinct)."""
+    return [spec.seed] + [derive_seed(spec.seed, "mfr-member", i) for i in range(1, n)]
+
+
 def train_mfr(
     spec: SAESpec, source: ActivationSource, hook: str, n: int = 2, model_name: str = ""
 ) -> tuple[list[SAE], dict]:
-    """Train ``n`` TopK SAEs jointly with Mutual Feature Regularization (sae-lens MultiSAETrainer)."""
+    """Train ``n`` TopK SAEs jointly with Mutual Feature Regularization (sae-lens MultiSAETrainer),
+    each initialised from its own seed (:func:`mfr_member_seeds`)."""
     _check_budget(spec, source)
     saes = []
-    for i in range(n):
-        torch.manual_seed(spec.seed + 1000 * i)
+    for seed in mfr_member_seeds(spec, n):
+        torch.manual_seed(seed)
         saes.append(MFRTopKTrainingSAE(_training_cfg(spec, source.acts.shape[1], hook, model_name, "mfr_topk")))
     link_peers(saes)
     names = {f"m{i}": hook for i in range(n)}
@@ -594,7 +639,9 @@ __all__ = [
     "ce_baselines",
     "ce_metrics",
     "decoder",
+    "derive_seed",
     "load_sae",
+    "mfr_member_seeds",
     "mmcs",
     "reconstruction_metrics",
     "save_sae",

@@ -352,22 +352,31 @@ class LabelSettings:
         _check_positive(self, "probe_top", "random", allow_zero=True)
 
 
+ABLATION_MIN_RANDOM = 20  # the rank test's smallest p is 1/(N + 1); 1/21 is the first below 0.05
+
+
 @dataclass(frozen=True)
 class AblationSettings:
-    """Completions sampled per feature set from held-out IMDB prefixes of ``prefix_tokens`` tokens
-    (paper: 1,000); size of the probe-top set; size-matched random sets per tested set (>= 5)."""
+    """Completions sampled per tested feature set from held-out IMDB prefixes of ``prefix_tokens``
+    tokens (paper: 1,000); size of the probe-top set; random control sets per tested set (matched in
+    size per layer and in activation mass; >= 20, so the rank test can reach p < 0.05); ``rank_n``: the
+    first prefixes on which every set, tested or random, is sampled and compared (the random sets are
+    sampled on these only; at most ``n``)."""
 
     n: int = field(default=1000, metadata=_flat("ablation_n"))
     prefix_tokens: int = field(default=30, metadata=_flat("ablation_prefix_tokens"))
     k: int = field(default=16, metadata=_flat("ablation_k"))
-    random: int = field(default=5, metadata=_flat("ablation_random"))
+    random: int = field(default=ABLATION_MIN_RANDOM, metadata=_flat("ablation_random"))
+    rank_n: int = field(default=256, metadata=_flat("ablation_rank_n"))
 
     def __post_init__(self) -> None:
-        _check_positive(self, "n", "prefix_tokens", "k")
-        if self.random < 5:
+        _check_positive(self, "n", "prefix_tokens", "k", "rank_n")
+        if self.random < ABLATION_MIN_RANDOM:
             raise ConfigError(
-                f"ablation.random (ablation_random) must be >= 5 (random control sets per tested set), "
-                f"got {self.random}"
+                f"ablation.random (ablation_random) must be >= {ABLATION_MIN_RANDOM}, got {self.random}: the "
+                f"ablation test ranks a tested set among its N random control sets, so with N sets the smallest "
+                f"attainable p is 1/(N+1) ({1 / (self.random + 1):.3g} for N={self.random}), and N >= "
+                f"{ABLATION_MIN_RANDOM} is needed for p < 0.05"
             )
 
 
@@ -402,15 +411,23 @@ class RMSettings:
 
 @dataclass(frozen=True)
 class AtPSettings:
-    """Attribution patching: integrated-gradient steps, held-out pairs with the largest oracle
-    reward gaps to attribute over, features verified by true ablation."""
+    """Single-feature attribution (lfp_core/attribution.py): midpoint steps of the path estimate
+    (integrated gradients along one feature's axis), held-out pairs with the largest oracle reward gaps
+    to attribute over, the top features by AtP and a uniform sample of ``random_k`` features per layer
+    verified by true ablation. Verifying a (text, feature) where the feature fires costs one forward pass
+    (the truth) and ``steps`` forward and backward passes (the path estimate). Measured on a demo run with
+    these defaults (128 texts, 20 top + 2 × 64 random features, preference model and policy): 2 midpoints had
+    a median relative error of 0.01–0.15% against the truth, AtP 4–12%; verifying took 60–75 s per target on
+    a CPU."""
 
-    steps: int = field(default=4, metadata=_flat("atp_steps"))
+    steps: int = field(default=2, metadata=_flat("atp_steps"))
     pairs: int = field(default=64, metadata=_flat("atp_pairs"))
     top_k: int = field(default=20, metadata=_flat("atp_top_k"))
+    random_k: int = field(default=64, metadata=_flat("atp_random_k"))
 
     def __post_init__(self) -> None:
         _check_positive(self, "steps", "pairs", "top_k")
+        _check_positive(self, "random_k", allow_zero=True)
 
 
 # --- the run config -----------------------------------------------------------------------------
@@ -683,6 +700,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rm_samples_per_prompt": 4,
         "atp_pairs": 16,
         "atp_top_k": 10,
+        "atp_random_k": 16,
     },
     # demo: the embedded demo run the quick start serves.
     "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64, "ablation_n": 512},

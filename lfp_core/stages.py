@@ -129,7 +129,7 @@ STAGES: list[StageSpec] = [
         {"completions": Where(role="tuned"), "word_shifts": _ALL},
         chunked=True,
         tasks=("vader",),
-        version=2,  # 2: word shifts also list the top lexicon words
+        version=3,  # 2: word shifts also list the top lexicon words; 3: gain CI bootstrapped over prompts
         describe="sample the tuned policy on the held-out prompts; reward gain, KL, distinct-2, word shifts",
     ),
     StageSpec(
@@ -187,7 +187,9 @@ STAGES: list[StageSpec] = [
         {"saes": Where(kind=Not("rm")), "sae_pairs": _ALL},
         chunked=True,
         tasks=("vader",),
-        describe="train SAEs with sae-lens (main, paper variants, L1 sweep, MFR); FVU, L0, dead, loss recovered, MMCS",
+        version=2,
+        describe="train SAEs with sae-lens (main and an other-seed reference, paper variants, L1 sweep, MFR), each "
+        "from its own seed; FVU, L0, dead, loss recovered, MMCS",
     ),
     StageSpec(
         "features",
@@ -207,8 +209,9 @@ STAGES: list[StageSpec] = [
         _P + "probes:stage_probes",
         {t: _ALL for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")},
         tasks=("vader",),
-        version=3,
-        describe="ridge probes from SAE features to VADER valence (two splits, controls), IRM, "
+        version=4,  # 4: word split by stem, penalty by CV grouped by stem, baselines, tuned − base τ CI,
+        # the contrastive variant as a fitted probe
+        describe="ridge probes from SAE features to VADER valence (two splits, controls, baselines), IRM, "
         "attributions, IMDB logistic probe and PCA",
     ),
     StageSpec(
@@ -219,6 +222,7 @@ STAGES: list[StageSpec] = [
         {"feature_labels": _ALL},
         chunked=True,
         tasks=("vader",),
+        version=2,  # 2: relevance and detection scored on held-out documents (not the explain set's, not the probe's)
         describe="feature explanations, reward relevance and detection scores (LLM or the offline "
         "labeller); agreement with the probe",
     ),
@@ -230,8 +234,9 @@ STAGES: list[StageSpec] = [
         {t: _ALL for t in ("ablation_prefixes", "ablation_sets", "ablation_completions")},
         chunked=True,
         tasks=("vader",),
-        describe="zero probe-top, labelled and random feature sets of the tuned policy (error term kept); "
-        "reward of sampled completions before/after",
+        describe="zero probe-top, labelled (positive and negative valence) and matched random feature sets of "
+        "the tuned policy (error term kept); reward of sampled completions before/after, rank test",
+        version=2,  # 2: >= 20 mass-matched random sets on rank_n prefixes, labelled split by sign, rank p
     ),
     StageSpec(
         "reward_model",
@@ -240,19 +245,22 @@ STAGES: list[StageSpec] = [
         _P + "reward_model:stage_reward_model",
         {"rm_pairs": _ALL, "saes": Where(role="rm")},
         tasks=("vader",),
+        version=2,  # 2: pair-accuracy CI bootstrapped over prompts
         describe="train a preference model (trl RewardTrainer) on oracle VADER preferences between base "
         "completions; SAEs on its residual stream",
     ),
     StageSpec(
         "attribution",
         st.AttributionStageSettings,
-        ("reward_model", "probes"),
+        ("reward_model", "saes"),  # the policy's SAEs (no longer the probe: schema 5)
         _P + "reward_model:stage_attribution",
         {"attribution": _ALL, "attribution_points": _ALL},
         tasks=("vader",),
-        version=2,  # 2: top tokens of the ranked features
-        describe="attribution patching (IG) over the preference model's and the policy's SAE features, "
-        "checked by true ablation; features behind the preference model's disagreements with the oracle",
+        version=3,  # 2: top tokens of the ranked features; 3: single-feature estimators (AtP, one-feature path),
+        # verified on a random sample too; policy metric = expected next-token valence
+        describe="single-feature attribution (AtP; integrated gradients along one feature's axis) over the "
+        "preference model's and the policy's SAE features, checked by true ablation of the top features and "
+        "of a random sample; features behind the preference model's disagreements with the oracle",
     ),
 ]
 

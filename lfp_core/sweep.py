@@ -75,11 +75,14 @@ def run_sweep(
             "spec": replace(base_spec, l1=c),
             "name": f"{arch}-{expansion}x-l1={c:g}" if (arch, expansion) != ("relu", 1) else f"l1={c:g}",
         }
+        job["spec"] = replace(job["spec"], seed=saes.derive_seed(cfg.run.seed, stage.sae_id(job)))  # as the stage's
         src = saes.ActivationSource(
             h.acts(role, layer), train_rows, base_spec.batch_size, seed=cfg.run.seed + 500 + i, layer=layer
         )
         sae, info = saes.train_sae(job["spec"], src, activations.hook_name(layer), f"{ctx.model.spec.name}:{role}")
-        rows.append(stage.sae_record_row(ctx, job, stage.sae_id(job), sae, info, base_spec.seed, cfg.sae_suite.ce_docs))
+        rows.append(
+            stage.sae_record_row(ctx, job, stage.sae_id(job), sae, info, job["spec"].seed, cfg.sae_suite.ce_docs)
+        )
     with writer.transaction() as con:
         RunWriter.put_saes(con, rows)  # replaces the rows of the same sae_id
     return rows

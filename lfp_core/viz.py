@@ -316,7 +316,13 @@ def label_frequency_bars(freq: pd.DataFrame) -> go.Figure:
 def ablation_effects(sets: pd.DataFrame) -> go.Figure:
     """Reward change (after − before, 95% CI) of each ablated feature set; random controls in grey."""
     df = sets[sets.kind != "baseline"]
-    colour = {"probe_top": "rgba(31,119,180,0.9)", "labelled": "rgba(148,103,189,0.9)", "all": "rgba(90,90,90,0.9)"}
+    colour = {
+        "probe_top": "rgba(31,119,180,0.9)",
+        "labelled": "rgba(148,103,189,0.9)",  # runs of schema 4
+        "labelled_pos": "rgba(44,160,44,0.9)",
+        "labelled_neg": "rgba(214,39,40,0.9)",
+        "all": "rgba(90,90,90,0.9)",
+    }
     fig = go.Figure()
     for kind, g in df.groupby("kind", sort=False):
         fig.add_bar(
@@ -341,35 +347,48 @@ def ablation_effects(sets: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def attribution_scatter(points: pd.DataFrame, features: pd.DataFrame) -> go.Figure:
-    """Attribution-patching estimate vs true ablation effect: one faint point per (text, feature), one
-    large point per feature (means over texts), and the line y = x."""
+def attribution_scatter(
+    points: pd.DataFrame, features: pd.DataFrame, estimate: str = "estimate", label: str = "AtP"
+) -> go.Figure:
+    """An attribution estimate (column ``estimate`` of both frames, called ``label``) vs the true ablation
+    effect: one faint point per (text, feature), one large point per feature (means over texts; the
+    verified random sample in orange, the top features by the estimate in blue), and the line y = x."""
     fig = go.Figure()
+    points = points.dropna(subset=[estimate, "true_effect"]) if estimate in points else points.iloc[:0]
     if not points.empty:
         fig.add_scatter(
-            x=points.estimate,
+            x=points[estimate],
             y=points.true_effect,
             mode="markers",
             name="(text, feature)",
             marker={"size": 4, "color": "rgba(120,120,120,0.35)"},
             hoverinfo="skip",
         )
-    f = features.dropna(subset=["true_effect"])
-    fig.add_scatter(
-        x=f.estimate,
-        y=f.true_effect,
-        mode="markers",
-        name="feature (mean over texts)",
-        marker={"size": 10, "color": "rgba(31,119,180,0.9)"},
-        text=[f"L{a} #{b}" for a, b in zip(f.layer, f.feature)],
-        hovertemplate="%{text}<br>estimate %{x:.4f}<br>true %{y:.4f}<extra></extra>",
-    )
-    lo = min([0.0, *points.estimate, *points.true_effect, *f.estimate, *f.true_effect]) if len(f) else -1
-    hi = max([0.0, *points.estimate, *points.true_effect, *f.estimate, *f.true_effect]) if len(f) else 1
+    f = features.dropna(subset=[estimate, "true_effect"]) if estimate in features else features.iloc[:0]
+    kinds = f["verified"] if "verified" in f else pd.Series(None, index=f.index, dtype=object)
+    for sel, name, colour in (
+        (kinds.isin(["top", "both"]), "feature: top by |AtP| (mean over texts)", "rgba(31,119,180,0.9)"),
+        (kinds.eq("random"), "feature: random sample (mean over texts)", "rgba(255,127,14,0.9)"),
+        (kinds.isna(), "feature (mean over texts)", "rgba(31,119,180,0.9)"),  # runs before schema 5
+    ):
+        g = f[sel]
+        if g.empty:
+            continue
+        fig.add_scatter(
+            x=g[estimate],
+            y=g.true_effect,
+            mode="markers",
+            name=name,
+            marker={"size": 9, "color": colour},
+            text=[f"L{a} #{b}" for a, b in zip(g.layer, g.feature)],
+            hovertemplate="%{text}<br>estimate %{x:.4f}<br>true %{y:.4f}<extra></extra>",
+        )
+    vals = [0.0, *points.get(estimate, []), *points.get("true_effect", []), *f[estimate], *f.true_effect]
+    lo, hi = (min(vals), max(vals)) if len(f) else (-1, 1)
     fig.add_scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line={"dash": "dot", "color": "black"})
     fig.update_layout(
         height=380,
-        xaxis={"title": "estimated change if zeroed (AtP, IG)"},
+        xaxis={"title": f"estimated change if zeroed ({label})"},
         yaxis={"title": "true change when zeroed"},
         margin={"t": 30},
         legend={"orientation": "h", "y": 1.1},

@@ -12,6 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from lfp_core import autointerp as ai
@@ -203,14 +204,68 @@ def test_strict_parsing():
 
 def test_offline_labeller_is_named_and_deterministic():
     lex = {"great": 3.1, "awful": -2.0}
-    top = [ai.Excerpt([" a", " great", " day"], [0.0, 3.0, 0.0]), ai.Excerpt([" awful", " plot"], [2.5, 0.0])]
-    pos = [ai.Excerpt([" great", "!"], [1.0, 0.0])]
+    pos = [
+        ai.Excerpt([" great", "!"], [1.0, 0.0]),
+        ai.Excerpt([" so", " awful", " a", " plot"], [0.0, 2.0, 0.0, 0.1]),
+    ] * 3
     neg = [ai.Excerpt([" the", " plot"], [0.0, 0.0])]
-    a = ai.offline_label(top, [" great", " awful"], "vader", pos, neg, lex)
-    assert a == ai.offline_label(top, [" great", " awful"], "vader", pos, neg, lex)
+    a = ai.offline_label([" great", " awful"], "vader", pos, neg, lex)
+    assert a == ai.offline_label([" great", " awful"], "vader", pos, neg, lex)
     assert a["explanation"] == "fires most on 'great', 'awful'" and a["relevant"] is True
     assert a["detection_acc"] == 1.0 and "not an LLM" in ai.OFFLINE
-    assert ai.offline_label(top, [], "vader", pos, neg, lex)["explanation"] is None
+    assert ai.offline_label([], "vader", pos, neg, lex)["explanation"] is None
+    assert ai.offline_label([" great"], "vader", pos, [], lex)["detection_acc"] is None  # no negatives: not scored
+
+
+def test_offline_relevance_is_scored_on_held_out_windows_only():
+    """Relevance is read from held-out windows alone: a feature whose held-out activations sit off the
+    valence words is not relevant, whatever its top tokens (on 52d4a5a relevance pooled the explainer's own
+    top windows, which by construction hold its top tokens, with the detection positives)."""
+    lex = {"great": 3.1, "awful": -2.0}
+    held_pos = [ai.Excerpt([" the", " plot", " great"], [2.0, 1.5, 0.0]) for _ in range(6)]
+    held_neg = [ai.Excerpt([" awful", " film", " it"], [0.0, 0.0, 0.0]) for _ in range(6)]
+    out = ai.offline_label([" great"], "vader", held_pos, held_neg, lex)
+    assert out["relevance_rho"] < 0 and out["relevant"] is False
+    on_valence = [ai.Excerpt([" the", " plot", " great"], [0.0, 0.2, 2.0]) for _ in range(6)]
+    assert ai.offline_label([" great"], "vader", held_pos, held_neg, lex, relevance_windows=on_valence)["relevant"]
+    assert out["detection_acc"] == 1.0 and out["detection_n"] == 12
+
+
+def _pool(n_docs: int = 30, length: int = 12):
+    from scipy import sparse
+
+    from lfp_core.pipeline.labels import ScorePool
+
+    rng = np.random.default_rng(0)
+    doc = np.repeat(np.arange(100, 100 + n_docs), length)
+    pos = np.tile(np.arange(length), n_docs)
+    acts = np.zeros((len(doc), 3), dtype=np.float32)
+    fires = rng.random(len(doc)) < 0.08
+    acts[fires, 0] = rng.uniform(0.5, 3.0, int(fires.sum()))
+    acts[doc < 110, 0] += 5.0 * (pos[doc < 110] == 3)  # the strongest documents: the explain set's
+    tokens = [f"d{d}p{p}" for d, p in zip(doc, pos)]
+    return ScorePool(doc, pos, tokens, sparse.csc_matrix(acts)), acts
+
+
+def test_scoring_windows_never_share_a_document_with_the_explain_set():
+    from lfp_core.pipeline.labels import score_docs, score_windows
+
+    assert list(score_docs([1, 2, 3, 4, 5], [2, 4])) == [1, 3, 5]  # documents with a probe point are never scored
+    pool, acts = _pool()
+    explain = set(range(100, 110))
+    got = score_windows(pool, 0, explain, 8, 2, np.random.default_rng(1))
+    assert got.positives and got.negatives and not got.docs & explain
+    assert len(got.docs) == len(got.positives) + len(got.negatives)  # one window per document
+    for e in got.positives + got.negatives:
+        docs = {t.split("p")[0] for t in e.tokens}
+        assert len(docs) == 1 and int(next(iter(docs))[1:]) not in explain and 1 <= len(e.tokens) <= 5
+    assert all(max(e.acts) > 0 for e in got.positives) and all(max(e.acts) == 0 for e in got.negatives)
+    for e in got.positives:  # each centred on its document's strongest activation, with the window's true values
+        d = int(e.tokens[0].split("p")[0][1:])
+        assert max(e.acts) == pytest.approx(acts[pool.doc == d, 0].max())
+    # a feature that never fires outside the explain set has nothing to be detection-scored on
+    none = score_windows(pool, 1, set(), 8, 2, np.random.default_rng(1))
+    assert none.positives == [] and len(none.negatives) == 8
 
 
 def test_labels_stage_resumes_without_repeating_a_request(server, monkeypatch, quick_run, tmp_path):

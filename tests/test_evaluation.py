@@ -81,3 +81,20 @@ def test_divergence_refuses_another_base_model(demo_model_dir):
     )
     with pytest.raises(ValueError, match="not the same base model"):
         divergence.parameter_divergence(m.hf, other)
+
+
+def test_paired_difference_bootstraps_prompts_when_samples_share_them():
+    rng = np.random.default_rng(1)
+    prompts = np.repeat(np.arange(50), 8)  # 8 samples of each of 50 prompts
+    effect = np.repeat(rng.normal(0.3, 1.0, 50), 8)  # the gain depends on the prompt
+    base = rng.normal(0, 0.1, 400)
+    tuned = base + effect + rng.normal(0, 0.1, 400)
+    naive = evaluation.paired_difference(base, tuned)
+    clustered = evaluation.paired_difference(base, tuned, groups=prompts)
+    assert clustered["mean"] == pytest.approx(naive["mean"]) and clustered["n_clusters"] == 50
+    assert clustered["se"] > 2.4 * naive["se"]  # ≈ sqrt(8): 50 independent prompts, not 400 samples
+    assert clustered["ci_high"] - clustered["ci_low"] > 2.4 * (naive["ci_high"] - naive["ci_low"])
+    assert clustered["p_value"] > naive["p_value"]
+    # one sample per prompt: the bootstrap's standard error is the t-test's
+    one = evaluation.paired_difference(base, tuned, groups=np.arange(400))
+    assert one["se"] == pytest.approx(naive["se"], rel=0.1)

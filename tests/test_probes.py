@@ -3,6 +3,8 @@ attributions, logistic accuracy with its CI, and the probe stage on the quick ru
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,15 @@ def test_probe_stage_reports_both_splits_controls_and_irm(probe_stage, quick_run
     test_words = set(words[words.split == "word"].word)
     toks = r.probe_tokens("tuned")
     assert not test_words & set(toks[toks.word_split == "train"].word)  # no test word in the word-split training set
+    train_stems = set(probes.stems(toks[toks.word_split == "train"].word.to_numpy()))
+    assert not set(probes.stems(np.array(sorted(test_words), dtype=object))) & train_stems  # nor a test word's stem
+    assert st.summary.word_split_by == "stem" and "grouped by stem" in st.summary.penalty_cv["word"]
+    for split, x in st.summary.tau_difference.items():
+        assert x["lo"] < x["hi"] and x["n_words"] == st.summary.tuned.tau(split)["n_words"]
+        assert x["diff"] == pytest.approx(st.summary.tuned.tau(split)["tau"] - st.summary.base.tau(split)["tau"])
+    assert {"sae_selected", "token_embedding", "raw_selected", "diff_means_raw", "raw_all_layers"} <= set(
+        st.summary.tuned.inputs
+    )
     rep = build_report(str(quick_run))["probe"]
     assert {
         "tau_occurrence",
@@ -193,3 +204,246 @@ def test_fast_gcv_ridge_picks_sklearn_ridgecvs_penalty_and_coefficients():
         assert ours[-1].alpha_ == ref[-1].alpha_
         assert np.allclose(ours[-1].coef_, ref[-1].coef_, rtol=1e-4, atol=1e-6)
         assert np.allclose(ours.predict(X), ref.predict(X), rtol=1e-4, atol=1e-5)
+
+
+# --- issue 17: honest probe figures (stem split, grouped penalty search, baselines, fitted contrastive) -----
+FAMILIES = [
+    ["love", "loved", "loving", "loves"],
+    ["hate", "hated", "hates", "hating"],
+    ["enjoy", "enjoyed", "enjoying", "enjoys"],
+    ["bore", "bored", "boring", "bores"],
+    ["disappoint", "disappointed", "disappointing", "disappoints"],
+    ["amaze", "amazed", "amazing", "amazes"],
+    ["annoy", "annoyed", "annoying", "annoys"],
+    ["excite", "excited", "exciting", "excites"],
+    ["impress", "impressed", "impressive", "impresses"],
+    ["worry", "worried", "worrying"],
+    ["thank", "thanked", "thanks"],
+    ["hurt", "hurting", "hurts"],
+    ["kill", "killed", "killing", "kills"],
+    ["win", "winning", "wins"],
+    ["fail", "failed", "failing", "fails"],
+    ["like", "liked", "likes"],
+    ["help", "helped", "helping", "helps"],
+    ["admire", "admired", "admires"],
+    ["praise", "praised", "praises"],
+    ["cry", "cried", "crying"],
+    ["good"],
+    ["bad"],
+    ["great"],
+    ["awful"],
+    ["nice"],
+]
+
+
+def test_word_split_puts_no_stem_in_both_train_and_test():
+    """Issue 17: a plain word split put 'loved' in test with 'love' in training (70% of test words shared a
+    stem with a training word). The split now groups words by stem. Fails on 52d4a5a: its split is per word,
+    and every seed below puts some stem on both sides."""
+    from nltk.stem.snowball import SnowballStemmer
+
+    stem = np.vectorize(SnowballStemmer("english").stem, otypes=[object])  # an oracle independent of probes.py
+    words = np.array([w for fam in FAMILIES for w in fam for _ in range(3)], dtype=object)
+    n_words = len({w for fam in FAMILIES for w in fam})
+    for seed in range(5):
+        test = probes.word_split(words, seed=seed)
+        assert test.any() and (~test).any()
+        assert not set(words[test]) & set(words[~test])
+        assert not set(stem(words[test])) & set(stem(words[~test])), f"seed {seed}: a stem on both sides"
+        assert 0.1 <= len(set(words[test])) / n_words <= 0.35
+    assert probes.stem_overlap(words[~test], words[test]) == 0.0
+    assert probes.stems(np.array(["loved", "loving", "lovely"], dtype=object)).tolist() == ["love"] * 3
+
+
+def _memorisable(seed: int, n_words: int = 60, per_word: int = 8):
+    """Rows of ``n_words`` words; each word has a random vector (which a small penalty can memorise the word's
+    value with) and one feature that carries a generalisable part of its value."""
+    rng = np.random.default_rng(seed)
+    wid = np.repeat(np.arange(n_words), per_word)
+    E, gen, noise = rng.normal(size=(n_words, 40)), rng.normal(size=n_words), rng.normal(size=n_words)
+    X = np.hstack([E[wid], gen[wid, None]]) + 0.3 * rng.normal(size=(len(wid), 41))
+    y = (gen + noise)[wid] + 0.3 * rng.normal(size=len(wid))
+    return X, y, np.array([f"w{i}" for i in wid], dtype=object)
+
+
+def test_penalty_search_is_grouped_by_word():
+    """Issue 17: leave-one-out over rows rewards memorising a word (its other rows stay in training), so it
+    picks a penalty that fits word identity; CV grouped by word cannot, and picks a larger penalty that does
+    better on unseen words. Fails on 52d4a5a: fit_ridge/evaluate_split take no groups (row-wise LOO only)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GroupKFold
+
+    loo_err, grp_err = [], []
+    for seed in range(3):
+        X, y, words = _memorisable(seed)
+        loo, grouped = probes.fit_ridge(X, y), probes.fit_ridge(X, y, groups=words)
+        assert grouped[-1].alpha_ >= 10 * loo[-1].alpha_
+        assert "grouped by word" in grouped[-1].cv_ and "leave-one-out" in loo[-1].cv_
+        Xn, yn, _ = _memorisable(seed + 100)  # other words
+        loo_err.append(np.mean((loo.predict(Xn) - yn) ** 2))
+        grp_err.append(np.mean((grouped.predict(Xn) - yn) ** 2))
+    assert np.mean(grp_err) < np.mean(loo_err)
+    # the word split's fit uses the grouped search
+    X, y, words = _memorisable(0)
+    test = probes.word_split(words, seed=0)
+    e = probes.evaluate_split(X, y, words, test, -4.0, 4.0, 0, groups=words)
+    assert e["alpha"] == probes.fit_ridge(X[~test], y[~test], groups=words[~test])[-1].alpha_
+    # the fold errors equal sklearn's Ridge refitted per GroupKFold fold (same standardised inputs)
+    Z = (X - X.mean(0)) / X.std(0)
+    ours, k = probes._grouped_errors(Z, y, words, probes.RIDGE_ALPHAS[:4], 5)
+    ref = [
+        sum(
+            ((Ridge(alpha=a).fit(Z[tr], y[tr]).predict(Z[te]) - y[te]) ** 2).sum()
+            for tr, te in GroupKFold(k).split(Z, y, words)
+        )
+        / len(y)
+        for a in probes.RIDGE_ALPHAS[:4]
+    ]
+    assert np.allclose(ours, ref)
+
+
+def test_contrastive_figure_of_uninformative_features_is_not_significant():
+    """Issue 17, defect 3: the paper's contrastive score sign(valence)·‖F(x) − F(x')‖ takes its sign from the
+    answer, so features that know nothing give τ ≈ 0.5 with a tiny p (shown below). The fitted contrastive
+    probe (trained on training words, scored on held-out words) gives no significant τ on such features and a
+    high one when the difference carries the valence. Fails on 52d4a5a: no fitted contrastive probe (the
+    stage computed only the circular score)."""
+    rng = np.random.default_rng(0)
+    n_words = 300
+    valence = rng.choice([-1, 1], n_words) * rng.uniform(0.5, 3.5, n_words)
+    wid = np.repeat(np.arange(n_words), 3)
+    words = np.array([f"w{i}" for i in wid], dtype=object)
+    v = valence[wid]
+    D = rng.normal(size=(len(wid), 64))  # uninformative feature differences
+    circular = np.sign(v) * np.linalg.norm(D, axis=1)
+    _, cw, _ = probes.per_word(words, circular)
+    _, vw, _ = probes.per_word(words, v)
+    old = probes.kendall(cw, vw)
+    assert old["tau"] > 0.4 and old["p"] < 1e-20  # the retired figure: "significant" on noise
+    test = probes.word_split(words, seed=0)
+    stem = probes.stems(words)
+    null = probes.contrastive_probe(D, words, v, test, stem, -4.0, 4.0)
+    assert null["n_words"] == len(set(words[test])) and null["n_train_words"] == len(set(words[~test]))
+    assert not (null["p"] < 0.01) and abs(null["tau"]) < 0.2
+    D_sig = D + np.outer(v, rng.normal(size=64)) * 0.5
+    assert probes.contrastive_probe(D_sig, words, v, test, stem, -4.0, 4.0)["tau"] > 0.5
+
+
+def test_baselines_tau_difference_and_diff_of_means():
+    """Baselines through the same ridge and split, the difference of means, and the tuned − base τ difference
+    with a bootstrap CI over words. Fails on 52d4a5a: none of them exists."""
+    rng = np.random.default_rng(1)
+    n_words = 120
+    valence = rng.choice([-1, 1], n_words) * rng.uniform(0.5, 3.5, n_words)
+    wid = np.repeat(np.arange(n_words), 4)
+    words, y = np.array([f"w{i}" for i in wid], dtype=object), valence[wid]
+    signal = rng.normal(size=16)
+    good = np.outer(y, signal) + rng.normal(size=(len(y), 16))
+    noise = rng.normal(size=(len(y), 16))
+    occ, wsp = probes.occurrence_split(len(y), 0), probes.word_split(words, 0)
+    splits = {"occurrence": (occ, None), "word": (wsp, probes.stems(words))}
+    out = probes.score_inputs({"token_embedding": noise, "raw_selected": good}, y, words, splits, (-4.0, 4.0))
+    assert list(out) == ["token_embedding", "raw_selected", "diff_means_raw"]
+    assert out["raw_selected"]["word"]["tau"] > 0.5 and out["diff_means_raw"]["word"]["tau"] > 0.5
+    assert abs(out["token_embedding"]["word"]["tau"]) < 0.25
+    assert out["diff_means_raw"]["dim"] == 16
+    # tuned − base: a better predictor gives a positive difference whose CI excludes 0; equal ones straddle 0
+    test = wsp
+    pa = probes.fit_ridge(good[~test], y[~test]).predict(good[test])
+    pb = probes.fit_ridge(noise[~test], y[~test]).predict(noise[test])
+    _, pwa, _ = probes.per_word(words[test], pa)
+    _, pwb, _ = probes.per_word(words[test], pb)
+    _, vw, _ = probes.per_word(words[test], y[test])
+    d = probes.tau_difference(pwa, pwb, vw, seed=0, n_boot=300)
+    assert d["lo"] <= d["diff"] <= d["hi"] and d["lo"] > 0 and d["n_words"] == len(vw)
+    same = probes.tau_difference(pwa, pwa + 1e-9 * rng.normal(size=len(pwa)), vw, seed=0, n_boot=300)
+    assert same["lo"] <= 0 <= same["hi"]
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    """A tiny run (tests/tiny_run.py) with a probes stage computed by the stage's own functions on synthetic
+    features: the tuned model's carry valence, the base model's less; words in stem families."""
+    from lfp_core.pipeline.probes import LexiconPoints, tau_differences, token_probe
+    from lfp_core.store import put_rows
+    from tests.tiny_run import TinyRun
+
+    rng = np.random.default_rng(5)
+    vocab = [w for fam in FAMILIES for w in fam] + [f"word{i}" for i in range(60)]
+    valence = dict(zip(vocab, rng.choice([-1, 1], len(vocab)) * rng.uniform(0.5, 3.5, len(vocab))))
+    words = np.array([w for w in vocab for _ in range(4)], dtype=object)
+    y = np.array([valence[w] for w in words])
+    n = len(y)
+    pts = LexiconPoints(*(np.arange(n),) * 3, np.ones(n, bool), np.zeros(n, bool), words, y,
+                        probes.occurrence_split(n, 0), probes.word_split(words, 0), probes.stems(words))  # fmt: skip
+    signal = rng.normal(size=24)
+    X = {
+        "tuned": np.outer(y, signal) + 2 * rng.normal(size=(n, 24)),
+        "base": np.outer(y, signal) + 6 * rng.normal(size=(n, 24)),
+    }
+    splits = {"occurrence": (pts.occ, None), "word": (pts.wsp, pts.stem)}
+    detail: dict = {"layers": [1, 2], "n_points": n, "n_words": len(vocab), "n_test_occurrence": int(pts.occ.sum())}
+    detail.update(n_test_word=int(pts.wsp.sum()), word_split_by="stem", n_stems=len(set(pts.stem)))
+    detail["penalty_cv"] = {"occurrence": "leave-one-out over positions", "word": "5-fold CV grouped by stem"}
+    fits, word_rows = {}, []
+    for role in ("tuned", "base"):
+        d, res, rows = token_probe(X[role], pts, role, (-3.9, 3.4), Counter(), 0)
+        fits[role] = {split: e["words"] for split, e in res.items()}
+        word_rows += rows
+        d["inputs"].update(
+            probes.score_inputs(
+                {"token_embedding": rng.normal(size=(n, 8)), "raw_selected": X[role]}, y, words, splits, (-3.9, 3.4)
+            )
+        )
+        d["irm"] = {"pearson": 0.5, "spearman": 0.5, "n": 10}
+        D = np.outer(y, signal) + 3 * rng.normal(size=(n, 24))
+        d["contrastive_probe"] = {
+            **probes.contrastive_probe(D, words, y, pts.wsp, pts.stem, -3.9, 3.4),
+            "n_sentences": 2 * n,
+        }
+        d["sign_acc_pos"], d["sign_acc_neg"] = d["sign_acc_pos_occurrence"], d["sign_acc_neg_occurrence"]
+        detail[role] = d
+    detail["tau_difference"] = tau_differences(fits, 0)
+    tiny = TinyRun(tmp_path_factory.mktemp("runs") / "probe")
+    tiny.until("features")
+    with tiny.writer.transaction() as con:
+        put_rows(con, "probe_words", word_rows)
+        tiny._done(con, "probes", detail)
+    return tiny.run_dir
+
+
+def test_report_and_page_show_baselines_the_tuned_minus_base_ci_and_the_stem_split(probe_run, monkeypatch):
+    """The report and the Token scores page put each baseline beside the SAE probe's τ, give the tuned − base
+    τ difference with its bootstrap CI, say the word split is by stem, and show the fitted contrastive probe."""
+    from lfp_core.report import build_report, format_report
+    from lfp_core.store import RunReader
+    from lfp_core.store.summaries import ProbesSummary
+    from tests.helpers import open_page
+
+    pr = RunReader(probe_run).summary(ProbesSummary)
+    diff = pr.tau_difference["word"]
+    assert diff["lo"] <= diff["diff"] <= diff["hi"] and diff["diff"] == pytest.approx(
+        diff["tau_tuned"] - diff["tau_base"]
+    )
+    assert diff["tau_tuned"] == pytest.approx(pr.tuned.tau_word["tau"])
+    rep = build_report(str(probe_run))["probe"]
+    assert {"token_embedding", "raw_selected", "diff_means_raw", "sae_selected"} <= set(rep["inputs"])
+    assert rep["word_split_by"] == "stem" and rep["tau_difference"]["word"] == diff and "tau_contrastive" not in rep
+    text = format_report(build_report(str(probe_run)))
+    assert "no test word sharing a stem with a training word" in text and "grouped by stem" in text
+    assert f"tuned − base {diff['diff']:+.3f}" in text and f"{diff['lo']:+.3f} to {diff['hi']:+.3f}" in text
+    assert "baseline: token identity" in text and "baseline: difference of means" in text
+    assert "contrastive probe" in text and "fitted on training words" in text
+
+    at = open_page(monkeypatch, probe_run.parent, "views/token_scores.py", run=probe_run)
+    assert not at.exception
+    table = at.dataframe[1].value
+    shown = dict(zip(table["probe input"], table["τ word"]))
+    assert any("token identity" in k for k in shown) and any("difference of means" in k for k in shown)
+    assert shown[next(k for k in shown if "(the probe)" in k)] == pytest.approx(pr.tuned.tau_word["tau"])
+    captions = " ".join(c.value for c in at.caption)
+    assert (
+        "grouped by stem" in captions
+        and f"word split {diff['diff']:+.3f} ({diff['lo']:+.3f} to {diff['hi']:+.3f}" in captions
+    )
+    assert "Contrastive probe" in " ".join(m.value for m in at.markdown)

@@ -40,3 +40,23 @@ def test_hooked_reward_model_scores_like_the_hf_model(tmp_path):
 def test_pair_accuracy_has_a_wilson_interval():
     acc = reward_model.pair_accuracy(np.array([1.0, 2.0, 3.0, 0.0]), np.array([0.0, 1.0, 2.0, 1.0]))
     assert acc["acc"] == 0.75 and acc["n"] == 4 and 0 < acc["lo"] < 0.75 < acc["hi"] < 1
+
+
+def test_pair_accuracy_ci_resamples_prompts_not_pairs():
+    rng = np.random.default_rng(0)
+    # 60 prompts x 10 pairs, every pair of a prompt right or wrong together (strong clustering)
+    right = np.repeat(rng.random(60) < 0.7, 10)
+    prompts = np.repeat(np.arange(60), 10)
+    chosen, rejected = right.astype(float), np.full(len(right), 0.5)
+    per_pair = reward_model.pair_accuracy(chosen, rejected)
+    clustered = reward_model.pair_accuracy(chosen, rejected, prompts)
+    assert clustered["acc"] == per_pair["acc"] and clustered["n"] == 600 and clustered["n_prompts"] == 60
+    assert "cluster bootstrap over 60 prompts" in clustered["method"]
+    # 60 independent units, not 600: the interval is about sqrt(10) times wider
+    assert clustered["hi"] - clustered["lo"] > 2.5 * (per_pair["hi"] - per_pair["lo"])
+    assert clustered["lo"] < clustered["acc"] < clustered["hi"]
+    # one pair per prompt: the same width as the per-pair (Wilson) interval, within resampling noise
+    right = rng.random(600) < 0.7
+    one = reward_model.pair_accuracy(right.astype(float), np.full(600, 0.5), np.arange(600))
+    wil = reward_model.pair_accuracy(right.astype(float), np.full(600, 0.5))
+    assert abs((one["hi"] - one["lo"]) / (wil["hi"] - wil["lo"]) - 1) < 0.12

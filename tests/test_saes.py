@@ -3,6 +3,8 @@ compare correctly, splicing with the error term is exact, and bad input gets spe
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,74 @@ def test_tied_sae_has_no_encoder_parameter_and_saves_as_standard(tmp_path):
     assert torch.allclose(sae.W_enc, sae.W_dec.T)
     back = saes.load_sae(saes.save_sae(sae, tmp_path / "tied"), d_in=48, hook="blocks.0.hook_mlp_out")
     assert back.cfg.metadata.training_architecture == "tied"
+
+
+def _effective_row_norms(sae) -> torch.Tensor:
+    """‖decode(e_i) − decode(0)‖: feature i's unit contribution to the reconstruction, whatever the
+    architecture's convention for decoder norms (TopK rescales activations by them)."""
+    with torch.no_grad():
+        eye = torch.eye(sae.cfg.d_sae)
+        return (sae.decode(eye) - sae.decode(torch.zeros(1, sae.cfg.d_sae))).norm(dim=-1)
+
+
+@pytest.mark.parametrize("scale", [0.05, 20.0], ids=["small-acts", "large-acts"])
+@pytest.mark.parametrize("arch", ["topk", "relu", "tied", "mfr_topk"])
+def test_saved_and_reloaded_sae_computes_what_was_trained(arch, scale, tmp_path, monkeypatch):
+    """sae-lens trains on ``s·x`` and folds ``s`` into the weights when training ends; the saved and
+    reloaded SAE must compute, on ``x``, the trained SAE's features and reconstruction (÷ s). The
+    tied SAE's encoder is a view of its decoder, so sae-lens's fold (W_enc·s, W_dec/s) cancelled
+    and left the encoder bias s× too strong against the input: on the small activations (s ≈ 35) the
+    tied SAE's L0 was 4.0 as trained and 0 after saving and loading; on the large ones (s ≈ 0.09),
+    4.0 and 7.4."""
+    from sae_lens.saes.sae import SAE
+
+    trained: list = []  # (the SAE just before the fold, s), one per SAE trained
+    owners = {
+        next(k for k in c.__mro__ if "fold_activation_norm_scaling_factor" in k.__dict__)
+        for c in (saes.TiedTrainingSAE, saes.MFRTopKTrainingSAE, SAE)
+    }
+    for owner in owners:
+        fold = owner.__dict__["fold_activation_norm_scaling_factor"]
+
+        def snapshot(self, s, fold=fold):
+            trained.append((copy.deepcopy(self).eval(), float(s)))
+            return fold(self, s)
+
+        monkeypatch.setattr(owner, "fold_activation_norm_scaling_factor", snapshot)
+    x, _ = _synthetic(n=4_000, d=16, n_true=32)
+    x *= scale  # the scaling factor s = √d / E‖x‖ far from 1 either way
+    spec = saes.SAESpec(
+        arch="topk" if arch == "mfr_topk" else arch,
+        d_sae=32,
+        k=2,
+        l1=5.0,
+        lr=3e-3,
+        train_tokens=2_048,
+        batch_size=256,
+        mfr=1.0,
+    )
+    src = saes.ActivationSource(x, np.arange(len(x)), 256, seed=0)
+    if arch == "mfr_topk":
+        out, _ = saes.train_mfr(spec, src, "blocks.0.hook_mlp_out", n=2)
+    else:
+        out = [saes.train_sae(spec, src, "blocks.0.hook_mlp_out")[0]]
+    assert len(trained) == len(out)
+    xt = torch.from_numpy(x[:1_000])
+    for i, ((pre, s), sae) in enumerate(zip(trained, out)):
+        assert not 0.5 < s < 2, s
+        back = saes.load_sae(saes.save_sae(sae, tmp_path / f"{arch}{i}"))
+        with torch.no_grad():
+            f_trained, f_back = pre.encode(xt * s), back.encode(xt)
+            rec_trained, rec_back = pre.decode(f_trained) / s, back.decode(f_back)
+        l0 = float((f_trained > 0).float().sum(1).mean())
+        assert l0 > 0.5, l0  # the check has features to lose
+        assert float((f_back > 0).float().sum(1).mean()) == pytest.approx(l0, rel=1e-3)
+        # each feature's contribution to the reconstruction, in the input's units
+        c_trained = f_trained * _effective_row_norms(pre) / s
+        c_back = f_back * _effective_row_norms(back)
+        scale = float(c_trained.abs().max())
+        torch.testing.assert_close(c_back, c_trained, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(rec_back, rec_trained, rtol=1e-5, atol=1e-5 * float(rec_trained.abs().max()))
 
 
 def test_mfr_aligns_dictionaries_more_than_independent_training():

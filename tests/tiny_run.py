@@ -387,6 +387,9 @@ class TinyRun:
             "labeller": OFFLINE,
             "n_chosen": len(rows),
             "n_skipped_no_examples": 0,
+            "n_score_docs": self.n_eval,  # held-out scoring text: the base completions (no probe point)
+            "n_probe_docs": 2 * self.n_eval,
+            "n_not_detection_scored": 0,
             "n_labelled": len(rows),
             "n_relevant": len(flagged),
             "n_unparsed": 0,

@@ -37,6 +37,10 @@ else:
     sets = data.ablation_sets()
     top = ab.sets.get("probe_top") or AblationSetSummary()
     nan = float("nan")
+
+    def num(x: float | None) -> float:
+        return nan if x is None else x
+
     c = st.columns(4)
     c[0].metric(
         "Reward, clean policy",
@@ -49,19 +53,65 @@ else:
         delta=f"{nan if top.diff is None else top.diff:+.3f}",
     )
     c[2].metric(
-        "Random sets of that size",
-        f"{ab.random_after_mean or nan:.3f}",
-        help="mean over the size-matched random sets (same features per layer)",
+        "Matched random sets",
+        "n/a" if top.random_median is None else f"{top.random_median:+.3f}",
+        help=f"median reward change of the {top.n_random or 0} random sets with as many features per layer and "
+        f"about the same activation mass, on the first {top.rank_n or 0} prefixes (range "
+        f"{num(top.random_lo):+.3f} to {num(top.random_hi):+.3f}); the probe-top set's change there: "
+        f"{num(top.rank_diff):+.3f}",
     )
     c[3].metric(
-        "p (lower than random)",
-        f"{ab.p or nan:.3g}",
-        help="bootstrap over prefixes: the probe set's mean change not below the random sets' mean; "
-        f"rank p {ab.p_rank or nan:.3g}",
+        "Rank p (one-sided)",
+        f"{num(ab.p_rank):.3g}",
+        help=f"hypothesis: zeroing the probe-top set {top.hypothesis or 'lower'}s the reward more than a matched "
+        f"random set would; p = (1 + #random sets at least as extreme) / (N + 1), N = {top.n_random or 0}, so at "
+        f"least {num(top.p_min):.3g}; normal-theory p {num(ab.p):.3g}",
     )
+    tests = pd.DataFrame(
+        [
+            {
+                "set": name,
+                "hypothesis": f"zeroing {x.hypothesis}s the reward",
+                "features": x.size,
+                "change": x.diff,
+                "95% CI": f"{x.diff_lo:+.3f} to {x.diff_hi:+.3f}",
+                "prefixes": x.n,
+                "change, test prefixes": x.rank_diff,
+                "random median": x.random_median,
+                "random range": f"{x.random_lo:+.3f} to {x.random_hi:+.3f}",
+                "N random": x.n_random,
+                "rank p": x.p_rank,
+                "normal-theory p": x.p,
+            }
+            for name, x in ab.sets.items()
+            if x.hypothesis is not None
+        ]
+    )
+    if len(tests):
+        st.subheader("Tests against matched random sets")
+        st.dataframe(
+            tests,
+            hide_index=True,
+            width="stretch",
+            key="al_tests",
+            column_config={
+                k: st.column_config.NumberColumn(format="%.3f")
+                for k in ("change", "change, test prefixes", "random median", "rank p", "normal-theory p")
+            },
+        )
+        st.caption(
+            f"Each tested set against {top.n_random or 0} random sets with as many features per layer, drawn "
+            "feature by feature from the features nearest in activation mass (density × mean activation), all "
+            f"sampled on the same first {top.rank_n or 0} prefixes with the same random numbers; rank p = (1 + "
+            "#random sets at least as extreme in the hypothesised direction) / (N + 1), one-sided. `labelled_pos` "
+            "and `labelled_neg`: the labeller's reward-related features with positive and negative probe weight. "
+            "The change and its CI are over all prefixes."
+        )
+    elif ab.p_rank is not None:
+        st.caption("This run was computed before the matched-controls test: its p-values come from 5 random sets.")
     st.plotly_chart(viz.ablation_effects(sets), width="stretch")
     st.dataframe(
-        sets[["set_id", "kind", "size", "before", "after", "diff", "diff_lo", "diff_hi", "p", "p_rank"]],
+        sets[["set_id", "kind", "size", "n", "before", "after", "diff", "diff_lo", "diff_hi", "p", "p_rank"]],
         hide_index=True,
         width="stretch",
         key="al_sets",
@@ -72,8 +122,8 @@ else:
     )
     st.caption(
         "Every set is sampled from the same prefixes with the same random numbers as the clean policy, so "
-        "each difference is paired. `all` zeroes every firing feature of the selected layers: the most any "
-        "feature set there can move the reward."
+        "each difference is paired (random sets on the first prefixes only). `all` zeroes every firing feature "
+        "of the selected layers: the most any feature set there can move the reward."
     )
     with st.expander("Completions side by side"):
         which = st.selectbox("Set", [s for s in sets.set_id if s != "baseline"], key="al_set")

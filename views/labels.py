@@ -21,7 +21,8 @@ who = d.labeller or "?"
 if who.startswith("offline"):
     st.info(
         f"Labeller: **{who}**. These labels are computed without any LLM: the explanation lists the tokens the "
-        "feature fires on most; relevance is the rank correlation of its activation with |VADER valence|. "
+        "feature fires on most in its top examples; relevance is the rank correlation of its activation with "
+        "|VADER valence| on held-out windows. "
         "Run `python -m lfp_core.precompute --out RUN --labeller openai` with OPENAI_API_KEY set for LLM labels."
     )
 else:
@@ -33,13 +34,46 @@ acc = d.detection_acc_mean
 c[2].metric(
     "Detection accuracy (mean)",
     "n/a" if acc is None else f"{acc:.3f}",
-    help="held-out activating vs non-activating excerpts; 0.5 = chance",
+    help="held-out activating vs non-activating excerpts; 0.5 = chance"
+    + (
+        f"; {d.n_not_detection_scored} features not scored (no held-out activating window)"
+        if d.n_not_detection_scored
+        else ""
+    ),
 )
 ov = d.overlap
 c[3].metric(
     "Overlap with probe top",
     f"{ov.get('n', 0)} of {ov.get('n_flagged', 0)}",
     help=f"expected by chance {ov.get('expected') or 0:.1f}; hypergeometric p = {ov.get('p') or float('nan'):.1e}",
+)
+if d.n_score_docs is not None:
+    held = (
+        f"windows from the {d.n_score_docs} documents of the activation corpus that hold none of the probe's "
+        f"points ({d.n_probe_docs} do), never from a document among the feature's own top examples"
+    )
+else:
+    held = (
+        "windows that may share documents with the explainer's examples and with the probe's text (a run made "
+        "before held-out scoring)"
+    )
+relevance = (
+    "the Spearman correlation of the feature's activation with the |VADER valence| of each token's word over "
+    f"the activating {held}"
+    if who.startswith("offline")
+    else "the LLM's yes/no on whether the explanation (written from the top examples) concerns the reward's topic"
+)
+overlap = (
+    "Both the labeller's relevance and the probe's ranking read word valence (on disjoint text), so a large overlap "
+    "shows two readings of valence agree: consistency, not independent validation."
+    if who.startswith("offline")
+    else "The LLM judges explanations; the probe reads word valence: agreement is across two different readings."
+)
+st.markdown(
+    "**What each figure tests.** *Explanation*: written from the feature's top examples only (the explain set). "
+    f"*Reward-related*: {relevance}. *Detection accuracy*: whether the explanation picks the excerpts where the "
+    f"feature fires among excerpts where it never fires, on {held}. *Overlap with probe top*: how many reward-related "
+    f"features are among the probe's top-ranked, against random draws from the labelled set. {overlap}"
 )
 
 st.subheader("Do the labeller's reward-related features fire on high-reward text?")

@@ -81,7 +81,7 @@ if act is not None and isinstance(act.summary, ActivationsSummary):
         f"metrics on **{d.n_eval_rows or 0:,}** held-out tokens (whole documents held out). "
         f"Corpus: {d.n_docs or 0:,} documents ({d.source}) plus base and tuned completions."
     )
-main = table[table.kind.isin(["main", "variant"])]
+main = table[table.kind.isin(["main", "reseed", "variant"])]
 st.subheader("Quality")
 st.dataframe(
     main[cols].rename(columns=labels),
@@ -93,7 +93,8 @@ st.caption(
     "FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² with the mean taken per dimension. Dead = share of features that never "
     "fire on any harvested token. Loss recovered = (CE zero-ablated − CE spliced) / (CE zero-ablated − CE "
     "clean), next-token cross-entropy on held-out documents with the SAE's reconstruction (or zeros) in "
-    "place of the layer's MLP output. Main SAEs of both models feed the feature pages; variants are the "
+    "place of the layer's MLP output. Main SAEs of both models feed the feature pages; reseed SAEs are "
+    "the same model, layer and settings from another seed (the MMCS reference below); variants are the "
     "paper's L1 ReLU (1× and 2× d_model) and tied-decoder SAEs of the tuned model."
 )
 bars = sae_stage.bars
@@ -110,20 +111,67 @@ if not sweep.empty:
         f"`python -m lfp_core.precompute --out {run_dir} --set sae_sweep_l1=0.1,0.25,0.5,1,2,4,8`."
     )
 
+COMPARISONS = {
+    "base_vs_tuned": "base vs tuned",
+    "base_vs_base_reseed": "base vs base′ (same model, another seed)",
+    "tuned_vs_tuned_reseed": "tuned vs tuned′ (same model, another seed)",
+    "relu_1x_vs_2x": "ReLU 1× vs 2× (tuned)",
+    "mfr": "MFR members",
+    "independent": "independent TopK SAEs (the MFR baseline)",
+}
 pairs = data.sae_pairs()
 if not pairs.empty:
     st.subheader("Dictionary similarity (MMCS)")
+    if sae_stage.basis:
+        st.markdown("**Did RL change the basis?** Base vs tuned beside the same-model, different-seed references")
+
+        def reading(b) -> str:
+            if b["below_reference"] is None:
+                return "no other-seed reference: cannot be read"
+            if b["below_reference"]:
+                return "below both references: evidence that RL changed the basis"
+            return "not below both references: no evidence that RL changed the basis"
+
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "layer": b["layer"],
+                        COMPARISONS["base_vs_tuned"]: b["base_vs_tuned"],
+                        COMPARISONS["base_vs_base_reseed"]: b["base_vs_base_reseed"],
+                        COMPARISONS["tuned_vs_tuned_reseed"]: b["tuned_vs_tuned_reseed"],
+                        "reading": reading(b),
+                    }
+                    for b in sae_stage.basis
+                ]
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+        st.caption(
+            "MMCS (Hungarian) between the base and tuned main SAEs of a layer, and between each model's main "
+            "SAE and a second SAE of the same model, layer and settings trained from another seed (base′, "
+            "tuned′). Two SAEs of one model never agree perfectly, so base vs tuned is evidence that RL changed "
+            "the basis only if it is below these references. Each reference is one pair of seeds, a single "
+            "draw of the seed-to-seed spread, not an interval. Every SAE starts from its own seed."
+        )
+    else:
+        st.info(
+            "This run's SAE stage has no other-seed reference SAEs, so base vs tuned cannot be read against "
+            f"chance (and its SAEs may share their initialisation). Recompute it: `python -m lfp_core.precompute "
+            f"--out {run_dir}`."
+        )
     st.dataframe(
-        pairs.rename(columns={"mmcs_hungarian": "MMCS (Hungarian)", "mmcs_max": "MMCS (max)"}),
+        pairs.assign(comparison=pairs.comparison.map(lambda c: COMPARISONS.get(c, c))).rename(
+            columns={"mmcs_hungarian": "MMCS (Hungarian)", "mmcs_max": "MMCS (max)"}
+        ),
         hide_index=True,
         width="stretch",
     )
     st.caption(
         "Mean max cosine similarity between two SAEs' decoder directions. Hungarian: features paired one to "
-        "one (each feature of the smaller dictionary with a distinct feature of the other). base_vs_tuned: "
-        "how much the basis moved with RL — read it against `independent` (same model and settings, another "
-        "seed), which is how similar two SAEs are by chance; relu_1x_vs_2x: features shared across "
-        "dictionary sizes."
+        "one (each feature of the smaller dictionary with a distinct feature of the other); max: each feature's "
+        "best match, no pairing. ReLU 1× vs 2×: features shared across dictionary sizes."
     )
 
 mfr = sae_stage.mfr

@@ -127,7 +127,8 @@ def vader_sections() -> None:
             e2.metric(
                 "Gain over base",
                 f"{diff['mean']:+.3f}",
-                help=f"{diff['n_se']:.1f} standard errors; paired t-test p = {diff['p_value']:.2g}",
+                help=f"{diff['n_se']:.1f} standard errors; p = {diff['p_value']:.2g} "
+                f"({diff.get('method') or 'paired t-test'})",
             )
             e3.metric("KL(tuned ‖ base) per token", f"{d.kl_per_token:.4f}")
             e4.metric(
@@ -137,8 +138,13 @@ def vader_sections() -> None:
             )
             st.caption(
                 f"Gain 95% CI [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}], {diff['n_se']:.1f} standard errors, "
-                f"paired t-test p = {diff['p_value']:.2g}, over {tuned['n']} held-out completions "
-                "(same prompts, lengths and seeds for both policies)."
+                f"p = {diff['p_value']:.2g} ({diff.get('method') or 'paired t-test'}), over {tuned['n']} held-out "
+                "completions (same prompts, lengths and seeds for both policies"
+                + (
+                    "; completions of one prompt are resampled together)."
+                    if "bootstrap" in diff.get("method", "")
+                    else ")."
+                )
             )
         st.plotly_chart(viz.rl_curves(steps), width="stretch")
         pairs = data.paired_completions(limit=200)

@@ -13,6 +13,7 @@ from lfp_core.store.summaries import AttributionSummary, RewardModelSummary
 from views.common import require_run, require_stage
 from views.data import RunData
 
+ESTIMATES = ("estimate", "estimate_abs", "estimate_path", "true_effect")
 run_dir = require_run()
 data = RunData(run_dir)
 st.title("Reward model")
@@ -20,16 +21,28 @@ d = require_stage(data, RewardModelSummary, "preference model")
 acc = d.pair_acc
 assert acc is not None and d.pair_acc_train is not None, "the reward_model stage records both pair accuracies"
 c = st.columns(4)
-c[0].metric("Held-out pair accuracy", f"{acc['acc']:.3f}", help=f"95% CI {acc['lo']:.3f}–{acc['hi']:.3f}; chance 0.5")
+c[0].metric(
+    "Held-out pair accuracy",
+    f"{acc['acc']:.3f}",
+    help=f"95% CI {acc['lo']:.3f}–{acc['hi']:.3f} ({acc.get('method') or 'Wilson over pairs'}); chance 0.5",
+)
 c[1].metric(
-    "Held-out pairs", acc["n"], help="pairs of base completions of held-out prompts with different VADER rewards"
+    "Held-out pairs",
+    acc["n"],
+    help="pairs of base completions of held-out prompts with different VADER rewards"
+    + (f", from {acc['n_prompts']} prompts" if acc.get("n_prompts") else ""),
 )
 c[2].metric("Training pairs", d.n_train, help=f"training pair accuracy {d.pair_acc_train['acc']:.3f}")
 sae_info = d.sae_stats
 c[3].metric("SAEs on the residual stream", len(sae_info))
 st.caption(
     "The base model with a scalar head, trained with trl's RewardTrainer on pairs of base-model completions of "
-    "the same prompt, the higher-VADER one preferred (the oracle). Accuracy CI: Wilson 95%."
+    "the same prompt, the higher-VADER one preferred (the oracle). "
+    + (
+        f"Pairs of one prompt share its completions, so the accuracy's 95% CI resamples prompts: {acc['method']}."
+        if acc.get("n_prompts")
+        else "Accuracy CI: Wilson 95% over pairs taken as independent (a run made before prompt-clustered intervals)."
+    )
 )
 if sae_info:
     st.dataframe(
@@ -48,32 +61,80 @@ if at is None:
 else:
     st.header("Which features move the reward")
     target = st.radio(
-        "Metric", ["preference model reward", "policy's probe-predicted reward"], horizontal=True, key="rm_target"
+        "Metric",
+        ["preference model reward", "policy's expected next-token valence"],
+        horizontal=True,
+        key="rm_target",
     )
     key = "pm" if target.startswith("preference") else "policy"
     a = at.target(key)
     assert a is not None, f"the attribution stage records the {key} target"
-    c = st.columns(3)
-    c[0].metric(
-        f"Spearman, top {a['top_k']} features",
-        f"{a['spearman_top']['rho']:.3f}",
-        help=f"attribution estimate vs true ablation effect, means over texts; p {a['spearman_top']['p']:.1e}",
-    )
-    c[1].metric(
-        "Spearman, (text, feature) points",
-        f"{a['spearman_points']['rho']:.3f}",
-        help=f"{a['spearman_points']['n']} points",
-    )
-    c[2].metric("Texts", a["n_texts"], help=f"integrated-gradient steps: {a['steps']}")
+    checks = at.check_rows(key)
+    old_metric = {
+        "pm": "the preference model's reward",
+        "policy": "the policy's probe-predicted reward (a run before schema 5: a linear read-out of the very "
+        "features attributed)",
+    }
+    st.caption(f"Metric: {a.get('metric') or old_metric[key]}.")
+    if checks:
+        st.subheader("Single-feature estimates against true ablation")
+        cols = {
+            "sample": "features checked",
+            "estimator": "estimator",
+            "rho": "Spearman ρ",
+            "p": "p",
+            "n": "features",
+            "rho_sign_only": "ρ of a sign-only estimator",
+            "sign_agree": "sign agreement",
+            "median_rel_err": "median relative error",
+            "n_rel": "non-negligible features",
+            "recall": "recall of the true top k",
+            "k": "k",
+            "recall_chance": "recall by chance",
+        }
+        table = pd.DataFrame(checks).reindex(columns=list(cols)).rename(columns=cols)
+        st.dataframe(table, hide_index=True, width="stretch", key="rm_checks")
+        st.caption(
+            f"Truth: the metric's change when one feature alone is zeroed on the completion tokens (every other "
+            f"feature and the SAE's error term kept), means over {a['n_texts']} texts. AtP: −Σ activation × "
+            f"gradient at the clean point; path: integrated gradients along the path that moves only that "
+            f"feature to 0 ({a['steps']} midpoints). Checked on the top {a['top_k']} features by mean |AtP| and "
+            f"on a seeded uniform sample of {a['random_k']} features per layer (over the "
+            f"{a['n_random_active']} of them that fire on some text: for the others every figure is exactly 0), "
+            f"which is where features AtP misses would show: recall is the share of the sample's true top k "
+            f"(by |true|) among the estimator's top k. Sign agreement and relative error are over the features "
+            f"whose |true| is at least {a['rel_floor_share']:.0%} of the largest in their sample; the sign-only "
+            f"ρ is what an estimator that knew only the true signs would score."
+        )
+    else:
+        c = st.columns(2)
+        c[0].metric(
+            f"Spearman, top {a['top_k']} features (layer-wide IG)",
+            f"{a['spearman_top']['rho']:.3f}",
+            help=f"a run before schema 5: integrated gradients scaling the whole layer vs true ablation of one "
+            f"feature, means over texts; p {a['spearman_top']['p']:.1e}",
+        )
+        c[1].metric("Texts", a["n_texts"], help=f"layer-wide integrated-gradient steps: {a['steps']}")
     feats = data.attribution(key)
     points = data.attribution_points(key)
-    st.plotly_chart(viz.attribution_scatter(points, feats), width="stretch")
+    plotted = st.radio("Estimate plotted", ["AtP", "path"], horizontal=True, key="rm_est") if checks else "AtP"
+    column = "estimate_path" if plotted == "path" else "estimate"
+    st.plotly_chart(viz.attribution_scatter(points, feats, column, plotted), width="stretch")
+    shown = (
+        st.radio("Features", ["ranked by mean |AtP|", "the random sample"], horizontal=True, key="rm_feats")
+        if checks
+        else "ranked by mean |AtP|"
+    )
+    rows = feats[feats.verified.isin(["random", "both"])] if shown == "the random sample" else feats.head(50)
     st.dataframe(
-        feats.head(50)[["rank", "layer", "feature", "estimate", "estimate_abs", "true_effect", "top_tokens"]].rename(
+        rows.reindex(columns=["rank", "layer", "feature", *ESTIMATES, "verified", "n_active", "top_tokens"]).rename(
             columns={
-                "estimate": "mean estimated change",
-                "estimate_abs": "mean |estimate|",
+                "estimate": "mean AtP",
+                "estimate_abs": "mean |AtP|",
+                "estimate_path": "mean path estimate",
                 "true_effect": "mean true change",
+                "verified": "checked as",
+                "n_active": "texts it fires on",
                 "top_tokens": "fires most on",
             }
         ),
@@ -82,9 +143,8 @@ else:
         key="rm_rank",
     )
     st.caption(
-        "Estimated change of the metric if the feature is zeroed on the completion tokens (attribution "
-        "patching with integrated-gradient steps, error term kept), ranked by mean |estimate|; the top ones "
-        "are zeroed for real to check the estimate."
+        "Estimated change of the metric if the feature is zeroed on the completion tokens, ranked by mean |AtP| "
+        "over the texts; the checked ones (top and random sample) also zeroed for real."
     )
 
     st.header("Where the preference model disagrees with the oracle")

@@ -41,10 +41,12 @@ c[0].metric(
     f"{occ_tau['tau']:.3f}",
     help=f"p = {occ_tau['p']:.1e}, {occ_tau['n_words']} test words; a word may also occur in training",
 )
+by_stem = pr.word_split_by == "stem"
 c[1].metric(
     "τ, word split",
     f"{word_tau['tau']:.3f}",
-    help=f"p = {word_tau['p']:.1e}, {word_tau['n_words']} test words never seen in training",
+    help=f"p = {word_tau['p']:.1e}, {word_tau['n_words']} test words never seen in training"
+    + ("; none shares a stem with a training word" if by_stem else ""),
 )
 c[2].metric("τ, untrained map", f"{base_tau['tau']:.3f}", help="random linear map (the paper's baseline)")
 c[3].metric("τ, shuffled targets", f"{shuf_tau['tau']:.3f}", help="probe fitted to permuted valences")
@@ -53,6 +55,22 @@ c[4].metric(
     f"{irm['pearson']:.3f}",
     help=f"Spearman {irm['spearman']:.3f} over {irm['n']} held-out tuned completions",
 )
+
+split_note = (
+    "Word split: about 20% of the distinct words held out, grouped by stem (Snowball English), so no test word "
+    "shares a stem with a training word (not 'loved' in test with 'love' in training); the ridge penalty is "
+    "chosen by 5-fold CV grouped by stem on the training words. Occurrence split: 80/20 over positions, "
+    "penalty by leave-one-out."
+    if by_stem
+    else "Word split: 20% of the distinct words held out (this run predates the split by stem)."
+)
+diffs = pr.tau_difference or {}
+if diffs:
+    split_note += " Tuned − base τ over the same test words (95% bootstrap CI, words resampled): " + "; ".join(
+        f"{s} split {x['diff']:+.3f} ({x['lo']:+.3f} to {x['hi']:+.3f}, {x['n_words']} words)" for s, x in diffs.items()
+    )
+    split_note += "."
+st.caption(split_note)
 
 words = data.probe_words(role)
 st.plotly_chart(viz.probe_scatter(words, {"occurrence": dict(occ_tau), "word": dict(word_tau)}), width="stretch")
@@ -89,10 +107,12 @@ with right:
     )
 inputs = d.inputs or {}
 if inputs:
-    st.subheader("Where the feedback signal lives")
+    st.subheader("Baselines beside the probe")
     names = {
         "sae_selected": f"SAE features, layers {layer_list} (the probe)",
+        "token_embedding": "token identity: the token's input embedding",
         "raw_selected": f"raw MLP outputs, layers {layer_list}",
+        "diff_means_raw": f"difference of means, raw MLP outputs, layers {layer_list}",
         "raw_all_layers": "raw MLP outputs, every layer",
     }
     st.dataframe(
@@ -112,17 +132,21 @@ if inputs:
         width="stretch",
     )
     st.caption(
-        "The same ridge probe, splits and targets on other inputs. SAE vs raw at the same layers: what the "
-        "sparse basis keeps. Every layer vs the selected ones: how much of the lexicon's valence is read "
+        "The same ridge probe, splits, penalty search and targets on other inputs. Token identity: what the "
+        "token alone gives, with no context. SAE vs raw at the same layers: what the sparse basis keeps. "
+        "Difference of means: the projection on (mean over positive-valence training words − mean over "
+        "negative ones), no ridge. Every layer vs the selected ones: how much of the lexicon's valence is read "
         "from layers RL changed less (word identity is largely decoded in early layers)."
     )
-ct = d.tau_contrastive or {}
+ct = d.contrastive_probe or {}
 if ct:
     st.markdown(
-        f"**Contrastive variant** (the paper's): per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the "
-        f"word, also after swapping in an opposite-valence word; τ with VADER **{ct['tau']:.3f}** (p "
-        f"{ct['p']:.1e}, {ct['n_words']} words; positive words {ct['pos']['tau']:.3f}, negative "
-        f"{ct['neg']['tau']:.3f}) from {ct['n_sentences']:,} sentence variants."
+        f"**Contrastive probe**: a ridge from F(x) − F(x with a neutral word) at a lexicon word (also after "
+        f"swapping in an opposite-valence word) to the word's valence, fitted on {ct['n_train_words']} training "
+        f"words and scored on **{ct['n_words']}** held-out words (none shares a stem with a training word): τ "
+        f"**{ct['tau']:.3f}** (p {ct['p']:.1e}; positive words {ct['pos']['tau']:.3f}, negative "
+        f"{ct['neg']['tau']:.3f}) from {ct['n_sentences']:,} sentence variants. (The paper's score signs "
+        "‖F(x) − F(x′)‖ by the true valence, which gives τ ≈ 0.5 for any features; it is not shown.)"
     )
 st.caption(
     "Predictions are averaged per word and rescaled as in the paper (10th–90th percentile → the lexicon's "

@@ -1,7 +1,14 @@
 """Do the labeller's reward-related features agree with the probe? The paper's frequency table: how
 often each feature set fires on high- vs low-reward completions of the tuned policy (paired Wilcoxon
 test over the set's features), and the overlap of the labeller-flagged set with the probe-top set
-(hypergeometric p-value over the labelled features)."""
+(hypergeometric p-value over the labelled features).
+
+What the overlap tests: the offline labeller calls a feature reward-related when its activation tracks
+|VADER valence| on held-out text; the probe ranks features by a ridge fit to VADER valence on its own
+text. The scoring text holds none of the probe's points, so the two do not share a sample, but both
+read word valence: a large overlap shows the two readings agree (consistency), not that an independent
+judge confirms the probe. With an LLM labeller relevance is the LLM's reading of an explanation written
+from the feature's top examples, a judgement that does not read valence values."""
 
 from __future__ import annotations
 
@@ -98,6 +105,7 @@ def agreement_detail(ctx: Context, layers: list[int], sae_of: dict) -> dict:
         "n_relevant": int(len(flagged)),
         "n_unparsed": int(labels.n_unparsed.fillna(0).sum()),
         "detection_acc_mean": float(acc.mean()) if len(acc) else None,
+        "n_not_detection_scored": int(len(labels) - len(acc)),  # no held-out window where it fires (or none quiet)
         "frequency": frequency_table(firing, rewards, sets),
         "overlap": overlap(key(labels), set(key(flagged)), set(key(top))),
     }

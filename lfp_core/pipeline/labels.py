@@ -1,16 +1,22 @@
 """Labels stage: explain, classify and detection-score the tuned model's probe-top features and as many
 random others, with an LLM (``labeller=openai``) or the offline labeller; then the agreement between
-the labeller's reward-related features and the probe (the paper's frequency table, with significance)."""
+the labeller's reward-related features and the probe (the paper's frequency table, with significance).
+
+Each feature's windows are split by document: its top examples (the explain set) are what the explainer
+sees; relevance (offline labeller) and detection are scored on windows from other documents, and only
+from documents that hold none of the probe's points (the text the probe was fitted and ranked on), so
+neither score re-reads the text the explanation or the probe-top choice came from."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from lfp_core import autointerp, reward, saes
 from lfp_core.errors import BadInputError
-from lfp_core.features import RowLookup
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.label_agreement import agreement_detail
 from lfp_core.pipeline.shared import harvest_dir, own_saes, selected_layers
@@ -50,40 +56,94 @@ def choose_features(ctx: Context, s: LabelsStageSettings, layers: list[int]) -> 
     return [(a, b, "probe_top") for a, b in top] + [(*rest[i], "random") for i in sorted(pick)]
 
 
-def negative_pool(
-    ctx: Context, s: LabelsStageSettings, layer: int, sae, n_windows: int = 300
-) -> tuple[list[autointerp.Excerpt], np.ndarray]:
-    """Held-out windows (±feature_window tokens) and, per window, each feature's max activation over it."""
+SCORE_WINDOWS = 20  # held-out activating windows per feature for the offline relevance test
+
+
+@dataclass
+class ScorePool:
+    """One layer's scoring text: every harvest row of the documents the probe never read, sorted by
+    (document, position), with the tuned model's SAE activations there (sparse, rows x features)."""
+
+    doc: np.ndarray  # [n] document of each row
+    pos: np.ndarray  # [n] its position in the document
+    tokens: list[str]  # [n] its token string
+    acts: Any  # scipy.sparse.csc_matrix [n, d_sae]
+    key: np.ndarray = field(init=False, repr=False)  # [n] ascending (document, position) key
+
+    def __post_init__(self) -> None:
+        self.key = self.doc.astype(np.int64) * (1 << 20) + self.pos
+
+    def window(self, i: int, w: int) -> slice:
+        """Rows of row ``i``'s document within ``w`` positions of it."""
+        lo = np.searchsorted(self.key, self.key[i] - w, side="left")
+        return slice(int(lo), int(np.searchsorted(self.key, self.key[i] + w, side="right")))
+
+
+@dataclass
+class ScoreSet:
+    """A feature's held-out scoring windows and the documents they come from."""
+
+    positives: list[autointerp.Excerpt]
+    negatives: list[autointerp.Excerpt]
+    docs: set[int]
+
+
+def score_docs(all_docs, probe_docs) -> np.ndarray:
+    """The documents scoring may use: those holding none of the probe's points (ascending)."""
+    return np.setdiff1d(np.asarray(all_docs, dtype=np.int64), np.asarray(probe_docs, dtype=np.int64))
+
+
+def score_pool(ctx: Context, layer: int, sae, docs: np.ndarray) -> ScorePool:
+    """The :class:`ScorePool` of ``docs`` at ``layer`` (one encoding pass over their rows)."""
+    from scipy import sparse
+
     r = ctx.writer.reader()
     h = harvest_dir(ctx)
     idx = h.index()
-    lookup = RowLookup(idx["doc_id"], idx["pos"])
-    rng = np.random.default_rng([s.run.seed, layer, 73])
-    centres = rng.choice(np.nonzero(idx["is_eval"])[0], size=min(n_windows, int(idx["is_eval"].sum())), replace=False)
-    docs = r.act_docs(sorted({int(idx["doc_id"][c]) for c in centres}))
-    toks = {int(d): list(t) for d, t in zip(docs.doc_id, docs.token_ids)}
-    w = s.features.window
-    spans, owner, want = [], [], []
-    for k, c in enumerate(centres):
-        d, p = int(idx["doc_id"][c]), int(idx["pos"][c])
-        lo = max(0, p - w)
-        ids = toks[d][lo : p + w + 1]
-        rows = lookup(np.full(len(ids), d), np.arange(lo, lo + len(ids)))
-        spans.append(ids)
-        want.append(rows[rows >= 0])
-        owner.append(np.full(int((rows >= 0).sum()), k))
-    rows_a, owner_a = np.concatenate(want), np.concatenate(owner)
-    maxes = np.zeros((len(centres), int(sae.cfg.d_sae)), dtype=np.float32)
-    start = 0
-    for ix, _, f in saes.encode_batches(sae, h.acts("tuned", layer), rows_a):  # all windows in one pass
-        np.maximum.at(maxes, owner_a[start : start + len(ix)], f.cpu().numpy())
+    rows = np.nonzero(np.isin(idx["doc_id"], docs))[0]
+    rows = rows[np.lexsort((idx["pos"][rows], idx["doc_id"][rows]))]
+    d_sae = int(sae.cfg.d_sae)
+    rr, cc, vv, start = [], [], [], 0
+    for ix, _, f in saes.encode_batches(sae, h.acts("tuned", layer), rows):
+        f = f.float().cpu()
+        i, j = np.nonzero(f.numpy() > 0)
+        rr.append(i + start)
+        cc.append(j)
+        vv.append(f.numpy()[i, j])
         start += len(ix)
-    text = r.token_strings([t for ids in spans for t in ids])  # one vocabulary lookup
-    excerpts, at = [], 0
-    for ids in spans:
-        excerpts.append(autointerp.Excerpt(text[at : at + len(ids)], [0.0] * len(ids)))
-        at += len(ids)
-    return excerpts, maxes
+    cat = lambda a, t: np.concatenate(a) if a else np.zeros(0, t)  # noqa: E731
+    acts = sparse.csc_matrix((cat(vv, np.float32), (cat(rr, np.int64), cat(cc, np.int64))), shape=(len(rows), d_sae))
+    return ScorePool(
+        idx["doc_id"][rows].astype(np.int64),
+        idx["pos"][rows].astype(np.int64),
+        r.token_strings(idx["token_id"][rows].tolist()),
+        acts,
+    )
+
+
+def score_windows(
+    pool: ScorePool, feature: int, explain_docs: set[int], n: int, window: int, rng: np.random.Generator
+) -> ScoreSet:
+    """Held-out windows of ``feature`` (one per document, none from ``explain_docs``): up to ``n``
+    activating ones, each centred on the feature's strongest activation in a document drawn at random
+    among those where it fires, and up to ``n`` from documents where it never fires (random centre)."""
+    col = pool.acts[:, feature].toarray().ravel() if pool.acts.shape[0] else np.zeros(0)
+    ok = ~np.isin(pool.doc, np.fromiter(explain_docs, dtype=np.int64, count=len(explain_docs)))
+    docs, first = np.unique(pool.doc, return_index=True)
+    ends = np.append(first[1:], len(pool.doc))
+    peak = np.maximum.reduceat(col, first) if len(first) else np.zeros(0)
+    usable = ok[first]
+    fire = np.nonzero(usable & (peak > 0))[0]
+    quiet = np.nonzero(usable & (peak <= 0))[0]
+
+    def excerpt(i: int) -> autointerp.Excerpt:
+        sl = pool.window(i, window)
+        return autointerp.Excerpt(pool.tokens[sl], [float(a) for a in col[sl]])
+
+    fire, quiet = rng.permutation(fire)[:n], rng.permutation(quiet)[:n]
+    pos = [excerpt(int(first[k] + np.argmax(col[first[k] : ends[k]]))) for k in fire]
+    neg = [excerpt(int(rng.integers(first[k], ends[k]))) for k in quiet]
+    return ScoreSet(pos, neg, {int(docs[k]) for k in np.concatenate([fire, quiet])})
 
 
 def _excerpts(df) -> list[autointerp.Excerpt]:
@@ -126,7 +186,15 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
     labeller = autointerp.OFFLINE if client is None else f"openai:{lab_s.llm_model}"
     lexicon = reward.lexicon()
     sae_of = own_saes(ctx, "tuned", layers)
-    pools = {}
+    probe_docs = r.probe_point_docs("tuned")
+    held = score_docs(r.corpus_docs().doc_id, probe_docs)
+    log.info(
+        "labels: scoring on %d documents that hold none of the probe's points (%d do), never on a feature's "
+        "own top-example documents",
+        len(held),
+        len(probe_docs),
+    )
+    pools: dict[int, ScorePool] = {}
     done = w.done_chunks("labels", config_hash)
     skipped = 0
     for ci in range(0, len(chosen), CHUNK):
@@ -135,7 +203,7 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
         rows = []
         for layer, fid, selection in chosen[ci : ci + CHUNK]:
             if layer not in pools:
-                pools[layer] = negative_pool(ctx, s, layer, sae_of[layer])
+                pools[layer] = score_pool(ctx, layer, sae_of[layer], held)
             top = r.feature_examples("tuned", layer, fid, "top")
             if top.empty:
                 skipped += 1
@@ -143,19 +211,24 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
             f = r.feature("tuned", layer, fid)
             if f is None:  # examples without a feature row: the features stage and the store disagree
                 raise RuntimeError(f"feature tuned L{layer} #{fid} has examples but no row in the features table")
-            iv = r.feature_examples("tuned", layer, fid, "interval")
-            rng = np.random.default_rng([seed, layer, fid])
-            pos = _excerpts(iv.iloc[rng.permutation(len(iv))[: lab_s.detection_n]])
-            zero = np.nonzero(pools[layer][1][:, fid] <= 0)[0]
-            neg = [pools[layer][0][i] for i in rng.choice(zero, size=min(lab_s.detection_n, len(zero)), replace=False)]
+            # explain set: the feature's top examples (its top tokens come from them); scoring: other documents
+            scored = score_windows(
+                pools[layer],
+                fid,
+                {int(d) for d in top.doc_id},
+                max(SCORE_WINDOWS, lab_s.detection_n),
+                s.features.window,
+                np.random.default_rng([seed, layer, fid]),
+            )
+            pos, neg = scored.positives[: lab_s.detection_n], scored.negatives[: lab_s.detection_n]
             if client is None:
                 lab = autointerp.offline_label(
-                    _excerpts(top),
                     list(f["top_tokens"] if f["top_tokens"] is not None else []),
                     task,
                     pos,
                     neg,
                     lexicon,
+                    relevance_windows=scored.positives,
                 )
             else:
                 lab = autointerp.llm_label(
@@ -194,6 +267,8 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
     detail = {
         "labeller": labeller,
         "n_chosen": len(chosen),
+        "n_score_docs": len(held),
+        "n_probe_docs": len(probe_docs),
         "n_skipped_no_examples": skipped,
         **(
             {"llm_requests": client.n_requests, "llm_cached": client.n_cached, "llm_tokens": client.tokens_used}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -185,31 +184,28 @@ def input_controls(
     pos_a: np.ndarray,
     words: np.ndarray,
     y: np.ndarray,
-    splits: dict[str, np.ndarray],
+    splits: dict[str, tuple[np.ndarray, np.ndarray | None]],
     lex_range: tuple[float, float],
 ) -> dict:
-    """The same probe on other inputs, to say where the feedback signal lives: raw MLP outputs of the
-    selected layers (does the SAE basis lose anything?) and of every layer (how much of it sits
-    outside the layers RL changed most?). τ per split, as for the probe."""
+    """Baselines beside the SAE probe — the same ridge, splits and penalty search on other inputs — to say
+    where the feedback signal lives: the token's input embedding in ``role``'s model (token identity: what a
+    lookup of the token alone recovers), the raw MLP outputs the SAEs read (does the SAE basis lose
+    anything?), a difference-of-means direction on those (no fitted weights but one mean per sign), and raw
+    MLP outputs of every layer (how much of it sits outside the layers RL changed most?). ``splits`` maps
+    a split to (its test mask, its penalty-search groups or None). τ per split, as for the probe."""
+    from lfp_core.pipeline.saes import role_model
+
     h = harvest_dir(ctx)
     n_layers = ctx.model.hooked().cfg.n_layers
+    raw = np.concatenate([np.asarray(h.acts(role, layer)[rows], dtype=np.float32) for layer in sorted(layers)], axis=1)
+    tok_ids = np.array([doc_tokens[int(d)][int(p)] for d, p in zip(doc_a, pos_a)], dtype=np.int64)
+    embed = role_model(ctx, role).hooked().W_E.detach().float().cpu().numpy()[tok_ids]  # [n_points, d_model]
     inputs = {
-        "raw_selected": np.concatenate(
-            [np.asarray(h.acts(role, layer)[rows], dtype=np.float32) for layer in sorted(layers)], axis=1
-        ),
+        "token_embedding": embed,
+        "raw_selected": raw,
         "raw_all_layers": mlp_outputs_at(ctx, role, doc_tokens, doc_a, pos_a, list(range(n_layers))),
     }
-    out: dict[str, dict[str, Any]] = {}
-    for name, Z in inputs.items():
-        out[name] = {"dim": int(Z.shape[1])}
-        for split, test in splits.items():
-            e = probes.evaluate_split(Z, y, words, test, *lex_range, 0)
-            out[name][split] = {
-                "tau": e["tau"]["all"]["tau"],
-                "p": e["tau"]["all"]["p"],
-                "n_words": e["tau"]["all"]["n_words"],
-            }
-    return out
+    return probes.score_inputs(inputs, y, words, splits, lex_range)
 
 
 def labelled_texts(run: RunSettings, tok, n: int) -> dict[str, tuple[list[list[int]], np.ndarray]]:
@@ -249,10 +245,14 @@ def contrastive(
     items: list[tuple[list[int], int, str, float]],
     swaps: tuple[dict, dict],
     lexicon: dict,
+    train_stems: set,
+    lex_range: tuple[float, float],
 ) -> dict:
-    """The paper's contrastive variant: per lexicon word, ±‖F(x) − F(x with a neutral word)‖ at the word
-    (sign of the word's valence), also for the word swapped to an opposite-valence one; per-word means
-    against VADER valence by Kendall τ."""
+    """The paper's contrastive variant as a fitted probe (:func:`lfp_core.probes.contrastive_probe`): per
+    lexicon-word occurrence, D = F(x) − F(x with a neutral word) at the word, also for the word swapped to
+    an opposite-valence one; a ridge from D to the word's valence, fitted on the sentence variants whose
+    word's stem is a training stem of the word split and scored on the rest (held-out words, no stem in
+    training). The paper's own score signs ‖D‖ by the true valence, so it is not computed."""
     neutral, opposite = swaps
     tok = ctx.model.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
@@ -273,14 +273,13 @@ def contrastive(
     if not meta:
         return {}
     F = last_position_features(ctx, role, layers, seqs)
-    words, targets = [], []
-    for word, val, i, j in meta:
-        words.append(word)
-        targets.append(np.sign(val) * float(np.linalg.norm(F[i] - F[j])))
-    uw, tw, _ = probes.per_word(np.array(words, dtype=object), np.array(targets))
-    vw = np.array([lexicon[w] for w in uw])
-    t = probes.tau_groups(tw, vw)
-    return {**t["all"], "pos": t["pos"], "neg": t["neg"], "n_sentences": len(seqs)}
+    words = np.array([m[0] for m in meta], dtype=object)
+    valence = np.array([m[1] for m in meta], dtype=float)
+    D = np.stack([F[i] - F[j] for _, _, i, j in meta])  # [n_variants, d_sae·L]
+    stem = probes.stems(words)
+    test = np.array([x not in train_stems for x in stem])
+    res = probes.contrastive_probe(D, words, valence, test, stem, *lex_range)
+    return {**res, "n_sentences": len(seqs)} if res else {}
 
 
 @dataclass
@@ -296,7 +295,8 @@ class LexiconPoints:
     words: np.ndarray  # [n_points] the probe points' words
     y: np.ndarray  # [n_points] their VADER valences
     occ: np.ndarray  # [n_points] held out in the occurrence split
-    wsp: np.ndarray  # [n_points] held out in the word split (no test word is seen in training)
+    wsp: np.ndarray  # [n_points] held out in the word split (no test word, nor its stem, is seen in training)
+    stem: np.ndarray  # [n_points] the word's Snowball stem: the word split's and its penalty search's groups
 
     @property
     def rows(self) -> np.ndarray:
@@ -322,12 +322,13 @@ def lexicon_points(ctx: Context, s: ProbesStageSettings, docs, idx: dict) -> Lex
     y = np.array([p[3] for p in pts])[in_lex]
     occ = probes.occurrence_split(len(y), seed)
     wsp = probes.word_split(words, seed)
-    assert not set(words[wsp]) & set(words[~wsp]), "word split leaks test words into training"
+    stem = probes.stems(words)
+    assert not set(stem[wsp]) & set(stem[~wsp]), "word split leaks test words (or their stems) into training"
     # completion words for the implicit reward model: every word of each tuned completion
     comp = docs[docs.source == "tuned_completion"]
     prefix = dict(zip(comp.doc_id.astype(int), comp.n_prefix.astype(int)))
     in_comp = np.array([d in prefix and p >= prefix[d] for d, p in zip(doc_a, pos_a)]) & (rows_all >= 0)
-    return LexiconPoints(doc_a, pos_a, rows_all, in_lex, in_comp, words, y, occ, wsp)
+    return LexiconPoints(doc_a, pos_a, rows_all, in_lex, in_comp, words, y, occ, wsp, stem)
 
 
 def contrast_items(tok, pts: LexiconPoints, ids_of: dict, n: int) -> list[tuple[list[int], int, str, float]]:
@@ -350,7 +351,7 @@ def token_probe(
     y, words = pts.y, pts.words
     res = {
         "occurrence": probes.evaluate_split(X, y, words, pts.occ, *lex_range, seed),
-        "word": probes.evaluate_split(X, y, words, pts.wsp, *lex_range, seed),
+        "word": probes.evaluate_split(X, y, words, pts.wsp, *lex_range, seed, groups=pts.stem),
     }
     base = probes.baselines(X, y, words, pts.occ, seed)
     d: dict = {}
@@ -512,6 +513,19 @@ def extra_separation(ctx: Context, role: str, layers: list[int], extra_tasks: di
     return pca_rows
 
 
+def tau_differences(fits: dict[str, dict], seed: int) -> dict:
+    """Per split, τ(tuned) − τ(base) of the SAE probe over the same test words, with a bootstrap CI over words."""
+    out = {}
+    for split in ("occurrence", "word"):
+        t, b = fits["tuned"][split], fits["base"][split]
+        if not np.array_equal(t["word"], b["word"]):
+            raise RuntimeError(f"the {split} split scored different words for the tuned and the base model")
+        r = probes.tau_difference(t["pred"], b["pred"], t["valence"], seed)
+        out[split] = {"diff": r["diff"], "lo": r["lo"], "hi": r["hi"], "tau_tuned": r["tau_a"], "tau_base": r["tau_b"]}
+        out[split].update({"level": r["level"], "n_words": r["n_words"], "n_boot": r["n_boot"]})
+    return out
+
+
 def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None:
     """Per role (tuned, base), through its own SAEs: the token probe with its controls and input
     variants, the implicit reward model, attributions, the contrastive probe and the separation probes."""
@@ -531,17 +545,25 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
     ids_of = dict(zip(docs.doc_id.astype(int), docs.token_ids))
     items = contrast_items(tok, pts, ids_of, s.probes.contrast_items)
     extra_tasks = labelled_texts(s.run, tok, s.probes.texts_per_class)
+    train_stems = set(pts.stem[~pts.wsp])
     detail: dict = {
         "layers": layers,
         "n_points": int(len(pts.y)),
         "n_words": int(len(np.unique(pts.words))),
         "n_test_occurrence": int(pts.occ.sum()),
         "n_test_word": int(pts.wsp.sum()),
+        "word_split_by": "stem",
+        "n_stems": int(len(np.unique(pts.stem))),
+        "n_test_words_word_split": int(len(np.unique(pts.words[pts.wsp]))),
+        "penalty_cv": {"occurrence": "leave-one-out over positions", "word": "5-fold CV grouped by stem"},
+        "occurrence_test_stem_overlap": probes.stem_overlap(pts.words[~pts.occ], pts.words[pts.occ]),
     }
+    fits: dict[str, dict] = {}
     word_rows, token_rows, feat_rows, pca_rows = [], [], [], []
     for role in ROLES:
         X = role_features(ctx, role, layers, rows)
         d, res, w_rows = token_probe(X, pts, role, lex_range, tuned_counts, seed)
+        fits[role] = {split: e["words"] for split, e in res.items()}
         word_rows += w_rows
         d["inputs"].update(
             input_controls(
@@ -554,7 +576,7 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
                 pts.pos_a[pts.in_lex],
                 pts.words,
                 pts.y,
-                {"occurrence": pts.occ, "word": pts.wsp},
+                {"occurrence": (pts.occ, None), "word": (pts.wsp, pts.stem)},
                 lex_range,
             )
         )
@@ -569,7 +591,7 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
         sep, p_rows = separation(ctx, role, layers, docs, idx, seed)
         d.update(sep)
         pca_rows += p_rows
-        d["tau_contrastive"] = contrastive(ctx, role, layers, items, swaps, lex)
+        d["contrastive_probe"] = contrastive(ctx, role, layers, items, swaps, lex, train_stems, lex_range)
         pca_rows += extra_separation(ctx, role, layers, extra_tasks, seed, d)
         detail[role] = d
         log.info(
@@ -591,6 +613,7 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
             if "logistic" in d
             else "",
         )
+    detail["tau_difference"] = tau_differences(fits, seed)
 
     def write(con):
         for table, rows_ in (

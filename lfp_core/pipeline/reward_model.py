@@ -1,8 +1,9 @@
 """Preference-model stages: train a reward model on the oracle's preferences between base-model
 completions and SAEs on its residual stream (``reward_model``), then rank those SAE features by
-attribution patching, verify the ranking by true ablation, find the features behind the model's
-disagreements with the oracle, and run the same attribution on the policy's probe-predicted reward
-(``attribution``)."""
+single-feature attribution (AtP, and integrated gradients along one feature's axis), verify it by true
+ablation of the top features and of a random sample, find the features behind the model's disagreements
+with the oracle, and run the same attribution on a behaviour of the policy: its expected next-token VADER
+valence over its completions (``attribution``)."""
 
 from __future__ import annotations
 
@@ -101,17 +102,20 @@ def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: s
     detail: dict = {"n_train": len(train), "n_eval": len(held), "train_log": steps}
     for name, items in (("eval", held), ("train", train)):
         c, j = rm.score(seqs(items, "chosen_ids")), rm.score(seqs(items, "rejected_ids"))
-        detail[f"pair_acc_{name}" if name == "train" else "pair_acc"] = reward_model.pair_accuracy(c, j)
+        detail[f"pair_acc_{name}" if name == "train" else "pair_acc"] = reward_model.pair_accuracy(
+            c, j, np.array([p["prompt_id"] for p in items]), seed=s.run.seed
+        )  # CI: cluster bootstrap over prompts (pairs of one prompt share completions)
         if name == "eval":
             for p, a, b in zip(held, c, j):
                 p["chosen_pm"], p["rejected_pm"] = float(a), float(b)
     acc = detail["pair_acc"]
     log.info(
-        "preference model: held-out pair accuracy %.3f (95%% CI %.3f–%.3f, %d pairs); training %.3f",
+        "preference model: held-out pair accuracy %.3f (95%% CI %.3f–%.3f, %d pairs from %d prompts); training %.3f",
         acc["acc"],
         acc["lo"],
         acc["hi"],
         acc["n"],
+        acc.get("n_prompts", acc["n"]),
         detail["pair_acc_train"]["acc"],
     )
     sae_rows, detail["saes"] = train_rm_saes(ctx, s, rm, held, prompts)
@@ -247,17 +251,46 @@ def _pair_seqs(ctx: Context, pairs) -> tuple[list[list[int]], list[list[int]], l
     )
 
 
+PM_METRIC = "the preference model's reward (its scalar head at the text's last token)"
+POLICY_METRIC = (
+    "the policy's expected VADER valence of its next token, Σ_v softmax(logits)[v] · valence(v), summed over "
+    "the completion positions (valence: the lexicon value of the whole-word token, else 0)"
+)
+
+
 def _rows(target: str, res: dict) -> tuple[list[dict], list[dict]]:
-    feats = [
-        {"target": target, "n_texts": len(res["clean"]), "true_effect": None, "contrast": None, **f}
-        for f in res["features"]
-    ]
+    feats = [{"target": target, "n_texts": len(res["clean"]), "contrast": None, **f} for f in res["features"]]
     return feats, [{"target": target, **p} for p in res["points"]]
 
 
+def _result(res: dict, s: AttributionStageSettings, n_texts: int, metric: str) -> dict:
+    """The stage summary of one target (an AttributionResult)."""
+    atp = s.atp
+    return {
+        "n_texts": n_texts,
+        "metric": metric,
+        "steps": atp.steps,
+        "top_k": atp.top_k,
+        "random_k": atp.random_k,
+        "n_random": res["n_random"],
+        "n_random_active": res["n_random_active"],
+        "rel_floor_share": attribution.REL_FLOOR,
+        "checks": res["checks"],
+        "seconds": res["seconds"],
+        "spearman_top": res["spearman_top"],
+        "spearman_points": res["spearman_points"],
+    }
+
+
+def _pm_scorer(rm):
+    return lambda m, t, la, mk: rm.score_tokens(t, la)
+
+
 def pm_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[dict], list[dict]]:
-    """AtP (IG steps) of the preference model's reward over its SAE features on the completion tokens of
-    the held-out pairs with the largest oracle gaps; top features verified by true ablation."""
+    """Single-feature attribution of the preference model's reward over its SAE features on the completion
+    tokens of both texts of the held-out pairs with the largest oracle gaps: AtP for every feature, the top
+    ``atp.top_k`` by mean |AtP| and ``atp.random_k`` random features per layer verified by true ablation and
+    path-estimated (lfp_core/attribution.py)."""
     atp, r = s.atp, ctx.writer.reader()
     rm, sae_map = loaded_rm(ctx), rm_saes(ctx)
     held = r.rm_pairs("eval")
@@ -271,31 +304,23 @@ def pm_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict, lis
         sae_map,
         chosen + rejected,
         starts + starts,
-        lambda m, t, la, mk: rm.score_tokens(t, la),
+        _pm_scorer(rm),
         rm.batch,
         atp.steps,
         atp.top_k,
+        atp.random_k,
+        seed=s.run.seed,
         batch_size=ctx.batch(),
     )
     feats, points = _rows("pm", res)
-    return (
-        {
-            "n_texts": len(chosen) * 2,
-            "steps": atp.steps,
-            "top_k": atp.top_k,
-            "spearman_top": res["spearman_top"],
-            "spearman_points": res["spearman_points"],
-        },
-        feats,
-        points,
-    )
+    return _result(res, s, len(chosen) * 2, PM_METRIC), feats, points
 
 
 def disagreement(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[dict]]:
     """Where the preference model prefers the oracle's rejected completion: the features whose removal
-    would move the margin r(chosen) − r(rejected) most towards the oracle (AtP on both texts of the
-    4 × atp_pairs disagreeing pairs with the largest oracle gaps), with the same mean on as many
-    agreeing pairs as the contrast."""
+    would move the margin r(chosen) − r(rejected) most towards the oracle (AtP, the single-feature estimate,
+    on both texts of the 4 × atp_pairs disagreeing pairs with the largest oracle gaps), with the same mean on
+    as many agreeing pairs as the contrast."""
     atp, r = s.atp, ctx.writer.reader()
     rm, sae_map = loaded_rm(ctx), rm_saes(ctx)
     held = r.rm_pairs("eval")
@@ -318,16 +343,7 @@ def disagreement(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[
                 parts.append(
                     np.concatenate(
                         [
-                            attribution.integrated_gradients(
-                                rm.hooked,
-                                sae_map,
-                                layer,
-                                toks,
-                                last,
-                                mask,
-                                lambda m, t, la, mk: rm.score_tokens(t, la),
-                                atp.steps,
-                            )[0]
+                            attribution.atp(rm.hooked, sae_map, layer, toks, last, mask, _pm_scorer(rm))[0]
                             for toks, last, mask in attribution.masked_batches(seqs, st, rm.batch, ctx.batch())
                         ]
                     )
@@ -342,6 +358,7 @@ def disagreement(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[
             "layer": int(layer),
             "feature": int(f),
             "estimate": float(bad[layer][:, f].mean()),
+            "estimate_atp": float(bad[layer][:, f].mean()),
             "estimate_abs": float(np.abs(bad[layer][:, f]).mean()),
             "contrast": float(good[layer][:, f].mean()),
             "n_texts": len(wrong),
@@ -361,32 +378,23 @@ def disagreement(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[
     }, rows
 
 
+def policy_scorer(model) -> attribution.Scorer:
+    """The policy-side metric: ``model``'s expected VADER valence of its next token, summed over the
+    attributed (completion) positions — a behaviour of the policy, computed from its logits, not a read-out
+    of the features attributed."""
+    n = min(len(model.tokenizer), int(model.cfg.d_vocab))
+    table = torch.zeros(int(model.cfg.d_vocab), device=model.cfg.device)
+    table[:n] = torch.tensor(reward.token_valence_table(model.tokenizer, n), device=model.cfg.device)
+    return attribution.expected_valence(table)
+
+
 def policy_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict, list[dict], list[dict]]:
-    """The same attribution on the tuned policy: metric = the probe's predicted reward summed over the
-    completion tokens, from the policy's SAE features at the selected layers (each layer attributed
-    through every path, e.g. layer-2 features also through layer 3's)."""
+    """The same attribution on the tuned policy, metric :func:`policy_scorer` on its completions of held-out
+    prompts, over its SAE features at the selected layers (one layer's SAE spliced at a time)."""
     atp, r = s.atp, ctx.writer.reader()
     layers = selected_layers(ctx)
     hooked = tuned_policy(ctx).hooked()
     sae_map = own_saes(ctx, "tuned", layers)
-    pf = r.probe_features("tuned", limit=10**6)
-    weights = {}
-    for layer in layers:
-        w = np.zeros(int(sae_map[layer].cfg.d_sae), dtype=np.float32)
-        sel = pf[pf.layer == layer]
-        w[sel.feature.to_numpy(int)] = sel.weight.to_numpy(float)
-        weights[layer] = torch.tensor(w, device=ctx.run.device)
-
-    def probe_reward(model, toks, last, mask):
-        acts: dict = {}
-        hooks = [
-            (attribution._hook_point(sae_map[la]), lambda a, hook, la=la: acts.__setitem__(la, a)) for la in layers
-        ]
-        with model.hooks(fwd_hooks=hooks):
-            model(toks, stop_at_layer=max(layers) + 1)
-        per_pos = sum((acts[la] * weights[la]).sum(-1) for la in layers)  # [batch, pos]
-        return (per_pos * mask).sum(-1)
-
     p = r.prompts()
     prompts = dict(zip(p.prompt_id.astype(int), p.token_ids))
     comp = r.completions("tuned", limit=2 * atp.pairs)
@@ -398,24 +406,16 @@ def policy_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict,
         sae_map,
         seqs,
         [len(h) for h in heads],
-        probe_reward,
+        policy_scorer(hooked),
         lambda q: attribution.right_pad(q, ctx.model.tokenizer.pad_token_id or 0, ctx.run.device),
         atp.steps,
         atp.top_k,
+        atp.random_k,
+        seed=s.run.seed,
         batch_size=ctx.batch(),
     )
     feats, points = _rows("policy", res)
-    return (
-        {
-            "n_texts": len(seqs),
-            "steps": atp.steps,
-            "top_k": atp.top_k,
-            "spearman_top": res["spearman_top"],
-            "spearman_points": res["spearman_points"],
-        },
-        feats,
-        points,
-    )
+    return _result(res, s, len(seqs), POLICY_METRIC), feats, points
 
 
 def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None:
@@ -445,6 +445,18 @@ def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None
         x["top_tokens"] = found.get((maps[x["target"]][0], x["layer"], x["feature"]))
 
 
+def _check_line(name: str, d: dict) -> str:
+    parts = []
+    for sample, by in d.get("checks", {}).items():
+        for est, c in by.items():
+            parts.append(
+                f"{sample}/{est}: Spearman {c['rho']:.3f} (p {c['p']:.2g}, n {c['n']}), sign {c['sign_agree']:.2f}, "
+                f"median rel. error {c['median_rel_err']:.3f}"
+                + (f", recall@{c['k']} {c['recall']:.2f} (chance {c['recall_chance']:.2f})" if "recall" in c else "")
+            )
+    return f"attribution ({name}) vs true ablation: " + "; ".join(parts)
+
+
 def stage_attribution(ctx: Context, s: AttributionStageSettings, config_hash: str) -> None:
     detail, rows, points = {}, [], []
     for name, fn in (("pm", pm_attribution), ("policy", policy_attribution)):
@@ -453,14 +465,7 @@ def stage_attribution(ctx: Context, s: AttributionStageSettings, config_hash: st
         rows += f
         points += p
         log.info(
-            "attribution (%s): AtP vs true ablation on the top %d features: Spearman %.3f (p %.2g); over %d "
-            "(text, feature) points %.3f",
-            name,
-            d["top_k"],
-            d["spearman_top"]["rho"],
-            d["spearman_top"]["p"],
-            d["spearman_points"]["n"],
-            d["spearman_points"]["rho"],
+            "%s (%.0fs AtP, %.0fs verification)", _check_line(name, d), d["seconds"]["atp"], d["seconds"]["verify"]
         )
     d, f = disagreement(ctx, s)
     detail["disagreement"] = d

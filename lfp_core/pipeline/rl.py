@@ -101,7 +101,10 @@ def stage_rl_eval(ctx: Context, s: SamplesStageSettings, config_hash: str) -> No
     detail: dict[str, Any] = {
         "reward_base": evaluation.reward_stats(pair.reward_b.to_numpy()),
         "reward_tuned": evaluation.reward_stats(pair.reward_t.to_numpy()),
-        "difference": evaluation.paired_difference(pair.reward_b.to_numpy(), pair.reward_t.to_numpy()),
+        # samples of one prompt share it: the gain's CI and p come from a bootstrap over prompts
+        "difference": evaluation.paired_difference(
+            pair.reward_b.to_numpy(), pair.reward_t.to_numpy(), groups=pair.prompt_id.to_numpy(), seed=s.run.seed
+        ),
         "kl_per_token": kl,
         "distinct2_base": evaluation.distinct_n(list(base.completion)),
         "distinct2_tuned": evaluation.distinct_n(list(tun.completion)),

@@ -1,12 +1,13 @@
 """SAE stages: harvest MLP-output activations at the selected layers, train SAEs on them (with
-their quality metrics, the L1 sweep, MFR and dictionary comparisons), and compute per-feature
-statistics for the dashboard."""
+their quality metrics, the L1 sweep, MFR and dictionary comparisons, each SAE from its own seed and
+each main SAE beside an other-seed reference), and compute per-feature statistics for the dashboard."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,13 +123,26 @@ def stage_activations(ctx: Context, s: ActivationsStageSettings, config_hash: st
 
 # --- SAE training ------------------------------------------------------------------------------------
 def sae_jobs(s: SAEStageSettings, layers: list[int], d_model: int) -> list[dict]:
-    """Every SAE the stage trains, in order (the chunk index of a job is its position)."""
+    """Every SAE the stage trains, in order (the chunk index of a job is its position).
+
+    Each SAE is initialised from its own seed, derived from the run seed and its id
+    (:func:`lfp_core.saes.derive_seed`), so no two compared dictionaries share an initialisation.
+    Beside each main SAE a ``reseed`` SAE of the same model, layer and settings but another seed gives
+    the seed-to-seed reference that base-vs-tuned MMCS is read against. The MFR baseline
+    (independent TopK SAEs of the tuned model's first layer) is the tuned main SAE and its reseed
+    when the main SAEs are TopK, plus ``independent`` jobs up to ``mfr_n`` SAEs.
+    """
     seed, suite = s.run.seed, s.sae_suite
 
     def spec(arch: str | None = None, expansion: int | None = None, **kw) -> saes.SAESpec:
         return saes.SAESpec.from_settings(s.sae, d_model, seed, s.run.device, arch, expansion, **kw)
 
-    jobs = [{"kind": "main", "role": role, "layer": layer, "spec": spec()} for role in ROLES for layer in layers]
+    jobs: list[dict[str, Any]] = [
+        {"kind": kind, "role": role, "layer": layer, "spec": spec()}
+        for kind in ("main", "reseed")
+        for role in ROLES
+        for layer in layers
+    ]
     for layer in layers:
         for v in suite.variants:
             jobs.append(
@@ -148,26 +162,33 @@ def sae_jobs(s: SAEStageSettings, layers: list[int], d_model: int) -> list[dict]
     if suite.mfr_n >= 2:
         mfr_spec = spec("topk", mfr=suite.mfr_coefficient, mfr_warm_up_frac=suite.mfr_warmup_frac)
         jobs.append({"kind": "mfr", "role": "tuned", "layer": first, "spec": mfr_spec, "n": suite.mfr_n})
-        for i in range(1, suite.mfr_n):  # the main SAE (seed 0) is the first independent one
+        reused = len(_MAIN_KINDS) if s.sae.arch == "topk" else 0  # main and reseed are independent TopK SAEs
+        for i in range(reused, suite.mfr_n):
             jobs.append(
-                {
-                    "kind": "independent",
-                    "role": "tuned",
-                    "layer": first,
-                    "spec": replace(spec("topk"), seed=seed + i),
-                    "name": f"seed{i}",
-                }
+                {"kind": "independent", "role": "tuned", "layer": first, "spec": spec("topk"), "name": f"seed{i}"}
             )
+    for job in jobs:
+        job["spec"] = replace(job["spec"], seed=saes.derive_seed(seed, sae_id(job)))
     return jobs
+
+
+_MAIN_KINDS = ("main", "reseed")  # a model's main SAE and its other-seed reference: one id each
+
+
+def job_seeds(job: dict) -> list[int]:
+    """The initialisation seed of each SAE a job trains (the members of an MFR group have their own)."""
+    if job["kind"] == "mfr":
+        return saes.mfr_member_seeds(job["spec"], job["n"])
+    return [job["spec"].seed]
 
 
 def sae_id(job: dict, member: int | None = None) -> str:
     s = job["spec"]
     base = f"{job['role']}-L{job['layer']}-{job['kind']}"
-    if job["kind"] == "main":
+    if job["kind"] in _MAIN_KINDS:
         return base
     if job["kind"] == "mfr":
-        return f"{base}-m{member}"
+        return base if member is None else f"{base}-m{member}"
     return f"{base}-{job['name']}" if job.get("name") else f"{base}-{s.arch}"
 
 
@@ -262,8 +283,8 @@ def stage_saes(ctx: Context, s: SAEStageSettings, config_hash: str) -> None:
         if job["kind"] == "mfr":
             members, info = saes.train_mfr(job["spec"], src, hook, job["n"], model_name=name)
             rows = [
-                sae_record_row(ctx, job, sae_id(job, i), sae, info, job["spec"].seed + 1000 * i, ce_docs)
-                for i, sae in enumerate(members)
+                sae_record_row(ctx, job, sae_id(job, i), sae, info, member_seed, ce_docs)
+                for i, (sae, member_seed) in enumerate(zip(members, job_seeds(job)))
             ]
         else:
             sae, info = saes.train_sae(job["spec"], src, hook, model_name=name)
@@ -284,7 +305,13 @@ def stage_saes(ctx: Context, s: SAEStageSettings, config_hash: str) -> None:
     }
     ctx.commit(
         lambda con: put_rows(con, "sae_pairs", pairs),
-        {"n_saes": len(table), "layers": layers, "bars": bars, "mfr": mfr_summary(table, pairs)},
+        {
+            "n_saes": len(table),
+            "layers": layers,
+            "bars": bars,
+            "mfr": mfr_summary(table, pairs),
+            "basis": basis_summary(pairs),
+        },
     )
 
 
@@ -305,39 +332,87 @@ def _pair(ctx: Context, table, a: str, b: str, comparison: str, layer: int) -> d
     }
 
 
+# the per-layer basis comparisons: name -> the two SAEs' ids (templates of the layer)
+BASIS_COMPARISONS = {
+    "base_vs_tuned": ("base-L{}-main", "tuned-L{}-main"),
+    "base_vs_base_reseed": ("base-L{}-main", "base-L{}-reseed"),
+    "tuned_vs_tuned_reseed": ("tuned-L{}-main", "tuned-L{}-reseed"),
+}
+
+
+def mfr_baseline_ids(table, layer: int) -> list[str]:
+    """The independently trained TopK SAEs of the tuned model at ``layer`` (the MFR baseline): the main
+    SAE and its reseed when they are TopK, then the ``independent`` ones."""
+    sel = table[(table.role == "tuned") & (table.layer == layer) & (table.arch == "topk")]
+    order = {"main": 0, "reseed": 1, "independent": 2}
+    sel = sel[sel.kind.isin(list(order))]
+    return list(sel.assign(o=sel.kind.map(order)).sort_values(["o", "sae_id"]).sae_id)
+
+
 def dictionary_pairs(ctx: Context, table) -> list[dict]:
-    """MMCS between: base and tuned main SAEs of a layer; the 1x and 2x ReLU variants; the MFR
-    members; the independently trained TopK SAEs (the MFR baseline)."""
+    """MMCS between, per layer: the base and tuned main SAEs, and each main SAE and its reseed (the
+    same model and settings, another seed: the chance level base-vs-tuned is read against); the 1x
+    and 2x ReLU variants; the MFR members; the independently trained TopK SAEs (the MFR baseline)."""
     out = []
     ids = set(table.sae_id)
     for layer in sorted(set(table.layer)):
-        out.append(_pair(ctx, table, f"base-L{layer}-main", f"tuned-L{layer}-main", "base_vs_tuned", layer))
+        for name, (a, b) in BASIS_COMPARISONS.items():
+            out.append(_pair(ctx, table, a.format(layer), b.format(layer), name, layer))
         out.append(
             _pair(
                 ctx, table, f"tuned-L{layer}-variant-relu-1x", f"tuned-L{layer}-variant-relu-2x", "relu_1x_vs_2x", layer
             )
         )
         mfr = sorted(i for i in ids if i.startswith(f"tuned-L{layer}-mfr-"))
-        ind = [f"tuned-L{layer}-main"] + sorted(i for i in ids if i.startswith(f"tuned-L{layer}-independent-"))
-        for group, name in ((mfr, "mfr"), (ind if len(ind) > 1 else [], "independent")):
+        ind = mfr_baseline_ids(table, layer) if mfr else []
+        for group, name in ((mfr, "mfr"), (ind, "independent")):
             for i in range(len(group)):
                 for j in range(i + 1, len(group)):
                     out.append(_pair(ctx, table, group[i], group[j], name, layer))
-    return [p for p in out if p is not None]
+    # one row per pair of SAEs (the store's key): the tuned main SAE and its reseed are both a basis
+    # reference and an MFR-baseline pair; the row keeps its first (basis) name and mfr_summary finds it
+    # by its SAEs
+    seen: set[tuple[str, str]] = set()
+    uniq = []
+    for p in out:
+        if p is not None and (p["a"], p["b"]) not in seen:
+            seen.add((p["a"], p["b"]))
+            uniq.append(p)
+    return uniq
+
+
+def basis_summary(pairs: list[dict]) -> list[dict]:
+    """Per layer, base-vs-tuned MMCS (Hungarian) beside the same-model different-seed references
+    (base vs base′, tuned vs tuned′). Base-vs-tuned is evidence that RL changed the basis only if it is
+    below both references (``below_reference``); each reference is one pair of seeds, not an interval."""
+    by = {(p["layer"], p["comparison"]): p["mmcs_hungarian"] for p in pairs}
+    out = []
+    for layer in sorted({p["layer"] for p in pairs}):
+        vals = {name: by.get((layer, name)) for name in BASIS_COMPARISONS}
+        if vals["base_vs_tuned"] is None:
+            continue
+        refs = [v for k, v in vals.items() if k != "base_vs_tuned" and v is not None]
+        out.append(
+            {
+                "layer": int(layer),
+                **{k: (None if v is None else float(v)) for k, v in vals.items()},
+                "below_reference": (bool(vals["base_vs_tuned"] < min(refs)) if len(refs) == 2 else None),
+            }
+        )
+    return out
 
 
 def mfr_summary(table, pairs: list[dict]) -> dict:
     """MFR vs independently trained SAEs of the same layer, architecture and k (so equal L0)."""
     out = {}
-    mfr_layers = set(table.layer[table.kind == "mfr"])
+    mfr_layers = sorted(set(table.layer[table.kind == "mfr"]))
     groups = {
         "mfr": table[table.kind == "mfr"],
-        "independent": table[
-            (table.role == "tuned") & table.layer.isin(mfr_layers) & table.kind.isin(["main", "independent"])
-        ],
+        "independent": table[table.sae_id.isin([i for ly in mfr_layers for i in mfr_baseline_ids(table, ly)])],
     }
     for kind, sel in groups.items():
-        mm = [p["mmcs_hungarian"] for p in pairs if p["comparison"] == kind]
+        ids = set(sel.sae_id)  # every pair among the group's SAEs, whatever name its row carries
+        mm = [p["mmcs_hungarian"] for p in pairs if p["a"] in ids and p["b"] in ids and p["layer"] in mfr_layers]
         if len(sel) and mm:
             out[kind] = {
                 "n": len(sel),

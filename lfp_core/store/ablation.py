@@ -25,8 +25,23 @@ ABLATION_SETS = table(
     "layers INTEGER[], features INTEGER[], n INTEGER, before DOUBLE, "
     "before_lo DOUBLE, before_hi DOUBLE, after DOUBLE, after_lo DOUBLE, "
     "after_hi DOUBLE, diff DOUBLE, diff_lo DOUBLE, diff_hi DOUBLE, p_rank DOUBLE, "
-    "p DOUBLE, lower_than_all BOOLEAN",
+    "p DOUBLE, lower_than_all BOOLEAN, hypothesis VARCHAR, rank_n INTEGER, rank_diff DOUBLE, "
+    "n_random INTEGER, random_median DOUBLE, random_lo DOUBLE, random_hi DOUBLE, density DOUBLE, mass DOUBLE",
     ("set_id",),
+    added={
+        c: 5
+        for c in (
+            "hypothesis",
+            "rank_n",
+            "rank_diff",
+            "n_random",
+            "random_median",
+            "random_lo",
+            "random_hi",
+            "density",
+            "mass",
+        )
+    },
     since=4,
 )
 ABLATION_COMPLETIONS = table(
@@ -50,8 +65,10 @@ ATTRIBUTION = table(
     D,
     "target VARCHAR NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, "
     "estimate DOUBLE, estimate_abs DOUBLE, true_effect DOUBLE, rank INTEGER, "
-    "n_texts INTEGER, contrast DOUBLE, top_tokens VARCHAR[]",
+    "n_texts INTEGER, contrast DOUBLE, top_tokens VARCHAR[], estimate_atp DOUBLE, "
+    "estimate_path DOUBLE, verified VARCHAR, n_active INTEGER",
     ("target", "layer", "feature"),
+    added={c: 5 for c in ("estimate_atp", "estimate_path", "verified", "n_active")},
     since=4,
 )
 ATTRIBUTION_POINTS = table(
@@ -59,15 +76,23 @@ ATTRIBUTION_POINTS = table(
     D,
     "target VARCHAR NOT NULL, layer INTEGER NOT NULL, "
     "feature INTEGER NOT NULL, text_id INTEGER NOT NULL, estimate DOUBLE, "
-    "true_effect DOUBLE",
+    "true_effect DOUBLE, estimate_path DOUBLE",
     ("target", "layer", "feature", "text_id"),
+    added={"estimate_path": 5},
     since=4,
 )
 
 
 class AblationQueries(Queries):
     def ablation_sets(self) -> pd.DataFrame:
-        """Every ablated set: tested sets first, then their random controls, each with reward before/after."""
+        """Every ablated set: tested sets first, then their random controls, each with reward before/after.
+
+        Per tested set also its test against its random controls (schema 5): ``hypothesis`` ('lower' or
+        'raise': the direction zeroing it should move the reward), ``rank_diff`` (its mean change on the
+        first ``rank_n`` prefixes, the ones every set is compared on), the controls' ``random_median``/
+        ``random_lo``/``random_hi`` of theirs, ``n_random``, ``p_rank`` (exact one-sided rank p) and ``p``
+        (its normal-theory version); ``density``/``mass``: median firing density and activation mass
+        (density × mean activation when firing) of the set's features."""
         return self._query("SELECT * FROM ablation_sets ORDER BY kind = 'random', control_of NULLS FIRST, set_id")
 
     def ablation_prefixes(self) -> pd.DataFrame:
@@ -93,10 +118,18 @@ class AblationQueries(Queries):
         )
 
     def attribution(self, target: str) -> pd.DataFrame:
-        """Ranked features of one target ('pm', 'policy' or 'pm_disagree')."""
+        """Ranked features of one target ('pm', 'policy' or 'pm_disagree').
+
+        ``estimate`` is the ranking estimate, AtP (also ``estimate_atp``, schema 5); for the features
+        verified by true ablation (``verified``: 'top' — the top by mean |AtP| —, 'random' — the seeded
+        uniform sample — or 'both') also ``true_effect`` and ``estimate_path`` (means over texts);
+        ``n_active``: texts the feature fires on. Runs before schema 5 hold integrated gradients over the
+        whole layer in ``estimate`` and nothing in the new columns."""
         return self._query("SELECT * FROM attribution WHERE target = ? ORDER BY rank, layer, feature", [target])
 
     def attribution_points(self, target: str) -> pd.DataFrame:
+        """(text, feature) points of the verified features: AtP ``estimate``, ``estimate_path``,
+        ``true_effect`` (schema 5: only texts the feature fires on; elsewhere all three are exactly 0)."""
         return self._query(
             "SELECT * FROM attribution_points WHERE target = ? ORDER BY layer, feature, text_id", [target]
         )

@@ -73,6 +73,12 @@ class ProbeQueries(Queries):
         """Every scored position: word, valence, out-of-fold prediction, its splits and top contributions."""
         return self._query("SELECT * FROM probe_tokens WHERE role = ? ORDER BY doc_id, pos", [role])
 
+    def probe_point_docs(self, role: str = "tuned") -> list[int]:
+        """Ids of the documents holding at least one of the probe's points (the text the probe was fitted
+        and ranked on), ascending."""
+        df = self._query("SELECT DISTINCT doc_id FROM probe_tokens WHERE role = ? ORDER BY doc_id", [role])
+        return [int(d) for d in df.doc_id]
+
     def probe_docs(self, role: str = "tuned", limit: int = 200) -> pd.DataFrame:
         """Documents with the most scored words, for the token-score viewer."""
         return self._query(

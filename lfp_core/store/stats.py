@@ -4,7 +4,7 @@ standard error, ...). Imports nothing heavy."""
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 
 class RewardStats(TypedDict, total=False):
@@ -25,6 +25,8 @@ class PairedDifference(TypedDict):
     level: float
     n_se: float
     p_value: float
+    n_clusters: NotRequired[int]  # prompts (independent units) behind the pairs; runs before schema 5 lack it
+    method: NotRequired[str]  # "cluster bootstrap over N prompts (B resamples)" or "paired t-test ..."
 
 
 class Tau(TypedDict, total=False):
@@ -36,7 +38,22 @@ class Tau(TypedDict, total=False):
     n_words: int
     pos: Tau
     neg: Tau
-    n_sentences: int  # the contrastive variant: sentence variants scored
+    n_sentences: int  # the contrastive probe: sentence variants scored
+    n_train_words: int  # the contrastive probe: distinct words it was fitted on
+
+
+class TauDifference(TypedDict, total=False):
+    """τ(tuned) − τ(base) of the probe over the same test words, with a percentile bootstrap CI that
+    resamples words (``level``, ``n_boot`` resamples)."""
+
+    diff: float
+    lo: float
+    hi: float
+    tau_tuned: float
+    tau_base: float
+    level: float
+    n_words: int
+    n_boot: int
 
 
 class Correlation(TypedDict):
@@ -73,12 +90,15 @@ class IrmDisagreement(TypedDict):
 
 
 class PairAccuracy(TypedDict):
-    """Share of pairs ranked as the oracle ranks them, with a Wilson 95% CI."""
+    """Share of pairs ranked as the oracle ranks them, with a 95% CI: a cluster bootstrap over the pairs'
+    prompts when they are known (``method`` says which), else Wilson."""
 
     acc: float
     lo: float
     hi: float
     n: int
+    n_prompts: NotRequired[int]  # prompts the pairs come from (the bootstrap's independent units)
+    method: NotRequired[str]
 
 
 class Spearman(TypedDict):
@@ -87,14 +107,39 @@ class Spearman(TypedDict):
     n: int
 
 
+class EstimatorCheck(TypedDict, total=False):
+    """One estimator of the single-feature effect against true ablation over one verified sample of
+    features (means over texts; lfp_core.attribution.agreement)."""
+
+    rho: float  # Spearman of estimate vs true effect, over the n features
+    p: float
+    n: int
+    rel_floor: float  # |true effect| at or above this is non-negligible (a share of the sample's largest)
+    n_rel: int  # non-negligible features: the sign agreement and the relative error are over these
+    sign_agree: float
+    median_rel_err: float  # median |estimate − true| / |true|
+    rho_sign_only: float  # Spearman of sign(true) vs true: what knowing only the signs would score
+    recall: float  # share of the true top-k (by |true|) among the estimator's top-k (random sample only)
+    k: int
+    recall_chance: float  # k / n
+
+
 class AttributionResult(TypedDict, total=False):
-    """Attribution patching on one target, checked against true ablation of its top features."""
+    """Single-feature attribution on one target, checked against true ablation of the top features by AtP
+    and (schema 5) of a uniform random sample of features per layer."""
 
     n_texts: int
-    steps: int
+    steps: int  # midpoints of the path estimate
     top_k: int
-    spearman_top: Spearman
-    spearman_points: Spearman
+    spearman_top: Spearman  # AtP on the top features (before schema 5: layer-wide integrated gradients)
+    spearman_points: Spearman  # AtP over (text, feature) points of the verified features (schema 5: where they fire)
+    metric: str  # what the attributed metric is
+    random_k: int  # features drawn per layer
+    n_random: int  # features in the random sample (all layers)
+    n_random_active: int  # of them, those that fire on some attributed text (the random checks are over these)
+    rel_floor_share: float  # the non-negligible threshold as a share of the sample's largest |true effect|
+    checks: dict[str, dict[str, EstimatorCheck]]  # {"top" | "random": {"atp" | "path": EstimatorCheck}}
+    seconds: dict[str, float]  # {"atp": ranking every feature, "verify": true ablation + path estimates}
 
 
 class DisagreementFeature(TypedDict):
@@ -140,6 +185,19 @@ class MfrStats(TypedDict):
     l0: float
     ce_loss_recovered: float
     mmcs: float
+
+
+class BasisStats(TypedDict):
+    """MMCS (Hungarian) at one layer between the base and tuned main SAEs, and the same-model
+    different-seed references (each main SAE against its ``reseed``); ``below_reference``: base-vs-tuned
+    is below both references, the only case in which it is evidence that RL changed the basis (None
+    when a reference is missing)."""
+
+    layer: int
+    base_vs_tuned: float
+    base_vs_base_reseed: float | None
+    tuned_vs_tuned_reseed: float | None
+    below_reference: bool | None
 
 
 class HarvestInfo(TypedDict):

@@ -27,9 +27,11 @@ from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type
 from lfp_core.store.errors import SummaryError
 from lfp_core.store.stats import (  # noqa: F401  (re-exported: the summaries' field types)
     AttributionResult,
+    BasisStats,
     Correlation,
     Disagreement,
     DisagreementFeature,
+    EstimatorCheck,
     FrequencyRow,
     HarvestInfo,
     IrmDisagreement,
@@ -45,6 +47,7 @@ from lfp_core.store.stats import (  # noqa: F401  (re-exported: the summaries' f
     RMTrainStep,
     Spearman,
     Tau,
+    TauDifference,
 )
 
 log = logging.getLogger(__name__)
@@ -155,6 +158,7 @@ class SAEsSummary(StageSummary):
     layers: list[int] | None = None
     bars: dict[str, dict[str, bool]] = field(default_factory=dict)  # {sae_id: {bar: met}}
     mfr: dict[str, MfrStats] = field(default_factory=dict)  # {"mfr" | "independent": stats}
+    basis: list[BasisStats] = field(default_factory=list)  # per layer: base vs tuned beside the reseed references
 
 
 @_stage("features")
@@ -188,7 +192,9 @@ class ProbeRoleSummary:
     logistic: dict[str, LogisticResult] | None = None
     pca_var_ratio: list[float] | None = None
     pca_var_ratio_by_task: dict[str, list[float]] | None = None
-    tau_contrastive: Tau | None = None
+    # the contrastive variant as a ridge fitted on training words, τ on held-out words (schema 5; the
+    # retired ``tau_contrastive`` signed its score by the true valence, so it is dropped on read)
+    contrastive_probe: Tau | None = None
 
     def tau(self, split: str) -> Tau | None:
         """τ of the ``occurrence`` or ``word`` split."""
@@ -212,6 +218,13 @@ class ProbesSummary(StageSummary):
     n_words: int | None = None
     n_test_occurrence: int | None = None
     n_test_word: int | None = None
+    # schema 5: the word split groups words by stem; the penalty search per split; tuned − base τ with a CI
+    word_split_by: str | None = None  # "stem": no test word shares a (Snowball) stem with a training word
+    n_stems: int | None = None
+    n_test_words_word_split: int | None = None
+    penalty_cv: dict[str, str] | None = None  # {split: how the ridge penalty was chosen}
+    occurrence_test_stem_overlap: float | None = None  # share of occurrence-split test words whose stem is in training
+    tau_difference: dict[str, TauDifference] | None = None  # {split: τ tuned − τ base, bootstrap CI over words}
     tuned: ProbeRoleSummary | None = None
     base: ProbeRoleSummary | None = None
 
@@ -233,13 +246,24 @@ class LabelsSummary(StageSummary):
     n_relevant: int | None = None
     n_unparsed: int | None = None
     detection_acc_mean: float | None = None
+    # scoring text (schema 5): documents holding none of the probe's points; relevance and detection
+    # windows come from them, never from a feature's own top-example (explain-set) documents
+    n_score_docs: int | None = None
+    n_probe_docs: int | None = None
+    n_not_detection_scored: int | None = None  # labelled features with no held-out activating window
     frequency: list[FrequencyRow] = field(default_factory=list)
     overlap: Overlap = field(default_factory=lambda: Overlap())
 
 
 @dataclass(frozen=True)
 class AblationSetSummary:
-    """One tested feature set: reward before/after (95% CIs) and, with random controls, their mean and p."""
+    """One tested feature set: reward before/after and the paired change (95% CIs, all ``n`` prefixes) and,
+    with random controls, the test: ``hypothesis`` ('lower'/'raise'), the set's mean change on the first
+    ``rank_n`` prefixes (``rank_diff``, the statistic every set is compared on) against its ``n_random``
+    controls' (``random_diffs``, their median/min/max, ``random_se`` their prefix noise, ``random_sd``
+    their spread), ``p_rank`` (exact one-sided rank p, at least ``p_min`` = 1/(n_random + 1)) and ``p``
+    (normal-theory); ``density``/``mass`` against ``random_density``/``random_mass``: the match of the
+    controls (medians)."""
 
     size: int | None = None
     n: int | None = None
@@ -256,12 +280,27 @@ class AblationSetSummary:
     p_rank: float | None = None
     lower_than_all: bool | None = None
     n_random: int | None = None
+    hypothesis: str | None = None
+    rank_n: int | None = None
+    rank_diff: float | None = None
+    random_median: float | None = None
+    random_lo: float | None = None
+    random_hi: float | None = None
+    random_se: float | None = None
+    random_sd: float | None = None
+    beyond_all: bool | None = None
+    p_min: float | None = None
+    density: float | None = None
+    mass: float | None = None
+    random_density: float | None = None
+    random_mass: float | None = None
 
 
 @_stage("ablation")
 @dataclass(frozen=True)
 class AblationSummary(StageSummary):
-    """Per tested set (``sets``), and the probe-top set's figures at the top level."""
+    """Per tested set (``sets``), and the probe-top set's figures at the top level; ``n_random`` control sets
+    per tested set, compared on the first ``rank_n`` prefixes; ``n_completions`` sampled in all (the cost)."""
 
     reward_before: float | None = None
     reward_after: float | None = None
@@ -269,6 +308,9 @@ class AblationSummary(StageSummary):
     p: float | None = None
     p_rank: float | None = None
     lower_than_all: bool | None = None
+    n_random: int | None = None
+    rank_n: int | None = None
+    n_completions: int | None = None
     sets: dict[str, AblationSetSummary] = field(default_factory=dict)
 
 
@@ -292,12 +334,36 @@ class RewardModelSummary(StageSummary):
 @dataclass(frozen=True)
 class AttributionSummary(StageSummary):
     pm: AttributionResult | None = None  # the preference model's reward
-    policy: AttributionResult | None = None  # the policy's probe-predicted reward
+    # the policy's expected next-token VADER valence over the completion (before schema 5: the probe's
+    # predicted reward, a linear read-out of the very features attributed)
+    policy: AttributionResult | None = None
     disagreement: Disagreement | None = None
 
     def target(self, name: str) -> AttributionResult | None:
         """``pm`` or ``policy``."""
         return {"pm": self.pm, "policy": self.policy}.get(name)
+
+    def check_rows(self, name: str) -> list[dict[str, Any]]:
+        """The verification of target ``name`` against true ablation, one row per (sample, estimator):
+        {"sample", "estimator"} (labels saying exactly what was checked) and the EstimatorCheck's numbers;
+        empty for a run before schema 5 (its figures are layer-wide IG on the top features only)."""
+        a = self.target(name)
+        if a is None or "checks" not in a:
+            return []
+        samples = {
+            "top": f"top {a.get('top_k')} by mean |AtP|",
+            "random": f"uniform random {a.get('random_k')} per layer ({a.get('n_random_active')} of "
+            f"{a.get('n_random')} fire on the texts)",
+        }
+        estimators = {
+            "atp": "AtP (gradient at the clean point)",
+            "path": f"path ({a.get('steps')}-step IG on the feature's axis)",
+        }
+        return [
+            {"sample": samples.get(sample, sample), "estimator": estimators.get(est, est), **c}
+            for sample, by in a["checks"].items()
+            for est, c in by.items()
+        ]
 
 
 # --- conversion ------------------------------------------------------------------------------------

@@ -24,9 +24,15 @@ def test_ablation_lab_shows_the_stored_experiment_and_runs_live(monkeypatch, qui
     d = _summary(quick_run, AblationSummary)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Reward, clean policy"] == f"{d.reward_before:.3f}"
-    assert metrics["Random sets of that size"] == f"{d.random_after_mean:.3f}"
-    sets = at.dataframe[0].value
-    assert {"baseline", "probe_top", "all"} <= set(sets.set_id) and (sets.kind == "random").sum() >= 5
+    top = d.sets["probe_top"]
+    assert metrics["Matched random sets"] == f"{top.random_median:+.3f}"
+    assert metrics["Rank p (one-sided)"] == f"{d.p_rank:.3g}"
+    sets = _table(at, "kind")
+    assert {"baseline", "probe_top", "all"} <= set(sets.set_id) and (sets.kind == "random").sum() >= 20
+    tests = _table(at, "rank p").set_index("set")
+    assert "probe_top" in tests.index and set(tests.index) <= {"probe_top", "labelled_pos", "labelled_neg"}
+    assert tests.loc["probe_top", "hypothesis"] == "zeroing lowers the reward"
+    assert tests.loc["probe_top", "N random"] == top.n_random >= 20 and tests.loc["probe_top", "rank p"] == top.p_rank
     assert len(at.multiselect(key="al_features").value) > 0  # preset: probe top 8
     at.text_area[0].set_value("The acting in this film was").run()
     at.button(key="al_run").click().run()
@@ -92,14 +98,22 @@ def test_reward_model_page_shows_accuracy_attribution_and_scores_text(monkeypatc
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Held-out pair accuracy"] == f"{d.pair_acc['acc']:.3f}"
     top_k = a.pm["top_k"]
-    assert metrics[f"Spearman, top {top_k} features"] == f"{a.pm['spearman_top']['rho']:.3f}"
-    rank = _table(at, "mean true change")
-    assert list(rank["rank"]) == sorted(rank["rank"]) and rank["mean true change"].notna().sum() == top_k
-    at.radio(key="rm_target").set_value("policy's probe-predicted reward").run()
+    for key in ("pm", "policy"):  # AtP and the path estimate, on the top features and the random sample
+        if key == "policy":
+            at.radio(key="rm_target").set_value("policy's expected next-token valence").run()
+            assert not at.exception
+        checks = _table(at, "median relative error")
+        rows = a.check_rows(key)
+        assert len(checks) == len(rows) == 4 and list(checks["Spearman ρ"]) == [r["rho"] for r in rows]
+        assert {"AtP (gradient at the clean point)"} < set(checks.estimator)
+        rank = _table(at, "mean true change")
+        assert list(rank["rank"]) == sorted(rank["rank"]) and rank["mean true change"].head(top_k).notna().all()
+    at.radio(key="rm_feats").set_value("the random sample").run()
+    sample = _table(at, "mean true change")
+    assert not at.exception and sample["checked as"].isin(["random", "both"]).all()
+    assert sample["mean true change"].notna().all() and sample["mean path estimate"].notna().all()
+    at.radio(key="rm_est").set_value("path").run()
     assert not at.exception
-    assert {m.label: m.value for m in at.metric}[
-        f"Spearman, top {top_k} features"
-    ] == f"{a.policy['spearman_top']['rho']:.3f}"
     at.button(key="rm_score").click().run()
     metrics = {m.label: m.value for m in at.metric}
     assert not at.exception and "Reward" in metrics and "VADER oracle" in metrics

@@ -36,9 +36,11 @@ def test_layers_page_shows_sae_quality_sweep_mmcs_and_mfr(monkeypatch, quick_run
     assert "Mutual Feature Regularization vs independent SAEs" in subheaders
     quality = at.dataframe[1].value
     stored = RunReader(quick_run).saes()
-    assert len(quality) == int(stored.kind.isin(["main", "variant"]).sum())
+    assert len(quality) == int(stored.kind.isin(["main", "reseed", "variant"]).sum())
     assert {"FVU", "L0", "dead", "loss recovered", "cos(x, x̂)", "‖x̂‖/‖x‖"} <= set(quality.columns)
-    mfr = at.dataframe[3].value
+    basis = next(d.value for d in at.dataframe if "reading" in d.value.columns)
+    assert len(basis) == len(RunReader(quick_run).layer_divergence().query("selected"))
+    mfr = next(d.value for d in at.dataframe if "training" in d.value.columns)
     assert list(mfr.training) == ["mfr", "independent"] and mfr.L0.nunique() == 1
 
 

@@ -12,6 +12,7 @@ from lfp_core import evaluation
 from lfp_core.pipeline import stage_names
 from lfp_core.report import build_report, format_report
 from lfp_core.store import RunReader
+from lfp_core.store.summaries import LabelsSummary
 from tests.helpers import open_page
 from tests.tiny_run import BUILD_ORDER, VOCAB, tiny_run
 
@@ -172,6 +173,9 @@ def test_labels_page_shows_labels_agreement_and_filters(monkeypatch, tiny):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Labelled features"] == "16" and metrics["Reward-related"] == str(n_rel)
     assert metrics["Overlap with probe top"] == f"{n_both} of {n_rel}"
+    says = _markdown(at)  # what each figure tests, as the offline labeller computes it
+    assert f"the {r.summary(LabelsSummary).n_score_docs} documents of the activation corpus that hold none" in says
+    assert "consistency, not independent validation" in says and "never from a document among" in says
     freq = at.dataframe[0].value
     assert list(freq.set) == [
         "all features",
