@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--wait-for", default="Run ·", help="text to wait for before the shot")
     ap.add_argument("--height", type=int, default=1500)
     ap.add_argument("--full-page", action="store_true")
+    ap.add_argument("--click", action="append", default=[], help="press the button with this label first (repeatable)")
+    ap.add_argument("--scroll-to", default="", help="scroll so this text is at the top of the shot")
     args = ap.parse_args()
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
@@ -44,6 +46,17 @@ def main() -> None:
         # Streamlit draws skeletons while a script runs; wait until the last one is replaced.
         page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=90_000)
         page.wait_for_timeout(2500)  # let charts draw
+        for label in args.click:
+            page.get_by_role("button", name=label).first.click()
+            page.wait_for_timeout(1000)
+            page.wait_for_function(
+                'document.querySelectorAll(\'[data-testid="stSkeleton"], [data-testid="stSpinner"]\').length === 0',
+                timeout=120_000,
+            )
+            page.wait_for_timeout(2500)
+        if args.scroll_to:
+            page.get_by_text(args.scroll_to).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(1500)
         page.screenshot(path=args.out, full_page=args.full_page)
         browser.close()
 

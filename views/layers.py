@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
+from lfp_core.report import basis_reading
 from lfp_core.store.summaries import ActivationsSummary, DivergenceSummary, SAEsSummary
 from views.common import require_run, require_stage
 from views.data import RunData
@@ -125,13 +126,6 @@ if not pairs.empty:
     if sae_stage.basis:
         st.markdown("**Did RL change the basis?** Base vs tuned beside the same-model, different-seed references")
 
-        def reading(b) -> str:
-            if b["below_reference"] is None:
-                return "no other-seed reference: cannot be read"
-            if b["below_reference"]:
-                return "below both references: evidence that RL changed the basis"
-            return "not below both references: no evidence that RL changed the basis"
-
         st.dataframe(
             pd.DataFrame(
                 [
@@ -140,7 +134,7 @@ if not pairs.empty:
                         COMPARISONS["base_vs_tuned"]: b["base_vs_tuned"],
                         COMPARISONS["base_vs_base_reseed"]: b["base_vs_base_reseed"],
                         COMPARISONS["tuned_vs_tuned_reseed"]: b["tuned_vs_tuned_reseed"],
-                        "reading": reading(b),
+                        "reading": basis_reading(b),
                     }
                     for b in sae_stage.basis
                 ]
@@ -151,9 +145,9 @@ if not pairs.empty:
         st.caption(
             "MMCS (Hungarian) between the base and tuned main SAEs of a layer, and between each model's main "
             "SAE and a second SAE of the same model, layer and settings trained from another seed (base′, "
-            "tuned′). Two SAEs of one model never agree perfectly, so base vs tuned is evidence that RL changed "
+            "tuned′). Two SAEs of one model never agree perfectly, so base vs tuned can say that RL changed "
             "the basis only if it is below these references. Each reference is one pair of seeds, a single "
-            "draw of the seed-to-seed spread, not an interval. Every SAE starts from its own seed."
+            "draw of the seed-to-seed spread, not an interval, so a margin below them is a hint, not a finding. Every SAE starts from its own seed."
         )
     else:
         st.info(
