@@ -415,3 +415,12 @@ def next_token_bars(rows: list[dict]) -> go.Figure:
         margin={"t": 20, "l": 120},
     )
     return fig
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value as text for tables: blank when missing, '< 1e-300' when it underflows, else 2 digits."""
+    if p is None or p != p:  # None or NaN
+        return ""
+    if p == 0:
+        return "< 1e-300"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"

@@ -92,7 +92,10 @@ else:
             "k": "k",
             "recall_chance": "recall by chance",
         }
-        table = pd.DataFrame(checks).reindex(columns=list(cols)).rename(columns=cols)
+        table = pd.DataFrame(checks).reindex(columns=list(cols))
+        # p as text: a float column shows 1e-120 as a row of zeros
+        table["p"] = [viz.fmt_p(v) for v in table["p"]]
+        table = table.rename(columns=cols)
         st.dataframe(table, hide_index=True, width="stretch", key="rm_checks")
         st.caption(
             f"Truth: the metric's change when one feature alone is zeroed on the completion tokens (every other "
