@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from lfp_core.errors import BadInputError
@@ -431,7 +432,7 @@ def basis_line(b: dict) -> str:
     return head + " — " + basis_reading(b)
 
 
-def basis_reading(b: dict) -> str:
+def basis_reading(b: Mapping[str, Any]) -> str:
     """What one layer's base-vs-tuned MMCS says against its two other-seed references. Each reference is
     a single pair of seeds, so the seed-to-seed spread is not measured (the two references' difference is
     the only hint of it): base vs tuned below both is reported with its margin as a hint, never as a

@@ -190,7 +190,7 @@ class MfrStats(TypedDict):
 class BasisStats(TypedDict):
     """MMCS (Hungarian) at one layer between the base and tuned main SAEs, and the same-model
     different-seed references (each main SAE against its ``reseed``); ``below_reference``: base-vs-tuned
-    is below both references, the only case in which it is evidence that RL changed the basis (None
+    is below both references, the only case in which it can hint that RL changed the basis (None
     when a reference is missing)."""
 
     layer: int
