@@ -19,12 +19,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from lfp_core.errors import BadInputError
-from lfp_core.settings import run_settings_of
+from lfp_core.rewards import parse_spec
+from lfp_core.settings import reward_settings_of, run_settings_of
 from lfp_core.stages import stages_for
 from lfp_core.store import SCHEMA_VERSION, RunReader, done_summary
 from lfp_core.store.summaries import (
     AblationSummary,
     AttributionSummary,
+    BaseSamplesSummary,
     DivergenceSummary,
     LabelsSummary,
     ProbeRoleSummary,
@@ -35,6 +37,16 @@ from lfp_core.store.summaries import (
 )
 
 log = logging.getLogger("lfp_core.report")
+
+
+def run_reward(config: Mapping[str, Any] | None, records: list) -> dict:
+    """The reward a run used: ``{spec, name, kind}`` from its config, the name as the base_samples stage
+    recorded it once that stage is done (a classifier's default label is resolved only on loading)."""
+    spec = reward_settings_of(dict(config) if isinstance(config, Mapping) else None).spec
+    parsed = parse_spec(spec)
+    bs = done_summary(records, BaseSamplesSummary)
+    name = (bs.reward_info or {}).get("name") if bs is not None else None
+    return {"spec": spec, "name": name or parsed.name, "kind": parsed.kind}
 
 
 def build_report(run_dir: str) -> dict:
@@ -49,7 +61,13 @@ def build_report(run_dir: str) -> dict:
     model = r.model_info("base")
     rep: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "run": {"name": info.get("name"), "preset": info.get("preset"), "task": task, "dir": str(r.run_dir)},
+        "run": {
+            "name": info.get("name"),
+            "preset": info.get("preset"),
+            "task": task,
+            "dir": str(r.run_dir),
+            "reward": run_reward(info.get("config"), records),
+        },
         "model": None if model is None else {k: model[k] for k in ("name", "n_params", "n_layers", "d_model")},
         "stages": stages,
         "base_reward": r.reward_summary("base"),
@@ -294,6 +312,9 @@ def attribution_lines(name: str, a: dict, rows: list[dict]) -> list[str]:
 def format_report(rep: dict) -> str:
     """A readable multi-line summary of :func:`build_report`'s output."""
     lines = [f"LFP Explorer run {rep['run']['name']} ({rep['run']['dir']}), preset {rep['run']['preset']}"]
+    rw = rep["run"].get("reward")
+    if rw and rep["run"].get("task", "vader") == "vader":
+        lines.append(f"reward: {rw['name']} (--reward {rw['spec']}; {rw['kind']})")
     m = rep["model"]
     lines.append(
         "model: "
