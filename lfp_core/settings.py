@@ -397,9 +397,9 @@ class AblationSettings:
 
 @dataclass(frozen=True)
 class RMSettings:
-    """The preference model: base completions sampled per RL prompt (pairs of differing VADER reward
-    become training pairs), trl RewardTrainer epochs, learning rate and batch size; residual-stream
-    layers that get SAEs ("auto": the middle and the last layer)."""
+    """The preference model: base completions sampled per RL prompt (pairs of differing reward, the
+    run's reward plug-in as the oracle, become training pairs), trl RewardTrainer epochs, learning rate
+    and batch size; residual-stream layers that get SAEs ("auto": the middle and the last layer)."""
 
     samples_per_prompt: int = field(default=4, metadata=_flat("rm_samples_per_prompt"))
     epochs: int = field(default=2, metadata=_flat("rm_epochs"))

@@ -75,7 +75,8 @@ def _completion_rows(
     tokenizer, role: str, jobs: list[tuple[int, int, int]], outs, rw: rewards.Reward, prompt_text: dict[int, str]
 ) -> list[dict]:
     """Completion rows scored by ``rw`` on (prompt text, completion text); a lexicon reward also fills the
-    lexicon words, their valences and the raw score (NaN and empty for a sequence reward)."""
+    lexicon words and their valences (None for a sequence reward) and the raw score, the summed valences
+    before scaling and clipping (for a sequence reward, which is not scaled, its score)."""
     texts = [tokenizer.decode(ids) for ids, _ in outs]
     scores = rw.score([prompt_text[pid] for pid, _, _ in jobs], texts)
     rows = []
@@ -91,7 +92,7 @@ def _completion_rows(
                 "token_ids": [int(t) for t in ids],
                 "text": text,
                 "reward": float(score),
-                "raw_score": sum(w.valence for w in words) if rw.kind == "lexicon" else float("nan"),
+                "raw_score": sum(w.valence for w in words) if rw.kind == "lexicon" else float(score),
                 "lexicon_words": [w.text for w in words] if rw.kind == "lexicon" else None,
                 "lexicon_valences": [w.valence for w in words] if rw.kind == "lexicon" else None,
             }
@@ -167,5 +168,7 @@ def stage_base_samples(ctx: Context, s: SamplesStageSettings, config_hash: str) 
     rw = run_reward(ctx, s.reward.spec)
     detail: dict = {"reward": ctx.writer.reader().reward_summary("base") or {}, "reward_info": reward_info(rw)}
     if rw.kind != "lexicon":
-        detail["not_applicable"] = {"lexicon_words": rewards.lexicon_only("the lexicon words and raw score", rw.name)}
+        detail["not_applicable"] = {
+            "lexicon_words": rewards.lexicon_only("the lexicon words and valences (raw score: the reward)", rw.name)
+        }
     ctx.commit(lambda con: None, detail)

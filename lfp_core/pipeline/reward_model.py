@@ -2,8 +2,8 @@
 VADER by default) between base-model completions and SAEs on its residual stream (``reward_model``), then
 rank those SAE features by single-feature attribution (AtP, and integrated gradients along one feature's
 axis), verify it by true ablation of the top features and of a random sample, find the features behind the
-model's disagreements with the oracle, and (lexicon reward) run the same attribution on a behaviour of the policy: its expected
-next-token VADER valence over its completions (``attribution``)."""
+model's disagreements with the oracle, and (lexicon reward) run the same attribution on a behaviour of the
+policy: its expected next-token VADER valence over its completions (``attribution``)."""
 
 from __future__ import annotations
 
