@@ -208,7 +208,20 @@ def build_report(run_dir: str) -> dict:
             # per target, AtP and the path estimate vs true ablation, on the top features and the random sample
             rep["reward_model"]["atp_checks"] = {k: at.check_rows(k) for k in rep["reward_model"]["atp"]}
             rep["reward_model"]["disagreement"] = at.disagreement
+    skipped = not_applicable(records)
+    if skipped:
+        rep["not_applicable"] = skipped
     return rep
+
+
+def not_applicable(records: list) -> dict[str, dict[str, str]]:
+    """``{stage: {what: reason}}``: what the finished stages skipped for this run (e.g. the lexicon
+    readings under a sequence reward) and why."""
+    return {
+        r.name: dict(r.summary.not_applicable)
+        for r in records
+        if r.status == "done" and r.summary is not None and r.summary.not_applicable
+    }
 
 
 _INPUT_NAMES = {
@@ -325,6 +338,8 @@ def format_report(rep: dict) -> str:
         )
     )
     lines.append("stages: " + ", ".join(f"{k} {v}" for k, v in rep["stages"].items()))
+    for stage, skipped in rep.get("not_applicable", {}).items():
+        lines += [f"not applicable ({stage}, {what}): {why}" for what, why in skipped.items()]
     b = rep["base_reward"]
     if rep["run"].get("task", "vader") == "vader":
         lines.append(
@@ -369,32 +384,33 @@ def format_report(rep: dict) -> str:
         how = {"occurrence": "positions", "word": "words, no test word sharing a stem with a training word"}
         if p.get("word_split_by") != "stem":
             how["word"] = "words"  # a run from before schema 5: split by word only
-        for split in ("occurrence", "word"):
-            x, diff = p[f"tau_{split}"], (p.get("tau_difference") or {}).get(split)
-            lines.append(
-                f"probe, {split} split (80/20 over {how[split]}"
-                + (f"; penalty by {cv[split]}" if split in cv else "")
-                + f"): Kendall τ {x['tau']:.3f} (p {x['p']:.1e}, {x['n_words']} words); base model "
-                f"{p['base_model'][f'tau_{split}']['tau']:.3f}"
-                + (
-                    f"; tuned − base {diff['diff']:+.3f} ({diff['level']:.0%} bootstrap CI over words "
-                    f"{diff['lo']:+.3f} to {diff['hi']:+.3f})"
-                    if diff
-                    else ""
-                )
-            )
-        lines.append(
-            f"probe controls: untrained map τ {p['tau_baseline']['tau']:.3f}, shuffled targets τ "
-            f"{p['tau_shuffled']['tau']:.3f}; sign accuracy {p['sign_acc_pos']:.2f} (positive words), "
-            f"{p['sign_acc_neg']:.2f} (negative); IRM vs reward Pearson {p['irm']['pearson']:.3f}"
-        )
-        for name, x in p.get("inputs", {}).items():
-            if name != "sae_selected":
+        if "tau_occurrence" in p:  # the per-token probe (absent under a sequence reward: not_applicable)
+            for split in ("occurrence", "word"):
+                x, diff = p[f"tau_{split}"], (p.get("tau_difference") or {}).get(split)
                 lines.append(
-                    f"baseline: {_INPUT_NAMES.get(name, name.replace('_', ' '))} ({x['dim']} dims): τ occurrence "
-                    f"{x['occurrence']['tau']:.3f}, τ word {x['word']['tau']:.3f} (p {x['word']['p']:.1e}); "
-                    f"SAE probe {p['tau_occurrence']['tau']:.3f}, {p['tau_word']['tau']:.3f}"
+                    f"probe, {split} split (80/20 over {how[split]}"
+                    + (f"; penalty by {cv[split]}" if split in cv else "")
+                    + f"): Kendall τ {x['tau']:.3f} (p {x['p']:.1e}, {x['n_words']} words); base model "
+                    f"{p['base_model'][f'tau_{split}']['tau']:.3f}"
+                    + (
+                        f"; tuned − base {diff['diff']:+.3f} ({diff['level']:.0%} bootstrap CI over words "
+                        f"{diff['lo']:+.3f} to {diff['hi']:+.3f})"
+                        if diff
+                        else ""
+                    )
                 )
+            lines.append(
+                f"probe controls: untrained map τ {p['tau_baseline']['tau']:.3f}, shuffled targets τ "
+                f"{p['tau_shuffled']['tau']:.3f}; sign accuracy {p['sign_acc_pos']:.2f} (positive words), "
+                f"{p['sign_acc_neg']:.2f} (negative); IRM vs reward Pearson {p['irm']['pearson']:.3f}"
+            )
+            for name, x in p.get("inputs", {}).items():
+                if name != "sae_selected":
+                    lines.append(
+                        f"baseline: {_INPUT_NAMES.get(name, name.replace('_', ' '))} ({x['dim']} dims): τ occurrence "
+                        f"{x['occurrence']['tau']:.3f}, τ word {x['word']['tau']:.3f} (p {x['word']['p']:.1e}); "
+                        f"SAE probe {p['tau_occurrence']['tau']:.3f}, {p['tau_word']['tau']:.3f}"
+                    )
         ct = p.get("contrastive_probe")
         if ct:
             lines.append(

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from lfp_core.report import run_reward
+from lfp_core.report import not_applicable, run_reward
 from lfp_core.settings import run_settings_of
 from lfp_core.stages import describe_stages
 from lfp_core.store.summaries import RLEvalSummary
@@ -54,6 +54,12 @@ for name, what in describe_stages(run_settings_of(info.get("config")).task).item
         }
     )
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+skipped = not_applicable(stages)
+if skipped:
+    st.info(
+        "Not applicable to this run:\n\n"
+        + "\n".join(f"- **{stage}**, {what}: {why}" for stage, by in skipped.items() for what, why in by.items())
+    )
 missing = [str(r["stage"]) for r in rows if r["status"] != "done"]
 if missing:
     st.warning(
