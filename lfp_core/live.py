@@ -2,9 +2,9 @@
 
 Given a text, a feature set and the number of completions, it samples completions of the text from the
 tuned policy with and without the features zeroed (error term kept, same seeds), scores them with the
-VADER reward, and reports the change in the next-token distribution and the chosen features'
-per-token activations. The model and SAEs are loaded once per engine; the dashboard keeps one engine
-per run, shared by every browser session.
+run's reward plug-in (:mod:`lfp_core.rewards`, VADER by default; the text is the prompt), and reports
+the change in the next-token distribution and the chosen features' per-token activations. The model and
+SAEs are loaded once per engine; the dashboard keeps one engine per run, shared by every browser session.
 
 Thread safety: a request splices SAEs and zeroing hooks into the engine's one model for its duration,
 so two requests at once would see each other's ablations. Each engine therefore serves one request at
@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfp_core import ablation, reward, saes
+from lfp_core import ablation, saes
 from lfp_core.errors import BadInputError
-from lfp_core.settings import run_settings_of
+from lfp_core.rewards import Reward, VaderReward, load_reward
+from lfp_core.settings import reward_settings_of, run_settings_of
 from lfp_core.store import RunReader, artifacts_dir
 
 MAX_FEATURES = 64  # features one live request may zero
@@ -91,9 +92,11 @@ class LiveEngine:
             policy.tokenizer,
             saes.main_saes(run_dir, r.saes("main"), "tuned", self.layers, model.cfg.d_model, device=device),
             device,
+            load_reward(reward_settings_of(info["config"]).spec, device=device),
         )
 
-    def _attach(self, model, tokenizer, sae_of: dict, device: str) -> None:
+    def _attach(self, model, tokenizer, sae_of: dict, device: str, reward: Reward | None = None) -> None:
+        self.reward = reward if reward is not None else VaderReward()
         self.model = model
         self.tokenizer = tokenizer
         self.saes = sae_of
@@ -102,11 +105,14 @@ class LiveEngine:
         self._lock = threading.Lock()  # one request at a time: a request splices SAEs and hooks into the model
 
     @classmethod
-    def from_parts(cls, model, tokenizer, sae_of: Mapping[int, object], device: str = "cpu") -> LiveEngine:
-        """An engine on a HookedSAETransformer and its SAEs ({layer: sae}) already in memory (no run)."""
+    def from_parts(
+        cls, model, tokenizer, sae_of: Mapping[int, object], device: str = "cpu", reward: Reward | None = None
+    ) -> LiveEngine:
+        """An engine on a HookedSAETransformer and its SAEs ({layer: sae}) already in memory (no run);
+        ``reward`` defaults to VADER."""
         eng = cls.__new__(cls)
         eng.run_dir, eng.policy, eng.layers = None, None, sorted(sae_of)
-        eng._attach(model, tokenizer, dict(sae_of), device)
+        eng._attach(model, tokenizer, dict(sae_of), device, reward)
         return eng
 
     def d_sae(self, layer: int) -> int:
@@ -192,8 +198,8 @@ class LiveEngine:
             truncated=dropped,
             clean=clean_t,
             ablated=abl_t,
-            reward_clean=[reward.reward(t) for t in clean_t],
-            reward_ablated=[reward.reward(t) for t in abl_t],
+            reward_clean=[float(x) for x in self.reward.score([text] * len(clean_t), clean_t)],
+            reward_ablated=[float(x) for x in self.reward.score([text] * len(abl_t), abl_t)],
             next_tokens=next_tokens[: 2 * top_k],
             activations=acts,
         )
@@ -215,6 +221,7 @@ class PreferenceScorer:
         if not info or table.empty:
             raise RuntimeError("the run has no preference model SAEs yet: run the reward_model stage")
         base = load_model(run_settings_of(info["config"]).model, device=device)
+        self.reward = load_reward(reward_settings_of(info["config"]).spec, device=device)  # the oracle
         self.rm = RewardModel(artifacts_dir(self.run_dir) / "reward_model", base, device=device)
         self.saes = saes.main_saes(
             self.run_dir,
@@ -231,7 +238,8 @@ class PreferenceScorer:
     @torch.no_grad()
     def score(self, text: str, features: Mapping[int, Sequence[int]]) -> dict:
         """{clean, ablated, oracle, truncated}: the reward of ``text`` without and with ``features``
-        ({layer: ids}) zeroed, its VADER reward, and how many leading tokens did not fit the context."""
+        ({layer: ids}) zeroed, the run's reward of it (the oracle; the whole text as the completion, no
+        prompt), and how many leading tokens did not fit the context."""
         features = {int(k): sorted({int(i) for i in v}) for k, v in features.items() if len(v)}
         if not text or not text.strip():
             raise LiveInputError("the text is empty")
@@ -249,4 +257,5 @@ class PreferenceScorer:
             clean = float(self.rm.score_tokens(toks, last)[0])
             with ablation.ablated(self.rm.hooked, self.saes, features):
                 abl = float(self.rm.score_tokens(toks, last)[0])
-        return {"clean": clean, "ablated": abl, "oracle": reward.reward(text), "truncated": dropped}
+        oracle = float(self.reward.score([""], [text])[0])
+        return {"clean": clean, "ablated": abl, "oracle": oracle, "truncated": dropped}

@@ -23,6 +23,7 @@ from typing import Any
 from lfp_core.config import default_data_dir
 from lfp_core.errors import BadInputError, ConfigError, MissingInputError, StageFailure
 from lfp_core.resources import Meter
+from lfp_core.rewards import check_reward
 from lfp_core.settings import LAYOUT, PRESETS, RunConfig, Task, preset_config, resolve_name, settings_hash
 from lfp_core.stages import STAGES, stages_for
 from lfp_core.store import DB_NAME, RunWriter, StoreError, db_path
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", choices=typing.get_args(Task), default=None, help="vader (GRPO on the VADER reward) or hh (DPO)"
     )
     ap.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id")
+    ap.add_argument(
+        "--reward",
+        default=None,
+        metavar="SPEC",
+        help="the reward (sets reward.spec): vader (default) | classifier:PATH_OR_ID[:LABEL][@prob] | "
+        "reward-model:PATH_OR_ID | python:MODULE:FUNCTION (see lfp_core/rewards.py)",
+    )
     ap.add_argument("--out", required=True, type=Path, help="run directory (created if missing)")
     ap.add_argument(
         "--data-dir", default=None, help="public data sets folder (default: $LFP_DATA_DIR or ../shared/data)"
@@ -196,6 +204,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise MissingInputError(f"--data-dir {args.data_dir} does not exist")
     values = dict(
         model=args.model,
+        reward=args.reward,
         task=args.task,
         device=args.device,
         seed=args.seed,
@@ -241,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
                 "(nothing was computed); or use --labeller offline"
             )
+        check_reward(cfg)  # loads the plug-in and scores two probe pairs; nothing is written before
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))
             log.info("moved the old %s aside to %s", DB_NAME, moved)

@@ -19,12 +19,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from lfp_core.errors import BadInputError
-from lfp_core.settings import run_settings_of
+from lfp_core.rewards import parse_spec
+from lfp_core.settings import reward_settings_of, run_settings_of
 from lfp_core.stages import stages_for
 from lfp_core.store import SCHEMA_VERSION, RunReader, done_summary
 from lfp_core.store.summaries import (
     AblationSummary,
     AttributionSummary,
+    BaseSamplesSummary,
     DivergenceSummary,
     LabelsSummary,
     ProbeRoleSummary,
@@ -35,6 +37,16 @@ from lfp_core.store.summaries import (
 )
 
 log = logging.getLogger("lfp_core.report")
+
+
+def run_reward(config: Mapping[str, Any] | None, records: list) -> dict:
+    """The reward a run used: ``{spec, name, kind}`` from its config, the name as the base_samples stage
+    recorded it once that stage is done (a classifier's default label is resolved only on loading)."""
+    spec = reward_settings_of(dict(config) if isinstance(config, Mapping) else None).spec
+    parsed = parse_spec(spec)
+    bs = done_summary(records, BaseSamplesSummary)
+    name = (bs.reward_info or {}).get("name") if bs is not None else None
+    return {"spec": spec, "name": name or parsed.name, "kind": parsed.kind}
 
 
 def build_report(run_dir: str) -> dict:
@@ -49,7 +61,13 @@ def build_report(run_dir: str) -> dict:
     model = r.model_info("base")
     rep: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "run": {"name": info.get("name"), "preset": info.get("preset"), "task": task, "dir": str(r.run_dir)},
+        "run": {
+            "name": info.get("name"),
+            "preset": info.get("preset"),
+            "task": task,
+            "dir": str(r.run_dir),
+            "reward": run_reward(info.get("config"), records),
+        },
         "model": None if model is None else {k: model[k] for k in ("name", "n_params", "n_layers", "d_model")},
         "stages": stages,
         "base_reward": r.reward_summary("base"),
@@ -190,7 +208,20 @@ def build_report(run_dir: str) -> dict:
             # per target, AtP and the path estimate vs true ablation, on the top features and the random sample
             rep["reward_model"]["atp_checks"] = {k: at.check_rows(k) for k in rep["reward_model"]["atp"]}
             rep["reward_model"]["disagreement"] = at.disagreement
+    skipped = not_applicable(records)
+    if skipped:
+        rep["not_applicable"] = skipped
     return rep
+
+
+def not_applicable(records: list) -> dict[str, dict[str, str]]:
+    """``{stage: {what: reason}}``: what the finished stages skipped for this run (e.g. the lexicon
+    readings under a sequence reward) and why."""
+    return {
+        r.name: dict(r.summary.not_applicable)
+        for r in records
+        if r.status == "done" and r.summary is not None and r.summary.not_applicable
+    }
 
 
 _INPUT_NAMES = {
@@ -294,6 +325,9 @@ def attribution_lines(name: str, a: dict, rows: list[dict]) -> list[str]:
 def format_report(rep: dict) -> str:
     """A readable multi-line summary of :func:`build_report`'s output."""
     lines = [f"LFP Explorer run {rep['run']['name']} ({rep['run']['dir']}), preset {rep['run']['preset']}"]
+    rw = rep["run"].get("reward")
+    if rw and rep["run"].get("task", "vader") == "vader":
+        lines.append(f"reward: {rw['name']} (--reward {rw['spec']}; {rw['kind']})")
     m = rep["model"]
     lines.append(
         "model: "
@@ -304,6 +338,8 @@ def format_report(rep: dict) -> str:
         )
     )
     lines.append("stages: " + ", ".join(f"{k} {v}" for k, v in rep["stages"].items()))
+    for stage, skipped in rep.get("not_applicable", {}).items():
+        lines += [f"not applicable ({stage}, {what}): {why}" for what, why in skipped.items()]
     b = rep["base_reward"]
     if rep["run"].get("task", "vader") == "vader":
         lines.append(
@@ -348,32 +384,33 @@ def format_report(rep: dict) -> str:
         how = {"occurrence": "positions", "word": "words, no test word sharing a stem with a training word"}
         if p.get("word_split_by") != "stem":
             how["word"] = "words"  # a run from before schema 5: split by word only
-        for split in ("occurrence", "word"):
-            x, diff = p[f"tau_{split}"], (p.get("tau_difference") or {}).get(split)
-            lines.append(
-                f"probe, {split} split (80/20 over {how[split]}"
-                + (f"; penalty by {cv[split]}" if split in cv else "")
-                + f"): Kendall τ {x['tau']:.3f} (p {x['p']:.1e}, {x['n_words']} words); base model "
-                f"{p['base_model'][f'tau_{split}']['tau']:.3f}"
-                + (
-                    f"; tuned − base {diff['diff']:+.3f} ({diff['level']:.0%} bootstrap CI over words "
-                    f"{diff['lo']:+.3f} to {diff['hi']:+.3f})"
-                    if diff
-                    else ""
-                )
-            )
-        lines.append(
-            f"probe controls: untrained map τ {p['tau_baseline']['tau']:.3f}, shuffled targets τ "
-            f"{p['tau_shuffled']['tau']:.3f}; sign accuracy {p['sign_acc_pos']:.2f} (positive words), "
-            f"{p['sign_acc_neg']:.2f} (negative); IRM vs reward Pearson {p['irm']['pearson']:.3f}"
-        )
-        for name, x in p.get("inputs", {}).items():
-            if name != "sae_selected":
+        if "tau_occurrence" in p:  # the per-token probe (absent under a sequence reward: not_applicable)
+            for split in ("occurrence", "word"):
+                x, diff = p[f"tau_{split}"], (p.get("tau_difference") or {}).get(split)
                 lines.append(
-                    f"baseline: {_INPUT_NAMES.get(name, name.replace('_', ' '))} ({x['dim']} dims): τ occurrence "
-                    f"{x['occurrence']['tau']:.3f}, τ word {x['word']['tau']:.3f} (p {x['word']['p']:.1e}); "
-                    f"SAE probe {p['tau_occurrence']['tau']:.3f}, {p['tau_word']['tau']:.3f}"
+                    f"probe, {split} split (80/20 over {how[split]}"
+                    + (f"; penalty by {cv[split]}" if split in cv else "")
+                    + f"): Kendall τ {x['tau']:.3f} (p {x['p']:.1e}, {x['n_words']} words); base model "
+                    f"{p['base_model'][f'tau_{split}']['tau']:.3f}"
+                    + (
+                        f"; tuned − base {diff['diff']:+.3f} ({diff['level']:.0%} bootstrap CI over words "
+                        f"{diff['lo']:+.3f} to {diff['hi']:+.3f})"
+                        if diff
+                        else ""
+                    )
                 )
+            lines.append(
+                f"probe controls: untrained map τ {p['tau_baseline']['tau']:.3f}, shuffled targets τ "
+                f"{p['tau_shuffled']['tau']:.3f}; sign accuracy {p['sign_acc_pos']:.2f} (positive words), "
+                f"{p['sign_acc_neg']:.2f} (negative); IRM vs reward Pearson {p['irm']['pearson']:.3f}"
+            )
+            for name, x in p.get("inputs", {}).items():
+                if name != "sae_selected":
+                    lines.append(
+                        f"baseline: {_INPUT_NAMES.get(name, name.replace('_', ' '))} ({x['dim']} dims): τ occurrence "
+                        f"{x['occurrence']['tau']:.3f}, τ word {x['word']['tau']:.3f} (p {x['word']['p']:.1e}); "
+                        f"SAE probe {p['tau_occurrence']['tau']:.3f}, {p['tau_word']['tau']:.3f}"
+                    )
         ct = p.get("contrastive_probe")
         if ct:
             lines.append(

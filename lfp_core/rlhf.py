@@ -1,4 +1,6 @@
-"""Policy fine-tuning against the VADER reward (trl GRPO) — stage 1 of the paper's pipeline.
+"""Policy fine-tuning against the run's reward (trl GRPO; VADER by default) — stage 1 of the paper's
+pipeline. The reward is a plug-in (:mod:`lfp_core.rewards`) scoring each (prompt, completion) the
+policy samples; the measurements below are the VADER default's.
 
 Why GRPO (trl 1.16 has GRPO and RLOO, and no PPO):
 
@@ -41,7 +43,6 @@ later stage never sees a half-written model.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import shutil
@@ -50,27 +51,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lfp_core import reward as vader
 from lfp_core.errors import BadInputError, MissingInputError
+from lfp_core.rewards import Reward, RewardError, load_reward
 from lfp_core.settings import DPOSettings, DPOStageSettings, RLSettings, RLStageSettings
 
 if TYPE_CHECKING:
     from lfp_core.models import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-class RewardError(BadInputError):
-    """The reward function returned a non-finite value; the message names the text."""
-
-
-def checked_rewards(texts: list[str]) -> list[float]:
-    """VADER rewards, refusing NaN or infinite values with the offending text."""
-    out = vader.rewards(texts)
-    for t, r in zip(texts, out):
-        if not math.isfinite(r):
-            raise RewardError(f"reward is {r} for completion {t!r}")
-    return out
+__all__ = ["RewardError", "implicit_rewards", "load_policy", "train_dpo", "train_policy", "truncate_pair"]
 
 
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -84,9 +73,14 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 def train_policy(
-    base, prompt_ids: list[list[int]], s: RLStageSettings, artifacts: Path, config_hash: str = ""
+    base,
+    prompt_ids: list[list[int]],
+    s: RLStageSettings,
+    artifacts: Path,
+    config_hash: str = "",
+    reward: Reward | None = None,
 ) -> tuple[Path, list[dict], list[dict]]:
-    """Fine-tune a copy of ``base`` with GRPO against the VADER reward.
+    """Fine-tune a copy of ``base`` with GRPO against the run's reward (``s.reward``).
 
     Args:
         base: the base :class:`lfp_core.models.LoadedModel` (left unchanged).
@@ -95,13 +89,15 @@ def train_policy(
         artifacts: the run's artifacts directory.
         config_hash: identity of the settings; checkpoints of other settings are discarded
             instead of resumed.
+        reward: the loaded ``s.reward`` plug-in (loaded here when not given). It scores each sampled
+            (prompt text without BOS, completion text); its scores are GRPO's rewards.
 
     Returns:
         (policy directory, per-step log rows, sample completion rows). The step log covers every
         step, also across a resume; the samples cover the steps of this invocation.
 
     Raises:
-        ValueError: empty prompt set. RewardError: a non-finite reward.
+        ValueError: empty prompt set. RewardError: the reward gave the wrong count or non-finite values.
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -115,9 +111,11 @@ def train_policy(
     dataset = Dataset.from_dict({"prompt": texts})
     ckpt_dir, final_dir = _fresh_checkpoint_dir(artifacts, config_hash), artifacts / "policy"
     samples: list[dict] = []
+    rw = reward if reward is not None else load_reward(s.reward.spec, device=s.run.device)
 
     def reward_fn(prompts, completions, **kwargs):
-        rewards = checked_rewards(completions)
+        plain = [p[len(bos) :] if bos and p.startswith(bos) else p for p in prompts]
+        rewards = [float(x) for x in rw.score(plain, completions)]
         step = trainer.state.global_step if trainer is not None else 0
         if not samples or samples[-1]["step"] != step:
             for p, c, r in list(zip(prompts, completions, rewards))[:3]:

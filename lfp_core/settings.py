@@ -93,6 +93,21 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class RewardSettings:
+    """The reward every stage scores text with (:mod:`lfp_core.rewards`): ``vader`` (the paper's
+    lexicon reward, the default), ``classifier:PATH_OR_ID[:LABEL][@prob]``, ``reward-model:PATH_OR_ID``
+    or ``python:MODULE:FUNCTION``. The spec is checked to parse here; loading it is the precompute's
+    pre-flight check (:func:`lfp_core.rewards.check_reward`)."""
+
+    spec: str = field(default="vader", metadata=_flat("reward"))
+
+    def __post_init__(self) -> None:
+        from lfp_core.rewards import parse_spec  # here, not at the top: no import cycle
+
+        parse_spec(self.spec)
+
+
+@dataclass(frozen=True)
 class PromptSettings:
     """RL (training) prompts from IMDB *train* reviews and held-out prompts from IMDB *test* reviews;
     prefix lengths inclusive (paper: 2–9)."""
@@ -382,9 +397,9 @@ class AblationSettings:
 
 @dataclass(frozen=True)
 class RMSettings:
-    """The preference model: base completions sampled per RL prompt (pairs of differing VADER reward
-    become training pairs), trl RewardTrainer epochs, learning rate and batch size; residual-stream
-    layers that get SAEs ("auto": the middle and the last layer)."""
+    """The preference model: base completions sampled per RL prompt (pairs of differing reward, the
+    run's reward plug-in as the oracle, become training pairs), trl RewardTrainer epochs, learning rate
+    and batch size; residual-stream layers that get SAEs ("auto": the middle and the last layer)."""
 
     samples_per_prompt: int = field(default=4, metadata=_flat("rm_samples_per_prompt"))
     epochs: int = field(default=2, metadata=_flat("rm_epochs"))
@@ -437,6 +452,7 @@ class RunConfig:
     no stage reads)."""
 
     run: RunSettings = field(default_factory=RunSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
     prompts: PromptSettings = field(default_factory=PromptSettings)
     completions: CompletionSettings = field(default_factory=CompletionSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -740,6 +756,7 @@ class SamplesStageSettings:
     """Base and tuned evaluations on the held-out prompts."""
 
     run: RunSettings
+    reward: RewardSettings
     completions: CompletionSettings
     evaluation: EvaluationSettings
     generation: GenerationSettings
@@ -754,6 +771,7 @@ class PairsStageSettings:
 @dataclass(frozen=True)
 class RLStageSettings:
     run: RunSettings
+    reward: RewardSettings
     rl: RLSettings
     completions: CompletionSettings
 
@@ -793,12 +811,14 @@ class FeaturesStageSettings:
 @dataclass(frozen=True)
 class ProbesStageSettings:
     run: RunSettings
+    reward: RewardSettings
     probes: ProbeSettings
 
 
 @dataclass(frozen=True)
 class LabelsStageSettings:
     run: RunSettings
+    reward: RewardSettings
     labels: LabelSettings
     features: FeatureSettings
 
@@ -806,6 +826,7 @@ class LabelsStageSettings:
 @dataclass(frozen=True)
 class AblationStageSettings:
     run: RunSettings
+    reward: RewardSettings
     ablation: AblationSettings
     completions: CompletionSettings
     generation: GenerationSettings
@@ -814,6 +835,7 @@ class AblationStageSettings:
 @dataclass(frozen=True)
 class RewardModelStageSettings:
     run: RunSettings
+    reward: RewardSettings
     rm: RMSettings
     sae: SAESettings
     completions: CompletionSettings
@@ -823,7 +845,17 @@ class RewardModelStageSettings:
 @dataclass(frozen=True)
 class AttributionStageSettings:
     run: RunSettings
+    reward: RewardSettings
     atp: AtPSettings
+
+
+def reward_settings_of(raw: dict | None) -> RewardSettings:
+    """The reward of a stored config (layout 2 ``reward`` group, or the flat ``reward`` of layout 1); VADER
+    for a config that predates the plug-ins. For pages and the report."""
+    raw = raw if isinstance(raw, dict) else {}
+    part = raw.get("reward")
+    spec = part.get("spec") if isinstance(part, dict) else part
+    return RewardSettings(spec) if isinstance(spec, str) else RewardSettings()
 
 
 def run_settings_of(raw: dict | None) -> RunSettings:

@@ -58,7 +58,9 @@ class StageSpec:
         return _resolve(self.run)
 
     def fingerprint_of(self, settings: Any) -> str | None:
-        return None if self.fingerprint is None else str(_resolve(self.fingerprint)(settings))
+        """The extra hash input of :attr:`fingerprint` (None: no fingerprint, or none for these settings)."""
+        fp = None if self.fingerprint is None else _resolve(self.fingerprint)(settings)
+        return None if fp is None else str(fp)
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -72,6 +74,7 @@ def _resolve(ref: str) -> Callable[..., Any]:
 
 
 _P = "lfp_core.pipeline."
+_REWARD_FP = "lfp_core.rewards:reward_fingerprint"  # the reward plug-in's files
 _ALL = Where()
 
 STAGES: list[StageSpec] = [
@@ -101,7 +104,9 @@ STAGES: list[StageSpec] = [
         {"completions": Where(role="base")},
         chunked=True,
         tasks=("vader",),
-        describe="sample base-model completions of held-out prompts, score them with the VADER reward",
+        describe="sample base-model completions of held-out prompts, score them with the run's reward (VADER by "
+        "default)",
+        fingerprint=_REWARD_FP,
     ),
     StageSpec(
         "pairs",
@@ -119,7 +124,8 @@ STAGES: list[StageSpec] = [
         _P + "rl:stage_rlhf",
         {"rl_steps": _ALL, "rl_samples": _ALL, "models": Where(role="tuned")},
         tasks=("vader",),
-        describe="fine-tune the policy with GRPO against the VADER reward (KL to the base model)",
+        describe="fine-tune the policy with GRPO against the run's reward (VADER by default; KL to the base model)",
+        fingerprint=_REWARD_FP,
     ),
     StageSpec(
         "rl_eval",
@@ -131,6 +137,7 @@ STAGES: list[StageSpec] = [
         tasks=("vader",),
         version=3,  # 2: word shifts also list the top lexicon words; 3: gain CI bootstrapped over prompts
         describe="sample the tuned policy on the held-out prompts; reward gain, KL, distinct-2, word shifts",
+        fingerprint=_REWARD_FP,
     ),
     StageSpec(
         "rlhf",
@@ -213,6 +220,7 @@ STAGES: list[StageSpec] = [
         # the contrastive variant as a fitted probe
         describe="ridge probes from SAE features to VADER valence (two splits, controls, baselines), IRM, "
         "attributions, IMDB logistic probe and PCA",
+        fingerprint=_REWARD_FP,
     ),
     StageSpec(
         "labels",
@@ -225,6 +233,7 @@ STAGES: list[StageSpec] = [
         version=2,  # 2: relevance and detection scored on held-out documents (not the explain set's, not the probe's)
         describe="feature explanations, reward relevance and detection scores (LLM or the offline "
         "labeller); agreement with the probe",
+        fingerprint=_REWARD_FP,
     ),
     StageSpec(
         "ablation",
@@ -237,6 +246,7 @@ STAGES: list[StageSpec] = [
         describe="zero probe-top, labelled (positive and negative valence) and matched random feature sets of "
         "the tuned policy (error term kept); reward of sampled completions before/after, rank test",
         version=2,  # 2: >= 20 mass-matched random sets on rank_n prefixes, labelled split by sign, rank p
+        fingerprint=_REWARD_FP,
     ),
     StageSpec(
         "reward_model",
@@ -246,8 +256,9 @@ STAGES: list[StageSpec] = [
         {"rm_pairs": _ALL, "saes": Where(role="rm")},
         tasks=("vader",),
         version=2,  # 2: pair-accuracy CI bootstrapped over prompts
-        describe="train a preference model (trl RewardTrainer) on oracle VADER preferences between base "
-        "completions; SAEs on its residual stream",
+        describe="train a preference model (trl RewardTrainer) on the oracle preferences of the run's reward "
+        "(VADER by default) between base completions; SAEs on its residual stream",
+        fingerprint=_REWARD_FP,
     ),
     StageSpec(
         "attribution",
@@ -261,6 +272,7 @@ STAGES: list[StageSpec] = [
         describe="single-feature attribution (AtP; integrated gradients along one feature's axis) over the "
         "preference model's and the policy's SAE features, checked by true ablation of the top features and "
         "of a random sample; features behind the preference model's disagreements with the oracle",
+        fingerprint=_REWARD_FP,
     ),
 ]
 

@@ -233,7 +233,7 @@ def test_report_and_page_show_both_estimators_on_both_samples(setup, tmp_path, m
     """Both estimators side by side, on the top features and on the random sample, labelled as computed."""
     from lfp_core.pipeline.reward_model import PM_METRIC, POLICY_METRIC, _result, _rows, policy_scorer
     from lfp_core.report import build_report, format_report
-    from lfp_core.settings import AtPSettings, AttributionStageSettings, RunSettings
+    from lfp_core.settings import AtPSettings, AttributionStageSettings, RewardSettings, RunSettings
     from lfp_core.stages import stage_names
     from lfp_core.store import RunWriter, put_rows
     from lfp_core.store.summaries import AttributionSummary
@@ -241,7 +241,9 @@ def test_report_and_page_show_both_estimators_on_both_samples(setup, tmp_path, m
     from tests.tiny_run import TinyRun
 
     model, saes, toks, last, mask = setup
-    s = AttributionStageSettings(run=RunSettings(), atp=AtPSettings(steps=2, pairs=2, top_k=6, random_k=8))
+    s = AttributionStageSettings(
+        run=RunSettings(), reward=RewardSettings(), atp=AtPSettings(steps=2, pairs=2, top_k=6, random_k=8)
+    )
     detail, rows, points = {}, [], []
     for name, scorer, metric in (("pm", _logprob, PM_METRIC), ("policy", policy_scorer(model), POLICY_METRIC)):
         res = attribution.rank_and_verify(

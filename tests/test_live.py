@@ -196,3 +196,26 @@ def test_concurrent_scores_on_one_scorer_get_what_they_get_alone(quick_run):
     for t in threads:
         t.join()
     assert wrong == []
+
+
+def test_the_live_lab_scores_with_the_run_s_reward_plugin(shared_engine, tmp_path):
+    """The live engine scores its completions with the reward it is given (the run's plug-in), on the
+    typed text as the prompt; VADER when none is given."""
+    from lfp_core import reward
+    from lfp_core.rewards import load_reward
+
+    (tmp_path / "plug.py").write_text(
+        "def score(prompts, completions):\n    return [len(p) + c.count(' ') for p, c in zip(prompts, completions)]\n"
+    )
+    res = shared_engine.run("The movie was", {1: [3]}, n=3, new_tokens=6, seed=0)
+    assert res.reward_clean == [reward.reward(c) for c in res.clean]
+    plugged = LiveEngine.from_parts(
+        shared_engine.model,
+        shared_engine.tokenizer,
+        shared_engine.saes,
+        reward=load_reward(f"python:{tmp_path / 'plug.py'}:score"),
+    )
+    got = plugged.run("The movie was", {1: [3]}, n=3, new_tokens=6, seed=0)
+    assert got.clean == res.clean and got.ablated == res.ablated  # same samples, another score
+    assert got.reward_clean == [len("The movie was") + c.count(" ") for c in got.clean]
+    assert got.reward_ablated == [len("The movie was") + c.count(" ") for c in got.ablated]

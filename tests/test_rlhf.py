@@ -16,6 +16,7 @@ import pytest
 from lfp_core import report, rlhf
 from lfp_core.config import REPO_ROOT, preset_config
 from lfp_core.models import load_model
+from lfp_core.rewards import load_reward
 from lfp_core.settings import RLStageSettings
 from lfp_core.store import RunReader, artifacts_dir
 
@@ -69,10 +70,13 @@ def test_quick_preset_raises_the_held_out_reward(quick_run):
     assert steps.reward.iloc[-10:].mean() > steps.reward.iloc[:10].mean()
 
 
-def test_reward_nan_names_the_text(monkeypatch):
-    monkeypatch.setattr(rlhf.vader, "rewards", lambda texts: [float("nan")] * len(texts))
-    with pytest.raises(rlhf.RewardError, match="'a weird completion'"):
-        rlhf.checked_rewards(["a weird completion"])
+def test_a_non_finite_reward_names_the_rows(tmp_path):
+    (tmp_path / "nan_reward.py").write_text(
+        "def score(prompts, completions):\n    return [float('nan') if 'weird' in c else 1.0 for c in completions]\n"
+    )
+    rw = load_reward(f"python:{tmp_path / 'nan_reward.py'}:score")
+    with pytest.raises(rlhf.RewardError, match=r"non-finite values \(nan\) at 1 of 2 rows: 1$"):
+        rw.score(["p", "p"], ["fine", "a weird completion"])
 
 
 def test_empty_prompt_set_is_refused(tmp_path, demo_model_dir):

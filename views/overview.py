@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
+from lfp_core.report import not_applicable, run_reward
 from lfp_core.settings import run_settings_of
 from lfp_core.stages import describe_stages
 from lfp_core.store.summaries import RLEvalSummary
@@ -22,7 +23,12 @@ stages = data.stages()
 
 st.title(f"Run · {info.get('name', run_dir)}")
 model_line = f"model **{model['name']}** ({model['architecture']}) · " if model else ""
-st.caption(f"{model_line}preset **{info.get('preset')}** · created {info.get('created_at')} · `{run_dir}`")
+reward_line = ""
+if run_settings_of(info.get("config")).task == "vader":
+    rw = run_reward(info.get("config"), stages)
+    reward_line = f"reward **{rw['name']}** (`{rw['spec']}`) · "
+created = f"preset **{info.get('preset')}** · created {info.get('created_at')} · `{run_dir}`"
+st.caption(f"{model_line}{reward_line}{created}")
 
 c1, c2, c3, c4 = st.columns(4)
 if model:
@@ -48,6 +54,12 @@ for name, what in describe_stages(run_settings_of(info.get("config")).task).item
         }
     )
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+skipped = not_applicable(stages)
+if skipped:
+    st.info(
+        "Not applicable to this run:\n\n"
+        + "\n".join(f"- **{stage}**, {what}: {why}" for stage, by in skipped.items() for what, why in by.items())
+    )
 missing = [str(r["stage"]) for r in rows if r["status"] != "done"]
 if missing:
     st.warning(

@@ -1,6 +1,6 @@
 """Ablation stage: zero feature sets of the tuned policy's SAEs (error term kept), sample completions of
-held-out review prefixes with the same seeds as the clean policy, and test each set's effect on the VADER
-reward against random control sets.
+held-out review prefixes with the same seeds as the clean policy, and test each set's effect on the run's
+reward (VADER by default; :mod:`lfp_core.rewards`, scoring prefix + completion) against random control sets.
 
 Sets: ``baseline`` (nothing zeroed: every SAE spliced in with its error term, which reproduces the
 clean policy); the tested sets, each with the direction zeroing it should move the reward (its
@@ -50,9 +50,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lfp_core import ablation, corpora, reward
+from lfp_core import ablation, corpora
 from lfp_core.pipeline.core import Context
-from lfp_core.pipeline.shared import own_saes, selected_layers, tuned_policy
+from lfp_core.pipeline.shared import own_saes, run_reward, selected_layers, tuned_policy
 from lfp_core.settings import AblationStageSettings
 from lfp_core.store import RunWriter, put_rows
 
@@ -205,6 +205,7 @@ def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> 
     hooked = tuned_policy(ctx).hooked()
     sae_map = own_saes(ctx, "tuned", layers)
     tok = ctx.model.tokenizer
+    rw = run_reward(ctx, s.reward.spec)
     done = w.done_chunks("ablation", config_hash)
     if not done:
         with w.transaction() as con:
@@ -225,15 +226,17 @@ def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> 
             continue
         use = pre if fs["full"] else pre[:rank_n]
         outs = _sample_set(ctx, hooked, sae_map, fs["features"], use, s.run.seed, rank_n)
+        texts = [tok.decode(o) for o in outs]
+        scores = rw.score([p["text"] for p in use], texts)
         rows = [
             {
                 "set_id": fs["set_id"],
                 "prefix_id": p["prefix_id"],
                 "token_ids": [int(t) for t in o],
-                "text": tok.decode(o),
-                "reward": reward.reward(tok.decode(o)),
+                "text": text,
+                "reward": float(score),
             }
-            for p, o in zip(use, outs)
+            for p, o, text, score in zip(use, outs, texts, scores)
         ]
         log.info(
             "ablation set %-24s (%4d features): mean reward %.3f over %d prefixes",

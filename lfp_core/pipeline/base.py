@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lfp_core import corpora, reward, sampling
+from lfp_core import corpora, reward, rewards, sampling
 from lfp_core.errors import BadInputError
 from lfp_core.models import resolve_spec
 from lfp_core.pipeline.core import Context
+from lfp_core.pipeline.shared import reward_info, run_reward
 from lfp_core.settings import (
     ModelStageSettings,
     PairsStageSettings,
@@ -70,12 +71,17 @@ def stage_prompts(ctx: Context, s: PromptsStageSettings, config_hash: str) -> No
     )
 
 
-def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], outs) -> list[dict]:
+def _completion_rows(
+    tokenizer, role: str, jobs: list[tuple[int, int, int]], outs, rw: rewards.Reward, prompt_text: dict[int, str]
+) -> list[dict]:
+    """Completion rows scored by ``rw`` on (prompt text, completion text); a lexicon reward also fills the
+    lexicon words and their valences (None for a sequence reward) and the raw score, the summed valences
+    before scaling and clipping (for a sequence reward, which is not scaled, its score)."""
+    texts = [tokenizer.decode(ids) for ids, _ in outs]
+    scores = rw.score([prompt_text[pid] for pid, _, _ in jobs], texts)
     rows = []
-    for (pid, sidx, _), (ids, seed) in zip(jobs, outs):
-        text = tokenizer.decode(ids)
-        words = [w for w in reward.segment(text) if w.in_lexicon]
-        raw = sum(w.valence for w in words)
+    for (pid, sidx, _), (ids, seed), text, score in zip(jobs, outs, texts, scores):
+        words = [w for w in reward.segment(text) if w.in_lexicon] if rw.kind == "lexicon" else []
         rows.append(
             {
                 "role": role,
@@ -85,10 +91,10 @@ def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], out
                 "n_new": len(ids),
                 "token_ids": [int(t) for t in ids],
                 "text": text,
-                "reward": reward.reward(text),
-                "raw_score": raw,
-                "lexicon_words": [w.text for w in words],
-                "lexicon_valences": [w.valence for w in words],
+                "reward": float(score),
+                "raw_score": sum(w.valence for w in words) if rw.kind == "lexicon" else float(score),
+                "lexicon_words": [w.text for w in words] if rw.kind == "lexicon" else None,
+                "lexicon_valences": [w.valence for w in words] if rw.kind == "lexicon" else None,
             }
         )
     return rows
@@ -136,6 +142,8 @@ def sample_role(ctx: Context, s: SamplesStageSettings, config_hash: str, stage: 
         for k in range(s.evaluation.samples_per_prompt)
     ]
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
+    text_of = dict(zip(prompts.prompt_id.astype(int), prompts.text))
+    rw = run_reward(ctx, s.reward.spec)
     chunk_size = gen * 2
     chunks = [jobs[i : i + chunk_size] for i in range(0, len(jobs), chunk_size)]
     done = w.done_chunks(stage, config_hash)
@@ -147,13 +155,20 @@ def sample_role(ctx: Context, s: SamplesStageSettings, config_hash: str, stage: 
         outs = sampling.sample_completions(
             model, [list(ids_of[j[0]]) for j in chunk], [j[2] for j in chunk], seed=seed * 7919 + ci, batch_size=gen
         )
-        rows = _completion_rows(model.tokenizer, role, chunk, outs)
+        rows = _completion_rows(model.tokenizer, role, chunk, outs, rw, text_of)
         with w.transaction() as con:
             RunWriter.put_completions(con, rows)
             RunWriter.add_chunk_marker(con, stage, config_hash, ci)
 
 
 def stage_base_samples(ctx: Context, s: SamplesStageSettings, config_hash: str) -> None:
-    """Base-model completions of the held-out prompts (8–19 new tokens, pure sampling), scored."""
+    """Base-model completions of the held-out prompts (8–19 new tokens, pure sampling), scored by the run's
+    reward."""
     sample_role(ctx, s, config_hash, "base_samples", "base", ctx.model)
-    ctx.commit(lambda con: None, {"reward": ctx.writer.reader().reward_summary("base") or {}})
+    rw = run_reward(ctx, s.reward.spec)
+    detail: dict = {"reward": ctx.writer.reader().reward_summary("base") or {}, "reward_info": reward_info(rw)}
+    if rw.kind != "lexicon":
+        detail["not_applicable"] = {
+            "lexicon_words": rewards.lexicon_only("the lexicon words and valences (raw score: the reward)", rw.name)
+        }
+    ctx.commit(lambda con: None, detail)

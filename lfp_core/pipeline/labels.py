@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lfp_core import autointerp, reward, saes
+from lfp_core import autointerp, reward, rewards, saes
 from lfp_core.errors import BadInputError
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.label_agreement import agreement_detail
@@ -185,6 +185,11 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
         )
     labeller = autointerp.OFFLINE if client is None else f"openai:{lab_s.llm_model}"
     lexicon = reward.lexicon()
+    # a sequence reward has no per-word valences: the offline labeller's relevance (activation vs |valence|)
+    # does not apply, and the LLM is asked about what the reward plug-in scores instead of sentiment
+    lexicon_reward = rewards.reward_kind(s.reward.spec) == "lexicon"
+    rw_name = rewards.reward_name(s.reward.spec)
+    label_task = task if lexicon_reward else f"whatever the reward '{rw_name}' scores in a text"
     sae_of = own_saes(ctx, "tuned", layers)
     probe_docs = r.probe_point_docs("tuned")
     held = score_docs(r.corpus_docs().doc_id, probe_docs)
@@ -224,7 +229,7 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
             if client is None:
                 lab = autointerp.offline_label(
                     list(f["top_tokens"] if f["top_tokens"] is not None else []),
-                    task,
+                    label_task,
                     pos,
                     neg,
                     lexicon,
@@ -232,7 +237,7 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
                 )
             else:
                 lab = autointerp.llm_label(
-                    client, _excerpts(top.head(10)), f["max_act"], task, pos, neg, seed=seed + fid
+                    client, _excerpts(top.head(10)), f["max_act"], label_task, pos, neg, seed=seed + fid
                 )
             if lab["explanation"] is None and client is None:
                 skipped += 1
@@ -276,5 +281,11 @@ def stage_labels(ctx: Context, s: LabelsStageSettings, config_hash: str) -> None
             else {}
         ),
     }
+    if not lexicon_reward and client is None:
+        detail["not_applicable"] = {
+            "relevance": rewards.lexicon_only(
+                "the offline labeller's reward relevance (activation vs |valence|)", rw_name
+            )
+        }
     detail.update(agreement_detail(ctx, layers, sae_of))
     ctx.commit(lambda con: None, detail)

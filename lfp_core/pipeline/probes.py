@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lfp_core import probes, reward, saes
+from lfp_core import probes, reward, rewards, saes
 from lfp_core.features import RowLookup
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.shared import ROLES, harvest_dir, own_saes, selected_layers
@@ -526,15 +526,43 @@ def tau_differences(fits: dict[str, dict], seed: int) -> dict:
     return out
 
 
+TOKEN_PROBE_PARTS = (
+    "the per-token probe (with its controls, input variants and τ difference), the implicit reward model, "
+    "the probe's attributions and the contrastive probe"
+)
+
+
+def sequence_reward_probes(ctx: Context, s: ProbesStageSettings, layers: list[int], docs, idx: dict) -> None:
+    """Under a sequence reward (not a per-word lexicon): the separation probes per role, and the token
+    probe's parts recorded as not applicable (``not_applicable``), with the reason."""
+    tok, seed = ctx.model.tokenizer, s.run.seed
+    extra_tasks = labelled_texts(s.run, tok, s.probes.texts_per_class)
+    detail: dict = {
+        "layers": layers,
+        "not_applicable": {"token_probe": rewards.lexicon_only(TOKEN_PROBE_PARTS, rewards.reward_name(s.reward.spec))},
+    }
+    pca_rows: list[dict] = []
+    for role in ROLES:
+        d, p_rows = separation(ctx, role, layers, docs, idx, seed)
+        pca_rows += p_rows + extra_separation(ctx, role, layers, extra_tasks, seed, d)
+        detail[role] = d
+    log.info("probes: the per-token probe is skipped under the sequence reward %s", s.reward.spec)
+    ctx.commit(lambda con: put_rows(con, "probe_pca", pca_rows), detail)
+
+
 def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None:
     """Per role (tuned, base), through its own SAEs: the token probe with its controls and input
-    variants, the implicit reward model, attributions, the contrastive probe and the separation probes."""
+    variants, the implicit reward model, attributions, the contrastive probe and the separation probes.
+    Under a sequence reward only the separation probes (:func:`sequence_reward_probes`)."""
     r, tok, seed = ctx.writer.reader(), ctx.model.tokenizer, s.run.seed
     layers = selected_layers(ctx)
     docs = r.corpus_docs(sources=("imdb", "model_sampled", "tuned_completion"))
     if docs.empty:
         raise RuntimeError("no activation corpus: run the activations stage")
     idx = harvest_dir(ctx).index()
+    if rewards.reward_kind(s.reward.spec) != "lexicon":
+        sequence_reward_probes(ctx, s, layers, docs, idx)
+        return
     pts = lexicon_points(ctx, s, docs, idx)
     rows = pts.rows
     lex = reward.lexicon()

@@ -1,9 +1,9 @@
-"""Preference-model stages: train a reward model on the oracle's preferences between base-model
-completions and SAEs on its residual stream (``reward_model``), then rank those SAE features by
-single-feature attribution (AtP, and integrated gradients along one feature's axis), verify it by true
-ablation of the top features and of a random sample, find the features behind the model's disagreements
-with the oracle, and run the same attribution on a behaviour of the policy: its expected next-token VADER
-valence over its completions (``attribution``)."""
+"""Preference-model stages: train a reward model on the oracle's preferences (the run's reward plug-in,
+VADER by default) between base-model completions and SAEs on its residual stream (``reward_model``), then
+rank those SAE features by single-feature attribution (AtP, and integrated gradients along one feature's
+axis), verify it by true ablation of the top features and of a random sample, find the features behind the
+model's disagreements with the oracle, and (lexicon reward) run the same attribution on a behaviour of the
+policy: its expected next-token VADER valence over its completions (``attribution``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ import logging
 import numpy as np
 import torch
 
-from lfp_core import activations, attribution, features, reward, reward_model, saes, sampling
+from lfp_core import activations, attribution, features, reward, reward_model, rewards, saes, sampling
 from lfp_core.pipeline.core import Context
-from lfp_core.pipeline.shared import harvest_dir, own_saes, selected_layers, special_tokens, tuned_policy
+from lfp_core.pipeline.shared import (
+    harvest_dir,
+    own_saes,
+    reward_info,
+    run_reward,
+    selected_layers,
+    special_tokens,
+    tuned_policy,
+)
 from lfp_core.settings import AttributionStageSettings, RewardModelStageSettings
 from lfp_core.store import artifacts_dir, put_rows
 
@@ -46,7 +54,8 @@ def resid_hook(layer: int) -> str:
 
 def sample_pairs(ctx: Context, s: RewardModelStageSettings) -> list[dict]:
     """``rm.samples_per_prompt`` base completions of every prompt (one length per prompt, drawn as in
-    the RL), turned into oracle pairs; pairs of RL prompts train, pairs of held-out prompts evaluate."""
+    the RL), scored by the run's reward (the oracle) and turned into oracle pairs; pairs of RL prompts
+    train, pairs of held-out prompts evaluate."""
     m, r, seed, lo, hi = (
         ctx.model,
         ctx.writer.reader(),
@@ -67,9 +76,13 @@ def sample_pairs(ctx: Context, s: RewardModelStageSettings) -> list[dict]:
         seed=seed * 7919 + 83,
         batch_size=s.generation.batch_size,
     )
+    text_of = dict(zip(prompts.prompt_id.astype(int), prompts.text))
+    scores = run_reward(ctx, s.reward.spec).score(
+        [text_of[pid] for pid, _ in jobs], [m.tokenizer.decode(ids) for ids, _ in outs]
+    )
     groups: dict[int, list] = {}
-    for (pid, _), (ids, _) in zip(jobs, outs):
-        groups.setdefault(pid, []).append((ids, reward.reward(m.tokenizer.decode(ids))))
+    for (pid, _), (ids, _), score in zip(jobs, outs, scores):
+        groups.setdefault(pid, []).append((ids, float(score)))
     split = dict(zip(prompts.prompt_id.astype(int), prompts.split))
     pairs = reward_model.oracle_pairs(groups)
     for i, p in enumerate(pairs):
@@ -83,8 +96,10 @@ def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: s
     pairs = sample_pairs(ctx, s)
     train = [p for p in pairs if p["split"] == "train"]
     held = [p for p in pairs if p["split"] == "eval"]
+    rw = run_reward(ctx, s.reward.spec)
     log.info(
-        "preference pairs (oracle: higher VADER reward preferred, ties dropped): %d training, %d held out",
+        "preference pairs (oracle: higher reward preferred by %s, ties dropped): %d training, %d held out",
+        rw.name,
         len(train),
         len(held),
     )
@@ -99,7 +114,7 @@ def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: s
     def seqs(items, key):
         return [bos + prompts[p["prompt_id"]] + p[key] for p in items]
 
-    detail: dict = {"n_train": len(train), "n_eval": len(held), "train_log": steps}
+    detail: dict = {"n_train": len(train), "n_eval": len(held), "train_log": steps, "oracle": reward_info(rw)}
     for name, items in (("eval", held), ("train", train)):
         c, j = rm.score(seqs(items, "chosen_ids")), rm.score(seqs(items, "rejected_ids"))
         detail[f"pair_acc_{name}" if name == "train" else "pair_acc"] = reward_model.pair_accuracy(
@@ -458,8 +473,17 @@ def _check_line(name: str, d: dict) -> str:
 
 
 def stage_attribution(ctx: Context, s: AttributionStageSettings, config_hash: str) -> None:
-    detail, rows, points = {}, [], []
-    for name, fn in (("pm", pm_attribution), ("policy", policy_attribution)):
+    detail: dict = {}
+    rows, points = [], []
+    targets = [("pm", pm_attribution), ("policy", policy_attribution)]
+    if rewards.reward_kind(s.reward.spec) != "lexicon":  # the policy target is its expected next-token valence
+        detail["not_applicable"] = {
+            "policy": rewards.lexicon_only(
+                "the policy target (expected VADER valence of the next token)", rewards.reward_name(s.reward.spec)
+            )
+        }
+        targets = targets[:1]
+    for name, fn in targets:
         d, f, p = fn(ctx, s)
         detail[name] = d
         rows += f

@@ -1,4 +1,4 @@
-"""RL stages: fine-tune the policy (GRPO against VADER), evaluate it against the base model on the
+"""RL stages: fine-tune the policy (GRPO against the run's reward), evaluate it against the base model on the
 held-out prompts, and measure per-layer divergence to choose the layers later stages study."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from lfp_core import divergence, evaluation, rlhf
+from lfp_core import divergence, evaluation, rewards, rlhf
 from lfp_core.pipeline.base import sample_role
 from lfp_core.pipeline.core import Context
-from lfp_core.pipeline.shared import tuned_policy
+from lfp_core.pipeline.shared import reward_info, run_reward, tuned_policy
 from lfp_core.settings import DivergenceStageSettings, DPOStageSettings, RLStageSettings, SamplesStageSettings
 from lfp_core.store import RunWriter, artifacts_dir, put_rows
 
@@ -55,11 +55,12 @@ def stage_rlhf(ctx: Context, s: RLStageSettings, config_hash: str) -> None:
     """GRPO fine-tuning on the RL prompts; logs per-step reward/KL and sample completions."""
     prompts = ctx.writer.reader().prompts("train")
     ctx.cache.pop("tuned", None)
+    rw = run_reward(ctx, s.reward.spec)
     policy_dir, steps, samples = rlhf.train_policy(
-        ctx.model, [list(t) for t in prompts.token_ids], s, artifacts_dir(ctx.writer.run_dir), config_hash
+        ctx.model, [list(t) for t in prompts.token_ids], s, artifacts_dir(ctx.writer.run_dir), config_hash, reward=rw
     )
     tuned = tuned_policy(ctx)
-    info = {**tuned.info(), "name": f"{ctx.model.spec.name} + GRPO (VADER)"}
+    info = {**tuned.info(), "name": f"{ctx.model.spec.name} + GRPO ({'VADER' if rw.kind == 'lexicon' else rw.name})"}
     for i, sample in enumerate(samples):
         sample["idx"] = i
     first = steps[0]["reward"] if steps else float("nan")
@@ -71,13 +72,20 @@ def stage_rlhf(ctx: Context, s: RLStageSettings, config_hash: str) -> None:
         put_rows(con, "rl_samples", samples)
 
     ctx.commit(
-        write, {"policy_dir": str(policy_dir), "steps": len(steps), "first_reward": first, "last10_reward": last}
+        write,
+        {
+            "policy_dir": str(policy_dir),
+            "steps": len(steps),
+            "first_reward": first,
+            "last10_reward": last,
+            "reward_info": reward_info(rw),
+        },
     )
 
 
 def stage_rl_eval(ctx: Context, s: SamplesStageSettings, config_hash: str) -> None:
     """Sample the tuned policy on the held-out prompts with the base samples' lengths and seeds,
-    then compare: paired reward difference, per-token KL, distinct-2 and word shifts."""
+    then compare: paired reward difference, per-token KL, distinct-2 and (lexicon reward) word shifts."""
     tuned = tuned_policy(ctx)
     sample_role(ctx, s, config_hash, "rl_eval", "tuned", tuned)
     r = ctx.writer.reader()
@@ -97,7 +105,9 @@ def stage_rl_eval(ctx: Context, s: SamplesStageSettings, config_hash: str) -> No
         device=s.run.device,
         batch_size=ctx.batch(64),
     )
-    shifts = evaluation.word_shifts(list(base.completion), list(tun.completion))
+    rw = run_reward(ctx, s.reward.spec)
+    lexicon = rw.kind == "lexicon"
+    shifts = evaluation.word_shifts(list(base.completion), list(tun.completion)) if lexicon else []
     detail: dict[str, Any] = {
         "reward_base": evaluation.reward_stats(pair.reward_b.to_numpy()),
         "reward_tuned": evaluation.reward_stats(pair.reward_t.to_numpy()),
@@ -109,6 +119,8 @@ def stage_rl_eval(ctx: Context, s: SamplesStageSettings, config_hash: str) -> No
         "distinct2_base": evaluation.distinct_n(list(base.completion)),
         "distinct2_tuned": evaluation.distinct_n(list(tun.completion)),
     }
+    if not lexicon:
+        detail["not_applicable"] = {"word_shifts": rewards.lexicon_only("the word shifts (lexicon words)", rw.name)}
     log.info(
         "tuned %.3f vs base %.3f (%.1f s.e.), KL/token %.4f, distinct-2 %.3f vs %.3f",
         detail["reward_tuned"]["mean"],

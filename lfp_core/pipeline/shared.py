@@ -3,7 +3,7 @@ and each role's own SAEs (read from what earlier stages stored, never from setti
 
 from __future__ import annotations
 
-from lfp_core import activations, rlhf, saes
+from lfp_core import activations, rewards, rlhf, saes
 from lfp_core.pipeline.core import Context
 from lfp_core.store import artifacts_dir
 
@@ -48,3 +48,16 @@ def own_saes(ctx: Context, role: str, layers: list[int]) -> dict:
         ctx.model.hooked().cfg.d_model,
         device=ctx.run.device,
     )
+
+
+def run_reward(ctx: Context, spec: str) -> rewards.Reward:
+    """The reward plug-in ``spec`` names (:mod:`lfp_core.rewards`), loaded once per invocation."""
+    key = ("reward", spec)
+    if key not in ctx.cache:
+        ctx.cache[key] = rewards.load_reward(spec, device=ctx.run.device)
+    return ctx.cache[key]
+
+
+def reward_info(rw: rewards.Reward) -> dict:
+    """What a stage records about the reward it scored with (``reward_info`` of its summary)."""
+    return {"spec": rw.spec, "name": rw.name, "kind": rw.kind}

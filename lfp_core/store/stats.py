@@ -7,6 +7,15 @@ from __future__ import annotations
 from typing import NotRequired, TypedDict
 
 
+class RewardInfo(TypedDict, total=False):
+    """The reward plug-in a stage scored with (:mod:`lfp_core.rewards`): its spec, name and kind
+    (``lexicon`` or ``sequence``)."""
+
+    spec: str
+    name: str
+    kind: str
+
+
 class RewardStats(TypedDict, total=False):
     """Mean, standard error and count of a reward sample (``evaluation.reward_stats``)."""
 

@@ -42,6 +42,7 @@ from lfp_core.store.stats import (  # noqa: F401  (re-exported: the summaries' f
     PairAccuracy,
     PairedDifference,
     ProbeInput,
+    RewardInfo,
     RewardStats,
     RMSaeStats,
     RMTrainStep,
@@ -56,9 +57,12 @@ log = logging.getLogger(__name__)
 # --- stage summaries -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageSummary:
-    """Base of the stage summaries; ``STAGE`` is the stage's name."""
+    """Base of the stage summaries; ``STAGE`` is the stage's name. ``not_applicable``: what the stage
+    skipped for this run and why (``{what: reason}``, e.g. the per-token probe under a reward that is not a
+    per-word lexicon), so a page can say why a figure is absent."""
 
     STAGE: ClassVar[str] = ""
+    not_applicable: dict[str, str] | None = None
 
 
 SUMMARIES: dict[str, type[StageSummary]] = {}
@@ -100,6 +104,7 @@ class PairsSummary(StageSummary):
 @dataclass(frozen=True)
 class BaseSamplesSummary(StageSummary):
     reward: RewardStats | None = None
+    reward_info: RewardInfo | None = None  # the reward plug-in that scored the completions
 
 
 @_stage("rlhf")
@@ -109,6 +114,7 @@ class RLHFSummary(StageSummary):
     steps: int | None = None
     first_reward: float | None = None  # GRPO (VADER task)
     last10_reward: float | None = None
+    reward_info: RewardInfo | None = None  # the reward plug-in GRPO optimised
 
 
 @_stage("rl_eval")
@@ -323,6 +329,7 @@ class RewardModelSummary(StageSummary):
     pair_acc: PairAccuracy | None = None  # held-out pairs
     pair_acc_train: PairAccuracy | None = None
     saes: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"harvest": HarvestInfo, sae_id: RMSaeStats}
+    oracle: RewardInfo | None = None  # the reward plug-in whose preferences the pairs are
 
     @property
     def sae_stats(self) -> dict[str, RMSaeStats]:

@@ -211,3 +211,37 @@ def test_pages_of_a_run_built_only_to_the_base_samples(monkeypatch, tmp_path):
     ):
         at = open_page(monkeypatch, tmp_path, page, run=run)
         assert not at.exception and message in at.info[0].value, page
+
+
+def test_overview_and_report_say_which_reward_the_run_used_and_what_it_skipped(monkeypatch, tmp_path):
+    import json
+
+    from lfp_core.stages import stage_names
+    from lfp_core.store import RunWriter
+    from lfp_core.store.summaries import BaseSamplesSummary, summary_dict
+
+    run = tiny_run(tmp_path / "plugged", until="rl_eval")
+    w = RunWriter(run)
+    spec = "classifier:org/sentiment"
+    w.set_config("quick", json.dumps({"model": "demo", "task": "vader", "reward": spec}))
+    why = "the lexicon words and valences (raw score: the reward): needs the VADER lexicon's per-word valences"
+    name = "classifier sentiment (POSITIVE logit)"
+    detail = summary_dict(RunReader(run).summary(BaseSamplesSummary))
+    detail.update(reward_info={"spec": spec, "name": name, "kind": "sequence"}, not_applicable={"lexicon_words": why})
+    w.mark_stage("base_samples", stage_names("vader").index("base_samples"), "tiny", "done", detail=detail)
+    at = open_page(monkeypatch, run.parent, "views/overview.py", run=run)
+    assert not at.exception
+    assert any(f"reward **{name}** (`{spec}`)" in c.value for c in at.caption)
+    assert any(f"**base_samples**, lexicon_words: {why}" in i.value for i in at.info)
+    rep = build_report(str(run))
+    assert rep["run"]["reward"] == {"spec": spec, "name": name, "kind": "sequence"}
+    assert rep["not_applicable"] == {"base_samples": {"lexicon_words": why}}
+    text = format_report(rep)
+    assert f"reward: {name} (--reward {spec}; sequence)" in text
+    assert f"not applicable (base_samples, lexicon_words): {why}" in text
+
+
+def test_a_default_run_names_the_vader_reward(monkeypatch, tiny):
+    at = open_page(monkeypatch, tiny.parent, "views/overview.py", run=tiny)
+    assert any("reward **VADER lexicon** (`vader`)" in c.value for c in at.caption)
+    assert build_report(str(tiny))["run"]["reward"] == {"spec": "vader", "name": "VADER lexicon", "kind": "lexicon"}
