@@ -24,6 +24,7 @@ import torch
 
 from lfp_core import ablation, reward, saes
 from lfp_core.errors import BadInputError
+from lfp_core.models import continuation_decoder
 from lfp_core.settings import run_settings_of
 from lfp_core.store import RunReader, artifacts_dir
 
@@ -160,6 +161,7 @@ class LiveEngine:
         self, text: str, features: dict[int, list[int]], n: int, new_tokens: int, seed: int, top_k: int
     ) -> LiveResult:
         ids, dropped = self.encode(text, new_tokens)
+        piece = continuation_decoder(self.tokenizer)  # tokens and completions with their leading spaces
         toks = torch.tensor([ids], dtype=torch.long, device=self.device)
         names = [f"{ablation._hook_point(self.saes[layer])}" for layer in features]
         clean_logits, cache = ablation.run_with_ablation(self.model, self.saes, {}, toks, names)
@@ -170,7 +172,7 @@ class LiveEngine:
         next_tokens = sorted(
             (
                 {
-                    "token": self.tokenizer.decode([int(t)]),
+                    "token": piece([int(t)]),
                     "p_clean": float(p0[t]),
                     "p_ablated": float(p1[t]),
                     "change": float(p1[t] - p0[t]),
@@ -185,10 +187,9 @@ class LiveEngine:
             for f in features[layer]:
                 acts[(layer, f)] = [float(x) for x in a[:, f]]
         clean, abl = ablation.coupled_rows(self.model, self.saes, features, toks.repeat(n, 1), new_tokens, seed)
-        dec = self.tokenizer.decode
-        clean_t, abl_t = [dec(c) for c in clean], [dec(c) for c in abl]
+        clean_t, abl_t = [piece(c) for c in clean], [piece(c) for c in abl]
         return LiveResult(
-            prompt_tokens=[dec([t]) for t in ids],
+            prompt_tokens=[piece([t]) for t in ids],
             truncated=dropped,
             clean=clean_t,
             ablated=abl_t,
