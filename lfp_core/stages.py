@@ -58,7 +58,12 @@ class StageSpec:
         return _resolve(self.run)
 
     def fingerprint_of(self, settings: Any) -> str | None:
-        return None if self.fingerprint is None else str(_resolve(self.fingerprint)(settings))
+        """The extra hash input, or None (no fingerprint function, or it has nothing to add: e.g. no
+        given tuned model, so a default run's hash is what it was)."""
+        if self.fingerprint is None:
+            return None
+        fp = _resolve(self.fingerprint)(settings)
+        return None if fp is None else str(fp)
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -91,7 +96,8 @@ STAGES: list[StageSpec] = [
         _P + "base:stage_prompts",
         {"prompts": _ALL},
         tasks=("vader",),
-        describe="build the RL and held-out prompt sets (IMDB train / test prefixes)",
+        fingerprint="lfp_core.texts:prompts_fingerprint",
+        describe="build the RL and held-out prompt sets (IMDB train / test prefixes, or the given prompts)",
     ),
     StageSpec(
         "base_samples",
@@ -119,7 +125,9 @@ STAGES: list[StageSpec] = [
         _P + "rl:stage_rlhf",
         {"rl_steps": _ALL, "rl_samples": _ALL, "models": Where(role="tuned")},
         tasks=("vader",),
-        describe="fine-tune the policy with GRPO against the VADER reward (KL to the base model)",
+        fingerprint="lfp_core.tuned:tuned_fingerprint",
+        describe="fine-tune the policy with GRPO against the VADER reward (KL to the base model), or take the "
+        "given tuned model",
     ),
     StageSpec(
         "rl_eval",
@@ -139,7 +147,8 @@ STAGES: list[StageSpec] = [
         _P + "rl:stage_dpo",
         {"rl_steps": _ALL, "rl_samples": _ALL, "models": Where(role="tuned")},
         tasks=("hh",),
-        describe="fine-tune the policy with DPO on HH-RLHF chosen/rejected pairs",
+        fingerprint="lfp_core.tuned:tuned_fingerprint",
+        describe="fine-tune the policy with DPO on HH-RLHF chosen/rejected pairs, or take the given tuned model",
     ),
     StageSpec(
         "rl_eval",
@@ -176,8 +185,9 @@ STAGES: list[StageSpec] = [
         {"act_docs": _ALL, "vocab": _ALL},
         tasks=("vader",),
         version=2,
+        fingerprint="lfp_core.texts:corpus_fingerprint",
         describe="harvest MLP outputs of the tuned and base models at the selected layers (held-out IMDB "
-        "text and completions)",
+        "text or the given corpus, and completions)",
     ),
     StageSpec(
         "saes",
@@ -234,6 +244,7 @@ STAGES: list[StageSpec] = [
         {t: _ALL for t in ("ablation_prefixes", "ablation_sets", "ablation_completions")},
         chunked=True,
         tasks=("vader",),
+        fingerprint="lfp_core.texts:corpus_fingerprint",
         describe="zero probe-top, labelled (positive and negative valence) and matched random feature sets of "
         "the tuned policy (error term kept); reward of sampled completions before/after, rank test",
         version=2,  # 2: >= 20 mass-matched random sets on rank_n prefixes, labelled split by sign, rank p

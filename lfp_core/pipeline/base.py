@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lfp_core import corpora, reward, sampling
+from lfp_core import corpora, reward, sampling, texts
 from lfp_core.errors import BadInputError
-from lfp_core.models import resolve_spec
+from lfp_core.models import continuation_decoder, resolve_spec
 from lfp_core.pipeline.core import Context
 from lfp_core.settings import (
     ModelStageSettings,
@@ -46,9 +46,31 @@ def stage_model(ctx: Context, s: ModelStageSettings, config_hash: str) -> None:
     ctx.commit(lambda con: RunWriter.put_model(con, "base", info), {"model": info})
 
 
+def given_prompts(ctx: Context, s: PromptsStageSettings) -> None:
+    """The researcher's prompts (``prompts.source``), each whole, split by document (lfp_core.texts)."""
+    m, p = ctx.model, s.prompts
+    assert p.source is not None
+    n_ctx = int(getattr(m.hf.config, "max_position_embeddings", None) or getattr(m.hf.config, "n_positions", 1024))
+    limit = max(1, n_ctx // 2)  # half the context: room for the completion (and the BOS)
+    rows, n_trimmed = texts.prompt_rows(m.tokenizer, texts.read_texts(p.source), p.n_train, p.n_eval, s.run.seed, limit)
+    if n_trimmed:
+        log.warning(
+            "%d given prompts are longer than %d tokens (half the context): their last %d kept", n_trimmed, limit, limit
+        )
+    n_train = sum(r["split"] == "train" for r in rows)
+    log.info("built %d RL and %d held-out prompts from %s", n_train, len(rows) - n_train, p.source)
+    ctx.commit(
+        lambda con: RunWriter.put_prompts(con, rows),
+        {"n_train": n_train, "n_eval": len(rows) - n_train, "source": p.source, "n_trimmed": n_trimmed},
+    )
+
+
 def stage_prompts(ctx: Context, s: PromptsStageSettings, config_hash: str) -> None:
     """The paper's prompt sets: RL prompts from IMDB train reviews, held-out prompts from IMDB test
-    reviews; model-sampled prefixes (two seeds) when no IMDB copy is reachable."""
+    reviews; model-sampled prefixes (two seeds) when no IMDB copy is reachable; or the researcher's
+    own prompts (``prompts.source``)."""
+    if s.prompts.source is not None:
+        return given_prompts(ctx, s)
     m, p, seed, gen = ctx.model, s.prompts, s.run.seed, s.generation.batch_size
     lo, hi = p.min_tokens, p.max_tokens
     try:
@@ -72,8 +94,9 @@ def stage_prompts(ctx: Context, s: PromptsStageSettings, config_hash: str) -> No
 
 def _completion_rows(tokenizer, role: str, jobs: list[tuple[int, int, int]], outs) -> list[dict]:
     rows = []
+    decode = continuation_decoder(tokenizer)  # the completion's text as it reads after its prompt
     for (pid, sidx, _), (ids, seed) in zip(jobs, outs):
-        text = tokenizer.decode(ids)
+        text = decode(ids)
         words = [w for w in reward.segment(text) if w.in_lexicon]
         raw = sum(w.valence for w in words)
         rows.append(
