@@ -18,6 +18,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,18 +170,16 @@ class LiveEngine:
         p0 = torch.softmax(clean_logits[0, -1], -1)
         p1 = torch.softmax(abl_logits[0, -1], -1)
         cand = torch.unique(torch.cat([p0.topk(top_k).indices, p1.topk(top_k).indices]))
-        next_tokens = sorted(
-            (
-                {
-                    "token": piece([int(t)]),
-                    "p_clean": float(p0[t]),
-                    "p_ablated": float(p1[t]),
-                    "change": float(p1[t] - p0[t]),
-                }
-                for t in cand
-            ),
-            key=lambda d: -abs(d["change"]),
-        )
+        changes: list[dict[str, Any]] = [
+            {
+                "token": piece([int(t)]),
+                "p_clean": float(p0[t]),
+                "p_ablated": float(p1[t]),
+                "change": float(p1[t] - p0[t]),
+            }
+            for t in cand
+        ]
+        next_tokens = sorted(changes, key=lambda d: -abs(d["change"]))
         acts = {}
         for layer, name in zip(features, names):
             a = cache[name][0]  # [pos, d_sae]

@@ -384,7 +384,9 @@ def prefix_rows(tokenizer, records: list[TextRecord], n: int, k: int, seed: int)
     replacement with a seeded generator (as :func:`lfp_core.corpora.imdb_prompts` draws IMDB prefixes)."""
     ids_all = [tokenizer(r.text[: k * 12], add_special_tokens=False)["input_ids"] for r in records]
     pool = [ids[:k] for ids in ids_all if len(ids) >= k]
-    picks = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False) if pool else []
+    if not pool:
+        return []
+    picks = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
     return [{"token_ids": [int(t) for t in pool[int(i)]]} for i in picks]
 
 

@@ -37,6 +37,10 @@ def _changed(group: str, name: str, value):
         return "http://127.0.0.1:9/v1"
     if (group, name) == ("rm", "layers"):
         return (1,)
+    if (group, name) == ("tuned", "path"):
+        return str(DEMO_MODEL_DIR)  # a model directory: its files go into the rlhf stage's hash
+    if name == "source":  # prompts.source, corpus.source: an existing file (the hash reads its bytes)
+        return str(DEMO_MODEL_DIR / "train_log.jsonl")
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return next(c for c in typing.get_args(hint) if c != value)

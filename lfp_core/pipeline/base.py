@@ -50,7 +50,8 @@ def given_prompts(ctx: Context, s: PromptsStageSettings) -> None:
     """The researcher's prompts (``prompts.source``), each whole, split by document (lfp_core.texts)."""
     m, p = ctx.model, s.prompts
     assert p.source is not None
-    n_ctx = int(getattr(m.hf.config, "max_position_embeddings", None) or getattr(m.hf.config, "n_positions", 1024))
+    c = m.hf.config
+    n_ctx = int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 1024)
     limit = max(1, n_ctx // 2)  # half the context: room for the completion (and the BOS)
     rows, n_trimmed = texts.prompt_rows(m.tokenizer, texts.read_texts(p.source), p.n_train, p.n_eval, s.run.seed, limit)
     if n_trimmed:
