@@ -356,3 +356,17 @@ def test_report_and_overview_say_the_pair_was_given(tmp_path, monkeypatch):
 def test_report_of_a_trained_pair_says_so(tiny):
     text = report.format_report(report.build_report(str(tiny)))
     assert "tuned model: trained here by GRPO, 6 steps" in text and "given" not in text
+
+
+@pytest.mark.slow
+def test_a_given_pair_on_the_hh_task_skips_dpo(stories, partner, shared_data, tmp_path):
+    out = tmp_path / "hh"
+    argv = ["--task", "hh", "--model", str(stories), "--tuned", str(partner), "--out", str(out)]
+    argv += ["--preset", "quick", "--data-dir", str(shared_data), "--set", "n_pairs=8", "--set", "n_eval_pairs=8"]
+    assert precompute.main([*argv, "--set", "divergence_sequences=8"]) == 0
+    r = RunReader(out)
+    assert r.rl_steps().empty and r.model_info("tuned")["source"] == "given"
+    ev = r.summary(RLEvalSummary)
+    assert ev is not None and ev.n_eval == 8 and ev.eval_margin is not None and ev.eval_margin["mean"] != 0
+    param = r.layer_divergence().sort_values("layer").param.to_numpy()
+    assert (param[list(PERTURBED)] > 0).all() and param[[0, 2, 4]].max() == 0

@@ -185,7 +185,11 @@ def vader_sections() -> None:
                 )
             with right:
                 shifts = data.word_shifts()
-                st.markdown("**Words RL made more / less frequent**")
+                st.markdown(
+                    "**Words the given tuned model uses more / less**"
+                    if given
+                    else "**Words RL made more / less frequent**"
+                )
                 if st.toggle("VADER-lexicon words only", key="ov_lexicon_only"):
                     shifts = shifts[shifts.valence != 0]
                 for direction in ("raised", "lowered"):
