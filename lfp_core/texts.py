@@ -319,20 +319,21 @@ def prompt_rows(
     tokenizer, records: list[TextRecord], n_train: int, n_eval: int, seed: int, max_tokens: int
 ) -> tuple[list[dict], int]:
     """The prompts table's rows of a researcher's texts (RL prompts first, then held-out ones, each in
-    file order) and how many were trimmed to ``max_tokens`` (their last tokens kept).
+    file order) and how many of them were trimmed to ``max_tokens`` (their last tokens kept).
 
     Raises:
         BadInputError: no text left with a token, or no held-out prompt.
     """
     ids_of: list[list[int]] = []
     keep: list[TextRecord] = []
-    n_trimmed = 0
+    trimmed: set[int] = set()
     for r in records:
         ids = list(tokenizer(r.text, add_special_tokens=False)["input_ids"])
         if not ids:
             continue
         if len(ids) > max_tokens:
-            ids, n_trimmed = ids[-max_tokens:], n_trimmed + 1
+            ids = ids[-max_tokens:]
+            trimmed.add(len(keep))
         ids_of.append(ids)
         keep.append(r)
     rng = np.random.default_rng([seed, 43])
@@ -349,6 +350,7 @@ def prompt_rows(
     if not chosen["eval"]:
         raise BadInputError("the given prompts leave no held-out prompt (each text tokenised to nothing?)")
     rows: list[dict] = []
+    n_trimmed = len(trimmed & {*chosen["train"], *chosen["eval"]})
     for split in ("train", "eval"):
         for i in sorted(chosen[split]):
             ids = ids_of[i]

@@ -66,8 +66,14 @@ def _config_and_tokenizer(spec, role: str) -> tuple[Any, Any]:
         config = AutoConfig.from_pretrained(spec.location, **kwargs)
         tok = AutoTokenizer.from_pretrained(spec.location, **kwargs)
     except (OSError, ValueError) as exc:
-        why = " (the hub is offline and it is not in the local cache)" if kwargs else ""
-        raise ModelLoadError(f"{role} {spec.location}: could not read its config and tokenizer{why}: {exc}") from None
+        if kwargs:
+            raise ModelLoadError(
+                f"{role} {spec.location} is a hub id but the hub is offline (HF_HUB_OFFLINE=1) and it is not in the "
+                f"local cache; on a machine with network run `hf download {spec.location} --local-dir "
+                f"models/{spec.location.split('/')[-1]}` and pass that directory"
+            ) from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line
+        raise ModelLoadError(f"{role} {spec.location}: could not read its config and tokenizer: {first}") from None
     if tok.pad_token is None:  # as lfp_core.models.load_model does, so a saved policy compares equal
         tok.pad_token = tok.eos_token
     return config, tok

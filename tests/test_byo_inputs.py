@@ -210,6 +210,11 @@ def test_a_missing_tuned_model_is_refused(stories, tmp_path, capsys):
     assert "--tuned" in err and str(tmp_path / "nope") in err
 
 
+def test_a_tuned_hub_id_while_offline_says_how_to_get_it(tmp_path, capsys):
+    err = _refused(["--tuned", "someorg/some-model"], tmp_path / "run", capsys)
+    assert "hub is offline" in err and "hf download someorg/some-model" in err
+
+
 def test_a_corpus_line_without_text_is_refused_naming_the_line(tmp_path, capsys):
     bad = _write_jsonl(tmp_path / "c.jsonl", [{"text": "a"}, {"text": "b"}, {"body": "c"}])
     err = _refused(["--corpus", str(bad)], tmp_path / "run", capsys)
@@ -287,8 +292,12 @@ def test_the_prompt_split_honours_split_fields_and_caps_counts(stories):
     ev = [r for r in rows if r["split"] == "eval"]
     tr = [r for r in rows if r["split"] == "train"]
     assert len(ev) == 6 and len(tr) == 5 and {"line 1", "line 2", "line 3"} <= {r["doc_id"] for r in ev}
-    long = [r for r in recs if len(tok(r.text, add_special_tokens=False)["input_ids"]) > 3]
-    assert trimmed == len(long) > 0 and all(r["n_tokens"] <= 3 for r in rows)
+    n_long = sum(
+        len(tok(r.text, add_special_tokens=False)["input_ids"]) > 3
+        for r in recs
+        if r.where in {x["doc_id"] for x in rows}
+    )
+    assert trimmed == n_long > 0 and all(r["n_tokens"] <= 3 for r in rows)
     ends = {r.where: tok(r.text, add_special_tokens=False)["input_ids"][-3:] for r in recs}
     assert all(r["token_ids"] == ends[r["doc_id"]] for r in rows)  # a long prompt keeps its end
     assert [r["prompt_id"] for r in rows] == list(range(11))
