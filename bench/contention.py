@@ -42,7 +42,14 @@ def _train_grpo(base, prompt_ids: list[list[int]], steps: int, artifacts: Path) 
     from trl import GRPOTrainer
 
     from lfp_core.rlhf import train_policy
-    from lfp_core.settings import CompletionSettings, RewardSettings, RLSettings, RLStageSettings, RunSettings
+    from lfp_core.settings import (
+        CompletionSettings,
+        RewardSettings,
+        RLSettings,
+        RLStageSettings,
+        RunSettings,
+        TunedSettings,
+    )
 
     times: list[float] = []
     orig = GRPOTrainer.training_step
@@ -58,6 +65,7 @@ def _train_grpo(base, prompt_ids: list[list[int]], steps: int, artifacts: Path) 
         reward=RewardSettings(),
         rl=RLSettings(steps=steps, save_every=10**6),
         completions=CompletionSettings(),
+        tuned=TunedSettings(),
     )
     with mock.patch.object(GRPOTrainer, "training_step", timed):
         train_policy(base, prompt_ids, s, artifacts)

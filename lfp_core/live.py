@@ -18,12 +18,14 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lfp_core import ablation, saes
 from lfp_core.errors import BadInputError
+from lfp_core.models import continuation_decoder
 from lfp_core.rewards import Reward, VaderReward, load_reward
 from lfp_core.settings import reward_settings_of, run_settings_of
 from lfp_core.store import RunReader, artifacts_dir
@@ -166,6 +168,7 @@ class LiveEngine:
         self, text: str, features: dict[int, list[int]], n: int, new_tokens: int, seed: int, top_k: int
     ) -> LiveResult:
         ids, dropped = self.encode(text, new_tokens)
+        piece = continuation_decoder(self.tokenizer)  # tokens and completions with their leading spaces
         toks = torch.tensor([ids], dtype=torch.long, device=self.device)
         names = [f"{ablation._hook_point(self.saes[layer])}" for layer in features]
         clean_logits, cache = ablation.run_with_ablation(self.model, self.saes, {}, toks, names)
@@ -173,28 +176,25 @@ class LiveEngine:
         p0 = torch.softmax(clean_logits[0, -1], -1)
         p1 = torch.softmax(abl_logits[0, -1], -1)
         cand = torch.unique(torch.cat([p0.topk(top_k).indices, p1.topk(top_k).indices]))
-        next_tokens = sorted(
-            (
-                {
-                    "token": self.tokenizer.decode([int(t)]),
-                    "p_clean": float(p0[t]),
-                    "p_ablated": float(p1[t]),
-                    "change": float(p1[t] - p0[t]),
-                }
-                for t in cand
-            ),
-            key=lambda d: -abs(d["change"]),
-        )
+        changes: list[dict[str, Any]] = [
+            {
+                "token": piece([int(t)]),
+                "p_clean": float(p0[t]),
+                "p_ablated": float(p1[t]),
+                "change": float(p1[t] - p0[t]),
+            }
+            for t in cand
+        ]
+        next_tokens = sorted(changes, key=lambda d: -abs(d["change"]))
         acts = {}
         for layer, name in zip(features, names):
             a = cache[name][0]  # [pos, d_sae]
             for f in features[layer]:
                 acts[(layer, f)] = [float(x) for x in a[:, f]]
         clean, abl = ablation.coupled_rows(self.model, self.saes, features, toks.repeat(n, 1), new_tokens, seed)
-        dec = self.tokenizer.decode
-        clean_t, abl_t = [dec(c) for c in clean], [dec(c) for c in abl]
+        clean_t, abl_t = [piece(c) for c in clean], [piece(c) for c in abl]
         return LiveResult(
-            prompt_tokens=[dec([t]) for t in ids],
+            prompt_tokens=[piece([t]) for t in ids],
             truncated=dropped,
             clean=clean_t,
             ablated=abl_t,

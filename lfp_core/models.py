@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,31 @@ def load_model(spec: str | os.PathLike | None = "demo", device: str = "cpu") -> 
         tokenizer.pad_token = tokenizer.eos_token
     hf.to(device).eval()  # type: ignore[arg-type]  # transformers types PreTrainedModel.to via functools.wraps
     return LoadedModel(spec=ms, hf=hf, tokenizer=tokenizer, device=device)
+
+
+def strips_leading_space(tokenizer) -> bool:
+    """Whether decoding drops the first token's leading space, so ``decode(a) + decode(b)`` is not
+    ``decode(a + b)``: SentencePiece tokenizers such as Llama's decode ``"▁there"`` alone as ``"there"``.
+    Byte-level BPE tokenizers (GPT-2, GPT-NeoX, the demo model) keep it (``"Ġthere"`` → ``" there"``)."""
+    ids = tokenizer("one two three", add_special_tokens=False)["input_ids"]
+    whole = tokenizer.decode(ids)
+    return any(tokenizer.decode(ids[:i]) + tokenizer.decode(ids[i:]) != whole for i in range(1, len(ids)))
+
+
+def continuation_decoder(tokenizer, **decode_kwargs: Any) -> Callable[[Sequence[int]], str]:
+    """A function that decodes token ids as they read after earlier text: a completion keeps its
+    leading space and a single token its own (``" there"``), so prompt text + completion text reads
+    as the whole sequence does.
+
+    For tokenizers that decode pieces faithfully this is ``tokenizer.decode`` itself; for those that
+    strip a leading space (:func:`strips_leading_space`) the ids are decoded behind an anchor token
+    whose text is then cut off.
+    """
+    if not strips_leading_space(tokenizer):
+        return lambda ids: tokenizer.decode(list(ids), **decode_kwargs)
+    anchor = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    head = len(tokenizer.decode(anchor, **decode_kwargs))
+    return lambda ids: tokenizer.decode(anchor + list(ids), **decode_kwargs)[head:]
 
 
 def to_hooked(hf, tokenizer, spec: ModelSpec, device: str = "cpu"):

@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from lfp_core import texts
 from lfp_core.config import default_data_dir
 from lfp_core.errors import BadInputError, ConfigError, MissingInputError, StageFailure
 from lfp_core.resources import Meter
@@ -27,6 +28,7 @@ from lfp_core.rewards import check_reward
 from lfp_core.settings import LAYOUT, PRESETS, RunConfig, Task, preset_config, resolve_name, settings_hash
 from lfp_core.stages import STAGES, stages_for
 from lfp_core.store import DB_NAME, RunWriter, StoreError, db_path
+from lfp_core.tuned import check_tuned
 
 log = logging.getLogger("lfp_core.precompute")
 
@@ -155,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="the reward (sets reward.spec): vader (default) | classifier:PATH_OR_ID[:LABEL][@prob] | "
         "reward-model:PATH_OR_ID | python:MODULE:FUNCTION (see lfp_core/rewards.py)",
     )
+    ap.add_argument(
+        "--tuned",
+        default=None,
+        metavar="PATH_OR_HUB_ID",
+        help="a tuned model of the base model (local HF directory or hub id): the rlhf stage takes it instead of "
+        "training one (same architecture, shape and tokenizer as --model; checked before anything runs)",
+    )
+    ap.add_argument(
+        "--prompts",
+        default=None,
+        metavar="SRC",
+        help="your own prompts instead of IMDB prefixes: a JSONL file with a 'text' field (optional 'split': "
+        "train/eval) or hf:NAME_OR_PATH[:SPLIT[:COLUMN]]; each text is one whole prompt",
+    )
+    ap.add_argument(
+        "--corpus",
+        default=None,
+        metavar="SRC",
+        help="your own documents instead of the held-out IMDB reviews of the activation corpus (and the "
+        "ablation prefixes): a JSONL file with a 'text' field or hf:NAME_OR_PATH[:SPLIT[:COLUMN]]",
+    )
     ap.add_argument("--out", required=True, type=Path, help="run directory (created if missing)")
     ap.add_argument(
         "--data-dir", default=None, help="public data sets folder (default: $LFP_DATA_DIR or ../shared/data)"
@@ -193,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _absolute_model(spec: str | None) -> str | None:
+    """A local model directory as an absolute path (the run records where the model came from); a hub id as is."""
+    if spec is None or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def preflight(cfg: RunConfig) -> None:
+    """The checks of the researcher's inputs that need no heavy work, before anything is written:
+    a given tuned model against the base (config and tokenizer files), the given prompts and corpus, the
+    reward plug-in.
+
+    Raises:
+        BadInputError: the first input that is wrong, with a one-line reason.
+    """
+    check_tuned(cfg)
+    texts.check_texts(cfg)
+    check_reward(cfg)  # loads the plug-in and scores two probe pairs (the heaviest check: last)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config the command line asks for: the preset, then the named flags, then ``--set``.
 
@@ -216,6 +259,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         llm_model=args.llm_model,
         llm_base_url=args.llm_base_url,
         data_dir=str(Path(data_dir).resolve()) if data_dir else None,
+        tuned=_absolute_model(args.tuned),
+        prompts_source=texts.absolute_spec(args.prompts),
+        corpus_source=texts.absolute_spec(args.corpus),
     )
     try:
         values.update(parse_overrides(args.set))
@@ -250,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
                 "(nothing was computed); or use --labeller offline"
             )
-        check_reward(cfg)  # loads the plug-in and scores two probe pairs; nothing is written before
+        preflight(cfg)
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))
             log.info("moved the old %s aside to %s", DB_NAME, moved)

@@ -486,8 +486,11 @@ def swap_tables(tokenizer, lexicon: dict[str, float]) -> tuple[dict[int, int], d
     word = re.compile(r"^( ?)([A-Za-z]{3,})$")
     lex_tok: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
     neutral_tok: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
+    from lfp_core.models import continuation_decoder
+
+    piece = continuation_decoder(tokenizer)  # each token with its own leading space (Llama's "▁good" too)
     for tid in range(len(tokenizer)):
-        m = word.match(tokenizer.decode([tid]))
+        m = word.match(piece([tid]))
         if not m:
             continue
         space, w = bool(m.group(1)), m.group(2).lower()

@@ -25,14 +25,17 @@ from lfp_core.stages import stages_for
 from lfp_core.store import SCHEMA_VERSION, RunReader, done_summary
 from lfp_core.store.summaries import (
     AblationSummary,
+    ActivationsSummary,
     AttributionSummary,
     BaseSamplesSummary,
     DivergenceSummary,
     LabelsSummary,
     ProbeRoleSummary,
     ProbesSummary,
+    PromptsSummary,
     RewardModelSummary,
     RLEvalSummary,
+    RLHFSummary,
     SAEsSummary,
 )
 
@@ -72,6 +75,17 @@ def build_report(run_dir: str) -> dict:
         "stages": stages,
         "base_reward": r.reward_summary("base"),
     }
+    inputs = {
+        "prompts": getattr(done_summary(records, PromptsSummary), "source", None),
+        "corpus": getattr(done_summary(records, ActivationsSummary), "source", None),
+    }
+    if any(inputs.values()):
+        rep["inputs"] = {k: v for k, v in inputs.items() if v}
+    rl = done_summary(records, RLHFSummary)
+    if rl is not None:  # a given pair (nothing trained here: no RL curve) or the policy trained here
+        rep["tuned_model"] = (
+            {"given": rl.given} if rl.given else {"trained_by": "GRPO" if task == "vader" else "DPO", "steps": rl.steps}
+        )
     ev = done_summary(records, RLEvalSummary)
     if ev is not None:
         rep["rlhf"] = (
@@ -93,6 +107,7 @@ def build_report(run_dir: str) -> dict:
                 "n_train": ev.n_train,
             }
         )
+        rep["rlhf"]["given"] = rl.given if rl is not None else None
     dv = done_summary(records, DivergenceSummary)
     if dv is not None:
         div = r.layer_divergence()
@@ -340,6 +355,21 @@ def format_report(rep: dict) -> str:
     lines.append("stages: " + ", ".join(f"{k} {v}" for k, v in rep["stages"].items()))
     for stage, skipped in rep.get("not_applicable", {}).items():
         lines += [f"not applicable ({stage}, {what}): {why}" for what, why in skipped.items()]
+    if rep.get("inputs"):
+        lines.append(
+            "texts: "
+            + "; ".join(
+                f"{'prompts' if k == 'prompts' else 'activation corpus'} from {v}" for k, v in rep["inputs"].items()
+            )
+        )
+    tm = rep.get("tuned_model")
+    if tm and tm.get("given"):
+        lines.append(
+            f"tuned model: given: {tm['given']} (not trained here, so there is no RL training curve or per-step "
+            "reward; the evaluation below compares the given pair)"
+        )
+    elif tm:
+        lines.append(f"tuned model: trained here by {tm['trained_by']}, {tm['steps']} steps")
     b = rep["base_reward"]
     if rep["run"].get("task", "vader") == "vader":
         lines.append(
@@ -417,7 +447,7 @@ def format_report(rep: dict) -> str:
                 f"contrastive probe (ridge on F(x) − F(x with a neutral word), fitted on training words): τ "
                 f"{ct['tau']:.3f} (p {ct['p']:.1e}) on {ct['n_words']} held-out words"
             )
-        if "logistic" in p:
+        if "imdb" in p.get("logistic", {}):  # a given corpus has no IMDB reviews
             lg = p["logistic"]["imdb"]
             lines.append(
                 f"IMDB pos/neg logistic probe on SAE features: {lg['acc']:.3f} (95% CI {lg['ci_low']:.3f}–"

@@ -158,10 +158,13 @@ def token_valence_table(tokenizer, vocab_size: int | None = None) -> list[float]
     space followed by exactly one word (by :func:`segment`, e.g. ``" good"`` → 1.9): the valence a token adds
     to the reward when it is a whole word. Every other token gets 0 — word-internal pieces (``"ily"`` of
     ``" family"`` is no lexicon word there), and the pieces of a word split over several tokens."""
+    from lfp_core.models import continuation_decoder  # torch: only when a table is built
+
     n = vocab_size if vocab_size is not None else len(tokenizer)
+    piece = continuation_decoder(tokenizer, skip_special_tokens=False)  # " good" also for Llama's "▁good"
     out = []
     for i in range(n):
-        text = tokenizer.decode([i], skip_special_tokens=False)
+        text = piece([i])
         words = segment(text) if text[:1].isspace() else []
         out.append(words[0].valence if len(words) == 1 else 0.0)
     return out

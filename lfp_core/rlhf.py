@@ -106,7 +106,10 @@ def train_policy(
     if not prompt_ids:
         raise BadInputError("the RL prompt set is empty: run the prompts stage with --n-prompts >= 1")
     tok = base.tokenizer
-    bos = tok.bos_token or ""
+    # trl tokenises the prompt texts with the tokenizer's own special tokens: prepend BOS only where the
+    # tokenizer does not add it itself (Llama's does; a second one would train on "<s><s>prompt")
+    adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    bos = "" if adds_bos else (tok.bos_token or "")
     texts = [bos + tok.decode(ids) for ids in prompt_ids]
     dataset = Dataset.from_dict({"prompt": texts})
     ckpt_dir, final_dir = _fresh_checkpoint_dir(artifacts, config_hash), artifacts / "policy"

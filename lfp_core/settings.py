@@ -110,15 +110,21 @@ class RewardSettings:
 @dataclass(frozen=True)
 class PromptSettings:
     """RL (training) prompts from IMDB *train* reviews and held-out prompts from IMDB *test* reviews;
-    prefix lengths inclusive (paper: 2–9)."""
+    prefix lengths inclusive (paper: 2–9). ``source``: the researcher's own prompts instead (a JSONL
+    file with a ``text`` field, or ``hf:NAME_OR_PATH[:SPLIT[:COLUMN]]``; see :mod:`lfp_core.texts`):
+    each text is one whole prompt, split into RL and held-out prompts by document (an optional
+    ``split`` field of "train"/"eval" is honoured); the prefix lengths then do not apply."""
 
     n_train: int = field(default=256, metadata=_flat("n_prompts"))
     n_eval: int = field(default=256, metadata=_flat("n_eval_prompts"))
     min_tokens: int = field(default=2, metadata=_flat("prompt_min_tokens"))
     max_tokens: int = field(default=9, metadata=_flat("prompt_max_tokens"))
+    source: str | None = field(default=None, metadata=_flat("prompts_source"))
 
     def __post_init__(self) -> None:
         _check_positive(self, "n_train", "n_eval", "min_tokens")
+        if self.source is not None and not self.source.strip():
+            raise ConfigError("prompts.source (prompts_source) must name a JSONL file or hf:DATASET, got ''")
         if self.min_tokens > self.max_tokens:
             raise ConfigError(
                 f"need prompts.min_tokens <= prompts.max_tokens, got {self.min_tokens} > {self.max_tokens}"
@@ -217,6 +223,19 @@ class DPOSettings:
 
 
 @dataclass(frozen=True)
+class TunedSettings:
+    """A tuned model given by the researcher instead of the one the rlhf stage trains: a local HF
+    directory or a hub id (None: train it here, by GRPO or DPO). It must share the base model's
+    architecture, shape and tokenizer (checked before a run starts, :func:`lfp_core.tuned.check_tuned`)."""
+
+    path: str | None = field(default=None, metadata=_flat("tuned"))
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not self.path.strip():
+            raise ConfigError("tuned.path (tuned) must name a local model directory or a hub id, got ''")
+
+
+@dataclass(frozen=True)
 class DivergenceSettings:
     """How many of the most divergent layers later stages study; the measure that picks them
     ('activation': MLP-output 1 − cos, default; 'param': the paper's, nearly flat across
@@ -236,14 +255,19 @@ class CorpusSettings:
     """The activation corpus: held-out IMDB (test) reviews cut to their first ``doc_tokens``
     tokens (model-sampled documents when IMDB is not reachable), plus every base and tuned
     completion of the held-out prompts; every ``eval_every``-th document is held out from SAE
-    training (metrics use it)."""
+    training (metrics use it). ``source``: the researcher's own documents instead of the IMDB
+    reviews (a JSONL file with a ``text`` field, or ``hf:NAME_OR_PATH[:SPLIT[:COLUMN]]``; see
+    :mod:`lfp_core.texts`), also the source of the ablation prefixes."""
 
     docs: int = field(default=3000, metadata=_flat("sae_corpus_docs"))
     doc_tokens: int = field(default=128, metadata=_flat("sae_doc_tokens"))
     eval_every: int = field(default=10, metadata=_flat("sae_eval_every"))
+    source: str | None = field(default=None, metadata=_flat("corpus_source"))
 
     def __post_init__(self) -> None:
         _check_positive(self, "docs", "doc_tokens", "eval_every")
+        if self.source is not None and not self.source.strip():
+            raise ConfigError("corpus.source (corpus_source) must name a JSONL file or hf:DATASET, got ''")
 
 
 @dataclass(frozen=True)
@@ -460,6 +484,7 @@ class RunConfig:
     rl: RLSettings = field(default_factory=RLSettings)
     pairs: PairSettings = field(default_factory=PairSettings)
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    tuned: TunedSettings = field(default_factory=TunedSettings)
     divergence: DivergenceSettings = field(default_factory=DivergenceSettings)
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     sae: SAESettings = field(default_factory=SAESettings)
@@ -774,12 +799,14 @@ class RLStageSettings:
     reward: RewardSettings
     rl: RLSettings
     completions: CompletionSettings
+    tuned: TunedSettings
 
 
 @dataclass(frozen=True)
 class DPOStageSettings:
     run: RunSettings
     dpo: DPOSettings
+    tuned: TunedSettings
 
 
 @dataclass(frozen=True)
@@ -830,6 +857,7 @@ class AblationStageSettings:
     ablation: AblationSettings
     completions: CompletionSettings
     generation: GenerationSettings
+    corpus: CorpusSettings  # its ``source``: the ablation prefixes come from the researcher's corpus
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class StageSpec:
     run: str
     clears: dict[str, Where] = field(default_factory=dict)
     chunked: bool = False
-    fingerprint: str | None = None
+    fingerprint: str | tuple[str, ...] | None = None
     describe: str = ""
     tasks: tuple[str, ...] = ("vader", "hh")
     version: int = 1
@@ -58,9 +58,14 @@ class StageSpec:
         return _resolve(self.run)
 
     def fingerprint_of(self, settings: Any) -> str | None:
-        """The extra hash input of :attr:`fingerprint` (None: no fingerprint, or none for these settings)."""
-        fp = None if self.fingerprint is None else _resolve(self.fingerprint)(settings)
-        return None if fp is None else str(fp)
+        """The extra hash input, or None (no fingerprint function, or none has anything to add: e.g. the
+        VADER reward and no given tuned model, so a default run's hash is what it was). Several functions'
+        inputs are joined in order."""
+        refs = (self.fingerprint,) if isinstance(self.fingerprint, str) else tuple(self.fingerprint or ())
+        parts = [fp for fp in (_resolve(r)(settings) for r in refs) if fp is not None]
+        if not parts:
+            return None
+        return str(parts[0]) if len(parts) == 1 else "+".join(map(str, parts))
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -94,7 +99,8 @@ STAGES: list[StageSpec] = [
         _P + "base:stage_prompts",
         {"prompts": _ALL},
         tasks=("vader",),
-        describe="build the RL and held-out prompt sets (IMDB train / test prefixes)",
+        fingerprint="lfp_core.texts:prompts_fingerprint",
+        describe="build the RL and held-out prompt sets (IMDB train / test prefixes, or the given prompts)",
     ),
     StageSpec(
         "base_samples",
@@ -124,8 +130,9 @@ STAGES: list[StageSpec] = [
         _P + "rl:stage_rlhf",
         {"rl_steps": _ALL, "rl_samples": _ALL, "models": Where(role="tuned")},
         tasks=("vader",),
-        describe="fine-tune the policy with GRPO against the run's reward (VADER by default; KL to the base model)",
-        fingerprint=_REWARD_FP,
+        fingerprint=(_REWARD_FP, "lfp_core.tuned:tuned_fingerprint"),
+        describe="fine-tune the policy with GRPO against the run's reward (VADER by default; KL to the base model), "
+        "or take the given tuned model",
     ),
     StageSpec(
         "rl_eval",
@@ -146,7 +153,8 @@ STAGES: list[StageSpec] = [
         _P + "rl:stage_dpo",
         {"rl_steps": _ALL, "rl_samples": _ALL, "models": Where(role="tuned")},
         tasks=("hh",),
-        describe="fine-tune the policy with DPO on HH-RLHF chosen/rejected pairs",
+        fingerprint="lfp_core.tuned:tuned_fingerprint",
+        describe="fine-tune the policy with DPO on HH-RLHF chosen/rejected pairs, or take the given tuned model",
     ),
     StageSpec(
         "rl_eval",
@@ -183,8 +191,9 @@ STAGES: list[StageSpec] = [
         {"act_docs": _ALL, "vocab": _ALL},
         tasks=("vader",),
         version=2,
+        fingerprint="lfp_core.texts:corpus_fingerprint",
         describe="harvest MLP outputs of the tuned and base models at the selected layers (held-out IMDB "
-        "text and completions)",
+        "text or the given corpus, and completions)",
     ),
     StageSpec(
         "saes",
@@ -243,10 +252,10 @@ STAGES: list[StageSpec] = [
         {t: _ALL for t in ("ablation_prefixes", "ablation_sets", "ablation_completions")},
         chunked=True,
         tasks=("vader",),
+        fingerprint=("lfp_core.texts:corpus_fingerprint", _REWARD_FP),
         describe="zero probe-top, labelled (positive and negative valence) and matched random feature sets of "
         "the tuned policy (error term kept); reward of sampled completions before/after, rank test",
         version=2,  # 2: >= 20 mass-matched random sets on rank_n prefixes, labelled split by sign, rank p
-        fingerprint=_REWARD_FP,
     ),
     StageSpec(
         "reward_model",

@@ -73,7 +73,9 @@ def test_each_stage_gets_its_settings_object_and_reruns_only_when_it_changes(tin
     cfg = preset_config("quick")
     assert precompute.run_pipeline(cfg, run) == {k: "done" for k in ("root", "rl", "div", "feat")}
     got = dict(CALLS)
-    assert got["rl"] == RLStageSettings(run=cfg.run, reward=cfg.reward, rl=cfg.rl, completions=cfg.completions)
+    assert got["rl"] == RLStageSettings(
+        run=cfg.run, reward=cfg.reward, rl=cfg.rl, completions=cfg.completions, tuned=cfg.tuned
+    )
     assert type(got["feat"]) is FeaturesStageSettings and not hasattr(got["feat"], "rl")
 
     CALLS.clear()

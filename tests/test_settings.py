@@ -39,6 +39,10 @@ def _changed(group: str, name: str, value):
         return (1,)
     if (group, name) == ("reward", "spec"):
         return "python:json:dumps"  # parses (not loaded: hashing reads the module's source file only)
+    if (group, name) == ("tuned", "path"):
+        return str(DEMO_MODEL_DIR)  # a model directory: its files go into the rlhf stage's hash
+    if name == "source":  # prompts.source, corpus.source: an existing file (the hash reads its bytes)
+        return str(DEMO_MODEL_DIR / "train_log.jsonl")
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return next(c for c in typing.get_args(hint) if c != value)

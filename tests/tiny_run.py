@@ -148,7 +148,10 @@ class TinyRun:
             self._done(con, "base_samples", {"reward": evaluation.reward_stats(np.array([r["reward"] for r in rows]))})
         return self
 
-    def rlhf(self, steps: int = 6) -> TinyRun:
+    def rlhf(self, steps: int = 6, given: str | None = None) -> TinyRun:
+        """The GRPO stage's rows; with ``given`` (a path), a tuned model given instead: no steps or samples."""
+        if given is not None:
+            steps = 0
         step_rows = [
             {
                 "step": s,
@@ -170,9 +173,9 @@ class TinyRun:
                 con,
                 "tuned",
                 {
-                    "name": "tiny-test-model + GRPO (VADER)",
-                    "source": "tests",
-                    "location": "artifacts/policy",
+                    "name": "tiny-test-model + GRPO (VADER)" if given is None else "tiny-tuned (given)",
+                    "source": "tests" if given is None else "given",
+                    "location": "artifacts/policy" if given is None else given,
                     "architecture": "GPTNeoXForCausalLM",
                     "n_params": 1_234_567,
                     "n_layers": self.n_layers,
@@ -182,16 +185,12 @@ class TinyRun:
             )
             put_rows(con, "rl_steps", step_rows)
             put_rows(con, "rl_samples", samples)
-            self._done(
-                con,
-                "rlhf",
-                {
-                    "policy_dir": "artifacts/policy",
-                    "steps": steps,
-                    "first_reward": 0.0,
-                    "last10_reward": float(np.mean([r["reward"] for r in step_rows])),
-                },
+            said = (
+                {"first_reward": 0.0, "last10_reward": float(np.mean([r["reward"] for r in step_rows]))}
+                if given is None
+                else {"given": given}
             )
+            self._done(con, "rlhf", {"policy_dir": "artifacts/policy", "steps": steps, **said})
         return self
 
     def rl_eval(self) -> TinyRun:

@@ -11,7 +11,7 @@ from lfp_core import viz
 from lfp_core.report import not_applicable, run_reward
 from lfp_core.settings import run_settings_of
 from lfp_core.stages import describe_stages
-from lfp_core.store.summaries import RLEvalSummary
+from lfp_core.store.summaries import ActivationsSummary, PromptsSummary, RLEvalSummary, RLHFSummary
 from views.common import report_text, require_run
 from views.data import RunData
 
@@ -29,6 +29,16 @@ if run_settings_of(info.get("config")).task == "vader":
     reward_line = f"reward **{rw['name']}** (`{rw['spec']}`) · "
 created = f"preset **{info.get('preset')}** · created {info.get('created_at')} · `{run_dir}`"
 st.caption(f"{model_line}{reward_line}{created}")
+rlhf = data.summary(RLHFSummary)
+given = rlhf.given if rlhf is not None else None  # a tuned model given by the researcher, not trained here
+prompts_s, acts_s = data.summary(PromptsSummary), data.summary(ActivationsSummary)
+inputs = [
+    f"{what} from `{x.source}`"
+    for what, x in (("prompts", prompts_s), ("activation corpus", acts_s))
+    if x is not None and x.source
+]
+if given or inputs:
+    st.caption(" · ".join(([f"tuned model **given**: `{given}`"] if given else []) + inputs))
 
 c1, c2, c3, c4 = st.columns(4)
 if model:
@@ -80,7 +90,12 @@ def hh_sections() -> None:
     st.subheader("DPO on HH-RLHF preference pairs")
     steps = data.rl_steps()
     d = data.summary(RLEvalSummary)
-    if steps.empty:
+    if given:
+        st.info(
+            f"Tuned model given: `{given}`. It was not trained here, so there is no DPO loss or margin curve; "
+            "the implicit-reward evaluation below compares the given pair on the same pairs."
+        )
+    elif steps.empty:
         st.info("The policy has not been DPO-tuned yet: the rlhf stage has not run.")
         return
     if d is not None and d.eval_margin is not None:
@@ -88,7 +103,8 @@ def hh_sections() -> None:
         e1.metric("Held-out implicit-reward accuracy", f"{d.eval_accuracy:.3f}", help=f"n = {d.n_eval} pairs")
         e2.metric("Held-out margin (chosen − rejected)", f"{d.eval_margin['mean']:+.4f} ± {d.eval_margin['se']:.4f}")
         e3.metric("Training-pair accuracy", f"{d.train_accuracy:.3f}", help=f"n = {d.n_train} pairs")
-    st.line_chart(steps.set_index("step")[["loss", "reward"]].rename(columns={"reward": "batch margin"}))
+    if not steps.empty:
+        st.line_chart(steps.set_index("step")[["loss", "reward"]].rename(columns={"reward": "batch margin"}))
     pairs = data.pairs("eval")
     st.caption('Held-out pairs (first 5); the prompt ends at the last "Assistant:" turn.')
     st.dataframe(pairs.head(5)[["subset", "prompt", "chosen", "rejected"]], hide_index=True, width="stretch")
@@ -121,10 +137,15 @@ def vader_sections() -> None:
                 width="stretch",
             )
 
-    st.subheader("RL fine-tuning (GRPO against the VADER reward)")
+    st.subheader("Tuned model (given)" if given else "RL fine-tuning (GRPO against the VADER reward)")
     steps = data.rl_steps()
     d = data.summary(RLEvalSummary)
-    if steps.empty:
+    if given:
+        st.info(
+            f"Tuned model given: `{given}`. It was not trained here, so there is no RL reward or KL curve; "
+            "the held-out evaluation below compares the given pair on the same prompts, lengths and seeds."
+        )
+    if steps.empty and not given:
         st.info("The policy has not been fine-tuned yet: the rlhf stage has not run.")
     else:
         if d is not None and d.difference is not None and d.reward_tuned is not None:
@@ -158,7 +179,8 @@ def vader_sections() -> None:
                     else ")."
                 )
             )
-        st.plotly_chart(viz.rl_curves(steps), width="stretch")
+        if not steps.empty:
+            st.plotly_chart(viz.rl_curves(steps), width="stretch")
         pairs = data.paired_completions(limit=200)
         if not pairs.empty:
             left, right = st.columns([3, 2])
@@ -175,7 +197,11 @@ def vader_sections() -> None:
                 )
             with right:
                 shifts = data.word_shifts()
-                st.markdown("**Words RL made more / less frequent**")
+                st.markdown(
+                    "**Words the given tuned model uses more / less**"
+                    if given
+                    else "**Words RL made more / less frequent**"
+                )
                 if st.toggle("VADER-lexicon words only", key="ov_lexicon_only"):
                     shifts = shifts[shifts.valence != 0]
                 for direction in ("raised", "lowered"):

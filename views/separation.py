@@ -33,8 +33,8 @@ for role in ("tuned", "base"):
         )
 if not rows:
     st.info(
-        "This run's corpus has no labelled texts (IMDB was not reachable when it was built), so there is "
-        "nothing to separate."
+        "This run's corpus has no labelled texts (no IMDB reviews: IMDB was not reachable when it was built, "
+        "or the run was given its own corpus), so there is nothing to separate."
     )
     st.stop()
 st.subheader("Logistic probes (held-out accuracy)")

@@ -51,6 +51,9 @@ import pandas as pd
 import torch
 
 from lfp_core import ablation, corpora
+from lfp_core import texts as given_texts
+from lfp_core.errors import BadInputError
+from lfp_core.models import continuation_decoder
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.shared import own_saes, run_reward, selected_layers, tuned_policy
 from lfp_core.settings import AblationStageSettings
@@ -62,16 +65,31 @@ TESTED = ("probe_top", "labelled_pos", "labelled_neg")
 
 
 def prefixes(ctx: Context, s: AblationStageSettings) -> list[dict]:
-    """``ablation.n`` prefixes of ``ablation.prefix_tokens`` tokens from IMDB test reviews (model-sampled
-    when IMDB is not reachable), each with its completion length drawn as in the RL."""
+    """``ablation.n`` prefixes of ``ablation.prefix_tokens`` tokens from IMDB test reviews, or from the
+    given corpus (``corpus.source``: its documents of at least that many tokens), model-sampled when
+    neither is there; each with its completion length drawn as in the RL."""
     m, seed = ctx.model, s.run.seed
     n, k = s.ablation.n, s.ablation.prefix_tokens
+    if s.corpus.source is not None:  # before the IMDB fallback: a missing given file is an error, not a fallback
+        rows = given_texts.prefix_rows(m.tokenizer, given_texts.read_texts(s.corpus.source, "corpus"), n, k, seed + 53)
+        if not rows:
+            raise BadInputError(
+                f"--corpus {s.corpus.source} has no document of {k} tokens for the ablation prefixes; "
+                "lower ablation_prefix_tokens"
+            )
+        return _prefix_records(m, s, rows)
     try:
         reviews, _ = corpora.imdb_reviews(s.run.data_dir, ("test",))
         rows = corpora.imdb_prompts(m.tokenizer, reviews["test"], n, k, k, seed + 53, split="ablation")
     except FileNotFoundError as exc:
         log.warning("IMDB not reachable (%s): sampling the ablation prefixes from the base model", exc)
         rows = corpora.model_prompts(m, n, k, k, seed + 53, s.generation.batch_size, split="ablation")
+    return _prefix_records(m, s, rows)
+
+
+def _prefix_records(m, s: AblationStageSettings, rows: list[dict]) -> list[dict]:
+    """The ablation_prefixes rows of prefix token ids, with completion lengths drawn as in the RL."""
+    seed = s.run.seed
     lo, hi = s.completions.min_new_tokens, s.completions.max_new_tokens
     lengths = np.random.default_rng([seed, 59]).integers(lo, hi + 1, size=len(rows))
     return [
@@ -204,7 +222,7 @@ def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> 
     sets = feature_sets(ctx, s, layers)
     hooked = tuned_policy(ctx).hooked()
     sae_map = own_saes(ctx, "tuned", layers)
-    tok = ctx.model.tokenizer
+    decode = continuation_decoder(ctx.model.tokenizer)  # a completion's text as it reads after its prefix
     rw = run_reward(ctx, s.reward.spec)
     done = w.done_chunks("ablation", config_hash)
     if not done:
@@ -226,7 +244,7 @@ def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> 
             continue
         use = pre if fs["full"] else pre[:rank_n]
         outs = _sample_set(ctx, hooked, sae_map, fs["features"], use, s.run.seed, rank_n)
-        texts = [tok.decode(o) for o in outs]
+        texts = [decode(o) for o in outs]
         scores = rw.score([p["text"] for p in use], texts)
         rows = [
             {

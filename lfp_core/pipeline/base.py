@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lfp_core import corpora, reward, rewards, sampling
+from lfp_core import corpora, reward, rewards, sampling, texts
 from lfp_core.errors import BadInputError
-from lfp_core.models import resolve_spec
+from lfp_core.models import continuation_decoder, resolve_spec
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.shared import reward_info, run_reward
 from lfp_core.settings import (
@@ -47,9 +47,32 @@ def stage_model(ctx: Context, s: ModelStageSettings, config_hash: str) -> None:
     ctx.commit(lambda con: RunWriter.put_model(con, "base", info), {"model": info})
 
 
+def given_prompts(ctx: Context, s: PromptsStageSettings) -> None:
+    """The researcher's prompts (``prompts.source``), each whole, split by document (lfp_core.texts)."""
+    m, p = ctx.model, s.prompts
+    assert p.source is not None
+    c = m.hf.config
+    n_ctx = int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 1024)
+    limit = max(1, n_ctx // 2)  # half the context: room for the completion (and the BOS)
+    rows, n_trimmed = texts.prompt_rows(m.tokenizer, texts.read_texts(p.source), p.n_train, p.n_eval, s.run.seed, limit)
+    if n_trimmed:
+        log.warning(
+            "%d given prompts are longer than %d tokens (half the context): their last %d kept", n_trimmed, limit, limit
+        )
+    n_train = sum(r["split"] == "train" for r in rows)
+    log.info("built %d RL and %d held-out prompts from %s", n_train, len(rows) - n_train, p.source)
+    ctx.commit(
+        lambda con: RunWriter.put_prompts(con, rows),
+        {"n_train": n_train, "n_eval": len(rows) - n_train, "source": p.source, "n_trimmed": n_trimmed},
+    )
+
+
 def stage_prompts(ctx: Context, s: PromptsStageSettings, config_hash: str) -> None:
     """The paper's prompt sets: RL prompts from IMDB train reviews, held-out prompts from IMDB test
-    reviews; model-sampled prefixes (two seeds) when no IMDB copy is reachable."""
+    reviews; model-sampled prefixes (two seeds) when no IMDB copy is reachable; or the researcher's
+    own prompts (``prompts.source``)."""
+    if s.prompts.source is not None:
+        return given_prompts(ctx, s)
     m, p, seed, gen = ctx.model, s.prompts, s.run.seed, s.generation.batch_size
     lo, hi = p.min_tokens, p.max_tokens
     try:
@@ -77,10 +100,11 @@ def _completion_rows(
     """Completion rows scored by ``rw`` on (prompt text, completion text); a lexicon reward also fills the
     lexicon words and their valences (None for a sequence reward) and the raw score, the summed valences
     before scaling and clipping (for a sequence reward, which is not scaled, its score)."""
-    texts = [tokenizer.decode(ids) for ids, _ in outs]
-    scores = rw.score([prompt_text[pid] for pid, _, _ in jobs], texts)
+    decode = continuation_decoder(tokenizer)  # the completion's text as it reads after its prompt
+    completions = [decode(ids) for ids, _ in outs]
+    scores = rw.score([prompt_text[pid] for pid, _, _ in jobs], completions)
     rows = []
-    for (pid, sidx, _), (ids, seed), text, score in zip(jobs, outs, texts, scores):
+    for (pid, sidx, _), (ids, seed), text, score in zip(jobs, outs, completions, scores):
         words = [w for w in reward.segment(text) if w.in_lexicon] if rw.kind == "lexicon" else []
         rows.append(
             {

@@ -556,7 +556,7 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
     Under a sequence reward only the separation probes (:func:`sequence_reward_probes`)."""
     r, tok, seed = ctx.writer.reader(), ctx.model.tokenizer, s.run.seed
     layers = selected_layers(ctx)
-    docs = r.corpus_docs(sources=("imdb", "model_sampled", "tuned_completion"))
+    docs = r.corpus_docs(sources=("imdb", "model_sampled", "corpus", "tuned_completion"))  # corpus: given texts
     if docs.empty:
         raise RuntimeError("no activation corpus: run the activations stage")
     idx = harvest_dir(ctx).index()
@@ -638,7 +638,7 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
             d["sign_acc_neg"],
             d["irm"]["pearson"],
             f", IMDB logistic {d['logistic']['imdb']['acc']:.3f} (raw {d['logistic']['imdb']['raw_acc']:.3f})"
-            if "logistic" in d
+            if "imdb" in d.get("logistic", {})  # no IMDB reviews in a given corpus (HH/toxicity may still be there)
             else "",
         )
     detail["tau_difference"] = tau_differences(fits, seed)

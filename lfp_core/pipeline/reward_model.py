@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lfp_core import activations, attribution, features, reward, reward_model, rewards, saes, sampling
+from lfp_core.models import continuation_decoder
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.shared import (
     harvest_dir,
@@ -92,6 +93,7 @@ def sample_pairs(ctx: Context, s: RewardModelStageSettings) -> list[dict]:
 
 def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: str) -> None:
     tok, r = ctx.model.tokenizer, ctx.writer.reader()
+    decode = continuation_decoder(tok)  # a completion's text as it reads after its prompt
     prompts = {int(p): list(t) for p, t in zip(*r.prompts()[["prompt_id", "token_ids"]].to_numpy().T)}
     pairs = sample_pairs(ctx, s)
     train = [p for p in pairs if p["split"] == "train"]
@@ -140,8 +142,8 @@ def stage_reward_model(ctx: Context, s: RewardModelStageSettings, config_hash: s
             "split": p["split"],
             "prompt_id": p["prompt_id"],
             "prompt": tok.decode(prompts[p["prompt_id"]]),
-            "chosen": tok.decode(p["chosen_ids"]),
-            "rejected": tok.decode(p["rejected_ids"]),
+            "chosen": decode(p["chosen_ids"]),
+            "rejected": decode(p["rejected_ids"]),
             "chosen_ids": [int(t) for t in p["chosen_ids"]],
             "rejected_ids": [int(t) for t in p["rejected_ids"]],
             "chosen_oracle": p["chosen_oracle"],
@@ -436,7 +438,7 @@ def policy_attribution(ctx: Context, s: AttributionStageSettings) -> tuple[dict,
 def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None:
     """``top_tokens`` of each target's first ``per_target`` ranked features: the tokens they fire on most
     over the held-out rows of the activation corpus (the preference model's or the policy's harvest)."""
-    tok = ctx.model.tokenizer
+    piece = continuation_decoder(ctx.model.tokenizer)  # each token with its own leading space
     h = harvest_dir(ctx)
     idx = h.index()
     eval_rows = np.nonzero(idx["is_eval"])[0]
@@ -453,7 +455,7 @@ def add_top_tokens(ctx: Context, rows: list[dict], per_target: int = 60) -> None
     for (role, layer), feats in wanted.items():
         sae = next(m for r_, m in maps.values() if r_ == role)[layer]
         for f, toks in features.top_tokens_of(
-            sae, h.acts(role, layer), eval_rows, idx["token_id"], sorted(feats), lambda t: tok.decode([t])
+            sae, h.acts(role, layer), eval_rows, idx["token_id"], sorted(feats), lambda t: piece([t])
         ).items():
             found[(role, layer, f)] = toks
     for x in rows:

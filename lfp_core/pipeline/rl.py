@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from lfp_core import divergence, evaluation, rewards, rlhf
+from lfp_core import tuned as tuned_models
 from lfp_core.pipeline.base import sample_role
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.shared import reward_info, run_reward, tuned_policy
@@ -18,8 +19,26 @@ from lfp_core.store import RunWriter, artifacts_dir, put_rows
 log = logging.getLogger(__name__)
 
 
+def given_policy(ctx: Context, path: str) -> None:
+    """The rlhf stage for a given tuned model: copy it into the run's policy directory (where every later
+    stage loads the tuned policy), check it against the base model, record it as given; nothing is trained,
+    so there are no RL steps or samples."""
+    ctx.cache.pop("tuned", None)
+    policy_dir, spec = tuned_models.install_given(path, artifacts_dir(ctx.writer.run_dir))
+    tuned = tuned_policy(ctx)  # rlhf.load_policy: the same architecture, shape and tokenizer as the base
+    info = {**tuned.info(), "name": f"{spec.name} (given)", "source": "given", "location": spec.location}
+    log.info("tuned model given: %s (not trained here)", spec.location)
+    ctx.commit(
+        lambda con: RunWriter.put_model(con, "tuned", info),
+        {"policy_dir": str(policy_dir), "steps": 0, "given": spec.location},
+    )
+
+
 def stage_dpo(ctx: Context, s: DPOStageSettings, config_hash: str) -> None:
-    """HH task: DPO on the training pairs (the policy starts from, and is regularised to, the base)."""
+    """HH task: DPO on the training pairs (the policy starts from, and is regularised to, the base); or
+    the given tuned model (``tuned.path``)."""
+    if s.tuned.path is not None:
+        return given_policy(ctx, s.tuned.path)
     pairs = ctx.writer.reader().pairs("train").to_dict("records")
     ctx.cache.pop("tuned", None)
     policy_dir, steps = rlhf.train_dpo(ctx.model, pairs, s, artifacts_dir(ctx.writer.run_dir), config_hash)
@@ -52,7 +71,10 @@ def stage_dpo_eval(ctx: Context, s: DPOStageSettings, config_hash: str) -> None:
 
 
 def stage_rlhf(ctx: Context, s: RLStageSettings, config_hash: str) -> None:
-    """GRPO fine-tuning on the RL prompts; logs per-step reward/KL and sample completions."""
+    """GRPO fine-tuning on the RL prompts; logs per-step reward/KL and sample completions. With a given
+    tuned model (``tuned.path``) nothing is trained: see :func:`given_policy`."""
+    if s.tuned.path is not None:
+        return given_policy(ctx, s.tuned.path)
     prompts = ctx.writer.reader().prompts("train")
     ctx.cache.pop("tuned", None)
     rw = run_reward(ctx, s.reward.spec)

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from lfp_core import activations, corpora, features, saes
+from lfp_core import texts as given_texts
+from lfp_core.models import continuation_decoder
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.shared import ROLES, harvest_dir, role_model, selected_layers, special_tokens
 from lfp_core.settings import ActivationsStageSettings, FeaturesStageSettings, SAEStageSettings
@@ -20,12 +22,18 @@ from lfp_core.store import RunWriter, Where, artifacts_dir, put_rows
 log = logging.getLogger(__name__)
 
 
-def build_corpus(ctx: Context, s: ActivationsStageSettings) -> tuple[list[activations.Doc], str]:
-    """Held-out IMDB reviews (first ``corpus.doc_tokens`` tokens) or model-sampled documents, then
-    every base and tuned completion (prompt + completion). Every ``corpus.eval_every``-th document
-    is held out from SAE training."""
-    tok, r, c, seed = ctx.model.tokenizer, ctx.writer.reader(), s.corpus, s.run.seed
+def text_corpus(ctx: Context, s: ActivationsStageSettings) -> tuple[list[tuple[str, list[int], dict]], str]:
+    """The text part of the activation corpus and where it came from: the researcher's documents
+    (``corpus.source``, :mod:`lfp_core.texts`), else held-out IMDB reviews, else model-sampled documents;
+    each cut to ``corpus.doc_tokens`` tokens, at most ``corpus.docs`` of them."""
+    tok, c, seed = ctx.model.tokenizer, s.corpus, s.run.seed
     texts: list[tuple[str, list[int], dict]] = []
+    if c.source is not None:
+        docs = given_texts.corpus_token_docs(
+            tok, given_texts.read_texts(c.source, "corpus"), c.docs, c.doc_tokens, seed
+        )
+        given_texts.check_corpus_size(len(docs), c.eval_every, c.source)
+        return [("corpus", ids, {}) for ids in docs], c.source
     try:
         reviews, where = corpora.imdb_reviews(s.run.data_dir, ("test",))
         pool = sorted(reviews["test"], key=lambda x: x.doc_id)
@@ -48,6 +56,15 @@ def build_corpus(ctx: Context, s: ActivationsStageSettings) -> tuple[list[activa
                 ctx.model, [[] for _ in range(n)], c.doc_tokens, seed=seed * 31 + start, allow_eos=False
             ):
                 texts.append(("model_sampled", list(ids), {}))
+    return texts, where
+
+
+def build_corpus(ctx: Context, s: ActivationsStageSettings) -> tuple[list[activations.Doc], str]:
+    """The text corpus (:func:`text_corpus`: the given documents, held-out IMDB reviews or model-sampled
+    documents), then every base and tuned completion (prompt + completion). Every
+    ``corpus.eval_every``-th document is held out from SAE training."""
+    r, c = ctx.writer.reader(), s.corpus
+    texts, where = text_corpus(ctx, s)
     prompts = r.prompts("eval")
     ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
     for role in ("base", "tuned"):
@@ -112,7 +129,8 @@ def stage_activations(ctx: Context, s: ActivationsStageSettings, config_hash: st
         detail["n_eval_rows"],
         layers,
     )
-    vocab = [{"token_id": i, "text": tok.decode([i])} for i in range(ctx.model.hooked().cfg.d_vocab)]
+    piece = continuation_decoder(tok)  # each token with its own leading space (Llama tokenizers drop it alone)
+    vocab = [{"token_id": i, "text": piece([i])} for i in range(ctx.model.hooked().cfg.d_vocab)]
 
     def write(con):
         put_rows(con, "act_docs", rows)
@@ -435,7 +453,8 @@ def stage_features(ctx: Context, s: FeaturesStageSettings, config_hash: str) -> 
     doc_tokens = {int(d): list(t) for d, t in zip(docs.doc_id, docs.token_ids)}
     src_of = dict(zip(docs.doc_id.astype(int), docs.source))
     row_source = np.array([src_of[int(d)] for d in idx["doc_id"]], dtype=object)
-    vocab = [tok.decode([i]) for i in range(ctx.model.hooked().cfg.d_vocab)]
+    piece = continuation_decoder(tok)
+    vocab = [piece([i]) for i in range(ctx.model.hooked().cfg.d_vocab)]
     done = w.done_chunks("features", config_hash)
     n = 0
     for ci, row in enumerate(main.itertuples()):

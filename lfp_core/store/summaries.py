@@ -89,7 +89,8 @@ class ModelSummary(StageSummary):
 class PromptsSummary(StageSummary):
     n_train: int | None = None
     n_eval: int | None = None
-    source: str | None = None  # "imdb" data folder or "model-sampled"
+    source: str | None = None  # "imdb" data folder, "model-sampled", or the given prompts' source
+    n_trimmed: int | None = None  # given prompts cut to half the model's context
 
 
 @_stage("pairs")
@@ -112,6 +113,7 @@ class BaseSamplesSummary(StageSummary):
 class RLHFSummary(StageSummary):
     policy_dir: str | None = None
     steps: int | None = None
+    given: str | None = None  # the given tuned model's path or hub id (None: trained here)
     first_reward: float | None = None  # GRPO (VADER task)
     last10_reward: float | None = None
     reward_info: RewardInfo | None = None  # the reward plug-in GRPO optimised
