@@ -140,7 +140,8 @@ def describe(role: str, where: str, cfg: dict, release: str | None = None, sae_i
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise GivenSAEError(f"SAE at {where}: field {name} is {value!r} in its config; expected a positive integer")
         fields[name] = value
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    raw_meta = cfg.get("metadata")
+    meta: dict = raw_meta if isinstance(raw_meta, dict) else {}
     hn = meta.get("hook_name") or cfg.get("hook_name")
     if not isinstance(hn, str) or not hn:
         raise GivenSAEError(f"SAE at {where}: field hook_name is missing from its config (metadata.hook_name)")
