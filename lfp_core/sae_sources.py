@@ -341,6 +341,11 @@ def check_saes(cfg: RunConfig) -> None:
     s = cfg.sae_source
     if not s.given() and s.hook == DEFAULT_HOOK:
         return
+    if cfg.run.task != "vader":
+        raise GivenSAEError(
+            f"--saes/--hook: the {cfg.run.task} task has no SAE stages (its pipeline ends with the divergence "
+            "stage); give SAEs to a vader run"
+        )
     given = resolve_all(s)  # the SAEs' own errors first: they need no model
     shape = model_shape(cfg.run.model)
     check_hook(shape, s.hook)

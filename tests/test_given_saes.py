@@ -157,6 +157,25 @@ def test_saes_on_the_residual_stream(trained, tmp_path):
         main.sort_values("sae_id").ce_zero, first[first.kind == "main"].sort_values("sae_id").ce_zero
     )  # zero-ablating the stream, not the MLP output
 
+    # someone else's SAEs (sae-lens StandardSAEs) of the tuned model's resid_post at layers 1 and 3, which the
+    # divergence stage did not choose: the run studies their layers, and trains the base model's SAEs there
+    theirs = tmp_path / "theirs"
+    for layer in (3, 1):
+        _sae_dir(theirs / f"resid-{layer}", hook=f"blocks.{layer}.hook_resid_post")
+    assert _run(out, "--hook", "hook_resid_post", "--saes", str(theirs), until="saes") == 0
+    r = RunReader(out)
+    h = r.summary(ActivationsSummary)
+    assert h.layers == [1, 3] and h.divergence_layers == [2, 3] and "the given SAEs' layers" in h.layers_from
+    t = r.saes().set_index("sae_id")
+    assert sorted(t.index) == ["base-L1-main", "base-L1-reseed", "base-L3-main", "base-L3-reseed"] + [
+        "tuned-L1-main",
+        "tuned-L3-main",
+    ]
+    assert t.loc["tuned-L1-main", "arch"] == "relu" and pd.isna(t.loc["tuned-L1-main", "k"])  # sae-lens "standard"
+    assert t.loc["base-L1-main", "hook_name"] == "blocks.1.hook_resid_post"
+    assert np.isfinite(t[["fvu", "l0", "dead_frac", "ce_loss_recovered"]].to_numpy(dtype=float)).all()
+    assert r.summary(SAEsSummary).layers_from == h.layers_from
+
 
 # --- bad input: refused before anything is written ---------------------------------------------------------
 def _sae_dir(path: Path, hook: str = "blocks.2.hook_mlp_out", d_in: int = 256) -> Path:
@@ -233,6 +252,8 @@ def test_bad_saes_are_refused_before_anything_is_written(tmp_path, capsys):
     # the demo model runs attention and MLP in parallel: it has no hook_resid_mid
     err = _refused(capsys, out, "--hook", "hook_resid_mid")
     assert "no hook_resid_mid" in err and "parallel" in err
+    err = _refused(capsys, out, "--task", "hh", "--saes", str(ok))
+    assert "the hh task has no SAE stages" in err
     err = _refused(capsys, out, "--hook", "hook_z")
     assert "sae_source.hook" in err and "hook_resid_post" in err
 
@@ -287,3 +308,24 @@ def test_given_saes_enter_the_hash_and_the_defaults_do_not(tmp_path):
     c["metadata"]["model_name"] = "someone else's"
     (sae / "cfg.json").write_text(json.dumps(c))
     assert stage_hashes(given)["saes"] != b["saes"] and stage_hashes(given)["rlhf"] == b["rlhf"]
+
+
+def test_directory_sources_and_the_preflight_check_accept_fitting_saes(tmp_path):
+    """A folder of sae-lens SAEs, one subdirectory per hook (any names), or one SAE's own folder."""
+    from lfp_core.sae_sources import check_saes, given_layers, resolve
+    from lfp_core.settings import preset_config
+
+    folder = tmp_path / "mine"
+    _sae_dir(folder / "second", hook="blocks.3.hook_resid_post")
+    _sae_dir(folder / "first", hook="blocks.1.hook_resid_post")
+    (folder / "notes").mkdir()  # not an SAE: ignored
+    found = resolve("tuned", str(folder))
+    assert [(g.layer, g.hook, g.d_in, g.d_sae) for g in found] == [(1, "hook_resid_post", 256, 64)] + [
+        (3, "hook_resid_post", 256, 64)
+    ]
+    assert [g.where for g in found] == [str(folder / "first"), str(folder / "second")]
+    one = resolve("base", str(folder / "second"))
+    assert [g.hook_name for g in one] == ["blocks.3.hook_resid_post"]
+    cfg = preset_config("quick", data_dir=None, saes_tuned=str(folder), sae_hook="hook_resid_post")
+    check_saes(cfg)  # fits the demo model: no error
+    assert given_layers(cfg.sae_source) == [1, 3]

@@ -416,11 +416,12 @@ def stage_features(ctx: Context, s: FeaturesStageSettings, config_hash: str) -> 
     row_source = np.array([src_of[int(d)] for d in idx["doc_id"]], dtype=object)
     vocab = [tok.decode([i]) for i in range(ctx.model.hooked().cfg.d_vocab)]
     done = w.done_chunks("features", config_hash)
+    hook = harvest_hook(ctx)
     n = 0
     for ci, row in enumerate(main.itertuples()):
         if ci in done:
             continue
-        sae = saes.load_sae(w.run_dir / row.path)
+        sae = saes.load_sae(w.run_dir / row.path, hook=activations.hook_name(int(row.layer), hook))  # reads the harvest
         m = role_model(ctx, row.role).hooked()
         feats, ex = features.feature_tables(
             sae,
