@@ -1,10 +1,12 @@
-"""Harvest hook activations (``blocks.L.hook_mlp_out``) of a model over a corpus, to disk.
+"""Harvest hook activations (``blocks.L.hook_mlp_out``, or another d_model-wide stream hook of each block,
+``sae_source.hook``) of a model over a corpus, to disk.
 
 A corpus is a list of documents (token ids without BOS). Each document is run with BOS
 prepended; the BOS position and any special-token position (the demo tokenizer's pad = BOS =
 EOS id) are masked out, and documents are batched by length so no batch holds padding. Rows are
-streamed into a memory-mapped ``.npy`` per layer (float16: MLP outputs are O(1) and the SAEs
-train in float32 on batches cast up), so memory stays bounded by one batch.
+streamed into a memory-mapped ``.npy`` per layer (float16: MLP outputs are O(1), and a value beyond
+float16's range is refused, not clipped; the SAEs train in float32 on batches cast up), so memory stays
+bounded by one batch.
 
 Layout of a harvest directory::
 
@@ -28,7 +30,8 @@ from lfp_core.errors import BadInputError, LFPError, MissingInputError
 
 log = logging.getLogger(__name__)
 
-HOOK = "blocks.{layer}.hook_mlp_out"
+HOOK = "blocks.{layer}.{hook}"
+DEFAULT_HOOK = "hook_mlp_out"
 
 
 class NonFiniteActivationError(LFPError, RuntimeError):
@@ -39,8 +42,9 @@ class LayerRangeError(BadInputError):
     """A layer index the model does not have."""
 
 
-def hook_name(layer: int) -> str:
-    return HOOK.format(layer=layer)
+def hook_name(layer: int, hook: str = DEFAULT_HOOK) -> str:
+    """``blocks.{layer}.{hook}``: the hook point of one block (the MLP output by default)."""
+    return HOOK.format(layer=layer, hook=hook)
 
 
 def check_layers(layers: list[int], n_layers: int) -> None:
@@ -138,7 +142,8 @@ def harvest_role(
     """Run ``hooked`` over ``docs`` and write ``out_dir/role/L{layer}.npy`` for each layer.
 
     Written to a temporary folder and renamed at the end, so an interrupted harvest leaves nothing
-    that looks complete. ``hook_of(layer)`` names the hook read (default: the MLP output).
+    that looks complete. ``hook_of(layer)`` names the hook read (default: the MLP output); it must be
+    a d_model-wide stream.
     Returns {rows, tokens_per_s}.
     """
     import time

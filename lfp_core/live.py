@@ -82,17 +82,19 @@ class LiveEngine:
         info = r.run_info()
         if not info:
             raise RuntimeError(f"{run_dir} has no run configuration; run precompute first")
-        div = r.layer_divergence()
-        self.layers = sorted(int(x) for x in div.layer[div.selected]) if not div.empty else []
+        main = r.saes("main")
+        # the layers of the tuned model's main SAEs (the harvested layers: the divergence stage's choice or
+        # the given SAEs' layers), each SAE spliced at the hook its record names
+        self.layers = sorted({int(x) for x in main.layer[main.role == "tuned"]}) if not main.empty else []
         if not self.layers:
-            raise RuntimeError("the run has no selected layers yet: run the divergence and saes stages")
+            raise RuntimeError("the run has no SAEs of the tuned model yet: run the saes stage")
         base = load_model(run_settings_of(info["config"]).model, device=device)
         policy = self.policy = load_policy(artifacts_dir(run_dir) / "policy", base)
         model = policy.hooked()
         self._attach(
             model,
             policy.tokenizer,
-            saes.main_saes(run_dir, r.saes("main"), "tuned", self.layers, model.cfg.d_model, device=device),
+            saes.main_saes(run_dir, main, "tuned", self.layers, model.cfg.d_model, device=device),
             device,
             load_reward(reward_settings_of(info["config"]).spec, device=device),
         )

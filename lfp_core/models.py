@@ -192,20 +192,46 @@ def continuation_decoder(tokenizer, **decode_kwargs: Any) -> Callable[[Sequence[
     return lambda ids: tokenizer.decode(anchor + list(ids), **decode_kwargs)[head:]
 
 
+def _tl_name(location: str, hf_config, tmp: str) -> str:
+    """The name transformer-lens reads ``location``'s config under (a config-only copy in ``tmp`` when
+    it needs a field transformers no longer writes)."""
+    if hf_config.model_type == "gpt2" and not hasattr(hf_config, "n_ctx"):
+        # transformer-lens reads GPT-2's n_ctx, which transformers 5 no longer writes; give it a
+        # config-only directory with the field (weights come from the HF model, not from disk).
+        d = Path(tmp) / Path(location).name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**hf_config.to_dict(), "n_ctx": hf_config.n_positions}))
+        return str(d)
+    return location
+
+
+def hooked_config(spec: str | os.PathLike | None = "demo"):
+    """transformer-lens's config of a model (d_model, n_layers, block layout) from its config file alone,
+    without its weights: for checks made before a run loads the model.
+
+    Raises:
+        ModelLoadError: the model cannot be resolved or its config read.
+    """
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoConfig
+
+    ms = resolve_spec(spec)
+    try:
+        hf_config = AutoConfig.from_pretrained(ms.location, local_files_only=ms.source == "hub" and _offline())
+        with tempfile.TemporaryDirectory() as tmp:
+            name = _tl_name(ms.location, hf_config, tmp)
+            return loading.get_pretrained_model_config(name, fold_ln=False, device="cpu", dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not read the config of model {ms.location}: {exc}") from exc
+
+
 def to_hooked(hf, tokenizer, spec: ModelSpec, device: str = "cpu"):
     """Build a HookedSAETransformer holding ``hf``'s weights (no weight processing)."""
     from sae_lens import HookedSAETransformer
     from transformer_lens import loading_from_pretrained as loading
 
-    name = spec.location
     with tempfile.TemporaryDirectory() as tmp:
-        if hf.config.model_type == "gpt2" and not hasattr(hf.config, "n_ctx"):
-            # transformer-lens reads GPT-2's n_ctx, which transformers 5 no longer writes; give it a
-            # config-only directory with the field (weights come from ``hf`` below, not from disk).
-            d = Path(tmp) / Path(name).name
-            d.mkdir()
-            (d / "config.json").write_text(json.dumps({**hf.config.to_dict(), "n_ctx": hf.config.n_positions}))
-            name = str(d)
+        name = _tl_name(spec.location, hf.config, tmp)
         cfg = loading.get_pretrained_model_config(name, fold_ln=False, device=device, dtype=torch.float32)
         state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model=hf, dtype=torch.float32)
     model = HookedSAETransformer(cfg, tokenizer, move_to_device=False)

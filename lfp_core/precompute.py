@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import logging
 import os
+import re
 import sys
 import time
 import typing
@@ -25,6 +26,7 @@ from lfp_core.config import default_data_dir
 from lfp_core.errors import BadInputError, ConfigError, MissingInputError, StageFailure
 from lfp_core.resources import Meter
 from lfp_core.rewards import check_reward
+from lfp_core.sae_sources import check_saes
 from lfp_core.settings import LAYOUT, PRESETS, RunConfig, Task, preset_config, resolve_name, settings_hash
 from lfp_core.stages import STAGES, stages_for
 from lfp_core.store import DB_NAME, RunWriter, StoreError, db_path
@@ -206,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any setting by its dotted or flat name, e.g. --set rl.steps=300 --set rl_beta=0.2 "
         "(repeatable; lists comma-separated: --set sae_sweep_l1=0.5,2)",
     )
+    ap.add_argument(
+        "--saes",
+        action="append",
+        default=[],
+        metavar="[ROLE=]SRC",
+        help="use these SAEs of the tuned (default) or base model instead of training them: a directory of "
+        "sae-lens SAEs (one subdirectory per hook; or another run's directory: its main SAEs) or "
+        "sae-lens:RELEASE[:SAE_ID,...] (sae-lens's pretrained registry; needs the hub). Repeatable, once per "
+        "role, e.g. --saes tuned=DIR --saes base=DIR",
+    )
+    ap.add_argument(
+        "--hook",
+        default=None,
+        metavar="NAME",
+        help="the block hook to harvest and give SAEs: hook_mlp_out (default), hook_resid_pre, hook_resid_mid, "
+        "hook_resid_post or hook_attn_out",
+    )
     ap.add_argument("--until", choices=sorted({s.name for s in STAGES}), default=None, help="stop after this stage")
     ap.add_argument(
         "--rebuild",
@@ -226,14 +245,38 @@ def _absolute_model(spec: str | None) -> str | None:
 def preflight(cfg: RunConfig) -> None:
     """The checks of the researcher's inputs that need no heavy work, before anything is written:
     a given tuned model against the base (config and tokenizer files), the given prompts and corpus, the
-    reward plug-in.
+    given SAEs and hook (their cfg.json files against the model's config), the reward plug-in.
 
     Raises:
         BadInputError: the first input that is wrong, with a one-line reason.
     """
     check_tuned(cfg)
     texts.check_texts(cfg)
+    check_saes(cfg)  # the given SAEs and the hook against the model's config
     check_reward(cfg)  # loads the plug-in and scores two probe pairs (the heaviest check: last)
+
+
+def parse_saes(items: list[str]) -> dict[str, str]:
+    """``["tuned=DIR", "base=sae-lens:REL"]`` (ROLE= optional, default tuned) -> ``{"sae_source.tuned":
+    "DIR", "sae_source.base": "sae-lens:REL"}``; a role given twice or an unknown role is refused."""
+    out: dict[str, str] = {}
+    for item in items:
+        role, sep, src = item.partition("=")
+        if not sep or not re.fullmatch(r"\w+", role.strip()):  # no ROLE= prefix (a path may hold '=')
+            role, src = "tuned", item
+        role, src = role.strip(), src.strip()
+        if role not in ("base", "tuned"):
+            raise ConfigError(f"--saes {item!r}: ROLE must be base or tuned (--saes [ROLE=]SRC)")
+        if not src:
+            raise ConfigError(f"--saes {item!r}: name a directory of sae-lens SAEs or sae-lens:RELEASE")
+        key = f"sae_source.{role}"
+        if key in out:
+            raise ConfigError(
+                f"--saes gives the {role} model's SAEs twice ({out[key]} and {src}); put them in one directory, "
+                "one subdirectory per hook"
+            )
+        out[key] = src
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -264,6 +307,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         corpus_source=texts.absolute_spec(args.corpus),
     )
     try:
+        values.update(parse_saes(args.saes))
+        if args.hook is not None:
+            values["sae_source.hook"] = args.hook
         values.update(parse_overrides(args.set))
         return preset_config(args.preset, **values)
     except ValueError as exc:  # a setting given on the command line: bad input, whatever raised it

@@ -139,6 +139,16 @@ def build_report(run_dir: str) -> dict:
             "basis": [dict(b) for b in sa.basis],  # per layer: base vs tuned beside base vs base′, tuned vs tuned′
             "mmcs": r.sae_pairs().drop(columns=["mmcs_max"]).to_dict("records"),
         }
+        harvest = done_summary(records, ActivationsSummary)
+        hook = (harvest.hook if harvest is not None else None) or "hook_mlp_out"
+        if sa.given or hook != "hook_mlp_out":  # what the run was given (absent from a run that trained its SAEs)
+            rep["sae_source"] = {
+                "hook": hook,
+                "given": dict(sa.given),
+                "trained": list(sa.trained),
+                "layers_from": sa.layers_from,
+                "not_applicable": dict(sa.not_applicable),
+            }
     pr = done_summary(records, ProbesSummary)
     if pr is not None:
         t = pr.tuned or ProbeRoleSummary()
@@ -402,6 +412,14 @@ def format_report(rep: dict) -> str:
             "layer divergence, MLP-out 1 - cos: " + ", ".join(f"L{i} {p:.3g}" for i, p in enumerate(v["activation"]))
         )
         lines.append(f"selected layers (by {v['measure']}): {v['selected_layers']}")
+    src = rep.get("sae_source")
+    if src:
+        given = ", ".join(f"{role} {where}" for role, where in src["given"].items()) or "none"
+        lines.append(
+            f"SAEs read {src['hook']}; given: {given}; trained here: {', '.join(src['trained']) or 'none'}"
+            + (f"; layers: {src['layers_from']}" if src["given"] else "")
+        )
+        lines += [f"not computed: {what} ({why})" for what, why in src["not_applicable"].items()]
     for x in rep.get("saes", []):
         if x["kind"] in ("main", "variant"):
             lines.append(

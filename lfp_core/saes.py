@@ -475,12 +475,13 @@ def main_saes(
     role: str,
     layers: list[int],
     d_in: int,
-    hook_of=lambda layer: f"blocks.{layer}.hook_mlp_out",
+    hook_of=None,
     device: str = "cpu",
     kind: str = "main",
 ) -> dict[int, SAE]:
     """``{layer: SAE}`` of ``role``'s main SAEs listed in ``table`` (the store's ``saes`` rows), each
-    checked to read that layer's hook and to come from that model.
+    checked to read that layer's hook (``hook_of(layer)``; by default the hook its row records) and to come
+    from that model.
 
     Raises:
         RuntimeError: a layer has no main SAE of ``role`` or its SAE came from another model.
@@ -491,7 +492,12 @@ def main_saes(
         if sel.empty:
             raise RuntimeError(f"no main SAE for {role} layer {layer}; run the saes stage")
         path = sel.path.iloc[0]
-        sae = load_sae(Path(run_dir) / path, d_in=d_in, hook=hook_of(layer), device=device)
+        stored = sel.hook_name.iloc[0] if "hook_name" in sel else None
+        if hook_of is not None:
+            hook = hook_of(layer)
+        else:
+            hook = stored if isinstance(stored, str) and stored else f"blocks.{layer}.hook_mlp_out"
+        sae = load_sae(Path(run_dir) / path, d_in=d_in, hook=hook, device=device)
         if not str(sae.cfg.metadata.model_name or "").endswith(f":{role}"):
             raise RuntimeError(f"SAE {path} was trained on {sae.cfg.metadata.model_name}, not the {role} model")
         out[layer] = sae
@@ -573,10 +579,20 @@ def _nll(logits: torch.Tensor, toks: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def ce_baselines(hooked, layer: int, sequences: list[list[int]], batch_size: int = 32) -> dict:
-    """The SAE-independent half of :func:`ce_metrics`: next-token cross-entropy clean and with
-    ``blocks.L.hook_mlp_out`` zero-ablated (computed once per model and layer, shared by its SAEs)."""
-    hook = f"blocks.{layer}.hook_mlp_out"
+def ce_baselines(hooked, layer: int, sequences: list[list[int]], batch_size: int = 32, hook: str | None = None) -> dict:
+    """The SAE-independent half of :func:`ce_metrics`: next-token cross-entropy clean and with the hook
+    ``hook`` (default ``blocks.L.hook_mlp_out``) zero-ablated, computed once per model and hook and shared
+    by its SAEs.
+
+    The baseline is zero ablation of the hook the SAE reads, at every position, as sae-lens's own
+    evaluation computes it. For the MLP output (or the attention output) that removes one sublayer's
+    contribution; for a residual-stream hook (``hook_resid_pre``/``_mid``/``_post``) it removes the whole
+    stream at that point, everything the layers before it wrote (the later layers then see nothing but
+    their own biases and position-independent terms). That baseline is far worse than an MLP output's, so
+    the same reconstruction error reads as a higher loss recovered: compare loss recovered between SAEs
+    of one hook, not across hooks.
+    """
+    hook = hook or f"blocks.{layer}.hook_mlp_out"
 
     def zero(x, hook):  # noqa: ARG001
         return torch.zeros_like(x)
@@ -596,11 +612,13 @@ def ce_baselines(hooked, layer: int, sequences: list[list[int]], batch_size: int
 def ce_metrics(
     hooked, sae: SAE, layer: int, sequences: list[list[int]], batch_size: int = 32, baseline: dict | None = None
 ) -> dict:
-    """Next-token cross-entropy on ``sequences`` (BOS + tokens): clean, with the SAE spliced in at
-    ``blocks.L.hook_mlp_out`` (its reconstruction replaces the MLP output), and with the MLP
-    output zero-ablated; loss recovered = (zero − spliced) / (zero − clean). ``baseline``: the
-    :func:`ce_baselines` of the same model, layer and sequences, when already computed."""
-    out = dict(baseline or ce_baselines(hooked, layer, sequences, batch_size))
+    """Next-token cross-entropy on ``sequences`` (BOS + tokens): clean, with the SAE spliced in at the
+    hook it reads (``sae.cfg.metadata.hook_name``, e.g. ``blocks.L.hook_mlp_out``: its reconstruction
+    replaces the MLP output), and with that hook zero-ablated (see :func:`ce_baselines` for what the
+    baseline means at a residual-stream hook); loss recovered = (zero − spliced) / (zero − clean).
+    ``baseline``: the :func:`ce_baselines` of the same model, hook and sequences, when already computed."""
+    hook = sae.cfg.metadata.hook_name or f"blocks.{layer}.hook_mlp_out"
+    out = dict(baseline or ce_baselines(hooked, layer, sequences, batch_size, hook=hook))
     spliced, n = 0.0, 0
     for toks in _ce_batches(sequences, batch_size, hooked.cfg.device):
         spliced += _nll(hooked.run_with_saes(toks, saes=[sae], use_error_term=False), toks)

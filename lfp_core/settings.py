@@ -37,6 +37,8 @@ Task = Literal["vader", "hh"]
 SAEArch = Literal["topk", "relu", "tied"]
 DivergenceMeasure = Literal["activation", "param"]
 Labeller = Literal["offline", "openai"]
+# transformer-lens hook points that are a d_model-wide stream of every block (what an SAE of this tool reads)
+SAEHook = Literal["hook_mlp_out", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out"]
 
 
 def _flat(name: str) -> dict:
@@ -346,6 +348,33 @@ class SAESuiteSettings:
 
 
 @dataclass(frozen=True)
+class SAESourceSettings:
+    """The SAEs' inputs: ``base`` / ``tuned`` name SAEs given for that model instead of training them here
+    (a directory of sae-lens SAEs, one subdirectory per hook, or ``sae-lens:RELEASE[:SAE_ID,...]`` from
+    sae-lens's pretrained registry; see :mod:`lfp_core.sae_sources`); ``hook`` is the transformer-lens hook
+    point of every block that is harvested and that the SAEs read (given SAEs must read it too). None and
+    ``hook_mlp_out``: SAEs trained here on MLP outputs, as before these settings existed."""
+
+    base: str | None = field(default=None, metadata=_flat("saes_base"))
+    tuned: str | None = field(default=None, metadata=_flat("saes_tuned"))
+    hook: SAEHook = field(default="hook_mlp_out", metadata=_flat("sae_hook"))
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "hook")
+        for name in ("base", "tuned"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ConfigError(
+                    f"sae_source.{name} ({flat_name(type(self), name)}) is empty: give a directory of sae-lens "
+                    "SAEs or sae-lens:RELEASE, or leave it unset to train the SAEs here"
+                )
+
+    def given(self) -> dict[str, str]:
+        """``{role: source}`` of the roles whose SAEs are given (tuned first)."""
+        return {role: src for role, src in (("tuned", self.tuned), ("base", self.base)) if src is not None}
+
+
+@dataclass(frozen=True)
 class FeatureSettings:
     """Top activating contexts per feature and their ±window (tokens)."""
 
@@ -489,6 +518,7 @@ class RunConfig:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     sae: SAESettings = field(default_factory=SAESettings)
     sae_suite: SAESuiteSettings = field(default_factory=SAESuiteSettings)
+    sae_source: SAESourceSettings = field(default_factory=SAESourceSettings)
     features: FeatureSettings = field(default_factory=FeatureSettings)
     probes: ProbeSettings = field(default_factory=ProbeSettings)
     labels: LabelSettings = field(default_factory=LabelSettings)
@@ -817,16 +847,22 @@ class DivergenceStageSettings:
 
 @dataclass(frozen=True)
 class ActivationsStageSettings:
+    """The harvest: which hook (``sae_source.hook``) and, with given SAEs, which layers (theirs)."""
+
     run: RunSettings
     corpus: CorpusSettings
     generation: GenerationSettings
+    sae_source: SAESourceSettings
 
 
 @dataclass(frozen=True)
 class SAEStageSettings:
+    """Training (``sae``, ``sae_suite``) or loading (``sae_source``) the SAEs."""
+
     run: RunSettings
     sae: SAESettings
     sae_suite: SAESuiteSettings
+    sae_source: SAESourceSettings
 
 
 @dataclass(frozen=True)
@@ -895,9 +931,30 @@ def run_settings_of(raw: dict | None) -> RunSettings:
     return _from_plain(RunSettings, {k: v for k, v in part.items() if k in names}, "run")
 
 
+# Groups added to stages after runs were stored: hashed only when set to something other than their
+# defaults, so a run stored before a group existed (whose settings are its defaults) keeps its stage hashes
+# and is not recomputed for a setting it never had.
+HASHED_WHEN_SET: dict[str, type] = {
+    "sae_source": SAESourceSettings,
+    "reward": RewardSettings,
+    "tuned": TunedSettings,
+}
+# the same for single fields added to an existing group: left out of the hash while at their default
+FIELDS_HASHED_WHEN_SET: dict[tuple[str, str], Any] = {("prompts", "source"): None, ("corpus", "source"): None}
+
+
 def settings_hash(settings: Any, upstream: tuple[str, ...] = ()) -> str:
-    """Hash of a stage's settings object plus the hashes of the stages it builds on."""
-    payload = json.dumps({"settings": _to_plain(settings), "upstream": list(upstream)}, sort_keys=True)
+    """Hash of a stage's settings object plus the hashes of the stages it builds on (a group of
+    :data:`HASHED_WHEN_SET` at its defaults is left out)."""
+    plain = _to_plain(settings)
+    if isinstance(plain, dict):
+        for name, cls in HASHED_WHEN_SET.items():
+            if getattr(settings, name, None) == cls():
+                plain.pop(name, None)
+        for (group, fname), default in FIELDS_HASHED_WHEN_SET.items():
+            if isinstance(plain.get(group), dict) and plain[group].get(fname, default) == default:
+                plain[group].pop(fname, None)
+    payload = json.dumps({"settings": plain, "upstream": list(upstream)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -35,7 +35,7 @@ class StageSpec:
         clears: rows the stage owns, ``{table: Where(...)}``, deleted before a recompute.
         chunked: whether the stage commits chunk by chunk and resumes from the last chunk.
         fingerprint: optional ``"module:function"`` of the stage's settings giving an extra input
-            to the hash (e.g. the model files' identity).
+            to the hash (e.g. the model files' identity, the given SAE files'); None adds nothing.
         describe: one line shown for a stage that has not run yet.
         tasks: the tasks the stage belongs to (a stage may exist per task under one name).
         version: bumped when the stage's computation changes, so stored results of an older
@@ -80,6 +80,7 @@ def _resolve(ref: str) -> Callable[..., Any]:
 
 _P = "lfp_core.pipeline."
 _REWARD_FP = "lfp_core.rewards:reward_fingerprint"  # the reward plug-in's files
+_GIVEN_SAES = "lfp_core.sae_sources:fingerprint"  # given SAE files: their configs and sizes
 _ALL = Where()
 
 STAGES: list[StageSpec] = [
@@ -187,13 +188,13 @@ STAGES: list[StageSpec] = [
         "activations",
         st.ActivationsStageSettings,
         ("divergence", "rl_eval"),
-        _P + "saes:stage_activations",
+        _P + "harvest:stage_activations",
         {"act_docs": _ALL, "vocab": _ALL},
+        fingerprint=(_GIVEN_SAES, "lfp_core.texts:corpus_fingerprint"),
         tasks=("vader",),
         version=2,
-        fingerprint="lfp_core.texts:corpus_fingerprint",
-        describe="harvest MLP outputs of the tuned and base models at the selected layers (held-out IMDB "
-        "text or the given corpus, and completions)",
+        describe="harvest MLP outputs (or the hook --hook names) of the tuned and base models at the selected "
+        "layers, or at the given SAEs' layers (held-out IMDB text or the given corpus, and completions)",
     ),
     StageSpec(
         "saes",
@@ -202,10 +203,11 @@ STAGES: list[StageSpec] = [
         _P + "saes:stage_saes",
         {"saes": Where(kind=Not("rm")), "sae_pairs": _ALL},
         chunked=True,
+        fingerprint=_GIVEN_SAES,
         tasks=("vader",),
         version=2,
         describe="train SAEs with sae-lens (main and an other-seed reference, paper variants, L1 sweep, MFR), each "
-        "from its own seed; FVU, L0, dead, loss recovered, MMCS",
+        "from its own seed, or load the given ones; FVU, L0, dead, loss recovered, MMCS",
     ),
     StageSpec(
         "features",

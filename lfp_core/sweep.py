@@ -79,7 +79,8 @@ def run_sweep(
         src = saes.ActivationSource(
             h.acts(role, layer), train_rows, base_spec.batch_size, seed=cfg.run.seed + 500 + i, layer=layer
         )
-        sae, info = saes.train_sae(job["spec"], src, activations.hook_name(layer), f"{ctx.model.spec.name}:{role}")
+        hook = activations.hook_name(layer, harvested.hook or activations.DEFAULT_HOOK)  # the harvested hook
+        sae, info = saes.train_sae(job["spec"], src, hook, f"{ctx.model.spec.name}:{role}")
         rows.append(
             stage.sae_record_row(ctx, job, stage.sae_id(job), sae, info, job["spec"].seed, cfg.sae_suite.ce_docs)
         )

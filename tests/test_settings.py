@@ -43,6 +43,8 @@ def _changed(group: str, name: str, value):
         return str(DEMO_MODEL_DIR)  # a model directory: its files go into the rlhf stage's hash
     if name == "source":  # prompts.source, corpus.source: an existing file (the hash reads its bytes)
         return str(DEMO_MODEL_DIR / "train_log.jsonl")
+    if group == "sae_source" and name in ("base", "tuned"):
+        return "/nonexistent/saes"  # hashed by name (its fingerprint says it cannot be read)
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return next(c for c in typing.get_args(hint) if c != value)

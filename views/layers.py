@@ -24,11 +24,19 @@ if div.empty:
     st.stop()
 measure = (data.summary(DivergenceSummary) or DivergenceSummary()).measure
 selected = [int(x) for x in div[div.selected].layer]
+harvest = data.summary(ActivationsSummary)
+hook = (harvest.hook if harvest is not None else None) or "hook_mlp_out"
+what = "MLP outputs" if hook == "hook_mlp_out" else f"`{hook}` activations"
 st.markdown(
     f"Selected layers (★): **{', '.join(map(str, selected))}**, the top {len(selected)} by "
     f"**{'parameter' if measure == 'param' else 'MLP-output (1 − cos)'}** divergence. Later "
-    "stages train SAEs on these layers' MLP outputs."
+    f"stages study these layers' {what}."
 )
+if harvest is not None and harvest.layers_from not in (None, "divergence"):
+    st.info(
+        f"This run was given SAEs, so the later stages study **their** layers, "
+        f"**{', '.join(map(str, harvest.layers or []))}**, not the divergence choice above: {harvest.layers_from}."
+    )
 st.plotly_chart(viz.divergence_bars(div), width="stretch")
 st.caption(
     "Parameter divergence: the paper's Σ over the layer's tensors of the Frobenius norm of the weight "
@@ -74,13 +82,29 @@ labels = {
     "ce_loss_recovered": "loss recovered",
     "l1_coefficient": "L1",
 }
-act = data.stage("activations")
-if act is not None and isinstance(act.summary, ActivationsSummary):
-    d = act.summary
+if harvest is not None:
+    d = harvest
+    given = sae_stage.given
+    trained = [r for r in ("tuned", "base") if r not in given]
+    how = (
+        f"Trained with sae-lens on `{hook}` activations of **{d.n_train_rows or 0:,}** tokens"
+        if not given
+        else "; ".join(f"the {r} model's SAEs were **given** ({src}), not trained here" for r, src in given.items())
+        + (
+            f"; the {' and '.join(trained)} model's trained with sae-lens on `{hook}` activations of "
+            f"**{d.n_train_rows or 0:,}** tokens"
+            if trained
+            else f", and read `{hook}`"
+        )
+    )
     st.markdown(
-        f"Trained with sae-lens on `hook_mlp_out` activations of **{d.n_train_rows or 0:,}** tokens; "
-        f"metrics on **{d.n_eval_rows or 0:,}** held-out tokens (whole documents held out). "
+        f"{how}; metrics on **{d.n_eval_rows or 0:,}** held-out tokens (whole documents held out). "
         f"Corpus: {d.n_docs or 0:,} documents ({d.source}) plus base and tuned completions."
+    )
+if sae_stage.not_applicable:
+    st.info(
+        "Not computed for this run, because SAEs were given:\n"
+        + "\n".join(f"- **{what}**: {why}" for what, why in sae_stage.not_applicable.items())
     )
 main = table[table.kind.isin(["main", "reseed", "variant"])]
 st.subheader("Quality")
@@ -94,7 +118,8 @@ st.caption(
     "FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² with the mean taken per dimension. Dead = share of features that never "
     "fire on any harvested token. Loss recovered = (CE zero-ablated − CE spliced) / (CE zero-ablated − CE "
     "clean), next-token cross-entropy on held-out documents with the SAE's reconstruction (or zeros) in "
-    "place of the layer's MLP output. Main SAEs of both models feed the feature pages; reseed SAEs are "
+    f"place of the layer's {what} (zeroing a residual-stream hook removes the whole stream, a harsher "
+    "baseline than zeroing an MLP output, so loss recovered is comparable only between SAEs of one hook). Main SAEs of both models feed the feature pages; reseed SAEs are "
     "the same model, layer and settings from another seed (the MMCS reference below); variants are the "
     "paper's L1 ReLU (1× and 2× d_model) and tied-decoder SAEs of the tuned model."
 )
@@ -148,6 +173,11 @@ if not pairs.empty:
             "tuned′). Two SAEs of one model never agree perfectly, so base vs tuned can say that RL changed "
             "the basis only if it is below these references. Each reference is one pair of seeds, a single "
             "draw of the seed-to-seed spread, not an interval, so a margin below them is a hint, not a finding. Every SAE starts from its own seed."
+        )
+    elif any("other-seed reference" in k for k in sae_stage.not_applicable):
+        st.info(
+            "No other-seed references for this run's given SAEs, so base vs tuned MMCS cannot be read against "
+            "chance (see what was not computed, above)."
         )
     else:
         st.info(

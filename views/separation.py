@@ -42,7 +42,8 @@ st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 st.caption(
     "Each text's SAE features (selected layers, concatenated) are averaged over its tokens; an L2 logistic "
     "regression (penalty by 3-fold CV) is fitted on 70% of the texts and scored on the rest. The 95% CI is "
-    "Wilson's. 'raw activations': the same probe on the averaged MLP outputs."
+    "Wilson's. 'raw activations': the same probe on the averaged activations the SAEs read (the MLP "
+    "outputs unless the run harvested another hook)."
 )
 left, right = st.columns(2)
 role = left.radio("Model", ["tuned", "base"], horizontal=True, key="sep_role")

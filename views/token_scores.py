@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from lfp_core.store.summaries import ProbeRoleSummary, ProbesSummary, Tau
+from lfp_core.store.summaries import ActivationsSummary, ProbeRoleSummary, ProbesSummary, Tau
 from views.common import require_run, require_stage
 from views.data import RunData
 
@@ -108,12 +108,15 @@ with right:
 inputs = d.inputs or {}
 if inputs:
     st.subheader("Baselines beside the probe")
+    harvest = data.summary(ActivationsSummary)
+    hook = (harvest.hook if harvest is not None else None) or "hook_mlp_out"
+    raw = "raw MLP outputs" if hook == "hook_mlp_out" else f"raw `{hook}` activations"
     names = {
         "sae_selected": f"SAE features, layers {layer_list} (the probe)",
         "token_embedding": "token identity: the token's input embedding",
-        "raw_selected": f"raw MLP outputs, layers {layer_list}",
-        "diff_means_raw": f"difference of means, raw MLP outputs, layers {layer_list}",
-        "raw_all_layers": "raw MLP outputs, every layer",
+        "raw_selected": f"{raw}, layers {layer_list}",
+        "diff_means_raw": f"difference of means, {raw}, layers {layer_list}",
+        "raw_all_layers": f"{raw}, every layer",
     }
     st.dataframe(
         pd.DataFrame(

@@ -13,7 +13,7 @@ import numpy as np
 from lfp_core import probes, reward, rewards, saes
 from lfp_core.features import RowLookup
 from lfp_core.pipeline.core import Context
-from lfp_core.pipeline.shared import ROLES, harvest_dir, own_saes, selected_layers
+from lfp_core.pipeline.shared import ROLES, harvest_dir, harvest_hook, own_saes, selected_layers
 from lfp_core.settings import ProbesStageSettings, RunSettings
 from lfp_core.store import put_rows
 
@@ -72,7 +72,8 @@ def _forward_batches(
     ctx: Context, role: str, layers: list[int], seqs: list[list[int]], batch_size: int, last_only: bool = False
 ):
     """Run ``role``'s model over ``seqs`` batched by length (nothing padded); yield (sequence indices,
-    SAE features [batch, pos, d_sae·L] through its own SAEs, raw MLP outputs [batch, pos, d_model·L]);
+    SAE features [batch, pos, d_sae·L] through its own SAEs, the raw activations they read (the MLP
+    outputs by default) [batch, pos, d_model·L]);
     ``last_only``: only the last position of each (pos = 1), without encoding the others."""
     import torch
 
@@ -80,7 +81,7 @@ def _forward_batches(
 
     hooked = role_model(ctx, role).hooked()
     sae_of = own_saes(ctx, role, layers)
-    names = [f"blocks.{layer}.hook_mlp_out" for layer in sae_of]
+    names = [sae.cfg.metadata.hook_name for sae in sae_of.values()]  # the hook each SAE reads
     batch_size = ctx.batch(batch_size)
     by_len: dict[int, list[int]] = {}
     for i, sq in enumerate(seqs):
@@ -140,16 +141,18 @@ def mlp_outputs_at(
     pos_a: np.ndarray,
     layers: list[int],
     batch_size: int = 32,
+    hook: str = "hook_mlp_out",
 ) -> np.ndarray:
-    """Raw ``hook_mlp_out`` of ``layers`` (concatenated, numeric order) at each (document, position),
-    with BOS prepended as in the harvest; documents batched by length (nothing padded)."""
+    """Raw ``blocks.L.<hook>`` (the harvested hook; the MLP output by default) of ``layers`` (concatenated,
+    numeric order) at each (document, position), with BOS prepended as in the harvest; documents batched by
+    length (nothing padded)."""
     import torch
 
     from lfp_core.pipeline.saes import role_model
 
     hooked = role_model(ctx, role).hooked()
     bos = [ctx.model.tokenizer.bos_token_id] if ctx.model.tokenizer.bos_token_id is not None else []
-    names = [f"blocks.{layer}.hook_mlp_out" for layer in sorted(layers)]
+    names = [f"blocks.{layer}.{hook}" for layer in sorted(layers)]
     batch_size = ctx.batch(batch_size)
     out = np.zeros((len(doc_a), hooked.cfg.d_model * len(names)), dtype=np.float32)
     where: dict[int, list[int]] = {}
@@ -203,7 +206,9 @@ def input_controls(
     inputs = {
         "token_embedding": embed,
         "raw_selected": raw,
-        "raw_all_layers": mlp_outputs_at(ctx, role, doc_tokens, doc_a, pos_a, list(range(n_layers))),
+        "raw_all_layers": mlp_outputs_at(
+            ctx, role, doc_tokens, doc_a, pos_a, list(range(n_layers)), hook=harvest_hook(ctx)
+        ),
     }
     return probes.score_inputs(inputs, y, words, splits, lex_range)
 

@@ -1,6 +1,7 @@
-"""SAE stages: harvest MLP-output activations at the selected layers, train SAEs on them (with
-their quality metrics, the L1 sweep, MFR and dictionary comparisons, each SAE from its own seed and
-each main SAE beside an other-seed reference), and compute per-feature statistics for the dashboard."""
+"""SAE stages: harvest a block hook's activations (the MLP output by default) at the selected layers, train
+SAEs on them (with their quality metrics, the L1 sweep, MFR and dictionary comparisons, each SAE from its own
+seed and each main SAE beside an other-seed reference) or load the SAEs given for a model
+(:mod:`lfp_core.pipeline.given_saes`), and compute per-feature statistics for the dashboard."""
 
 from __future__ import annotations
 
@@ -11,146 +12,34 @@ from typing import Any
 
 import numpy as np
 
-from lfp_core import activations, corpora, features, saes
-from lfp_core import texts as given_texts
+from lfp_core import activations, features, sae_sources, saes
 from lfp_core.models import continuation_decoder
+from lfp_core.pipeline import given_saes
 from lfp_core.pipeline.core import Context
-from lfp_core.pipeline.shared import ROLES, harvest_dir, role_model, selected_layers, special_tokens
-from lfp_core.settings import ActivationsStageSettings, FeaturesStageSettings, SAEStageSettings
+from lfp_core.pipeline.harvest import build_corpus, stage_activations  # noqa: F401  (the activations stage)
+from lfp_core.pipeline.shared import ROLES, harvest_dir, harvest_hook, harvest_summary, role_model, selected_layers
+from lfp_core.settings import FeaturesStageSettings, SAEStageSettings
 from lfp_core.store import RunWriter, Where, artifacts_dir, put_rows
 
 log = logging.getLogger(__name__)
 
 
-def text_corpus(ctx: Context, s: ActivationsStageSettings) -> tuple[list[tuple[str, list[int], dict]], str]:
-    """The text part of the activation corpus and where it came from: the researcher's documents
-    (``corpus.source``, :mod:`lfp_core.texts`), else held-out IMDB reviews, else model-sampled documents;
-    each cut to ``corpus.doc_tokens`` tokens, at most ``corpus.docs`` of them."""
-    tok, c, seed = ctx.model.tokenizer, s.corpus, s.run.seed
-    texts: list[tuple[str, list[int], dict]] = []
-    if c.source is not None:
-        docs = given_texts.corpus_token_docs(
-            tok, given_texts.read_texts(c.source, "corpus"), c.docs, c.doc_tokens, seed
-        )
-        given_texts.check_corpus_size(len(docs), c.eval_every, c.source)
-        return [("corpus", ids, {}) for ids in docs], c.source
-    try:
-        reviews, where = corpora.imdb_reviews(s.run.data_dir, ("test",))
-        pool = sorted(reviews["test"], key=lambda x: x.doc_id)
-        pick = np.random.default_rng([seed, 41]).permutation(len(pool))
-        for i in pick:
-            ids = tok(pool[int(i)].text[: c.doc_tokens * 12], add_special_tokens=False)["input_ids"]
-            if len(ids) >= 16:
-                texts.append(("imdb", ids[: c.doc_tokens], {"label": pool[int(i)].label}))
-            if len(texts) >= c.docs:
-                break
-    except FileNotFoundError as exc:
-        from lfp_core.sampling import sample_batch
-
-        log.warning("IMDB not reachable (%s): sampling the activation corpus from the base model", exc)
-        where = "model-sampled"
-        gen = s.generation.batch_size
-        for start in range(0, c.docs, gen):
-            n = min(gen, c.docs - start)
-            for ids in sample_batch(
-                ctx.model, [[] for _ in range(n)], c.doc_tokens, seed=seed * 31 + start, allow_eos=False
-            ):
-                texts.append(("model_sampled", list(ids), {}))
-    return texts, where
-
-
-def build_corpus(ctx: Context, s: ActivationsStageSettings) -> tuple[list[activations.Doc], str]:
-    """The text corpus (:func:`text_corpus`: the given documents, held-out IMDB reviews or model-sampled
-    documents), then every base and tuned completion (prompt + completion). Every
-    ``corpus.eval_every``-th document is held out from SAE training."""
-    r, c = ctx.writer.reader(), s.corpus
-    texts, where = text_corpus(ctx, s)
-    prompts = r.prompts("eval")
-    ids_of = dict(zip(prompts.prompt_id.astype(int), prompts.token_ids))
-    for role in ("base", "tuned"):
-        comp = r.completions(role)
-        texts += [
-            (
-                f"{role}_completion",
-                list(ids_of[int(p)]) + list(t),
-                {"prompt_id": int(p), "sample_idx": int(k), "n_prefix": len(ids_of[int(p)])},
-            )
-            for p, k, t in zip(comp.prompt_id, comp.sample_idx, comp.token_ids)
-        ]
-    docs = [
-        activations.Doc(i, src, "eval" if i % c.eval_every == 0 else "train", [int(t) for t in ids], **meta)
-        for i, (src, ids, meta) in enumerate(texts)
-    ]
-    return docs, where
-
-
-def stage_activations(ctx: Context, s: ActivationsStageSettings, config_hash: str) -> None:
-    """Harvest ``blocks.L.hook_mlp_out`` of the tuned and the base model at the selected layers."""
-    tok = ctx.model.tokenizer
-    layers = selected_layers(ctx)
-    docs, where = build_corpus(ctx, s)
-    h = harvest_dir(ctx)
-    special = special_tokens(tok)
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    idx = activations.write_index(h.root, docs, special)
-    detail: dict = {
-        "layers": layers,
-        "source": where,
-        "n_docs": len(docs),
-        "n_rows": int(len(idx["doc_id"])),
-        "n_train_rows": int((~idx["is_eval"]).sum()),
-        "n_eval_rows": int(idx["is_eval"].sum()),
-    }
-    for role in ROLES:
-        m = role_model(ctx, role)
-        detail[role] = activations.harvest_role(
-            m.hooked(), docs, layers, h.root, role, bos, special, batch_size=ctx.batch(), device=s.run.device
-        )
-    rows = [
-        {
-            "doc_id": d.doc_id,
-            "source": d.source,
-            "split": d.split,
-            "n_tokens": len(d.token_ids),
-            "token_ids": d.token_ids,
-            "text": tok.decode(d.token_ids),
-            "label": d.label,
-            "prompt_id": d.prompt_id,
-            "sample_idx": d.sample_idx,
-            "n_prefix": d.n_prefix,
-        }
-        for d in docs
-    ]
-    log.info(
-        "activation corpus: %d documents from %s, %d rows (%d held out) at layers %s",
-        len(docs),
-        where,
-        detail["n_rows"],
-        detail["n_eval_rows"],
-        layers,
-    )
-    piece = continuation_decoder(tok)  # each token with its own leading space (Llama tokenizers drop it alone)
-    vocab = [{"token_id": i, "text": piece([i])} for i in range(ctx.model.hooked().cfg.d_vocab)]
-
-    def write(con):
-        put_rows(con, "act_docs", rows)
-        put_rows(con, "vocab", vocab)
-
-    ctx.commit(write, detail)
-
-
 # --- SAE training ------------------------------------------------------------------------------------
-def sae_jobs(s: SAEStageSettings, layers: list[int], d_model: int) -> list[dict]:
-    """Every SAE the stage trains, in order (the chunk index of a job is its position).
+def sae_jobs(
+    s: SAEStageSettings, layers: list[int], d_model: int, roles: tuple[str, ...] | list[str] = ROLES
+) -> list[dict]:
+    """Every SAE the stage trains for the models ``roles`` (all but those whose SAEs are given), in order.
 
     Each SAE is initialised from its own seed, derived from the run seed and its id
     (:func:`lfp_core.saes.derive_seed`), so no two compared dictionaries share an initialisation.
     Beside each main SAE a ``reseed`` SAE of the same model, layer and settings but another seed gives
     the seed-to-seed reference that base-vs-tuned MMCS is read against. The MFR baseline
     (independent TopK SAEs of the tuned model's first layer) is the tuned main SAE and its reseed
-    when the main SAEs are TopK, plus ``independent`` jobs up to ``mfr_n`` SAEs.
+    when the main SAEs are TopK, plus ``independent`` jobs up to ``mfr_n`` SAEs. The variants, the L1
+    sweep and MFR are the tuned model's, trained only when its SAEs are trained here.
     """
     seed, suite = s.run.seed, s.sae_suite
+    roles = [r for r in ROLES if r in roles]
 
     def spec(arch: str | None = None, expansion: int | None = None, **kw) -> saes.SAESpec:
         return saes.SAESpec.from_settings(s.sae, d_model, seed, s.run.device, arch, expansion, **kw)
@@ -158,9 +47,11 @@ def sae_jobs(s: SAEStageSettings, layers: list[int], d_model: int) -> list[dict]
     jobs: list[dict[str, Any]] = [
         {"kind": kind, "role": role, "layer": layer, "spec": spec()}
         for kind in ("main", "reseed")
-        for role in ROLES
+        for role in roles
         for layer in layers
     ]
+    if "tuned" not in roles:
+        return _seeded(jobs, seed)
     for layer in layers:
         for v in suite.variants:
             jobs.append(
@@ -185,6 +76,10 @@ def sae_jobs(s: SAEStageSettings, layers: list[int], d_model: int) -> list[dict]
             jobs.append(
                 {"kind": "independent", "role": "tuned", "layer": first, "spec": spec("topk"), "name": f"seed{i}"}
             )
+    return _seeded(jobs, seed)
+
+
+def _seeded(jobs: list[dict], seed: int) -> list[dict]:
     for job in jobs:
         job["spec"] = replace(job["spec"], seed=saes.derive_seed(seed, sae_id(job)))
     return jobs
@@ -201,10 +96,10 @@ def job_seeds(job: dict) -> list[int]:
 
 
 def sae_id(job: dict, member: int | None = None) -> str:
-    s = job["spec"]
     base = f"{job['role']}-L{job['layer']}-{job['kind']}"
     if job["kind"] in _MAIN_KINDS:
         return base
+    s = job["spec"]
     if job["kind"] == "mfr":
         return base if member is None else f"{base}-m{member}"
     return f"{base}-{job['name']}" if job.get("name") else f"{base}-{s.arch}"
@@ -223,15 +118,17 @@ def ce_sequences(ctx: Context, n_docs: int) -> list[list[int]]:
 
 
 def evaluate(ctx: Context, sae, role: str, layer: int, ce_docs: int) -> dict:
+    """FVU, L0, dead fraction on the run's held-out harvest; loss recovered at the hook the SAE reads."""
     h = harvest_dir(ctx)
     idx = h.index()
     acts = h.acts(role, layer)
     m = saes.reconstruction_metrics(sae, acts, np.nonzero(idx["is_eval"])[0])
     if "ce_seqs" not in ctx.cache:
         ctx.cache["ce_seqs"] = ce_sequences(ctx, ce_docs)
-    hooked, key = role_model(ctx, role).hooked(), ("ce_baseline", role, layer)
+    hook = sae.cfg.metadata.hook_name
+    hooked, key = role_model(ctx, role).hooked(), ("ce_baseline", role, hook)
     if key not in ctx.cache:  # clean and zero-ablated losses do not depend on the SAE
-        ctx.cache[key] = saes.ce_baselines(hooked, layer, ctx.cache["ce_seqs"], ctx.batch())
+        ctx.cache[key] = saes.ce_baselines(hooked, layer, ctx.cache["ce_seqs"], ctx.batch(), hook=hook)
     m.update(saes.ce_metrics(hooked, sae, layer, ctx.cache["ce_seqs"], ctx.batch(), baseline=ctx.cache[key]))
     return m
 
@@ -256,7 +153,7 @@ def sae_record_row(ctx: Context, job: dict, sid: str, sae, info: dict, seed: int
         "kind": job["kind"],
         **saes.sae_record(sae, s),
         "seed": seed,
-        "hook_name": activations.hook_name(job["layer"]),
+        "hook_name": sae.cfg.metadata.hook_name,
         "path": str(path.relative_to(ctx.writer.run_dir)),
         "train_tokens": s.train_tokens,
         "seconds": info["seconds"],
@@ -282,36 +179,67 @@ _METRICS = (
 
 
 def stage_saes(ctx: Context, s: SAEStageSettings, config_hash: str) -> None:
-    """Train every SAE job (committed one by one, so an interrupted stage resumes), then compare
-    dictionaries (MMCS) and record which quality bars the main SAEs meet."""
+    """Train every SAE job, or load the SAEs given for a model (each committed one by one, so an interrupted
+    stage resumes), then compare dictionaries (MMCS) and record which quality bars the main SAEs meet.
+
+    Given SAEs are checked against the loaded model and the harvested hook, stored as their role's main
+    SAEs and evaluated like trained ones on the run's held-out harvest; a role without given SAEs is
+    trained as in a run given none (the same seeds and batches). What applies only to SAEs trained here
+    (other-seed references, the paper's variants, the L1 sweep, MFR) is listed in ``not_applicable``.
+    """
     w, ce_docs = ctx.writer, s.sae_suite.ce_docs
     layers = selected_layers(ctx)
+    hook = harvest_hook(ctx)
+    hooked = ctx.model.hooked()
+    given = sae_sources.resolve_all(s.sae_source)
+    sae_sources.check_given(given, sae_sources.shape_of_hooked(hooked, ctx.model.spec.name), hook)
+    for role, found in given.items():
+        if [g.layer for g in found] != layers:
+            raise sae_sources.GivenSAEError(
+                f"the given {role} SAEs read layers {[g.layer for g in found]} but the run harvested layers "
+                f"{layers}; re-run the activations stage (it harvests the given SAEs' layers)"
+            )
+    trained = [r for r in ROLES if r not in given]
+    d_model = hooked.cfg.d_model
+    data_seed = {sae_id(j): s.run.seed + i for i, j in enumerate(sae_jobs(s, layers, d_model))}  # as with no SAEs given
+    jobs = given_saes.given_jobs(given) + sae_jobs(s, layers, d_model, roles=trained)
+    if given:
+        log.info(given_saes.usage_line(s.sae_source, given, trained, layers))
+    na = given_saes.not_applicable(given, trained, s.sae_suite)
+    for what, why in na.items():
+        log.info("saes: not computed: %s (%s)", what, why)
     h = harvest_dir(ctx)
     idx = h.index()
     train_rows = np.nonzero(~idx["is_eval"])[0]
-    jobs = sae_jobs(s, layers, ctx.model.hooked().cfg.d_model)
     done = w.done_chunks("saes", config_hash)
     for ci, job in enumerate(jobs):
         if ci in done:
             continue
-        acts = h.acts(job["role"], job["layer"])
-        src = saes.ActivationSource(acts, train_rows, job["spec"].batch_size, seed=s.run.seed + ci, layer=job["layer"])
-        hook = activations.hook_name(job["layer"])
-        name = f"{ctx.model.spec.name}:{job['role']}"
-        if job["kind"] == "mfr":
-            members, info = saes.train_mfr(job["spec"], src, hook, job["n"], model_name=name)
-            rows = [
-                sae_record_row(ctx, job, sae_id(job, i), sae, info, member_seed, ce_docs)
-                for i, (sae, member_seed) in enumerate(zip(members, job_seeds(job)))
-            ]
+        if "given" in job:
+            rows = [given_record_row(ctx, job, ce_docs)]
         else:
-            sae, info = saes.train_sae(job["spec"], src, hook, model_name=name)
-            rows = [sae_record_row(ctx, job, sae_id(job), sae, info, job["spec"].seed, ce_docs)]
+            acts = h.acts(job["role"], job["layer"])
+            src = saes.ActivationSource(
+                acts, train_rows, job["spec"].batch_size, seed=data_seed[sae_id(job)], layer=job["layer"]
+            )
+            hook_at = activations.hook_name(job["layer"], hook)
+            name = f"{ctx.model.spec.name}:{job['role']}"
+            if job["kind"] == "mfr":
+                members, info = saes.train_mfr(job["spec"], src, hook_at, job["n"], model_name=name)
+                rows = [
+                    sae_record_row(ctx, job, sae_id(job, i), sae, info, member_seed, ce_docs)
+                    for i, (sae, member_seed) in enumerate(zip(members, job_seeds(job)))
+                ]
+            else:
+                sae, info = saes.train_sae(job["spec"], src, hook_at, model_name=name)
+                rows = [sae_record_row(ctx, job, sae_id(job), sae, info, job["spec"].seed, ce_docs)]
         with w.transaction() as con:
             RunWriter.put_saes(con, rows)  # replaces the rows of the same sae_id
             RunWriter.add_chunk_marker(con, "saes", config_hash, ci)
     table = w.reader().saes()
     pairs = dictionary_pairs(ctx, table)
+    if "base vs tuned MMCS" in na:  # one model's SAEs given, the other's trained here
+        pairs = [p for p in pairs if p["comparison"] != "base_vs_tuned"]
     main = table[table.kind == "main"]
     bars = {
         r.sae_id: {
@@ -321,6 +249,7 @@ def stage_saes(ctx: Context, s: SAEStageSettings, config_hash: str) -> None:
         }
         for r in main.itertuples()
     }
+    harvested = harvest_summary(ctx)
     ctx.commit(
         lambda con: put_rows(con, "sae_pairs", pairs),
         {
@@ -329,8 +258,41 @@ def stage_saes(ctx: Context, s: SAEStageSettings, config_hash: str) -> None:
             "bars": bars,
             "mfr": mfr_summary(table, pairs),
             "basis": basis_summary(pairs),
+            "given": s.sae_source.given(),
+            "trained": trained,
+            "not_applicable": na,
+            "layers_from": harvested.layers_from if harvested is not None else None,
         },
     )
+
+
+def given_record_row(ctx: Context, job: dict, ce_docs: int) -> dict:
+    """Load a given SAE, store it as its role's main SAE of its layer and evaluate it like a trained one."""
+    g: sae_sources.GivenSAE = job["given"]
+    sae = sae_sources.load_given(g, device=ctx.run.device)
+    given_saes.adopt(sae, g, ctx.model.spec.name)
+    sid = sae_id(job)
+    path = saes.save_sae(sae, sae_path(ctx, sid))
+    metrics = evaluate(ctx, sae, g.role, g.layer, ce_docs)
+    log.info(
+        "SAE %-28s given (%s): FVU %.3f  L0 %.1f  dead %.3f  loss recovered %.3f",
+        sid,
+        g.where,
+        metrics["fvu"],
+        metrics["l0"],
+        metrics["dead_frac"],
+        metrics["ce_loss_recovered"],
+    )
+    return {
+        "sae_id": sid,
+        "role": g.role,
+        "layer": g.layer,
+        "kind": "main",
+        **given_saes.record(sae, g),
+        "hook_name": g.hook_name,
+        "path": str(path.relative_to(ctx.writer.run_dir)),
+        **{k: metrics[k] for k in _METRICS},
+    }
 
 
 def _pair(ctx: Context, table, a: str, b: str, comparison: str, layer: int) -> dict | None:
@@ -456,11 +418,12 @@ def stage_features(ctx: Context, s: FeaturesStageSettings, config_hash: str) -> 
     piece = continuation_decoder(tok)
     vocab = [piece([i]) for i in range(ctx.model.hooked().cfg.d_vocab)]
     done = w.done_chunks("features", config_hash)
+    hook = harvest_hook(ctx)
     n = 0
     for ci, row in enumerate(main.itertuples()):
         if ci in done:
             continue
-        sae = saes.load_sae(w.run_dir / row.path)
+        sae = saes.load_sae(w.run_dir / row.path, hook=activations.hook_name(int(row.layer), hook))  # reads the harvest
         m = role_model(ctx, row.role).hooked()
         feats, ex = features.feature_tables(
             sae,

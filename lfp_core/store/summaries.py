@@ -149,7 +149,15 @@ class DivergenceSummary(StageSummary):
 @_stage("activations")
 @dataclass(frozen=True)
 class ActivationsSummary(StageSummary):
+    """The harvest: ``layers`` (what every later stage studies), ``hook`` (the block hook read, e.g.
+    ``hook_mlp_out``; None in runs made before it could be chosen: the MLP output), and why these layers
+    (``layers_from``: ``divergence``, or the given SAEs' layers, with ``divergence_layers`` the divergence
+    stage's own choice)."""
+
     layers: list[int] | None = None
+    hook: str | None = None
+    layers_from: str | None = None
+    divergence_layers: list[int] | None = None
     source: str | None = None
     n_docs: int | None = None
     n_rows: int | None = None
@@ -167,6 +175,10 @@ class SAEsSummary(StageSummary):
     bars: dict[str, dict[str, bool]] = field(default_factory=dict)  # {sae_id: {bar: met}}
     mfr: dict[str, MfrStats] = field(default_factory=dict)  # {"mfr" | "independent": stats}
     basis: list[BasisStats] = field(default_factory=list)  # per layer: base vs tuned beside the reseed references
+    given: dict[str, str] = field(default_factory=dict)  # {role: source} of the roles whose SAEs were given
+    trained: list[str] = field(default_factory=list)  # the roles whose SAEs were trained here
+    not_applicable: dict[str, str] = field(default_factory=dict)  # {what was not computed: why}
+    layers_from: str | None = None  # why these layers (the harvest's reason)
 
 
 @_stage("features")
