@@ -11,7 +11,7 @@ from lfp_core import viz
 from lfp_core.settings import run_settings_of
 from lfp_core.stages import describe_stages
 from lfp_core.store.summaries import RLEvalSummary
-from views.common import report_text, require_run
+from views.common import md_code, md_text, report_text, require_run
 from views.data import RunData
 
 run_dir = require_run()
@@ -20,9 +20,12 @@ info = data.run_info()
 model = data.model_info("base")
 stages = data.stages()
 
-st.title(f"Run · {info.get('name', run_dir)}")
-model_line = f"model **{model['name']}** ({model['architecture']}) · " if model else ""
-st.caption(f"{model_line}preset **{info.get('preset')}** · created {info.get('created_at')} · `{run_dir}`")
+st.title(f"Run · {md_text(info.get('name', run_dir))}")
+model_line = f"model **{md_text(model['name'])}** ({md_text(model['architecture'])}) · " if model else ""
+st.caption(
+    f"{model_line}preset **{md_text(info.get('preset'))}** · created {md_text(info.get('created_at'))} · "
+    f"{md_code(run_dir)}"
+)
 
 c1, c2, c3, c4 = st.columns(4)
 if model:
@@ -52,12 +55,14 @@ missing = [str(r["stage"]) for r in rows if r["status"] != "done"]
 if missing:
     st.warning(
         f"Stages not finished: {', '.join(missing)}. Compute them (finished stages are kept) with\n\n"
-        f"`python -m lfp_core.precompute --preset {info.get('preset', 'demo')} --out {run_dir}`"
+        + md_code(f"python -m lfp_core.precompute --preset {info.get('preset', 'demo')} --out {run_dir}")
     )
 
 st.subheader("Headline figures")
 st.code(report_text(run_dir), language=None)
-st.caption(f"The same text as `python -m lfp_core.report {run_dir}` (`--json` for a machine-readable version).")
+st.caption(
+    f"The same text as {md_code(f'python -m lfp_core.report {run_dir}')} (`--json` for a machine-readable version)."
+)
 
 with st.expander("Run config"):
     st.code(json.dumps(info.get("config", {}), indent=2), language="json")
@@ -128,7 +133,7 @@ def vader_sections() -> None:
                 "Gain over base",
                 f"{diff['mean']:+.3f}",
                 help=f"{diff['n_se']:.1f} standard errors; p = {diff['p_value']:.2g} "
-                f"({diff.get('method') or 'paired t-test'})",
+                f"({md_text(diff.get('method') or 'paired t-test')})",
             )
             e3.metric("KL(tuned ‖ base) per token", f"{d.kl_per_token:.4f}")
             e4.metric(
@@ -138,7 +143,7 @@ def vader_sections() -> None:
             )
             st.caption(
                 f"Gain 95% CI [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}], {diff['n_se']:.1f} standard errors, "
-                f"p = {diff['p_value']:.2g} ({diff.get('method') or 'paired t-test'}), over {tuned['n']} held-out "
+                f"p = {diff['p_value']:.2g} ({md_text(diff.get('method') or 'paired t-test')}), over {tuned['n']} held-out "
                 "completions (same prompts, lengths and seeds for both policies"
                 + (
                     "; completions of one prompt are resampled together)."
