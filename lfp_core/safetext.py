@@ -12,7 +12,10 @@ of its paragraph or table row.
 * :func:`md_text` backslash-escapes every ASCII punctuation character (CommonMark lets any of them
   be escaped, and every markdown, GFM, KaTeX and Streamlit construct starts with one: ``\\ ` * _ { }
   [ ] ( ) # + - . ! | < > ~ : $ & @ =`` ...), so the text renders as itself and nothing else; raw
-  HTML needs ``<``, entities ``&``, autolinks ``:`` or ``.``, Streamlit's directives ``:``.
+  HTML needs ``<``, entities ``&``, Streamlit's directives ``:``. GFM's bare-URL autolinks
+  (``http://…``, ``www.…``, ``name@host.tld``) are found in the text *after* escapes are resolved,
+  so escaping cannot stop them: a WORD JOINER (U+2060, invisible) goes after ``:`` in ``://``, after
+  ``www`` and after ``@``, which no autolink pattern matches across.
 * :func:`md_code` makes an inline code span whose fence no backtick in the text can close.
 * :func:`html_text` is :func:`html.escape` after :func:`visible_controls`.
 
@@ -38,6 +41,8 @@ _C0 = frozenset([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])  # t
 _MARK = {cp: f"⟨U+{cp:04X}⟩" for cp in BIDI_CONTROLS | _C0}
 _HIDDEN = re.compile("[" + "".join(re.escape(chr(cp)) for cp in sorted(_MARK)) + "]")
 _MD_ESCAPE = {ord(c): "\\" + c for c in string.punctuation}
+WORD_JOINER = "\u2060"
+_AUTOLINK_START = re.compile(r"(?i)(?<=:)(?=//)|(?<=www)(?=\.)|(?<=@)")
 
 
 def visible_controls(text: str) -> str:
@@ -49,8 +54,9 @@ def visible_controls(text: str) -> str:
 def md_text(value: object) -> str:
     """``value`` as markdown source that renders as exactly its text (controls made visible):
     every ASCII punctuation character backslash-escaped, so no link, image, emphasis, heading,
-    list, table, raw HTML, entity, autolink, math or Streamlit directive can start in it."""
-    return visible_controls(str(value)).translate(_MD_ESCAPE)
+    list, table, raw HTML, entity, math or Streamlit directive can start in it, and an invisible
+    WORD JOINER breaks each bare URL or e-mail address that GFM would turn into a link."""
+    return _AUTOLINK_START.sub(WORD_JOINER, visible_controls(str(value))).translate(_MD_ESCAPE)
 
 
 def md_code(value: object) -> str:

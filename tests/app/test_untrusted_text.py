@@ -22,8 +22,8 @@ import pytest
 from markdown_it import MarkdownIt
 
 from lfp_core import viz
-from lfp_core.safetext import html_text, md_code, md_text, show_controls, visible_controls
-from tests.helpers import open_page
+from lfp_core.safetext import WORD_JOINER, html_text, md_code, md_text, show_controls, visible_controls
+from tests.helpers import open_page, shown
 from tests.tiny_run import TinyRun
 
 LABEL = "[click](http://evil.example) **bold** :red[red] ![img](http://evil.example/x.png)"
@@ -97,7 +97,8 @@ def rendered(at) -> Rendered:
     return out
 
 
-_AUTOLINK = re.compile(r"(?<!\\)(?:https?:|www\.)")
+# GFM turns bare URLs and e-mail addresses into links after escapes are resolved (on the shown text)
+_AUTOLINK = re.compile(r"(?i)(?:https?://|www\.)[-.\w]|[-.\w+]+@[-\w]+\.\w")
 _DIRECTIVE = re.compile(
     r"(?<!\\):(?:red|orange|yellow|green|blue|violet|gray|grey|rainbow|primary)(?:-background)?\[|(?<!\\):material/"
 )
@@ -110,7 +111,7 @@ def assert_inert(r: Rendered) -> None:
         html = _MD.render(src)
         assert "evil.example" not in "".join(re.findall(r"<(?:a|img)\b[^>]*>", html)), src
         assert "<img" not in html and "<script" not in html, src
-        assert not _AUTOLINK.search(src), src  # GFM would link a bare http:// or www.
+        assert not _AUTOLINK.search(shown(src)), src  # GFM would link a bare http://, www. or a@b.c
         assert not _DIRECTIVE.search(src), src
         assert RLO not in src, src
     for body in r.html:
@@ -126,14 +127,22 @@ def assert_inert(r: Rendered) -> None:
 # --- the helpers ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "text",
-    [LABEL, MODEL, COMPLETION, "# title\n1. item\n---\n| a | b |\n|---|---|\n<b>x</b> &amp; @user www.x.org ~~s~~ \\"],
+    [
+        LABEL,
+        MODEL,
+        COMPLETION,
+        "# title\n1. item\n---\n| a | b |\n|---|---|\n<b>x</b> &amp; @user www.x.org ~~s~~ \\",
+        "mail me: someone@evil.example, or https://evil.example/x or WWW.evil.example",
+    ],
 )
 def test_md_text_renders_as_exactly_its_text(text):
     html = _MD.render(md_text(text))
     assert not re.search(r"<(?!/?p>)", html.replace("&lt;", "")), html  # nothing but one paragraph
-    shown = html.removeprefix("<p>").removesuffix("</p>\n").replace("&lt;", "<").replace("&gt;", ">")
-    shown = shown.replace("&quot;", '"').replace("&amp;", "&")
-    assert shown == visible_controls(text).strip()  # (a paragraph drops leading spaces)
+    text_shown = html.removeprefix("<p>").removesuffix("</p>\n").replace("&lt;", "<").replace("&gt;", ">")
+    text_shown = text_shown.replace("&quot;", '"').replace("&amp;", "&")
+    # the text, with a WORD JOINER breaking each would-be autolink (a paragraph drops leading spaces)
+    assert text_shown.replace(WORD_JOINER, "") == visible_controls(text).strip()
+    assert not _AUTOLINK.search(text_shown)
 
 
 def test_md_code_cannot_be_closed_by_backticks_in_it():
@@ -146,9 +155,9 @@ def test_bidi_controls_are_made_visible_everywhere():
     assert visible_controls(f"a{RLO}b\u2066c\u200fd\x00e\tf\ng") == "a⟨U+202E⟩b⟨U+2066⟩c⟨U+200F⟩d⟨U+0000⟩e\tf\ng"
     assert html_text(f"<{RLO}>") == "&lt;⟨U+202E⟩&gt;"
     df = pd.DataFrame({"text": ["ok", f"x{RLO}y"], "tokens": [[" a"], np.array([RLO], dtype=object)], "n": [1, 2]})
-    shown = show_controls(df)
-    assert list(shown.text) == ["ok", "x⟨U+202E⟩y"] and list(shown.tokens[1]) == ["⟨U+202E⟩"]
-    assert shown.n.tolist() == [1, 2] and df.text[1] == f"x{RLO}y"  # the original is left alone
+    out = show_controls(df)
+    assert list(out.text) == ["ok", "x⟨U+202E⟩y"] and list(out.tokens[1]) == ["⟨U+202E⟩"]
+    assert out.n.tolist() == [1, 2] and df.text[1] == f"x{RLO}y"  # the original is left alone
     clean = pd.DataFrame({"text": ["ok"]})
     assert show_controls(clean) is clean and show_controls({"a": [1, "b"]}) == {"a": [1, "b"]}
 
