@@ -22,6 +22,7 @@ from typing import Any
 
 from lfp_core.config import default_data_dir
 from lfp_core.errors import BadInputError, ConfigError, MissingInputError, StageFailure
+from lfp_core.preflight import check_against_model
 from lfp_core.resources import Meter
 from lfp_core.settings import LAYOUT, PRESETS, RunConfig, Task, preset_config, resolve_name, settings_hash
 from lfp_core.stages import STAGES, stages_for
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
                 "(nothing was computed); or use --labeller offline"
             )
+        check_against_model(cfg)  # sae_k, n_selected_layers, rm_layers against the model's config.json
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))
             log.info("moved the old %s aside to %s", DB_NAME, moved)
