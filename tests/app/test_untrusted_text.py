@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from markdown_it import MarkdownIt
 
 from lfp_core import viz
 from lfp_core.safetext import WORD_JOINER, html_text, md_code, md_text, show_controls, visible_controls
-from tests.helpers import open_page, shown
+from tests.helpers import open_page
 from tests.tiny_run import TinyRun
 
 LABEL = "[click](http://evil.example) **bold** :red[red] ![img](http://evil.example/x.png)"
@@ -111,8 +112,11 @@ def assert_inert(r: Rendered) -> None:
         html = _MD.render(src)
         assert "evil.example" not in "".join(re.findall(r"<(?:a|img)\b[^>]*>", html)), src
         assert "<img" not in html and "<script" not in html, src
-        assert not _AUTOLINK.search(shown(src)), src  # GFM would link a bare http://, www. or a@b.c
-        assert not _DIRECTIVE.search(src), src
+        # outside code spans (literal there): GFM links a bare http://, www. or a@b.c of the shown
+        # text, and Streamlit's :red[...] / :material/...: directives are read from the source
+        text = unescape(re.sub(r"<[^>]+>", "", re.sub(r"<code>.*?</code>", "", html, flags=re.S)))
+        assert not _AUTOLINK.search(text), src
+        assert not _DIRECTIVE.search(re.sub(r"(`+).+?\1", "", src)), src
         assert RLO not in src, src
     for body in r.html:
         html = _MD_HTML.render(body)
@@ -296,3 +300,20 @@ def test_a_stored_number_field_holding_text_is_dropped_when_read():
     s = parse_summary("labels", {"n_labelled": "[x](http://evil.example)", "labeller": "offline"}, strict=False)
     assert s.n_labelled is None and s.labeller == "offline"
     assert parse_summary("labels", {"n_labelled": 3}, strict=False).n_labelled == 3
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"role": "[Session expired — log in again](http://evil.example)"},
+        {"layer": "![x](http://evil.example/b.png)"},
+        {"feature": ":red[x] `y` <img src=x>"},
+        {"feature": "1\x00"},
+        {"layer": "9" * 5000},
+        {"role": "tuned", "layer": "1", "feature": "9" * 400},
+    ],
+)
+def test_odd_feature_link_parameters_are_a_message_shown_as_text(monkeypatch, payload_run, params):
+    at = open_page(monkeypatch, payload_run.parent, "views/feature.py", run=payload_run, **params)
+    assert not at.exception and at.error
+    assert_inert(rendered(at))
