@@ -4,7 +4,8 @@
     lfp report ARGS       a run's headline figures (python -m lfp_core.report ARGS)
     lfp sweep ARGS        the L1 sweep curve (python -m lfp_core.sweep ARGS)
     lfp serve [--run DIR] [--port N]
-                          the dashboard on 127.0.0.1 (streamlit run app.py, as ./lfp demo serves it)
+                          the dashboard on 127.0.0.1 (streamlit run lfp_serve.py: app.py behind a
+                          Host/Origin check, lfp_core/hostguard.py; as ./lfp demo serves it)
     lfp bench ARGS        benchmarks (python -m bench ARGS)
 
 Each subcommand's own ``--help`` lists its arguments; its exit status is lfp's. Nothing heavy is
@@ -29,7 +30,7 @@ DELEGATES: dict[str, tuple[str, str]] = {
     "sweep": ("lfp_core.sweep", "train SAEs over L1 coefficients and store the sweep curve"),
     "bench": ("bench.__main__", "benchmarks: stages | throughput | scaling | dashboard | live"),
 }
-SERVE_HELP = "serve the dashboard (streamlit run app.py) on 127.0.0.1"
+SERVE_HELP = "serve the dashboard (streamlit run lfp_serve.py: app.py with a Host/Origin check) on 127.0.0.1"
 
 
 def _usage() -> str:
@@ -52,13 +53,14 @@ def app_path() -> Path:
 
 
 def serve_command(app: Path, run: str | None, port: int, address: str = "127.0.0.1") -> list[str]:
-    """The streamlit command line ./lfp demo runs, for ``lfp serve``."""
+    """The streamlit command line ./lfp demo runs, for ``lfp serve``: lfp_serve.py beside ``app``
+    (app.py wrapped in an ``st.App`` with :class:`lfp_core.hostguard.HostGuard`)."""
     cmd = [
         sys.executable,
         "-m",
         "streamlit",
         "run",
-        str(app),
+        str(app.with_name("lfp_serve.py")),
         "--server.address",
         address,
         "--server.port",
@@ -85,9 +87,10 @@ def serve(argv: Sequence[str]) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not app.is_file():
-        print(f"error: no dashboard entry point at {app}", file=sys.stderr)
-        return 2
+    for entry in (app, app.with_name("lfp_serve.py")):
+        if not entry.is_file():
+            print(f"error: no dashboard entry point at {entry}", file=sys.stderr)
+            return 2
     cmd = serve_command(app, args.run, args.port)
     print(f"[lfp] serving the dashboard on http://127.0.0.1:{args.port}", file=sys.stderr)
     # from app.py's directory, so that streamlit reads the project's .streamlit/config.toml

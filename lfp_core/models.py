@@ -129,6 +129,57 @@ def resolve_spec(spec: str | os.PathLike | None) -> ModelSpec:
     raise ModelLoadError(f"model path {path} does not exist. Accepted: {ACCEPTED_FORMS}")
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's layer count and residual width, read from its config.json (no weights loaded)."""
+
+    name: str
+    n_layers: int
+    d_model: int
+
+
+_N_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_D_MODEL_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def model_shape(spec: str | os.PathLike | None) -> ModelShape | None:
+    """The shape of the model ``spec`` names, from its config.json alone: the file of a demo or local
+    directory, or a hub id's from the local Hugging Face cache (downloaded, a few kB, only when online).
+    None when it cannot be read without loading the model (a spec the model stage will refuse itself,
+    a hub id offline and not cached, a config without these fields)."""
+    try:
+        ms = resolve_spec(spec)
+    except ModelLoadError:
+        return None
+    cfg_file: str | os.PathLike | None = None
+    if ms.source in ("demo", "local"):
+        cfg_file = Path(ms.location) / "config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ms.location, "config.json")
+            if isinstance(cached, str):
+                cfg_file = cached
+            elif not _offline():
+                cfg_file = hf_hub_download(ms.location, "config.json")
+        except Exception as exc:  # noqa: BLE001  (no network, no such repo, ...: the model stage will say)
+            log.debug("no config.json for %s before loading it: %s", ms.location, exc)
+            return None
+    if cfg_file is None:
+        return None
+    try:
+        raw = json.loads(Path(cfg_file).read_text())
+    except (OSError, ValueError):
+        return None
+    raw = {**raw.get("text_config", {}), **raw} if isinstance(raw.get("text_config"), dict) else raw
+    n_layers = next((raw[k] for k in _N_LAYERS_KEYS if isinstance(raw.get(k), int)), None)
+    d_model = next((raw[k] for k in _D_MODEL_KEYS if isinstance(raw.get(k), int)), None)
+    if n_layers is None or d_model is None:
+        return None
+    return ModelShape(ms.name, int(n_layers), int(d_model))
+
+
 def load_model(spec: str | os.PathLike | None = "demo", device: str = "cpu") -> LoadedModel:
     """Load a model (HF weights in float32, eval mode) and its tokenizer.
 

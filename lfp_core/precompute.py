@@ -24,6 +24,7 @@ from typing import Any
 from lfp_core import texts
 from lfp_core.config import default_data_dir
 from lfp_core.errors import BadInputError, ConfigError, MissingInputError, StageFailure
+from lfp_core.preflight import check_against_model
 from lfp_core.resources import Meter
 from lfp_core.rewards import check_reward
 from lfp_core.sae_sources import check_saes
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
                 "(nothing was computed); or use --labeller offline"
             )
+        check_against_model(cfg)  # sae_k, n_selected_layers, rm_layers against the model's config.json
         preflight(cfg)
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))

@@ -1,17 +1,19 @@
 """Plotly figures and token-highlight HTML for the dashboard.
 
-Every piece of text that goes into markup passes through :func:`html.escape` here, so a token
-such as ``<script>alert(1)</script>`` is shown as text, never executed.
+Every piece of text that goes into markup passes through :func:`lfp_core.safetext.html_text` here
+(:func:`html.escape` after making bidi and control characters visible), so a token such as
+``<script>alert(1)</script>`` is shown as text, never executed, and a U+202E in a completion cannot
+reverse what follows it. Plotly reads a subset of HTML (``<a href>``, ``<b>``, entities) in every
+text it draws, so run text in a figure (tick labels, legend names, hover text) is escaped too.
 """
 
 from __future__ import annotations
-
-import html
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from lfp_core import reward
+from lfp_core.safetext import html_text
 
 
 def _valence_colour(v: float, vmax: float = 4.0) -> str:
@@ -30,14 +32,14 @@ def valence_html(text: str) -> str:
     for w in reward.segment(text):
         if not w.in_lexicon:
             continue
-        out.append(html.escape(text[pos : w.start]))
-        word = html.escape(text[w.start : w.end])
+        out.append(html_text(text[pos : w.start]))
+        word = html_text(text[w.start : w.end])
         out.append(
-            f'<span class="lfp-word" title="{html.escape(w.text)}: {w.valence:+.1f}" '
+            f'<span class="lfp-word" title="{html_text(w.text)}: {w.valence:+.1f}" '
             f'style="background:{_valence_colour(w.valence)};border-radius:3px;padding:0 2px">{word}</span>'
         )
         pos = w.end
-    out.append(html.escape(text[pos:]))
+    out.append(html_text(text[pos:]))
     return "".join(out)
 
 
@@ -45,7 +47,7 @@ def completion_html(prompt: str, completion: str, reward_value: float) -> str:
     """One completion: the prompt in grey, the completion highlighted, the reward at the end."""
     return (
         f'<div class="lfp-completion" style="margin:2px 0;font-family:monospace;white-space:pre-wrap">'
-        f'<span style="color:#888">{html.escape(prompt)}</span>{valence_html(completion)}'
+        f'<span style="color:#888">{html_text(prompt)}</span>{valence_html(completion)}'
         f' <b style="color:#555">[{reward_value:+.2f}]</b></div>'
     )
 
@@ -123,8 +125,8 @@ def paired_html(prompt: str, base: str, base_reward: float, tuned: str, tuned_re
     """A held-out prompt with the base and the tuned completion side by side."""
     cell = 'style="padding:4px 8px;vertical-align:top;font-family:monospace;white-space:pre-wrap;width:50%"'
     return (
-        f'<tr class="lfp-pair"><td {cell}><span style="color:#888">{html.escape(prompt)}</span>{valence_html(base)}'
-        f' <b>[{base_reward:+.2f}]</b></td><td {cell}><span style="color:#888">{html.escape(prompt)}</span>'
+        f'<tr class="lfp-pair"><td {cell}><span style="color:#888">{html_text(prompt)}</span>{valence_html(base)}'
+        f' <b>[{base_reward:+.2f}]</b></td><td {cell}><span style="color:#888">{html_text(prompt)}</span>'
         f"{valence_html(tuned)} <b>[{tuned_reward:+.2f}]</b></td></tr>"
     )
 
@@ -165,7 +167,7 @@ def probe_scatter(words: pd.DataFrame, taus: dict[str, dict]) -> go.Figure:
             name=f"{split} split: τ {t.get('tau', float('nan')):.3f}, "
             f"p {t.get('p', float('nan')):.1e}, {t.get('n_words', len(d))} words",
             marker={"color": colour, "size": 6, "opacity": 0.6},
-            text=[html.escape(str(w)) for w in d.word],
+            text=[html_text(str(w)) for w in d.word],
             hovertemplate="%{text}: VADER %{x}, probe %{y:.2f}",
         )
     lim = [-4.2, 4.2]
@@ -202,7 +204,7 @@ def error_vs_frequency(words: pd.DataFrame) -> go.Figure:
             y=d.abs_error,
             mode="markers",
             marker={"size": 6, "opacity": 0.6},
-            text=[html.escape(str(w)) for w in d.word],
+            text=[html_text(str(w)) for w in d.word],
             hovertemplate="%{text}: generated %{x} times, |error| %{y:.2f}",
         )
     )
@@ -220,7 +222,7 @@ def pca_scatter(df: pd.DataFrame, ratio: list[float]) -> go.Figure:
     palette = ["rgba(34,139,34,0.6)", "rgba(200,30,30,0.6)"]
     for label, colour in zip(sorted(df.label.unique(), reverse=True), palette):
         d = df[df.label == label]
-        fig.add_scatter(x=d.pc1, y=d.pc2, mode="markers", name=label, marker={"color": colour, "size": 5})
+        fig.add_scatter(x=d.pc1, y=d.pc2, mode="markers", name=html_text(label), marker={"color": colour, "size": 5})
     fig.update_layout(
         height=420,
         margin={"t": 30},
@@ -235,11 +237,11 @@ def token_scores_html(tokens: list[str], true: list[float | None], pred: list[fl
     positions the probe scores (a word's last token); the values are in the hover title."""
     cells = []
     for tok, t, p in zip(tokens, true, pred):
-        text = html.escape(tok).replace(" ", "&nbsp;") or "&nbsp;"
+        text = _token_text(tok)
         if p is None or t is None:
             cells.append(f"<span class='lfp-tok'>{text}</span>")
             continue
-        title = html.escape(f"probe {p:+.2f} · VADER {t:+.2f}")
+        title = html_text(f"probe {p:+.2f} · VADER {t:+.2f}")
         cells.append(
             f"<span class='lfp-tok' title='{title}' style='background:{_valence_colour(p)};"
             f"border-bottom:4px solid {_valence_colour(t)}'>{text}</span>"
@@ -251,8 +253,12 @@ def token_scores_html(tokens: list[str], true: list[float | None], pred: list[fl
 
 
 def _token_text(tok: str) -> str:
-    """A token as escaped HTML that keeps its spaces and shows a newline as ⏎."""
-    return html.escape(tok).replace("\n", "⏎").replace(" ", "&nbsp;") or "&nbsp;"
+    """A token as escaped HTML that keeps its spaces and shows a line break as ⏎.
+
+    The token HTML is drawn through markdown (``unsafe_allow_html``) as one HTML block, which a blank
+    line would end (the rest would be read as markdown), so no line break may reach it."""
+    text = html_text(tok).replace("\r\n", "⏎").replace("\r", "⏎").replace("\n", "⏎")
+    return text.replace(" ", "&nbsp;") or "&nbsp;"
 
 
 def activation_context_html(tokens: list[str], acts: list[float], center: int, vmax: float) -> str:
@@ -301,8 +307,9 @@ def activation_histogram(counts: list[int], max_act: float) -> go.Figure:
 def label_frequency_bars(freq: pd.DataFrame) -> go.Figure:
     """Per feature set: firing rate on high- vs low-reward completions (the paper's frequency table)."""
     fig = go.Figure()
-    fig.add_bar(x=freq["set"], y=freq.freq_high, name="high-reward completions", marker_color="rgba(34,139,34,0.8)")
-    fig.add_bar(x=freq["set"], y=freq.freq_low, name="low-reward completions", marker_color="rgba(200,30,30,0.8)")
+    sets = [html_text(s) for s in freq["set"]]
+    fig.add_bar(x=sets, y=freq.freq_high, name="high-reward completions", marker_color="rgba(34,139,34,0.8)")
+    fig.add_bar(x=sets, y=freq.freq_low, name="low-reward completions", marker_color="rgba(200,30,30,0.8)")
     fig.update_layout(
         height=320,
         barmode="group",
@@ -326,9 +333,9 @@ def ablation_effects(sets: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for kind, g in df.groupby("kind", sort=False):
         fig.add_bar(
-            x=g.set_id,
+            x=[html_text(x) for x in g.set_id],
             y=g["diff"],
-            name=kind,
+            name=html_text(kind),
             marker_color=colour.get(kind, "rgba(180,180,180,0.8)"),
             error_y={
                 "type": "data",
@@ -402,7 +409,7 @@ def next_token_bars(rows: list[dict]) -> go.Figure:
     fig = go.Figure()
     if not df.empty:
         fig.add_bar(
-            y=[repr(t) for t in df.token],
+            y=[html_text(repr(t)) for t in df.token],
             x=df.change,
             orientation="h",
             marker_color=["rgba(34,139,34,0.8)" if c > 0 else "rgba(200,30,30,0.8)" for c in df.change],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from lfp_core.store import testing
@@ -10,6 +11,12 @@ from lfp_core.store import testing
 def old_schema_run(run_dir: Path, version: int = 0) -> Path:
     """A run directory whose DuckDB file carries another schema version."""
     return testing.old_schema_run(run_dir, version)
+
+
+def shown(markdown: str) -> str:
+    """A markdown source as its reader sees it: the backslash escapes of ASCII punctuation removed
+    (the pages escape the run's text and messages quoting it, lfp_core.safetext.md_text)."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
 
 
 def open_page(monkeypatch, runs: Path, page: str, **params):

@@ -66,9 +66,9 @@ def test_serve_runs_the_dashboard_as_the_lfp_script_does(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "_exec", lambda cmd, cwd: calls.append((cmd, cwd)) or 3)
     assert cli.main(["serve", "--run", str(tmp_path), "--port", "8642"]) == 3
     ((cmd, cwd),) = calls
-    app = Path(cmd[4])
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and app.name == "app.py" and app.is_file()
-    assert cwd == app.parent and (cwd / "views" / "overview.py").is_file()
+    entry = Path(cmd[4])  # lfp_serve.py: app.py behind the Host/Origin check (lfp_core/hostguard.py)
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and entry.name == "lfp_serve.py" and entry.is_file()
+    assert (cwd / "app.py").is_file() and entry.parent == cwd and (cwd / "views" / "overview.py").is_file()
     flags = cmd[5:]
     for key, value in (
         ("--server.address", "127.0.0.1"),

@@ -41,6 +41,9 @@ def _text(words: list[str]) -> str:
 class TinyRun:
     """Builds the stages of a VADER run, in pipeline order, with a handful of rows each.
 
+    A subclass can put other text into the run: the base model's name (``MODEL_NAME``), a completion's
+    words (``_completion``), a label's explanation (``_explanation``).
+
     Args:
         run_dir: the run directory (created).
         n_eval: held-out prompts (one base and one tuned completion each); n_train: RL prompts.
@@ -48,6 +51,8 @@ class TinyRun:
             feature stages analyse these, for both the base and the tuned model).
         d_sae: features per (model, layer); every 10th (ids 9, 19, ...) never fires.
     """
+
+    MODEL_NAME = "tiny-test-model"
 
     def __init__(
         self,
@@ -100,7 +105,7 @@ class TinyRun:
     # --- stages ----------------------------------------------------------------------------
     def model(self) -> TinyRun:
         info = {
-            "name": "tiny-test-model",
+            "name": self.MODEL_NAME,
             "source": "tests",
             "location": "-",
             "architecture": "GPTNeoXForCausalLM",
@@ -334,6 +339,10 @@ class TinyRun:
                 )
         return row, ex
 
+    def _explanation(self, words: list[str]) -> str:
+        """The offline labeller's explanation of a feature whose top tokens are ``words``."""
+        return "fires most on " + ", ".join(f"'{w}'" for w in words)
+
     def labels(self, n_probe_top: int = 8, n_random: int = 8) -> TinyRun:
         """Offline-labeller labels of the tuned model's ``n_probe_top`` probe-top and ``n_random`` other firing
         features (relevant: the feature's first top token is a VADER-lexicon word), and the stage's
@@ -361,7 +370,7 @@ class TinyRun:
                     "labeller": OFFLINE,
                     "model": None,
                     "selection": selection,
-                    "explanation": "fires most on " + ", ".join(f"'{w}'" for w in words),
+                    "explanation": self._explanation(words),
                     "relevant": words[0] in lex,
                     "relevance_rho": 0.5 if words[0] in lex else 0.0,
                     "detection_acc": round(float(self.rng.uniform(0.5, 0.9)), 3),

@@ -4,15 +4,14 @@ without them (same seeds), with the next-token change and the features' activati
 
 from __future__ import annotations
 
-import html
-
 import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
 from lfp_core.live import MAX_COMPLETIONS, MAX_FEATURES, LiveEngine, LiveInputError
+from lfp_core.safetext import show_controls
 from lfp_core.store.summaries import AblationSetSummary, AblationSummary, FeaturesSummary
-from views.common import feature_url, require_run, require_stage
+from views.common import MAX_TEXT_CHARS, bounded_text, feature_url, md_code, md_text, require_run, require_stage
 from views.data import RunData
 
 run_dir = require_run()
@@ -30,8 +29,9 @@ def engine(run: str, stamp: float) -> LiveEngine:
 ab = data.summary(AblationSummary)
 if ab is None:
     st.info(
-        "The stored ablation experiment is not computed yet: run `python -m lfp_core.precompute --out "
-        f"{run_dir}` (stage `ablation`). The live lab below works already."
+        "The stored ablation experiment is not computed yet: run "
+        f"{md_code(f'python -m lfp_core.precompute --out {run_dir}')} (stage `ablation`). The live lab below "
+        "works already."
     )
 else:
     sets = data.ablation_sets()
@@ -63,7 +63,7 @@ else:
     c[3].metric(
         "Rank p (one-sided)",
         f"{num(ab.p_rank):.3g}",
-        help=f"hypothesis: zeroing the probe-top set {top.hypothesis or 'lower'}s the reward more than a matched "
+        help=f"hypothesis: zeroing the probe-top set {md_text(top.hypothesis or 'lower')}s the reward more than a matched "
         f"random set would; p = (1 + #random sets at least as extreme) / (N + 1), N = {top.n_random or 0}, so at "
         f"least {num(top.p_min):.3g}; normal-theory p {num(ab.p):.3g}",
     )
@@ -137,7 +137,7 @@ st.header("Live lab")
 try:
     eng = engine(run_dir, data.version)
 except (RuntimeError, FileNotFoundError, ValueError) as exc:
-    st.error(f"The live lab cannot load this run: {exc}")
+    st.error(f"The live lab cannot load this run: {md_text(exc)}")
     st.stop()
 
 pf = data.probe_features("tuned", limit=None)
@@ -187,7 +187,16 @@ examples = list(prefixes.text.head(20)) if len(prefixes) else []
 c = st.columns([3, 1])
 pick = c[1].selectbox("Or pick a prompt", ["(type your own)"] + examples, key="al_pick")
 default = "" if pick == "(type your own)" else pick
-text = c[0].text_area("Prompt", value=default, key=f"al_text_{hash(default)}", max_chars=4000, height=100)
+# no max_chars: the browser drops a paste longer than max_chars entirely (the box stays empty, no
+# message); a longer text stays in the box and its first MAX_TEXT_CHARS characters are used, with a notice
+text = c[0].text_area(
+    "Prompt",
+    value=default,
+    key=f"al_text_{hash(default)}",
+    height=100,
+    help=f"at most {MAX_TEXT_CHARS:,} characters are used",
+)
+text = bounded_text(text, what="The prompt", where=c[0])
 c = st.columns(3)
 n = c[0].slider("Completions", 1, MAX_COMPLETIONS, 8, key="al_n")
 new_tokens = c[1].slider("New tokens", 1, 40, 20, key="al_new")
@@ -201,7 +210,7 @@ if st.button("Run", type="primary", key="al_run"):
     try:
         res = eng.run(text, feats, n=int(n), new_tokens=int(new_tokens), seed=int(seed))
     except LiveInputError as exc:
-        st.error(str(exc))
+        st.error(md_text(exc))
         st.stop()
     if res.truncated:
         st.warning(
@@ -219,13 +228,15 @@ if st.button("Run", type="primary", key="al_run"):
         "Completions that changed", f"{sum(a != b for a, b in zip(res.clean, res.ablated))} of {len(res.clean)}"
     )
     st.dataframe(
-        pd.DataFrame(
-            {
-                "clean": res.clean,
-                "reward (clean)": res.reward_clean,
-                "ablated": res.ablated,
-                "reward (ablated)": res.reward_ablated,
-            }
+        show_controls(
+            pd.DataFrame(
+                {
+                    "clean": res.clean,
+                    "reward (clean)": res.reward_clean,
+                    "ablated": res.ablated,
+                    "reward (ablated)": res.reward_ablated,
+                }
+            )
         ),
         hide_index=True,
         width="stretch",
@@ -238,7 +249,7 @@ if st.button("Run", type="primary", key="al_run"):
     shown = sorted(res.activations.items(), key=lambda kv: -max(kv[1], default=0))[:6]
     for (a, b), acts in shown:
         vmax = max(acts, default=0)
-        right.markdown(f"[{html.escape(_name(a, b))}]({feature_url(run_dir, 'tuned', a, b)}) — max {vmax:.2f}")
+        right.markdown(f"[{md_text(_name(a, b))}]({feature_url(run_dir, 'tuned', a, b)}) — max {vmax:.2f}")
         right.html(viz.activation_context_html(res.prompt_tokens, acts, -1, vmax))
     if not shown:
         right.caption("No features chosen: both columns come from the same clean policy.")

@@ -3,6 +3,8 @@
 Each method is one :class:`~lfp_core.store.RunReader` query with its return type, cached per (run
 directory, DB modification time), so a page re-renders from memory until precompute writes to the run
 again. A store error (a run deleted, damaged, of another schema) stops the page with its message.
+Every string a method returns has its bidi and control characters made visible
+(:func:`lfp_core.safetext.show_controls`): a U+202E in a review cannot reverse the rest of a row.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pandas as pd
 import streamlit as st
 
+from lfp_core.safetext import md_text, show_controls
 from lfp_core.store import RunReader, StageRecord, StoreError, db_path, done_summary
 from lfp_core.store.summaries import StageSummary
 
@@ -41,9 +44,15 @@ _HASH: dict[str | type, Callable[[Any], Any]] = {f"{__name__}.RunData": lambda d
 
 
 def _query(method: Callable[Concatenate[RunData, P], T]) -> Callable[Concatenate[RunData, P], T]:
-    """Cache a RunData method (keyed on the run, its version and the arguments) and turn a StoreError
-    into a message and a stop (unless the RunData was made with ``stop_on_error=False``)."""
-    cached = st.cache_data(show_spinner=False, max_entries=256, hash_funcs=_HASH)(method)
+    """Cache a RunData method (keyed on the run, its version and the arguments), its result's strings
+    with their controls made visible, and turn a StoreError into a message and a stop (unless the
+    RunData was made with ``stop_on_error=False``)."""
+
+    @functools.wraps(method)
+    def shown(self: RunData, *args: P.args, **kwargs: P.kwargs) -> T:
+        return show_controls(method(self, *args, **kwargs))
+
+    cached = st.cache_data(show_spinner=False, max_entries=256, hash_funcs=_HASH)(shown)
 
     @functools.wraps(method)
     def read(self: RunData, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -52,7 +61,7 @@ def _query(method: Callable[Concatenate[RunData, P], T]) -> Callable[Concatenate
         except StoreError as exc:
             if not self.stop_on_error:
                 raise
-            st.error(str(exc))
+            st.error(md_text(exc))
             st.stop()
             raise  # (st.stop raises; this line is for type checkers)
 

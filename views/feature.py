@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from views.common import feature_url, require_feature_layers, require_run
+from views.common import feature_url, md_code, md_text, require_feature_layers, require_run
 from views.data import RunData
 
 run_dir = require_run()
@@ -34,10 +34,10 @@ def _param(name: str, allowed: Sequence[T], outside: str | None = None) -> tuple
         try:
             value = int(raw)
         except ValueError:
-            return None, f"The link's `{name}` must be a whole number; it is {raw[:40]!r}."
+            return None, f"The link's `{name}` must be a whole number; it is {md_code(repr(raw[:40]))}."
     if value not in allowed:
-        return None, (outside or "The link's `{name}` {value!r} is not in this run (choose from {allowed})").format(
-            name=name, value=str(value)[:40], allowed=allowed[:12]
+        return None, (outside or "The link's `{name}` {value} is not in this run (choose from {allowed})").format(
+            name=name, value=md_code(repr(str(value)[:40])), allowed=md_text(", ".join(map(str, allowed[:12])))
         ) + "."
     return next(a for a in allowed if a == value), None  # the allowed item equal to value (a T)
 
@@ -55,7 +55,8 @@ n_feat = n_of[(role, layer)]
 q_feat, e = _param(
     "feature",
     list(range(n_feat)),
-    f"Feature {{value}} is out of range: the {role} model's layer-{layer} SAE has {n_feat} features (0–{n_feat - 1})",
+    f"Feature {{value}} is out of range: the {md_text(role)} model's layer-{layer} SAE has {n_feat} features "
+    f"(0–{n_feat - 1})",
 )
 errors += [e] if e else []
 wanted = (role, layer, q_feat if q_feat is not None else 0)
@@ -82,7 +83,7 @@ def _step(delta: int) -> None:
 for msg in errors:
     st.error(msg)
 c = st.columns([2, 2, 2, 1, 1])
-c[0].radio("Model", roles, horizontal=True, key="feat_role", on_change=_sync)
+c[0].radio("Model", roles, horizontal=True, key="feat_role", on_change=_sync, format_func=md_text)
 c[1].selectbox(
     "Layer",
     [str(x) for x in sorted(x for r, x in n_of if r == st.session_state.feat_role)],
@@ -102,7 +103,7 @@ if errors:
 
 found = data.feature(role, layer, fid)
 if found is None:
-    st.error(f"Feature {fid} of the {role} model's layer-{layer} SAE is not in this run.")
+    st.error(f"Feature {fid} of the {md_text(role)} model's layer-{layer} SAE is not in this run.")
     st.stop()
     raise AssertionError("unreachable")  # st.stop raises
 f: dict = found
@@ -110,7 +111,7 @@ f: dict = found
 # --- headline -------------------------------------------------------------------------------------------
 density = f["density"]
 kind = "dead" if f["n_fired"] == 0 else "dense" if density > 0.1 else "sparse" if density > 1e-3 else "rare"
-st.subheader(f"{role} · layer {layer} · feature {fid}")
+st.subheader(f"{md_text(role)} · layer {layer} · feature {fid}")
 colour: dict[str, Literal["gray", "orange", "blue", "violet"]] = {
     "dead": "gray",
     "dense": "orange",
@@ -135,12 +136,12 @@ if fb is not None and ft is not None and pd.notna(fb) and pd.notna(ft):
 if f.get("labeller") and pd.notna(f.get("labeller")):
     rel = "" if pd.isna(f.get("relevant")) else (" · **related to the reward**" if f["relevant"] else " · not related")
     acc = "" if pd.isna(f.get("detection_acc")) else f" · detection accuracy {f['detection_acc']:.2f}"
-    st.markdown(f"**Label** ({f['labeller']}): {f['explanation']}{rel}{acc}")
+    st.markdown(f"**Label** ({md_text(f['labeller'])}): {md_text(f['explanation'])}{rel}{acc}")
 else:
     st.caption("No label yet: the labels stage labels features with an LLM or the offline labeller.")
 if pd.notna(f.get("probe_weight")):
     st.markdown(
-        f"**Probe** (VADER ridge probe on the {role} model): weight **{f['probe_weight']:+.4f}**, "
+        f"**Probe** (VADER ridge probe on the {md_text(role)} model): weight **{f['probe_weight']:+.4f}**, "
         f"attribution rank **{int(f['probe_rank']) + 1}** by |weight × mean activation| "
         f"= {f['probe_importance']:.4f}."
     )

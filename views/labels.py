@@ -9,7 +9,7 @@ import streamlit as st
 
 from lfp_core import viz
 from lfp_core.store.summaries import LabelsSummary
-from views.common import feature_url, require_run, require_stage
+from views.common import feature_url, md_text, require_run, require_stage
 from views.data import RunData
 
 run_dir = require_run()
@@ -20,13 +20,13 @@ labels = data.labels("tuned")
 who = d.labeller or "?"
 if who.startswith("offline"):
     st.info(
-        f"Labeller: **{who}**. These labels are computed without any LLM: the explanation lists the tokens the "
+        f"Labeller: **{md_text(who)}**. These labels are computed without any LLM: the explanation lists the tokens the "
         "feature fires on most in its top examples; relevance is the rank correlation of its activation with "
         "|VADER valence| on held-out windows. "
         "Run `python -m lfp_core.precompute --out RUN --labeller openai` with OPENAI_API_KEY set for LLM labels."
     )
 else:
-    st.caption(f"Labeller: **{who}** (answers cached in the run; a re-run sends no repeated requests).")
+    st.caption(f"Labeller: **{md_text(who)}** (answers cached in the run; a re-run sends no repeated requests).")
 c = st.columns(4)
 c[0].metric("Labelled features", d.n_labelled or 0, help=f"{d.n_skipped_no_examples or 0} skipped: no examples")
 c[1].metric("Reward-related", d.n_relevant or 0)

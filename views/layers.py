@@ -9,7 +9,7 @@ import streamlit as st
 from lfp_core import viz
 from lfp_core.report import basis_reading
 from lfp_core.store.summaries import ActivationsSummary, DivergenceSummary, SAEsSummary
-from views.common import require_run, require_stage
+from views.common import md_code, md_text, require_run, require_stage
 from views.data import RunData
 
 run_dir = require_run()
@@ -19,7 +19,7 @@ div = data.layer_divergence()
 if div.empty:
     st.info(
         f"No divergence yet: the divergence stage has not run. Compute it with "
-        f"`python -m lfp_core.precompute --out {run_dir}` (finished stages are kept)."
+        f"{md_code(f'python -m lfp_core.precompute --out {run_dir}')} (finished stages are kept)."
     )
     st.stop()
 measure = (data.summary(DivergenceSummary) or DivergenceSummary()).measure
@@ -99,7 +99,7 @@ if harvest is not None:
     )
     st.markdown(
         f"{how}; metrics on **{d.n_eval_rows or 0:,}** held-out tokens (whole documents held out). "
-        f"Corpus: {d.n_docs or 0:,} documents ({d.source}) plus base and tuned completions."
+        f"Corpus: {d.n_docs or 0:,} documents ({md_text(d.source)}) plus base and tuned completions."
     )
 if sae_stage.not_applicable:
     st.info(
@@ -124,7 +124,9 @@ st.caption(
     "paper's L1 ReLU (1× and 2× d_model) and tied-decoder SAEs of the tuned model."
 )
 bars = sae_stage.bars
-missed = [f"{k}: {', '.join(b for b, ok in v.items() if not ok)}" for k, v in bars.items() if not all(v.values())]
+missed = [
+    md_text(f"{k}: {', '.join(b for b, ok in v.items() if not ok)}") for k, v in bars.items() if not all(v.values())
+]
 if missed:
     st.warning("Main SAEs below the quality bars (FVU ≤ 0.2, loss recovered ≥ 80%, dead ≤ 20%): " + "; ".join(missed))
 
@@ -134,7 +136,8 @@ if not sweep.empty:
     st.plotly_chart(viz.l1_sweep_chart(sweep), width="stretch")
     st.caption(
         "A higher coefficient buys sparsity (lower L0) with reconstruction. More points: "
-        f"`python -m lfp_core.precompute --out {run_dir} --set sae_sweep_l1=0.1,0.25,0.5,1,2,4,8`."
+        + md_code(f"python -m lfp_core.precompute --out {run_dir} --set sae_sweep_l1=0.1,0.25,0.5,1,2,4,8")
+        + "."
     )
 
 COMPARISONS = {
@@ -182,8 +185,8 @@ if not pairs.empty:
     else:
         st.info(
             "This run's SAE stage has no other-seed reference SAEs, so base vs tuned cannot be read against "
-            f"chance (and its SAEs may share their initialisation). Recompute it: `python -m lfp_core.precompute "
-            f"--out {run_dir}`."
+            "chance (and its SAEs may share their initialisation). Recompute it: "
+            f"{md_code(f'python -m lfp_core.precompute --out {run_dir}')}."
         )
     st.dataframe(
         pairs.assign(comparison=pairs.comparison.map(lambda c: COMPARISONS.get(c, c))).rename(

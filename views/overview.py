@@ -12,7 +12,7 @@ from lfp_core.report import not_applicable, run_reward
 from lfp_core.settings import run_settings_of
 from lfp_core.stages import describe_stages
 from lfp_core.store.summaries import ActivationsSummary, PromptsSummary, RLEvalSummary, RLHFSummary
-from views.common import report_text, require_run
+from views.common import md_code, md_text, report_text, require_run
 from views.data import RunData
 
 run_dir = require_run()
@@ -21,24 +21,24 @@ info = data.run_info()
 model = data.model_info("base")
 stages = data.stages()
 
-st.title(f"Run · {info.get('name', run_dir)}")
-model_line = f"model **{model['name']}** ({model['architecture']}) · " if model else ""
+st.title(f"Run · {md_text(info.get('name', run_dir))}")
+model_line = f"model **{md_text(model['name'])}** ({md_text(model['architecture'])}) · " if model else ""
 reward_line = ""
 if run_settings_of(info.get("config")).task == "vader":
     rw = run_reward(info.get("config"), stages)
-    reward_line = f"reward **{rw['name']}** (`{rw['spec']}`) · "
-created = f"preset **{info.get('preset')}** · created {info.get('created_at')} · `{run_dir}`"
+    reward_line = f"reward **{md_text(rw['name'])}** ({md_code(rw['spec'])}) · "
+created = f"preset **{md_text(info.get('preset'))}** · created {md_text(info.get('created_at'))} · {md_code(run_dir)}"
 st.caption(f"{model_line}{reward_line}{created}")
 rlhf = data.summary(RLHFSummary)
 given = rlhf.given if rlhf is not None else None  # a tuned model given by the researcher, not trained here
 prompts_s, acts_s = data.summary(PromptsSummary), data.summary(ActivationsSummary)
 inputs = [
-    f"{what} from `{x.source}`"
+    f"{what} from {md_code(x.source)}"
     for what, x in (("prompts", prompts_s), ("activation corpus", acts_s))
     if x is not None and x.source
 ]
 if given or inputs:
-    st.caption(" · ".join(([f"tuned model **given**: `{given}`"] if given else []) + inputs))
+    st.caption(" · ".join(([f"tuned model **given**: {md_code(given)}"] if given else []) + inputs))
 
 c1, c2, c3, c4 = st.columns(4)
 if model:
@@ -68,18 +68,24 @@ skipped = not_applicable(stages)
 if skipped:
     st.info(
         "Not applicable to this run:\n\n"
-        + "\n".join(f"- **{stage}**, {what}: {why}" for stage, by in skipped.items() for what, why in by.items())
+        + "\n".join(
+            f"- **{md_text(stage)}**, {md_text(what)}: {md_text(why)}"
+            for stage, by in skipped.items()
+            for what, why in by.items()
+        )
     )
 missing = [str(r["stage"]) for r in rows if r["status"] != "done"]
 if missing:
     st.warning(
         f"Stages not finished: {', '.join(missing)}. Compute them (finished stages are kept) with\n\n"
-        f"`python -m lfp_core.precompute --preset {info.get('preset', 'demo')} --out {run_dir}`"
+        + md_code(f"python -m lfp_core.precompute --preset {info.get('preset', 'demo')} --out {run_dir}")
     )
 
 st.subheader("Headline figures")
 st.code(report_text(run_dir), language=None)
-st.caption(f"The same text as `python -m lfp_core.report {run_dir}` (`--json` for a machine-readable version).")
+st.caption(
+    f"The same text as {md_code(f'python -m lfp_core.report {run_dir}')} (`--json` for a machine-readable version)."
+)
 
 with st.expander("Run config"):
     st.code(json.dumps(info.get("config", {}), indent=2), language="json")
@@ -92,7 +98,7 @@ def hh_sections() -> None:
     d = data.summary(RLEvalSummary)
     if given:
         st.info(
-            f"Tuned model given: `{given}`. It was not trained here, so there is no DPO loss or margin curve; "
+            f"Tuned model given: {md_code(given)}. It was not trained here, so there is no DPO loss or margin curve; "
             "the implicit-reward evaluation below compares the given pair on the same pairs."
         )
     elif steps.empty:
@@ -142,7 +148,7 @@ def vader_sections() -> None:
     d = data.summary(RLEvalSummary)
     if given:
         st.info(
-            f"Tuned model given: `{given}`. It was not trained here, so there is no RL reward or KL curve; "
+            f"Tuned model given: {md_code(given)}. It was not trained here, so there is no RL reward or KL curve; "
             "the held-out evaluation below compares the given pair on the same prompts, lengths and seeds."
         )
     if steps.empty and not given:
@@ -161,7 +167,7 @@ def vader_sections() -> None:
                 "Gain over base",
                 f"{diff['mean']:+.3f}",
                 help=f"{diff['n_se']:.1f} standard errors; p = {diff['p_value']:.2g} "
-                f"({diff.get('method') or 'paired t-test'})",
+                f"({md_text(diff.get('method') or 'paired t-test')})",
             )
             e3.metric("KL(tuned ‖ base) per token", f"{d.kl_per_token:.4f}")
             e4.metric(
@@ -171,7 +177,7 @@ def vader_sections() -> None:
             )
             st.caption(
                 f"Gain 95% CI [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}], {diff['n_se']:.1f} standard errors, "
-                f"p = {diff['p_value']:.2g} ({diff.get('method') or 'paired t-test'}), over {tuned['n']} held-out "
+                f"p = {diff['p_value']:.2g} ({md_text(diff.get('method') or 'paired t-test')}), over {tuned['n']} held-out "
                 "completions (same prompts, lengths and seeds for both policies"
                 + (
                     "; completions of one prompt are resampled together)."

@@ -10,7 +10,7 @@ import streamlit as st
 from lfp_core import viz
 from lfp_core.live import LiveInputError, PreferenceScorer
 from lfp_core.store.summaries import AttributionSummary, RewardModelSummary
-from views.common import require_run, require_stage
+from views.common import MAX_TEXT_CHARS, bounded_text, md_code, md_text, require_run, require_stage
 from views.data import RunData
 
 ESTIMATES = ("estimate", "estimate_abs", "estimate_path", "true_effect")
@@ -24,7 +24,7 @@ c = st.columns(4)
 c[0].metric(
     "Held-out pair accuracy",
     f"{acc['acc']:.3f}",
-    help=f"95% CI {acc['lo']:.3f}–{acc['hi']:.3f} ({acc.get('method') or 'Wilson over pairs'}); chance 0.5",
+    help=f"95% CI {acc['lo']:.3f}–{acc['hi']:.3f} ({md_text(acc.get('method') or 'Wilson over pairs')}); chance 0.5",
 )
 c[1].metric(
     "Held-out pairs",
@@ -39,7 +39,7 @@ st.caption(
     "The base model with a scalar head, trained with trl's RewardTrainer on pairs of base-model completions of "
     "the same prompt, the higher-VADER one preferred (the oracle). "
     + (
-        f"Pairs of one prompt share its completions, so the accuracy's 95% CI resamples prompts: {acc['method']}."
+        f"Pairs of one prompt share its completions, so the accuracy's 95% CI resamples prompts: {md_text(acc['method'])}."
         if acc.get("n_prompts")
         else "Accuracy CI: Wilson 95% over pairs taken as independent (a run made before prompt-clustered intervals)."
     )
@@ -56,7 +56,8 @@ if sae_info:
 at = data.summary(AttributionSummary)
 if at is None:
     st.info(
-        f"Attribution is not computed yet: run `python -m lfp_core.precompute --out {run_dir}` (stage `attribution`)."
+        f"Attribution is not computed yet: run {md_code(f'python -m lfp_core.precompute --out {run_dir}')} "
+        "(stage `attribution`)."
     )
 else:
     st.header("Which features move the reward")
@@ -75,7 +76,7 @@ else:
         "policy": "the policy's probe-predicted reward (a run before schema 5: a linear read-out of the very "
         "features attributed)",
     }
-    st.caption(f"Metric: {a.get('metric') or old_metric[key]}.")
+    st.caption(f"Metric: {md_text(a['metric']) if a.get('metric') else old_metric[key]}.")
     if checks:
         st.subheader("Single-feature estimates against true ablation")
         cols = {
@@ -202,14 +203,15 @@ except (
     FileNotFoundError,
     ValueError,
 ) as exc:  # ValueError: any BadInputError (e.g. an SAE that does not fit)
-    st.error(f"Cannot load the preference model: {exc}")
+    st.error(f"Cannot load the preference model: {md_text(exc)}")
     st.stop()
-text = st.text_area(
+text = st.text_area(  # no max_chars: a longer paste would be dropped without a word (views.common.bounded_text)
     "Text (prompt and completion)",
     key="rm_text",
-    max_chars=4000,
     value="This movie was wonderful, I loved every minute of it.",
+    help=f"at most {MAX_TEXT_CHARS:,} characters are used",
 )
+text = bounded_text(text)
 top = data.attribution("pm") if at is not None else pd.DataFrame()
 opts = {f"L{a} #{b}": (int(a), int(b)) for a, b in zip(top.layer.head(40), top.feature.head(40))} if len(top) else {}
 picked = st.multiselect("Features to switch off", list(opts), key="rm_features")
@@ -220,7 +222,7 @@ if st.button("Score", key="rm_score"):
     try:
         res = scorer.score(text, off)
     except LiveInputError as exc:
-        st.error(str(exc))
+        st.error(md_text(exc))
         st.stop()
     if res["truncated"]:
         st.warning(f"The text is longer than the model's context: its first {res['truncated']} tokens were dropped.")

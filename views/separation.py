@@ -9,7 +9,7 @@ import streamlit as st
 
 from lfp_core import viz
 from lfp_core.store.summaries import ProbeRoleSummary, ProbesSummary
-from views.common import require_run, require_stage
+from views.common import md_text, require_run, require_stage
 from views.data import RunData
 
 run_dir = require_run()
@@ -50,7 +50,7 @@ role = left.radio("Model", ["tuned", "base"], horizontal=True, key="sep_role")
 probe = pr.role(role) or ProbeRoleSummary()
 ratios = probe.pca_var_ratio_by_task or {"imdb": probe.pca_var_ratio or []}
 names = {"imdb": "IMDB pos/neg", "hh": "HH chosen/rejected", "toxicity": "toxic/non-toxic"}
-task_of = {names.get(t, t): t for t in ratios}
+task_of = {md_text(names.get(t, t)): t for t in ratios}  # radio options are markdown: run text escaped
 task = task_of[right.radio("Texts", list(task_of), horizontal=True, key="sep_task")]
 pca = data.probe_pca(role, task)
 st.subheader("PCA of the mean-pooled SAE features")

@@ -9,7 +9,7 @@ import streamlit as st
 
 from lfp_core import viz
 from lfp_core.store.summaries import ActivationsSummary, ProbeRoleSummary, ProbesSummary, Tau
-from views.common import require_run, require_stage
+from views.common import md_text, require_run, require_stage
 from views.data import RunData
 
 run_dir = require_run()
@@ -26,7 +26,7 @@ role = st.radio(
 d = pr.role(role) or ProbeRoleSummary()
 layer_list = ", ".join(map(str, pr.layers or []))
 st.markdown(
-    f"Ridge probe from the SAE features of layers {layer_list} (concatenated) "
+    f"Ridge probe from the SAE features of layers {md_text(layer_list)} (concatenated) "
     f"to the VADER valence of **{pr.n_points:,}** lexicon-word positions "
     f"(**{pr.n_words:,}** distinct words), scored at each word's last token."
 )
@@ -67,7 +67,8 @@ split_note = (
 diffs = pr.tau_difference or {}
 if diffs:
     split_note += " Tuned − base τ over the same test words (95% bootstrap CI, words resampled): " + "; ".join(
-        f"{s} split {x['diff']:+.3f} ({x['lo']:+.3f} to {x['hi']:+.3f}, {x['n_words']} words)" for s, x in diffs.items()
+        f"{md_text(s)} split {x['diff']:+.3f} ({x['lo']:+.3f} to {x['hi']:+.3f}, {x['n_words']} words)"
+        for s, x in diffs.items()
     )
     split_note += "."
 st.caption(split_note)
@@ -204,7 +205,7 @@ pos_of = {f"{r.word} (position {p})": p for p, r in by_pos.items()}
 pick = pos_of[st.selectbox("Scored word", list(pos_of), key="probe_word")]
 row = by_pos[pick]
 st.markdown(
-    f"**{row.word}**: VADER {row.valence:+.2f}, probe {row.pred:+.2f} (out-of-fold). Top contributing features:"
+    f"**{md_text(row.word)}**: VADER {row.valence:+.2f}, probe {row.pred:+.2f} (out-of-fold). Top contributing features:"
 )
 st.dataframe(
     pd.DataFrame({"layer": row.top_layers, "feature": row.top_features, "contribution w·f": row.top_contributions}),

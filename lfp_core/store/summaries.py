@@ -409,6 +409,16 @@ class _Mode:
             )
         return value
 
+    def text_for_number(self, path: str, expected: str, value: Any) -> Any:
+        """A stored number field holding text: kept when writing (as before), dropped (None, logged) when
+        reading, so the pages and the report never put a run's text where they show a number."""
+        if self.strict:
+            return value
+        log.warning(
+            "stage %s: ignoring the stored summary value %s (%s expected, text found)", self.stage, path, expected
+        )
+        return None
+
 
 def _convert(tp: Any, value: Any, path: str, mode: _Mode) -> Any:
     if value is None or tp is Any:
@@ -440,6 +450,8 @@ def _convert(tp: Any, value: Any, path: str, mode: _Mode) -> Any:
             return mode.bad(path, "a list", value)
         (it,) = get_args(tp)
         return [_convert(it, v, f"{path}[{i}]", mode) for i, v in enumerate(value)]
+    if tp in (int, float) and isinstance(value, str | bytes):
+        return mode.text_for_number(path, tp.__name__, value)
     return value
 
 

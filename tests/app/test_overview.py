@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from lfp_core.config import REPO_ROOT
 from lfp_core.pipeline import stage_names
 from lfp_core.store import RunWriter
-from tests.helpers import old_schema_run
+from tests.helpers import old_schema_run, shown
 
 APP = str(REPO_ROOT / "app.py")
 
@@ -60,7 +60,7 @@ def test_old_schema_db_is_a_message(monkeypatch, tmp_path):
     run = old_schema_run(tmp_path / "old")
     at = _app(monkeypatch, tmp_path, run=str(run))
     assert not at.exception
-    assert any("schema version 0" in e.value and "--rebuild" in e.value for e in at.error)
+    assert any("schema version 0" in shown(e.value) and "--rebuild" in shown(e.value) for e in at.error)
 
 
 def test_partial_run_lists_missing_stages_and_the_command(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from lfp_core import evaluation
 from lfp_core.pipeline import stage_names
 from lfp_core.report import build_report, format_report
+from lfp_core.safetext import md_code, md_text
 from lfp_core.store import RunReader
 from lfp_core.store.summaries import LabelsSummary
 from tests.helpers import open_page
@@ -127,7 +128,8 @@ def test_feature_page_shows_the_stored_feature_and_its_label(monkeypatch, tiny):
     assert metrics["Density"] == f"{stored['density']:.4%}" and metrics["Max activation"] == f"{stored['max_act']:.3f}"
     assert metrics["Fires on tuned-policy text"] == f"{stored['freq_tuned_text']:.2%}"
     text = _markdown(at)
-    assert f"**Label** ({lab.labeller}): {lab.explanation} · **related to the reward**" in text
+    # the labeller's name and explanation are the run's text: shown as text (markdown-escaped)
+    assert f"**Label** ({md_text(lab.labeller)}): {md_text(lab.explanation)} · **related to the reward**" in text
     assert f"weight **{stored['probe_weight']:+.4f}**, attribution rank **{int(stored['probe_rank']) + 1}**" in text
     assert text.count("class='lfp-context'") == 3 + 3  # 3 top contexts, 3 interval samples
     assert f"feature={stored['neighbours'][0]}" in text
@@ -231,8 +233,8 @@ def test_overview_and_report_say_which_reward_the_run_used_and_what_it_skipped(m
     w.mark_stage("base_samples", stage_names("vader").index("base_samples"), "tiny", "done", detail=detail)
     at = open_page(monkeypatch, run.parent, "views/overview.py", run=run)
     assert not at.exception
-    assert any(f"reward **{name}** (`{spec}`)" in c.value for c in at.caption)
-    assert any(f"**base_samples**, lexicon_words: {why}" in i.value for i in at.info)
+    assert any(f"reward **{md_text(name)}** ({md_code(spec)})" in c.value for c in at.caption)
+    assert any(f"**{md_text('base_samples')}**, {md_text('lexicon_words')}: {md_text(why)}" in i.value for i in at.info)
     rep = build_report(str(run))
     assert rep["run"]["reward"] == {"spec": spec, "name": name, "kind": "sequence"}
     assert rep["not_applicable"] == {"base_samples": {"lexicon_words": why}}
