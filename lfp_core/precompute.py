@@ -98,9 +98,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
 
             ctx.finisher = finish
             try:
+                writer.stage = stage.name
                 with Meter() as meter:
                     stage.load()(ctx, settings, h)
+                writer.stage = None
             except BaseException as exc:
+                writer.stage = None
                 writer.mark_stage(stage.name, pos, h, "failed", time.time() - t0, error=f"{type(exc).__name__}: {exc}")
                 raise
             status, _ = writer.stage_record(stage.name)
