@@ -43,7 +43,13 @@ MICRO = [
 ]  # fmt: skip
 
 # the stages killed, each after the stage it starts from
-KILLED = {"base_samples": "prompts", "saes": "activations", "features": "saes", "ablation": "labels", "reward_model": "ablation"}
+KILLED = {
+    "base_samples": "prompts",
+    "saes": "activations",
+    "features": "saes",
+    "ablation": "labels",
+    "reward_model": "ablation",
+}
 ORDER = ["prompts", "base_samples", "activations", "saes", "features", "labels", "ablation", "reward_model"]
 
 # bookkeeping that legitimately differs between two runs: timestamps, durations, the LLM cache

@@ -88,3 +88,33 @@ def test_rebuild_moves_a_damaged_run_aside_and_starts_afresh(finished, tmp_path)
     moved = [p for p in run.iterdir() if p.name.startswith("run.duckdb.old-")]
     assert len(moved) == 1 and _sha(moved[0]) == before
     assert {s.name: s.status for s in RunReader(run).stages()}.get("model") == "done"
+
+
+def _unshare_ok() -> bool:
+    try:
+        res = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_ok(), reason="needs unshare -rm (a user namespace) to mount a read-only file system")
+def test_a_run_on_a_read_only_file_system_is_one_line(finished, tmp_path):
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    shutil.copytree(finished, src / "run")
+    before = _sha(db_path(src / "run"))
+    py = sys.executable
+    script = (
+        f"mount --bind -o ro {src} {ro} && cd {ROOT} && "
+        f"{py} -m lfp_core.precompute --preset quick --out {ro}/new --until model; echo rc=$?; "
+        f"{py} -m lfp_core.precompute --preset quick --out {ro}/run --until model; echo rc=$?"
+    )
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert out.count("rc=2") == 2, out[-3000:]
+    assert "Traceback" not in out
+    assert f"cannot create the run directory {ro}/new: Read-only file system" in out
+    assert f"cannot write to {ro}/run/run.duckdb: read-only file system" in out
+    assert _sha(db_path(src / "run")) == before

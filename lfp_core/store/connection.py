@@ -11,7 +11,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from lfp_core.store.errors import CorruptStoreError, StoreBusyError
+from lfp_core.store.errors import CorruptStoreError, StoreBusyError, StoreError
 
 DB_NAME = "run.duckdb"
 ARTIFACTS = "artifacts"
@@ -51,6 +51,12 @@ def connect(path: Path, read_only: bool, retries: int = 20) -> duckdb.DuckDBPyCo
             if "lock" in msg.lower() and attempt < retries - 1:
                 time.sleep(0.25)
                 continue
+            if not read_only and ("read-only file system" in msg.lower() or "permission denied" in msg.lower()):
+                raise StoreError(
+                    f"cannot write to {path}: {'read-only file system' if 'read-only' in msg.lower() else 'permission denied'}"
+                    f". The dashboard and the report can still read it; to compute or extend the run, copy its "
+                    f"directory somewhere writable and give that as --out"
+                ) from exc
             if "lock" in msg.lower():
                 raise StoreBusyError(
                     f"{path} is locked by another process (a precompute writing to it?); try again shortly"

@@ -22,7 +22,6 @@ from lfp_core.store.reader import RunReader
 from lfp_core.store.schema import Where
 from lfp_core.store.summaries import StageSummary, parse_summary, summary_dict
 
-
 KILL_ENV = "LFP_KILL_AT_COMMIT"  # fault injection for the resume tests: STAGE:N[:before]
 TRACE_ENV = "LFP_COMMIT_TRACE"  # a file that gets one line per committed transaction: the running stage
 
