@@ -16,7 +16,7 @@ import duckdb
 import pandas as pd
 
 from lfp_core.store import schema
-from lfp_core.store.connection import artifacts_dir, connect, db_path, now
+from lfp_core.store.connection import artifacts_dir, connect, db_path, now, writer_wait_s
 from lfp_core.store.errors import StoreError
 from lfp_core.store.reader import RunReader
 from lfp_core.store.schema import Where
@@ -108,7 +108,7 @@ class RunWriter:
     def transaction(self, write: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection inside BEGIN/COMMIT; any exception rolls the whole write back. Write through the
         row writers of this module (``put_rows(con, ...)``). ``write=False``: a bookkeeping read."""
-        con = connect(self.path, read_only=False)
+        con = connect(self.path, read_only=False, wait_s=writer_wait_s())
         self._final = False
         try:
             con.execute("BEGIN TRANSACTION")
