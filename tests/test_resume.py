@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pytest
 
-from lfp_core.config import default_data_dir
 from lfp_core.store import schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -64,6 +64,15 @@ def _precompute(out: Path, until: str, data_dir: Path | None, env_extra: dict[st
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+def _plain(v):
+    """A cell as a comparable, hashable value (DuckDB returns list columns as numpy arrays)."""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return tuple(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _plain(x)) for k, x in v.items()))
+    return v
+
+
 def _tables(run: Path) -> dict[str, pd.DataFrame]:
     con = duckdb.connect(str(run / "run.duckdb"), read_only=True)
     try:
@@ -74,8 +83,9 @@ def _tables(run: Path) -> dict[str, pd.DataFrame]:
             df = con.execute(f"SELECT * FROM {name}").df()
             if name == "stages":
                 df = df[["name", "status", "config_hash"]]
-            cols = [c for c in df.columns if df[c].map(lambda v: not isinstance(v, (list, dict))).all()]
-            out[name] = df.sort_values(cols).reset_index(drop=True) if cols and len(df) else df
+            df = df.map(_plain) if len(df) else df
+            key = list(schema.get(name).key) or list(df.columns)
+            out[name] = df.sort_values(key).reset_index(drop=True) if len(df) else df
         return out
     finally:
         con.close()
@@ -93,7 +103,9 @@ def _assert_same(got: dict[str, pd.DataFrame], want: dict[str, pd.DataFrame], la
 def clean(tmp_path_factory):
     """The clean micro run, copied after each stage in ORDER; the writes and seconds of each killed stage."""
     base = tmp_path_factory.mktemp("resume")
-    data_dir = default_data_dir()  # IMDB prompts with ../shared/data, model-sampled ones without
+    # model-sampled prompts and documents (an empty data folder): no process re-reads the IMDB archive
+    data_dir = base / "no-data"
+    data_dir.mkdir()
     run, trace = base / "clean", base / "trace"
     snaps: dict[str, Path] = {}
     seconds: dict[str, float] = {}
