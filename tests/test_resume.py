@@ -54,6 +54,7 @@ ORDER = ["prompts", "base_samples", "activations", "saes", "features", "labels",
 
 # bookkeeping that legitimately differs between two runs: timestamps, durations, the LLM cache
 SKIP_TABLES = {"meta", "run", "llm_cache"}
+TIMING_COLUMNS = ("seconds", "created_at")  # how long a piece took: the one thing a resume may change
 
 
 def _precompute(out: Path, until: str, data_dir: Path | None, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
@@ -83,6 +84,7 @@ def _tables(run: Path) -> dict[str, pd.DataFrame]:
             df = con.execute(f"SELECT * FROM {name}").df()
             if name == "stages":
                 df = df[["name", "status", "config_hash"]]
+            df = df.drop(columns=[c for c in TIMING_COLUMNS if c in df.columns])
             df = df.map(_plain) if len(df) else df
             key = list(schema.get(name).key) or list(df.columns)
             out[name] = df.sort_values(key).reset_index(drop=True) if len(df) else df
