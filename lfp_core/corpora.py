@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,22 +59,32 @@ def iter_imdb(
         path = d / name
         if not path.exists():
             raise MissingInputError(f"IMDB archive not found: {path}")
-        with tarfile.open(path, "r:gz") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if (
-                    not member.isfile()
-                    or len(parts) != 4
-                    or not parts[3].endswith(".txt")
-                    or parts[1] not in splits
-                    or parts[2] not in labels
-                ):
-                    continue
-                f = tar.extractfile(member)
-                if f is None:
-                    continue
-                text = clean_review(f.read().decode("utf-8", errors="replace"))
-                yield Review(f"{parts[1]}/{parts[2]}/{parts[3][:-4]}", parts[2], text)
+        try:
+            yield from _archive_reviews(path, splits, labels)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # gzip.BadGzipFile is an OSError
+            raise DataFormatError(
+                f"the IMDB archive {path} is damaged ({type(exc).__name__}: {exc}); download it again (see "
+                f"{d / 'SOURCE.md'}) or point --data-dir / LFP_DATA_DIR at a good copy"
+            ) from exc
+
+
+def _archive_reviews(path: Path, splits: tuple[str, ...], labels: tuple[str, ...]) -> Iterator[Review]:
+    with tarfile.open(path, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if (
+                not member.isfile()
+                or len(parts) != 4
+                or not parts[3].endswith(".txt")
+                or parts[1] not in splits
+                or parts[2] not in labels
+            ):
+                continue
+            f = tar.extractfile(member)
+            if f is None:
+                continue
+            text = clean_review(f.read().decode("utf-8", errors="replace"))
+            yield Review(f"{parts[1]}/{parts[2]}/{parts[3][:-4]}", parts[2], text)
 
 
 def _hub_imdb(split: str) -> list[Review]:
@@ -238,24 +249,37 @@ def read_hh_file(path: str | Path) -> list[dict]:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     pairs: list[dict] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
-            if (
-                not isinstance(rec, dict)
-                or not isinstance(rec.get("chosen"), str)
-                or not isinstance(rec.get("rejected"), str)
-            ):
-                raise DataFormatError(f"{path}, line {n}: expected an object with string 'chosen' and 'rejected'")
-            parts = split_hh(rec["chosen"], rec["rejected"])
-            if parts is not None:
-                pairs.append({"prompt": parts[0], "chosen": parts[1], "rejected": parts[2]})
+    try:
+        lines = list(_lines(opener, path))
+    except (EOFError, zlib.error, OSError, UnicodeDecodeError) as exc:  # gzip.BadGzipFile is an OSError
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise DataFormatError(
+            f"the HH-RLHF file {path} is damaged ({type(exc).__name__}: {exc}); download it again or point "
+            "--data-dir / LFP_DATA_DIR at a good copy"
+        ) from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("chosen"), str)
+            or not isinstance(rec.get("rejected"), str)
+        ):
+            raise DataFormatError(f"{path}, line {n}: expected an object with string 'chosen' and 'rejected'")
+        parts = split_hh(rec["chosen"], rec["rejected"])
+        if parts is not None:
+            pairs.append({"prompt": parts[0], "chosen": parts[1], "rejected": parts[2]})
     return pairs
+
+
+def _lines(opener, path: Path) -> Iterator[str]:
+    with opener(path, "rt", encoding="utf-8") as f:
+        yield from f
 
 
 def hh_pairs(data_dir: str | Path | None, subsets: tuple[str, ...] = HH_SUBSETS) -> tuple[list[dict], str]:

@@ -11,13 +11,16 @@ success, 2 on bad input (with a one-line reason), 1 on a failure inside a stage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
 import re
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,57 @@ def check_layout(writer: RunWriter, out: Path) -> None:
         )
 
 
+LOCK_NAME = ".precompute.lock"
+
+
+def _holder(lock: Path) -> str | None:
+    """The PID written in a run's lock file if a live process holds the lock, else None."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _refuse_if_busy(out: Path) -> None:
+    pid = _holder(out / LOCK_NAME)
+    if pid is not None:
+        raise StoreError(
+            f"another precompute (PID {pid}) is writing the run at {out}; wait for it to finish (or stop it) and "
+            f"re-run this command, which then resumes"
+        )
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold the run's precompute lock (an advisory flock on ``out/.precompute.lock`` holding our PID; the
+    kernel releases it when the process dies, even by SIGKILL). A second precompute is refused with the PID."""
+    _refuse_if_busy(out)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another one started between the check and here
+            os.close(fd)
+            fd = -1
+            _refuse_if_busy(out)
+            raise StoreError(f"another precompute is writing the run at {out}; re-run when it has finished") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> dict[str, str]:
     """Run every stage (or up to and including ``until``) into ``out``.
 
@@ -75,8 +129,14 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
     Returns:
         ``{stage: 'skipped' | 'done'}`` for the stages considered.
     """
+    _refuse_if_busy(Path(out))  # before the health check, which would only see a locked file
     writer = RunWriter(out)
-    check_layout(writer, Path(out))
+    with exclusive(Path(out)):
+        return _run_stages(cfg, writer, Path(out), until)
+
+
+def _run_stages(cfg: RunConfig, writer: RunWriter, out: Path, until: str | None) -> dict[str, str]:
+    check_layout(writer, out)
     writer.set_config(cfg.preset, cfg.to_json())
     from lfp_core.pipeline.core import Context  # torch, transformer-lens: only once a run starts
 
@@ -104,9 +164,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, until: str | None = None) -> d
 
             ctx.finisher = finish
             try:
+                writer.stage = stage.name
                 with Meter() as meter:
                     stage.load()(ctx, settings, h)
+                writer.stage = None
             except BaseException as exc:
+                writer.stage = None
                 writer.mark_stage(stage.name, pos, h, "failed", time.time() - t0, error=f"{type(exc).__name__}: {exc}")
                 raise
             status, _ = writer.stage_record(stage.name)

@@ -127,12 +127,15 @@ def train_policy(
 
     settings: RLSettings = s.rl
     lengths, seed, device = s.completions, s.run.seed, s.run.device
+    # one completion length per step, drawn up front: step i gets the i-th draw whether the run went through
+    # uninterrupted or resumed at a checkpoint (a generator drawn per step restarted at the first draw)
     rng = random.Random(seed)
+    step_lengths = [rng.randint(lengths.min_new_tokens, lengths.max_new_tokens) for _ in range(settings.steps)]
 
     class LengthAndLog(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             assert trainer is not None  # callbacks run inside trainer.train()
-            trainer.generation_config.max_new_tokens = rng.randint(lengths.min_new_tokens, lengths.max_new_tokens)
+            trainer.generation_config.max_new_tokens = step_lengths[min(state.global_step, len(step_lengths) - 1)]
             trainer.generation_kwargs["max_new_tokens"] = trainer.generation_config.max_new_tokens
 
     cfg = GRPOConfig(
@@ -164,7 +167,7 @@ def train_policy(
     )
     policy = AutoModelForCausalLM.from_pretrained(base.spec.location, dtype=torch.float32)
     trainer = None
-    trainer = GRPOTrainer(
+    trainer = _resumable_grpo(GRPOTrainer)(
         model=policy,
         reward_funcs=reward_fn,
         args=cfg,
@@ -192,6 +195,62 @@ def train_policy(
 
     _publish(trainer.model, tok, artifacts, ckpt_dir, final_dir)
     return final_dir, steps_log, samples
+
+
+def _weights_as_saved(trainer_cls: type) -> type:
+    """``trainer_cls`` resuming with the checkpoint's weights read as from_pretrained reads them.
+
+    transformers 5's Trainer loads a checkpoint's model.safetensors without the key renames from_pretrained
+    applies: a GPT-NeoX checkpoint stores its unembedding as ``embed_out.weight``, the model names it
+    ``lm_head.weight``, so a resumed policy kept its *initial* unembedding (the log says "missing keys ...
+    lm_head.weight") with the optimizer state of the trained one, and every step after a resume differed
+    from the uninterrupted run."""
+
+    class WeightsAsSaved(trainer_cls):  # type: ignore[misc, valid-type]
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            from transformers import AutoModelForCausalLM
+
+            target = model if model is not None else self.model
+            saved = AutoModelForCausalLM.from_pretrained(resume_from_checkpoint, dtype=torch.float32)
+            target.load_state_dict(saved.state_dict(), strict=True)
+
+    return WeightsAsSaved
+
+
+def _resumable_grpo(grpo_trainer: type) -> type:
+    """GRPOTrainer whose prompt order survives a resume.
+
+    trl's RepeatSampler shuffles with one generator seeded once, so epoch e's order is its (e+1)-th
+    permutation; a trainer resumed from a checkpoint builds a fresh sampler and replays epoch 0's order
+    from the epoch it resumes at (measured: every step after a resume differed from the uninterrupted
+    run). This sampler re-derives epoch e's permutation from the seed when the trainer calls
+    ``set_epoch(e)``, which is the sequence an uninterrupted run draws, so neither kind of run changes
+    order and both reach the same weights. The RNG, optimizer and step state come from the checkpoint
+    (``save_only_model=False``); the completion length of each step is drawn up front; the weights are
+    read back as from_pretrained reads them (see ``_load_from_checkpoint``)."""
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochSeededRepeatSampler(RepeatSampler):
+        def set_epoch(self, epoch: int) -> None:
+            if self.shuffle:
+                self.generator.manual_seed(self.seed if self.seed is not None else 0)
+                for _ in range(epoch):  # the permutations the epochs before this one drew
+                    torch.randperm(self.num_samples, generator=self.generator)
+
+    class ResumableGRPOTrainer(_weights_as_saved(grpo_trainer)):  # type: ignore[misc]
+        def _get_train_sampler(self, dataset=None):
+            base = super()._get_train_sampler(dataset)
+            return EpochSeededRepeatSampler(
+                data_source=base.data_source,
+                mini_repeat_count=base.mini_repeat_count,
+                batch_size=base.batch_size,
+                repeat_count=base.repeat_count,
+                shuffle=base.shuffle,
+                seed=base.seed,
+            )
+
+    return ResumableGRPOTrainer
 
 
 def load_policy(policy_dir: Path, base) -> LoadedModel:
@@ -277,7 +336,7 @@ def train_dpo(
         dataset_num_proc=None,
     )
     policy = AutoModelForCausalLM.from_pretrained(base.spec.location, dtype=torch.float32)
-    trainer = DPOTrainer(model=policy, args=cfg, train_dataset=data, processing_class=tok)
+    trainer = _weights_as_saved(DPOTrainer)(model=policy, args=cfg, train_dataset=data, processing_class=tok)
     resume = _last_checkpoint(ckpt_dir)
     if resume:
         log.info("resuming DPO from %s", resume)

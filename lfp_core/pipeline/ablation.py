@@ -225,9 +225,9 @@ def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> 
     decode = continuation_decoder(ctx.model.tokenizer)  # a completion's text as it reads after its prefix
     rw = run_reward(ctx, s.reward.spec)
     done = w.done_chunks("ablation", config_hash)
-    if not done:
-        with w.transaction() as con:
-            put_rows(con, "ablation_prefixes", pre)
+    # the prefixes belong to the first chunk committed (or to the final commit when there is none), so a
+    # run killed before that commit stores none of them and its resume writes them exactly once
+    prefixes_stored = bool(done)
     n_done = sum(len(pre) if fs["full"] else rank_n for ci, fs in enumerate(sets) if ci not in done)
     log.info(
         "ablation: %d sets (%d random, on the first %d prefixes) x up to %d completions; %d to sample, %d sets "
@@ -264,8 +264,11 @@ def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> 
             len(rows),
         )
         with w.transaction() as con:
+            if not prefixes_stored:
+                put_rows(con, "ablation_prefixes", pre)
             put_rows(con, "ablation_completions", rows)
             RunWriter.add_chunk_marker(con, "ablation", config_hash, ci)
+        prefixes_stored = True
     rows = summarise(ctx, sets, rank_n)
     detail = ablation_detail(rows, rank_n, s.ablation.random)
     for name, d in detail["sets"].items():
@@ -296,7 +299,13 @@ def stage_ablation(ctx: Context, s: AblationStageSettings, config_hash: str) -> 
             d["p"],
         )
     stored = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
-    ctx.commit(lambda con: put_rows(con, "ablation_sets", stored), detail)
+
+    def final(con) -> None:
+        if not prefixes_stored:  # no set was sampled (none to test)
+            put_rows(con, "ablation_prefixes", pre)
+        put_rows(con, "ablation_sets", stored)
+
+    ctx.commit(final, detail)
 
 
 def ablation_detail(rows: list[dict], rank_n: int | None = None, n_random: int | None = None) -> dict:

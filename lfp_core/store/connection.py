@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +13,9 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from lfp_core.store.errors import CorruptStoreError, StoreBusyError
+from lfp_core.store.errors import CorruptStoreError, StoreBusyError, StoreError
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "run.duckdb"
 ARTIFACTS = "artifacts"
@@ -38,19 +42,36 @@ def now() -> dt.datetime:
     return dt.datetime.now().replace(microsecond=0)
 
 
-def connect(path: Path, read_only: bool, retries: int = 20) -> duckdb.DuckDBPyConnection:
+def writer_wait_s() -> float:
+    """How long a writer waits for other processes (a dashboard, a notebook) to release the run file:
+    ``$LFP_LOCK_WAIT_S``, default 300 s."""
+    return float(os.environ.get("LFP_LOCK_WAIT_S", "300"))
+
+
+def connect(path: Path, read_only: bool, wait_s: float = 5.0) -> duckdb.DuckDBPyConnection:
     """Open the DuckDB file, turning DuckDB's errors into specific StoreErrors.
 
-    A lock held by another process (a precompute writing) is retried for a few seconds.
+    A lock held by another process (a precompute writing; for a writer, a reader such as the dashboard
+    or a notebook holding a connection) is waited for up to ``wait_s`` seconds, retrying every 0.25 s.
     """
-    for attempt in range(retries):
+    deadline, warned = time.monotonic() + wait_s, False
+    while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
             msg = str(exc)
-            if "lock" in msg.lower() and attempt < retries - 1:
+            if "lock" in msg.lower() and time.monotonic() < deadline:
+                if not warned and wait_s > 5:
+                    log.warning("%s is held by another process (a dashboard or notebook reading it?); waiting", path)
+                    warned = True
                 time.sleep(0.25)
                 continue
+            if not read_only and ("read-only file system" in msg.lower() or "permission denied" in msg.lower()):
+                raise StoreError(
+                    f"cannot write to {path}: {'read-only file system' if 'read-only' in msg.lower() else 'permission denied'}"
+                    f". The dashboard and the report can still read it; to compute or extend the run, copy its "
+                    f"directory somewhere writable and give that as --out"
+                ) from exc
             if "lock" in msg.lower():
                 raise StoreBusyError(
                     f"{path} is locked by another process (a precompute writing to it?); try again shortly"
@@ -64,7 +85,6 @@ def connect(path: Path, read_only: bool, retries: int = 20) -> duckdb.DuckDBPyCo
                 f"{path} could not be opened as a DuckDB database ({str(exc).splitlines()[0]}). "
                 f"Move it aside and rebuild the run with python -m lfp_core.precompute --out {path.parent}"
             ) from exc
-    raise AssertionError("unreachable")
 
 
 class Queries:

@@ -48,6 +48,7 @@ class RunReader(RunQueries, TextQueries, FeatureQueries, ProbeQueries, AblationQ
                 f"{self.run_dir} holds no {DB_NAME}; compute it with python -m lfp_core.precompute --out {self.run_dir}"
             )
         with self._connect() as con:
+            schema.verify(con, self.path)  # a damaged or foreign file: one clear error now, not a traceback later
             schema.check(con, self.path)
 
     @contextlib.contextmanager

@@ -257,3 +257,53 @@ def check(con: duckdb.DuckDBPyConnection, path: Path, writer: bool = False) -> i
         f"{path} has run-store schema version {version}; this LFP Explorer reads version "
         f"{SCHEMA_VERSION}. Rebuild it: python -m lfp_core.precompute --out {path.parent} --rebuild"
     )
+
+
+def verify(con: duckdb.DuckDBPyConnection, path: Path) -> int | None:
+    """Check, reading only, that a run file is whole and ours before anything writes to it.
+
+    Structure: the version it claims must be one this code reads or upgrades, and every table of that
+    version must have that version's columns and no column this schema does not declare (a file of
+    someone else's tables that happens to hold a ``meta`` row is refused, not "upgraded"). Integrity:
+    every row of every table is read (``hash`` of the whole row), so a truncated or damaged file fails
+    here, on a read-only connection, and its bytes are left as they were.
+
+    Returns:
+        The stored schema version.
+
+    Raises:
+        SchemaVersionError: a foreign or mismatched schema; CorruptStoreError: unreadable data.
+    """
+    from lfp_core.store.errors import CorruptStoreError
+
+    rebuild = f"python -m lfp_core.precompute --out {path.parent} --rebuild (the file is moved aside, not deleted)"
+    try:
+        version = stored_version(con, path)
+        if version is not None and version != SCHEMA_VERSION and version not in UPGRADABLE:
+            return version  # check() says what to do with a version this code cannot read
+        at = version or SCHEMA_VERSION
+        have = _columns(con)
+        problems: list[str] = []
+        for t in TABLES.values():
+            if t.name not in have:
+                continue  # a table the version did not have yet (or an empty early run): the upgrade creates it
+            foreign = sorted(have[t.name] - set(t.column_names))
+            if foreign:
+                problems.append(f"table {t.name} has columns this schema does not declare ({', '.join(foreign)})")
+            lacking = [c.name for c in t.columns_at(at) if c.name not in have[t.name]]
+            if lacking:
+                problems.append(f"table {t.name} lacks its schema-{at} columns {', '.join(lacking)}")
+        if problems:
+            raise SchemaVersionError(
+                f"{path} claims run-store schema version {version} but its tables are not that schema's: "
+                f"{'; '.join(problems[:4])}{' …' if len(problems) > 4 else ''}. Nothing was written. If it is a "
+                f"run, restore it from a copy; to start the run afresh: {rebuild}"
+            )
+        for name in sorted(set(have) & set(TABLES)):
+            con.execute(f'SELECT count(*), sum(hash("{name}")) FROM "{name}"').fetchall()
+    except duckdb.Error as exc:
+        raise CorruptStoreError(
+            f"{path} is damaged: DuckDB cannot read it ({str(exc).splitlines()[0][:200]}). Nothing was written. "
+            f"Restore it from a copy, or start the run afresh: {rebuild}"
+        ) from exc
+    return version

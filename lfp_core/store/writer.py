@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,23 +16,69 @@ import duckdb
 import pandas as pd
 
 from lfp_core.store import schema
-from lfp_core.store.connection import artifacts_dir, connect, db_path, now
+from lfp_core.store.connection import artifacts_dir, connect, db_path, now, writer_wait_s
 from lfp_core.store.errors import StoreError
 from lfp_core.store.reader import RunReader
 from lfp_core.store.schema import Where
 from lfp_core.store.summaries import StageSummary, parse_summary, summary_dict
+
+KILL_ENV = "LFP_KILL_AT_COMMIT"  # fault injection for the resume tests: STAGE:N[:before]
+TRACE_ENV = "LFP_COMMIT_TRACE"  # a file that gets one line per committed transaction: the running stage
+
+
+class _Faults:
+    """The resume tests' fault hook (off unless ``$LFP_KILL_AT_COMMIT`` is set): SIGKILL this process at the
+    N-th transaction of a stage, just before its COMMIT (``:before``: the write is lost) or just after it;
+    ``$LFP_COMMIT_TRACE`` logs the stage of every commit, so a test can see how many a stage makes."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get(KILL_ENV, "")
+        parts = spec.split(":") if spec else []
+        self.stage = parts[0] if parts else None
+        self.at = parts[1] if len(parts) > 1 else ""  # N (the N-th write of the stage), final, or @SECONDS
+        self.before = len(parts) > 2 and parts[2] == "before"
+        self.trace = os.environ.get(TRACE_ENV) or None
+        self.count: dict[str, int] = {}
+
+    def stage_started(self, stage: str | None) -> None:
+        if stage is not None and stage == self.stage and self.at.startswith("@"):
+            timer = threading.Timer(float(self.at[1:]), os.kill, (os.getpid(), signal.SIGKILL))
+            timer.daemon = True
+            timer.start()
+
+    def at_commit(self, stage: str | None, committed: bool, final: bool) -> None:
+        if stage is None:
+            return
+        if not committed:
+            self.count[stage] = self.count.get(stage, 0) + 1
+            if self.trace:
+                with open(self.trace, "a") as f:
+                    f.write(f"{stage}{' final' if final else ''}\n")
+        if stage != self.stage or committed == self.before:
+            return
+        if (self.at == "final" and final) or self.at == str(self.count.get(stage)):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RunWriter:
     """Write access for precompute. Creates the run on first use; one transaction per write."""
 
     def __init__(self, run_dir: str | Path, name: str | None = None):
+        self._stage: str | None = None
+        self._final = False  # this transaction marks a stage done
+        self._faults = _Faults()
         self.run_dir = Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise StoreError(f"--out {self.run_dir} is a file; give a directory for the run")
         self.path = db_path(self.run_dir)
         self.name = name or self.run_dir.name
         existed = self.path.exists()
+        if existed:  # refuse a damaged or foreign file on a read-only connection, before any write touches it
+            ro = connect(self.path, read_only=True)
+            try:
+                schema.verify(ro, self.path)
+            finally:
+                ro.close()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             artifacts_dir(self.run_dir).mkdir(exist_ok=True)
@@ -45,11 +94,22 @@ class RunWriter:
                     [str(schema.SCHEMA_VERSION)],
                 )
 
+    @property
+    def stage(self) -> str | None:
+        """The stage running now (set by the precompute's runner; the resume tests' fault hook reads it)."""
+        return self._stage
+
+    @stage.setter
+    def stage(self, name: str | None) -> None:
+        self._stage = name
+        self._faults.stage_started(name)
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def transaction(self, write: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection inside BEGIN/COMMIT; any exception rolls the whole write back. Write through the
-        row writers of this module (``put_rows(con, ...)``)."""
-        con = connect(self.path, read_only=False)
+        row writers of this module (``put_rows(con, ...)``). ``write=False``: a bookkeeping read."""
+        con = connect(self.path, read_only=False, wait_s=writer_wait_s())
+        self._final = False
         try:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -57,7 +117,11 @@ class RunWriter:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+            if write:
+                self._faults.at_commit(self._stage, committed=False, final=self._final)
             con.execute("COMMIT")
+            if write:
+                self._faults.at_commit(self._stage, committed=True, final=self._final)
         finally:
             con.close()
 
@@ -79,7 +143,7 @@ class RunWriter:
 
     def stage_record(self, name: str) -> tuple[str | None, str | None]:
         """(status, config_hash) of a stage, or (None, None) when it never ran."""
-        with self.transaction() as con:
+        with self.transaction(write=False) as con:
             row = con.execute("SELECT status, config_hash FROM stages WHERE name = ?", [name]).fetchone()
         return (row[0], row[1]) if row else (None, None)
 
@@ -112,6 +176,7 @@ class RunWriter:
         args = [name, position, config_hash, status, name, started, finished, seconds, json.dumps(stored), error]
         if con is not None:
             con.execute(sql, args)
+            self._final = self._final or status == "done"
         else:
             with self.transaction() as c:
                 if status == "running":
@@ -119,7 +184,7 @@ class RunWriter:
                 c.execute(sql, args)
 
     def done_chunks(self, stage: str, config_hash: str) -> set[int]:
-        with self.transaction() as con:
+        with self.transaction(write=False) as con:
             rows = con.execute(
                 "SELECT chunk FROM stage_chunks WHERE stage = ? AND config_hash = ?", [stage, config_hash]
             ).fetchall()
