@@ -206,7 +206,7 @@ def _weights_as_saved(trainer_cls: type) -> type:
     lm_head.weight") with the optimizer state of the trained one, and every step after a resume differed
     from the uninterrupted run."""
 
-    class WeightsAsSaved(trainer_cls):  # type: ignore[misc, valid-type]
+    class WeightsAsSaved(trainer_cls):
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             from transformers import AutoModelForCausalLM
