@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--n-prompts", "16", "--n-eval-prompts", "16", "--gen-batch-size", "16",
     "--set", "rl_prompts_per_step=2", "--set", "rl_generations=4",
-    "--set", "sae_corpus_docs=60", "--set", "sae_train_tokens=4000", "--set", "sae_variants=",
+    "--set", "sae_corpus_docs=160", "--set", "sae_train_tokens=3000", "--set", "sae_variants=",
     "--set", "sae_sweep_l1=", "--set", "mfr_n=0", "--set", "sae_ce_docs=8", "--set", "divergence_sequences=16",
     "--set", "feature_top_k=5", "--set", "label_probe_top=4", "--set", "label_random=4",
     "--set", "ablation_n=16", "--set", "ablation_rank_n=16", "--set", "ablation_k=4",
@@ -57,7 +57,7 @@ def byo_run(shared_data, tmp_path_factory) -> dict:
     (d / "happy.py").write_text(HAPPY)
     reward = f"python:{d / 'happy.py'}:score"
     with open(d / "corpus.jsonl", "w") as f:
-        for i in range(80):
+        for i in range(160):
             f.write(json.dumps({"text": _story(i)}) + "\n")
     # its RL partner: this tool's GRPO against the same reward, kept as a plain HF directory
     trained = d / "stories-grpo"
