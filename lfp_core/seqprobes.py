@@ -29,17 +29,21 @@ accuracy beside the training majority class, each with a bootstrap CI over promp
 
 **Tuned vs base** (:func:`rho_difference`): ρ of the probe on the tuned model's features minus ρ on the
 base model's, over the same held-out completions, paired bootstrap CI over prompts.
+
+**Which probes apply** (:func:`reward_kind`, :func:`not_applicable`): a per-word lexicon reward (VADER) keeps
+the per-token probe and gets this one beside it; any other reward gets only this one, and the probes stage
+records why the token-level parts do not apply.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
 
-from lfp_core.probes import ProbeDataError, fit_ridge
+from lfp_core.probes import ProbeDataError, effective_weights, fit_ridge
 
 MIN_PROMPTS = 10  # fewest distinct prompts: >= 2 held out for the bootstrap, >= 5 training groups for the CV
 N_BOOT = 1000
@@ -47,6 +51,30 @@ LEVEL = 0.95
 SPLIT = "by prompt: {pct:.0%} of the prompts held out with all their completions"
 PENALTY_CV = "5-fold CV grouped by prompt on the training split"
 POOLING = "mean over the completion's tokens (prompt positions and special tokens excluded), layers concatenated"
+
+
+def reward_kind(spec: str) -> Literal["lexicon", "sequence"]:
+    """``lexicon`` for a per-word lexicon reward, else ``sequence``.
+
+    Placeholder until byo-reward merges: there the kind is ``lfp_core.rewards.load_reward(spec).kind``;
+    VADER is the only lexicon reward, so the spec decides it without loading anything.
+    """
+    return "lexicon" if spec.strip().lower() == "vader" else "sequence"
+
+
+def not_applicable(spec: str) -> dict[str, str]:
+    """{part of the probes stage: why it does not apply} for a reward that is not a per-word lexicon."""
+    why = (
+        f"the reward {spec!r} is not a per-word lexicon: it scores whole completions, so no word or token has "
+        "a target value of its own"
+    )
+    return {
+        "token_probe": f"{why}; the sequence probe (pooled SAE features → the completion's reward) runs instead",
+        "implicit_reward": f"{why}; the implicit reward model sums the token probe's per-word predictions",
+        "contrastive_probe": f"{why}; the contrastive probe swaps lexicon words for neutral or opposite ones",
+        "token_attributions": f"{why}; per-token contributions are those of the token probe (the feature ranking "
+        "comes from the sequence probe's weights)",
+    }
 
 
 def prompt_split(prompts: np.ndarray, seed: int, test_frac: float = 0.2) -> np.ndarray:
@@ -69,16 +97,54 @@ def prompt_split(prompts: np.ndarray, seed: int, test_frac: float = 0.2) -> np.n
     return np.isin(prompts, held)
 
 
+def _draws(prompts: np.ndarray, seed: int, n_boot: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the prompt drawn [n_boot, n_prompts] per resample, each row's prompt index [n_rows])."""
+    _, inv = np.unique(np.asarray(prompts), return_inverse=True)
+    rng = np.random.default_rng([seed, 83])
+    k = int(inv.max()) + 1
+    return rng.integers(0, k, (n_boot, k)), inv
+
+
 def prompt_resamples(prompts: np.ndarray, seed: int, n_boot: int = N_BOOT) -> Iterator[np.ndarray]:
     """Row indices of ``n_boot`` bootstrap resamples that draw prompts with replacement (all rows of a drawn
-    prompt, as often as it is drawn)."""
-    _, inv = np.unique(np.asarray(prompts), return_inverse=True)
+    prompt, as often as it is drawn); :func:`prompt_weights` gives the same resamples as row counts."""
+    draws, inv = _draws(prompts, seed, n_boot)
     order = np.argsort(inv, kind="stable")
     bounds = np.searchsorted(inv[order], np.arange(inv.max() + 2))
     members = [order[bounds[k] : bounds[k + 1]] for k in range(len(bounds) - 1)]
-    rng = np.random.default_rng([seed, 83])
-    for _ in range(n_boot):
-        yield np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+    for pick in draws:
+        yield np.concatenate([members[k] for k in pick])
+
+
+def prompt_weights(prompts: np.ndarray, seed: int, n_boot: int = N_BOOT) -> np.ndarray:
+    """How often each row occurs in each of :func:`prompt_resamples`' resamples: [n_boot, n_rows]."""
+    draws, inv = _draws(prompts, seed, n_boot)
+    counts = np.zeros((n_boot, draws.shape[1]))
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
+    return counts[:, inv]
+
+
+def _midranks(v: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Mid-ranks of ``v`` in each resample of row counts ``W`` [B, n] (a row drawn c times is c tied
+    copies): [B, n], the ranks scipy's rankdata gives the resample's rows."""
+    u, inv = np.unique(v, return_inverse=True)
+    onehot = np.zeros((len(v), len(u)))
+    onehot[np.arange(len(v)), inv] = 1.0
+    G = W @ onehot  # [B, n_unique] copies of each distinct value
+    mid = np.cumsum(G, axis=1) - G + (G + 1.0) / 2.0
+    return mid[:, inv]
+
+
+def _spearman_resampled(a: np.ndarray, b: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Spearman ρ of (a, b) in each resample of row counts ``W`` [B, n] (NaN where either is constant):
+    Pearson's r of the mid-ranks weighted by the counts, equal to scipy's spearmanr of the resample."""
+    Ra, Rb = _midranks(a, W), _midranks(b, W)
+    sw = W.sum(1)
+    da = Ra - (W * Ra).sum(1, keepdims=True) / sw[:, None]
+    db = Rb - (W * Rb).sum(1, keepdims=True) / sw[:, None]
+    cov, va, vb = (W * da * db).sum(1), (W * da * da).sum(1), (W * db * db).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((va > 1e-12) & (vb > 1e-12), cov / np.sqrt(va * vb), np.nan)
 
 
 def _rho(a: np.ndarray, b: np.ndarray) -> float:
@@ -87,7 +153,7 @@ def _rho(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def _interval(values: list[float], level: float) -> tuple[float, float]:
+def _interval(values, level: float) -> tuple[float, float]:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if not len(v):
@@ -116,7 +182,7 @@ def score(
     rs, kt = stats.spearmanr(pred, y), stats.kendalltau(pred, y)
     sst = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum((y - pred) ** 2)) / sst if fitted else None
-    lo, hi = _interval([_rho(pred[i], y[i]) for i in prompt_resamples(prompts, seed, n_boot)], level)
+    lo, hi = _interval(_spearman_resampled(pred, y, prompt_weights(prompts, seed, n_boot)), level)
     out.update(rho=float(rs.statistic), p=float(rs.pvalue), tau=float(kt.statistic), p_tau=float(kt.pvalue))
     return {**out, "r2": r2, "lo": lo, "hi": hi}
 
@@ -133,8 +199,8 @@ def rho_difference(
     """ρ(pred_a, y) − ρ(pred_b, y) over the same completions, with a paired bootstrap CI over prompts."""
     pred_a, pred_b, y = (np.asarray(v, dtype=float) for v in (pred_a, pred_b, y))
     ra, rb = _rho(pred_a, y), _rho(pred_b, y)
-    boots = [_rho(pred_a[i], y[i]) - _rho(pred_b[i], y[i]) for i in prompt_resamples(prompts, seed + 1, n_boot)]
-    lo, hi = _interval(boots, level)
+    W = prompt_weights(prompts, seed + 1, n_boot)
+    lo, hi = _interval(_spearman_resampled(pred_a, y, W) - _spearman_resampled(pred_b, y, W), level)
     return {
         "diff": ra - rb,
         "lo": lo,
@@ -183,10 +249,9 @@ def logistic_above_median(
     right = (model.predict(X[test]) == lab[test]).astype(float)
     majority = bool(lab[tr].mean() > 0.5)
     right_major = (lab[test] == majority).astype(float)
-    boots = [(right[i].mean(), right_major[i].mean()) for i in prompt_resamples(prompts[test], seed + 2, n_boot)]
-    acc_ci = _interval([a for a, _ in boots], LEVEL)
-    maj_ci = _interval([b for _, b in boots], LEVEL)
-    diff_ci = _interval([a - b for a, b in boots], LEVEL)
+    W = prompt_weights(prompts[test], seed + 2, n_boot)
+    acc_b, maj_b = W @ right / W.sum(1), W @ right_major / W.sum(1)
+    acc_ci, maj_ci, diff_ci = (_interval(v, LEVEL) for v in (acc_b, maj_b, acc_b - maj_b))
     return {
         "acc": float(right.mean()),
         "lo": acc_ci[0],
@@ -245,3 +310,26 @@ def sequence_probe(
             str(v): score(pred[pol == v], y[test][pol == v], prompts[test][pol == v], seed) for v in np.unique(pol)
         }
     return out, pred, model
+
+
+def feature_rows(role: str, layers: list[int], X: np.ndarray, model) -> list[dict]:
+    """probe_features rows of a fitted probe: weight on the unstandardised feature, mean activation over
+    ``X`` (the rows it was fitted on), importance |weight × mean| and its rank (0 = largest)."""
+    w_eff = effective_weights(model)
+    mean_act = X.mean(0)
+    imp = np.abs(w_eff * mean_act)
+    rank = np.empty(len(imp), dtype=int)
+    rank[np.argsort(-imp)] = np.arange(len(imp))
+    d_sae = X.shape[1] // len(layers)
+    return [
+        {
+            "role": role,
+            "layer": sorted(layers)[j // d_sae],
+            "feature": j % d_sae,
+            "weight": float(w_eff[j]),
+            "mean_act": float(mean_act[j]),
+            "importance": float(imp[j]),
+            "rank": int(rank[j]),
+        }
+        for j in range(X.shape[1])
+    ]

@@ -92,6 +92,15 @@ class RunSettings:
             raise ConfigError("run.model must name the demo model, a local directory or a hub id")
 
 
+# placeholder until byo-reward merges: the reward helper owns this group (RULES.md's shared interface); the
+# lead drops this copy in the merge and keeps byo-reward's.
+@dataclass(frozen=True)
+class RewardSettings:
+    """The reward: ``vader`` (the lexicon reward, default) or a plug-in spec (lfp_core.rewards)."""
+
+    spec: str = field(default="vader", metadata=_flat("reward"))
+
+
 @dataclass(frozen=True)
 class PromptSettings:
     """RL (training) prompts from IMDB *train* reviews and held-out prompts from IMDB *test* reviews;
@@ -437,6 +446,7 @@ class RunConfig:
     no stage reads)."""
 
     run: RunSettings = field(default_factory=RunSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)  # placeholder until byo-reward merges
     prompts: PromptSettings = field(default_factory=PromptSettings)
     completions: CompletionSettings = field(default_factory=CompletionSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -794,6 +804,7 @@ class FeaturesStageSettings:
 class ProbesStageSettings:
     run: RunSettings
     probes: ProbeSettings
+    reward: RewardSettings  # placeholder until byo-reward merges (the lead keeps byo-reward's field if it adds one)
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,7 @@ STAGES: list[StageSpec] = [
         st.ProbesStageSettings,
         ("saes",),
         _P + "probes:stage_probes",
-        {t: _ALL for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")},
+        {t: _ALL for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca", "probe_sequences")},
         tasks=("vader",),
         version=4,  # 4: word split by stem, penalty by CV grouped by stem, baselines, tuned − base τ CI,
         # the contrastive variant as a fitted probe

@@ -8,11 +8,13 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
+from lfp_core.seqreport import not_applicable
 from lfp_core.settings import run_settings_of
 from lfp_core.stages import describe_stages
 from lfp_core.store.summaries import RLEvalSummary
 from views.common import report_text, require_run
 from views.data import RunData
+from views.seqprobe import not_applicable_notes
 
 run_dir = require_run()
 data = RunData(run_dir)
@@ -54,6 +56,10 @@ if missing:
         f"Stages not finished: {', '.join(missing)}. Compute them (finished stages are kept) with\n\n"
         f"`python -m lfp_core.precompute --preset {info.get('preset', 'demo')} --out {run_dir}`"
     )
+
+if not_applicable(stages):
+    st.subheader("What does not apply to this run")
+    not_applicable_notes(data)
 
 st.subheader("Headline figures")
 st.code(report_text(run_dir), language=None)

@@ -11,6 +11,7 @@ from lfp_core import viz
 from lfp_core.store.summaries import ProbeRoleSummary, ProbesSummary
 from views.common import require_run, require_stage
 from views.data import RunData
+from views.seqprobe import not_applicable_notes
 
 run_dir = require_run()
 data = RunData(run_dir)
@@ -31,6 +32,23 @@ for role in ("tuned", "base"):
                 "test texts": r["n_test"],
             }
         )
+not_applicable_notes(data, ("probes",))
+seq_rows = [
+    {"model": role, **{k: lg.get(k) for k in ("acc", "lo", "hi", "majority_acc", "diff", "diff_lo", "diff_hi", "n")}}
+    for role in ("tuned", "base")
+    if (lg := ((pr.sequence or {}).get(role) or {}).get("logistic"))
+]
+if seq_rows:
+    seq = pr.sequence or {}
+    st.subheader(f"Sequence probe, logistic variant: reward ({seq.get('reward')}) above vs below the median")
+    st.dataframe(pd.DataFrame(seq_rows), hide_index=True, width="stretch")
+    st.caption(
+        "Each completion's SAE features averaged over its tokens; an L2 logistic regression (penalty by CV grouped "
+        f"by prompt) fitted on the training prompts, scored on {seq.get('n_test')} completions of "
+        f"{seq.get('n_test_prompts')} held-out prompts. acc / majority_acc with 95% bootstrap CIs over prompts "
+        "(lo, hi; diff = acc − majority_acc, paired CI diff_lo to diff_hi). The ridge version, its controls and "
+        "baselines are on the Token scores page."
+    )
 if not rows:
     st.info(
         "This run's corpus has no labelled texts (IMDB was not reachable when it was built), so there is "

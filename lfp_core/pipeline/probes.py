@@ -527,14 +527,50 @@ def tau_differences(fits: dict[str, dict], seed: int) -> dict:
 
 
 def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None:
-    """Per role (tuned, base), through its own SAEs: the token probe with its controls and input
-    variants, the implicit reward model, attributions, the contrastive probe and the separation probes."""
-    r, tok, seed = ctx.writer.reader(), ctx.model.tokenizer, s.run.seed
+    """Per role (tuned, base), through its own SAEs: for a lexicon reward (VADER) the token probe with its
+    controls and input variants, the implicit reward model, attributions and the contrastive probe; for
+    any reward the sequence probe (:mod:`lfp_core.pipeline.seqprobes`) and the separation probes. For a
+    reward that is not a lexicon the token-level parts are recorded as not applicable, with why, and the
+    feature ranking comes from the sequence probe."""
+    from lfp_core import seqprobes
+    from lfp_core.pipeline.seqprobes import sequence_probes
+
+    r = ctx.writer.reader()
     layers = selected_layers(ctx)
     docs = r.corpus_docs(sources=("imdb", "model_sampled", "tuned_completion"))
     if docs.empty:
         raise RuntimeError("no activation corpus: run the activations stage")
     idx = harvest_dir(ctx).index()
+    if seqprobes.reward_kind(s.reward.spec) == "lexicon":
+        detail, tables = token_probes(ctx, s, layers, docs, idx)
+        detail["feature_ranking"] = "token"
+    else:
+        detail = {"layers": layers, "not_applicable": seqprobes.not_applicable(s.reward.spec)}
+        tables = {"probe_pca": []}
+        extra_tasks = labelled_texts(s.run, ctx.model.tokenizer, s.probes.texts_per_class)
+        for role in ROLES:
+            sep, p_rows = separation(ctx, role, layers, docs, idx, s.run.seed)
+            tables["probe_pca"] += p_rows + extra_separation(ctx, role, layers, extra_tasks, s.run.seed, sep)
+            detail[role] = sep
+        detail["feature_ranking"] = "sequence"
+    detail["sequence"], tables["probe_sequences"], seq_features = sequence_probes(ctx, s, layers, idx)
+    if detail["feature_ranking"] == "sequence":
+        tables["probe_features"] = seq_features
+
+    def write(con):
+        for table, rows_ in tables.items():
+            put_rows(con, table, rows_)
+
+    ctx.commit(write, detail)
+
+
+def token_probes(
+    ctx: Context, s: ProbesStageSettings, layers: list[int], docs, idx: dict
+) -> tuple[dict, dict[str, list[dict]]]:
+    """The lexicon reward's part of the stage (as before the sequence probe): per role the token probe, its
+    controls and input variants, the implicit reward model, attributions, the contrastive probe and the
+    separation probes; the tuned − base τ differences. Returns (the summary, {table: rows})."""
+    r, tok, seed = ctx.writer.reader(), ctx.model.tokenizer, s.run.seed
     pts = lexicon_points(ctx, s, docs, idx)
     rows = pts.rows
     lex = reward.lexicon()
@@ -614,14 +650,5 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
             else "",
         )
     detail["tau_difference"] = tau_differences(fits, seed)
-
-    def write(con):
-        for table, rows_ in (
-            ("probe_words", word_rows),
-            ("probe_tokens", token_rows),
-            ("probe_features", feat_rows),
-            ("probe_pca", pca_rows),
-        ):
-            put_rows(con, table, rows_)
-
-    ctx.commit(write, detail)
+    tables = {"probe_words": word_rows, "probe_tokens": token_rows, "probe_features": feat_rows, "probe_pca": pca_rows}
+    return detail, tables

@@ -45,6 +45,7 @@ from lfp_core.store.stats import (  # noqa: F401  (re-exported: the summaries' f
     RewardStats,
     RMSaeStats,
     RMTrainStep,
+    SequenceProbe,
     Spearman,
     Tau,
     TauDifference,
@@ -56,9 +57,11 @@ log = logging.getLogger(__name__)
 # --- stage summaries -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageSummary:
-    """Base of the stage summaries; ``STAGE`` is the stage's name."""
+    """Base of the stage summaries; ``STAGE`` is the stage's name. ``not_applicable`` (any stage, schema 6):
+    {a part of the stage it skipped: why it does not apply to this run}, for the pages and the report."""
 
     STAGE: ClassVar[str] = ""
+    not_applicable: dict[str, str] = field(default_factory=dict)
 
 
 SUMMARIES: dict[str, type[StageSummary]] = {}
@@ -225,6 +228,10 @@ class ProbesSummary(StageSummary):
     penalty_cv: dict[str, str] | None = None  # {split: how the ridge penalty was chosen}
     occurrence_test_stem_overlap: float | None = None  # share of occurrence-split test words whose stem is in training
     tau_difference: dict[str, TauDifference] | None = None  # {split: τ tuned − τ base, bootstrap CI over words}
+    # schema 6: the sequence-level probe (pooled SAE features → a completion's reward), and which probe's
+    # weights rank the features in probe_features ("token": the token probe; "sequence": the sequence probe)
+    sequence: SequenceProbe | None = None
+    feature_ranking: str | None = None
     tuned: ProbeRoleSummary | None = None
     base: ProbeRoleSummary | None = None
 
