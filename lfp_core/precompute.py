@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                 "--labeller openai needs an API key in the OPENAI_API_KEY environment variable "
                 "(nothing was computed); or use --labeller offline"
             )
+        from lfp_core.seqprobes import check_sequence_probe
+
+        check_sequence_probe(cfg)
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))
             log.info("moved the old %s aside to %s", DB_NAME, moved)

@@ -77,6 +77,22 @@ def not_applicable(spec: str) -> dict[str, str]:
     }
 
 
+def check_sequence_probe(cfg) -> None:
+    """Pre-flight (precompute, before anything is written): a reward that is not a per-word lexicon is probed
+    only by the sequence probe, which needs :data:`MIN_PROMPTS` held-out prompts.
+
+    Raises:
+        ProbeDataError: too few held-out prompts for such a reward (the message says how many are needed).
+    """
+    if cfg.run.task != "vader" or reward_kind(cfg.reward.spec) == "lexicon":
+        return  # VADER: the token probe runs; the sequence probe beside it is skipped, with why, if too few
+    if cfg.prompts.n_eval < MIN_PROMPTS:
+        raise ProbeDataError(
+            f"--reward {cfg.reward.spec} is probed by the sequence probe, which holds out prompts: it needs at "
+            f"least {MIN_PROMPTS} held-out prompts, n_eval_prompts is {cfg.prompts.n_eval}"
+        )
+
+
 def prompt_split(prompts: np.ndarray, seed: int, test_frac: float = 0.2) -> np.ndarray:
     """Boolean test mask over completions: about ``test_frac`` of the distinct prompts, drawn at random, are
     held out with every completion of theirs.

@@ -212,7 +212,8 @@ STAGES: list[StageSpec] = [
         version=4,  # 4: word split by stem, penalty by CV grouped by stem, baselines, tuned − base τ CI,
         # the contrastive variant as a fitted probe
         describe="ridge probes from SAE features to VADER valence (two splits, controls, baselines), IRM, "
-        "attributions, IMDB logistic probe and PCA",
+        "attributions; a sequence probe from pooled SAE features to each completion's reward (any reward; held "
+        "out by prompt); IMDB logistic probe and PCA",
     ),
     StageSpec(
         "labels",

@@ -7,6 +7,8 @@ such as ``<script>alert(1)</script>`` is shown as text, never executed.
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -182,7 +184,7 @@ def probe_scatter(words: pd.DataFrame, taus: dict[str, dict]) -> go.Figure:
     return fig
 
 
-def sequence_scatter(rows: pd.DataFrame, score: dict) -> go.Figure:
+def sequence_scatter(rows: pd.DataFrame, score: Mapping[str, Any]) -> go.Figure:
     """Per held-out completion: its reward (x) against the sequence probe's prediction (y), one colour per
     policy that wrote it, with ρ and its bootstrap CI over prompts in the title."""
     fig = go.Figure()

@@ -43,6 +43,24 @@ def _cfg(**extra):
     return preset_config("quick", data_dir=None, **parse_overrides(TINY), **extra)
 
 
+def _probes(run, cfg) -> None:
+    """The probes stage on ``run`` as the precompute runs it (its own settings, its clears, committed with its
+    summary), without the features stage before it (which it does not read)."""
+    from lfp_core.pipeline import stage_names
+    from lfp_core.pipeline.core import Context
+    from lfp_core.pipeline.probes import stage_probes
+    from lfp_core.settings import ProbesStageSettings
+    from lfp_core.stages import STAGES
+
+    w = RunWriter(run)
+    spec = next(x for x in STAGES if x.name == "probes")
+    w.clear_stage("probes", spec.clears)
+    ctx = Context(run=cfg.run, writer=w)
+    pos = stage_names("vader").index("probes")
+    ctx.finisher = lambda con, detail: w.mark_stage("probes", pos, "test", "done", 0.0, detail, con=con)
+    stage_probes(ctx, cfg.stage_settings(ProbesStageSettings), "test")
+
+
 def _rescore(run, fn) -> None:
     """Replace every stored completion reward by ``fn(text, n_new)``: what a sequence reward (e.g. a
     classifier) would have stored, without the plug-in (the reward helper's branch)."""
@@ -84,8 +102,7 @@ def sequence_run(upstream, tmp_path_factory):
     shutil.copytree(upstream, run)
     # a reward no lexicon gives: the share of characters that are vowels (a whole-text property)
     _rescore(run, lambda text, n: sum(ch in "aeiou" for ch in text.lower()) / max(1, len(text)))
-    outcome = run_pipeline(_cfg(reward="python:tests.rewards:vowels"), run, until="probes")
-    assert outcome["probes"] == "done"
+    _probes(run, _cfg(reward="python:tests.rewards:vowels"))
     return run
 
 
@@ -129,7 +146,7 @@ def test_sequence_reward_skips_the_token_probe_with_its_reason_and_stores_the_se
 def test_vader_keeps_the_token_probe_and_adds_the_sequence_probe(upstream, tmp_path):
     run = tmp_path / "vader"
     shutil.copytree(upstream, run)
-    run_pipeline(_cfg(), run, until="probes")
+    _probes(run, _cfg(probe_contrast_items=0))
     r = RunReader(run)
     pr = r.summary(ProbesSummary)
     assert pr.feature_ranking == "token" and not pr.not_applicable

@@ -95,3 +95,31 @@ def test_vectorised_bootstrap_equals_scipy_on_each_resample():
     fast = seqprobes._spearman_resampled(a, b, seqprobes.prompt_weights(prompts, seed=2, n_boot=50))
     slow = [stats.spearmanr(a[i], b[i]).statistic for i in seqprobes.prompt_resamples(prompts, seed=2, n_boot=50)]
     assert np.allclose(fast, slow, equal_nan=True)
+
+
+def test_too_few_prompts_for_a_sequence_reward_is_refused_before_anything_is_written(tmp_path, capsys):
+    from lfp_core import precompute
+    from lfp_core.settings import preset_config
+
+    seqprobes.check_sequence_probe(preset_config("quick", n_eval_prompts=5))  # VADER: the token probe runs
+    with pytest.raises(ProbeDataError, match="at least 10 held-out prompts, n_eval_prompts is 5"):
+        seqprobes.check_sequence_probe(preset_config("quick", n_eval_prompts=5, reward="python:m:f"))
+    out = tmp_path / "run"
+    argv = ["--preset", "quick", "--out", str(out), "--set", "reward=python:m:f", "--set", "n_eval_prompts=5"]
+    assert precompute.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --reward python:m:f is probed by the sequence probe") and not out.exists()
+
+
+def test_schema_5_run_gains_the_sequence_table_in_place(tmp_path):
+    from lfp_core.store import RunReader, RunWriter, SchemaVersionError
+    from lfp_core.store.testing import legacy_run
+
+    row = {"role": "tuned", "layer": 1, "feature": 3, "weight": 0.5, "mean_act": 1.0, "importance": 0.5, "rank": 0}
+    run = legacy_run(tmp_path / "v5", 5, {"probe_features": [row]})
+    with pytest.raises(SchemaVersionError, match="version 5.*Upgrade it in place"):
+        RunReader(run)
+    RunWriter(run)
+    r = RunReader(run)
+    assert r.schema_version() == 6 and r.probe_sequences("tuned").empty
+    assert r.probe_features("tuned").weight.tolist() == [0.5]  # what the run held is kept

@@ -11,7 +11,7 @@ from lfp_core import viz
 from lfp_core.store.summaries import ProbeRoleSummary, ProbesSummary
 from views.common import require_run, require_stage
 from views.data import RunData
-from views.seqprobe import not_applicable_notes
+from views.seqprobe import not_applicable_notes, sequence_role
 
 run_dir = require_run()
 data = RunData(run_dir)
@@ -36,7 +36,7 @@ not_applicable_notes(data, ("probes",))
 seq_rows = [
     {"model": role, **{k: lg.get(k) for k in ("acc", "lo", "hi", "majority_acc", "diff", "diff_lo", "diff_hi", "n")}}
     for role in ("tuned", "base")
-    if (lg := ((pr.sequence or {}).get(role) or {}).get("logistic"))
+    if (lg := (sequence_role(pr, role) or {}).get("logistic"))
 ]
 if seq_rows:
     seq = pr.sequence or {}

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
 from lfp_core.seqreport import INPUT_NAMES, not_applicable
+from lfp_core.store.stats import SequenceRole
 from lfp_core.store.summaries import ProbesSummary
 from views.data import RunData
 
@@ -33,18 +35,25 @@ def not_applicable_notes(data: RunData, stages: Iterable[str] | None = None) -> 
     return shown
 
 
-def _ci(x: dict) -> str:
+def _ci(x: Mapping[str, Any]) -> str:
     return f"{x.get('lo', float('nan')):.3f} to {x.get('hi', float('nan')):.3f}"
 
 
-def sequence_table(x: dict) -> pd.DataFrame:
+def sequence_role(pr: ProbesSummary, role: str) -> SequenceRole | None:
+    """The sequence probe on ``role``'s (tuned or base) features, or None for a run without it."""
+    seq = pr.sequence or {}
+    return seq.get("tuned") if role == "tuned" else seq.get("base")
+
+
+def sequence_table(x: SequenceRole) -> pd.DataFrame:
     """The probe, its controls and its baselines for one model, one row each, with ρ's CI over prompts and
     (baselines) the SAE probe's ρ minus theirs with its paired CI."""
-    rows = [
+    rows: list[tuple[str, Mapping[str, Any], Mapping[str, Any] | None]] = [
         ("SAE features (the probe)", x["probe"], None),
         ("shuffled targets (control)", x["shuffled"], None),
         ("untrained random map (control)", x["untrained"], None),
-    ] + [(INPUT_NAMES.get(k, k), v, v.get("vs_probe")) for k, v in (x.get("inputs") or {}).items()]
+    ]
+    rows += [(INPUT_NAMES.get(k, k), v, v.get("vs_probe")) for k, v in (x.get("inputs") or {}).items()]
     return pd.DataFrame(
         [
             {
@@ -68,7 +77,7 @@ def sequence_section(data: RunData, pr: ProbesSummary, role: str, chart: bool) -
     baselines, the logistic variant, tuned − base, and (``chart``, or when the reader asks) held-out
     predictions against rewards. Returns False (drawing nothing) for a run without the sequence probe."""
     seq = pr.sequence or {}
-    x = seq.get(role)
+    x = sequence_role(pr, role)
     if not x:
         return False
     st.subheader("Sequence probe: pooled SAE features → each completion's reward")

@@ -541,6 +541,8 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
     if docs.empty:
         raise RuntimeError("no activation corpus: run the activations stage")
     idx = harvest_dir(ctx).index()
+    detail: dict
+    tables: dict[str, list[dict]]
     if seqprobes.reward_kind(s.reward.spec) == "lexicon":
         detail, tables = token_probes(ctx, s, layers, docs, idx)
         detail["feature_ranking"] = "token"
@@ -553,7 +555,12 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
             tables["probe_pca"] += p_rows + extra_separation(ctx, role, layers, extra_tasks, s.run.seed, sep)
             detail[role] = sep
         detail["feature_ranking"] = "sequence"
-    detail["sequence"], tables["probe_sequences"], seq_features = sequence_probes(ctx, s, layers, idx)
+    try:
+        detail["sequence"], tables["probe_sequences"], seq_features = sequence_probes(ctx, s, layers, idx)
+    except probes.ProbeDataError as exc:
+        if detail["feature_ranking"] == "sequence":
+            raise  # the only probe such a reward has
+        detail.setdefault("not_applicable", {})["sequence_probe"] = str(exc)  # beside the token probe: skipped
     if detail["feature_ranking"] == "sequence":
         tables["probe_features"] = seq_features
 
