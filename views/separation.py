@@ -33,12 +33,20 @@ for role in ("tuned", "base"):
             }
         )
 not_applicable_notes(data, ("probes",))
-seq_rows = [
-    {"model": role, **{k: lg.get(k) for k in ("acc", "lo", "hi", "majority_acc", "diff", "diff_lo", "diff_hi", "n")}}
-    for role in ("tuned", "base")
-    if (lg := (sequence_role(pr, role) or {}).get("logistic"))
-]
-if seq_rows:
+
+
+def sequence_logistic() -> None:
+    """The sequence probe's logistic variant (reward above vs below the training median), when the run has it."""
+    seq_rows = [
+        {
+            "model": role,
+            **{k: lg.get(k) for k in ("acc", "lo", "hi", "majority_acc", "diff", "diff_lo", "diff_hi", "n")},
+        }
+        for role in ("tuned", "base")
+        if (lg := (sequence_role(pr, role) or {}).get("logistic"))
+    ]
+    if not seq_rows:
+        return
     seq = pr.sequence or {}
     st.subheader(f"Sequence probe, logistic variant: reward ({seq.get('reward')}) above vs below the median")
     st.dataframe(pd.DataFrame(seq_rows), hide_index=True, width="stretch")
@@ -49,7 +57,10 @@ if seq_rows:
         "(lo, hi; diff = acc − majority_acc, paired CI diff_lo to diff_hi). The ridge version, its controls and "
         "baselines are on the Token scores page."
     )
+
+
 if not rows:
+    sequence_logistic()
     st.info(
         "This run's corpus has no labelled texts (IMDB was not reachable when it was built), so there is "
         "nothing to separate."
@@ -72,3 +83,4 @@ task = task_of[right.radio("Texts", list(task_of), horizontal=True, key="sep_tas
 pca = data.probe_pca(role, task)
 st.subheader("PCA of the mean-pooled SAE features")
 st.plotly_chart(viz.pca_scatter(pca, ratios[task]), width="stretch")
+sequence_logistic()  # after the separation probes (schema 6 runs)

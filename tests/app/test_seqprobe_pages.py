@@ -38,6 +38,10 @@ def lexicon_run(tmp_path_factory):
     X = np.outer(y, rng.normal(size=16)) + 2 * rng.normal(size=(n, 16))
     d, _, word_rows = token_probe(X, pts, "tuned", (-3.9, 3.4), Counter(), 0)
     d.update(irm={"pearson": 0.4, "spearman": 0.4, "n": 10}, sign_acc_pos=0.8, sign_acc_neg=0.7)
+    labels = np.array(["pos", "neg"] * 100)
+    texts = rng.normal(size=(200, 8)) + (labels == "pos")[:, None]
+    d["logistic"] = {"imdb": {**probes.logistic_probe(texts, labels, 0), "raw_acc": 0.7}}
+    d["pca_var_ratio_by_task"] = {"imdb": [0.3, 0.2]}
     detail = {"n_points": n, "n_words": len(vocab), "word_split_by": "stem", "tuned": d}
     run = TinyRun(tmp_path_factory.mktemp("runs") / "lexicon", n_eval=30)
     run.until("features")
@@ -111,3 +115,13 @@ def test_vader_run_shows_the_sequence_probe_beside_the_token_probe(monkeypatch, 
     charts = len(at.get("plotly_chart"))
     at.toggle(key="seq_scatter_tuned").set_value(True).run()
     assert not at.exception and len(at.get("plotly_chart")) == charts + 1
+
+
+def test_separation_of_a_vader_run_puts_the_sequence_variant_after_the_separation_probes(monkeypatch, lexicon_run):
+    at = open_page(monkeypatch, lexicon_run.parent, "views/separation.py", run=lexicon_run)
+    assert not at.exception
+    pr = RunReader(lexicon_run).summary(ProbesSummary)
+    assert list(at.dataframe[0].value.task) == ["imdb"]  # the separation probes first, as before
+    seq_table = at.dataframe[1].value
+    assert seq_table.acc[0] == pytest.approx(pr.sequence["tuned"]["logistic"]["acc"])
+    assert "does not apply" not in _infos(at)
