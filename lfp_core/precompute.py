@@ -31,6 +31,7 @@ from lfp_core.preflight import check_against_model
 from lfp_core.resources import Meter
 from lfp_core.rewards import check_reward
 from lfp_core.sae_sources import check_saes
+from lfp_core.seqprobes import check_sequence_probe
 from lfp_core.settings import LAYOUT, PRESETS, RunConfig, Task, preset_config, resolve_name, settings_hash
 from lfp_core.stages import STAGES, stages_for
 from lfp_core.store import DB_NAME, RunWriter, StoreError, db_path
@@ -317,6 +318,7 @@ def preflight(cfg: RunConfig) -> None:
     check_tuned(cfg)
     texts.check_texts(cfg)
     check_saes(cfg)  # the given SAEs and the hook against the model's config
+    check_sequence_probe(cfg)  # a reward that is not a lexicon needs enough held-out prompts
     check_reward(cfg)  # loads the plug-in and scores two probe pairs (the heaviest check: last)
 
 

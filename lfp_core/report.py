@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from lfp_core import seqreport
 from lfp_core.errors import BadInputError
 from lfp_core.rewards import parse_spec
 from lfp_core.settings import reward_settings_of, run_settings_of
@@ -150,7 +151,10 @@ def build_report(run_dir: str) -> dict:
                 "not_applicable": dict(sa.not_applicable),
             }
     pr = done_summary(records, ProbesSummary)
-    if pr is not None:
+    if pr is not None and (pr.tuned is None or pr.tuned.tau_occurrence is None):  # no token probe: not a lexicon
+        t = pr.tuned or ProbeRoleSummary()
+        rep["probe"] = {k: v for k, v in (("logistic", t.logistic), ("pca_var_ratio", t.pca_var_ratio)) if v}
+    elif pr is not None:
         t = pr.tuned or ProbeRoleSummary()
         probe = {
             "tau_occurrence": t.tau_occurrence,
@@ -171,6 +175,9 @@ def build_report(run_dir: str) -> dict:
         rep["probe"] = {k: v for k, v in probe.items() if v is not None}
         b = pr.base or ProbeRoleSummary()
         rep["probe"]["base_model"] = {"tau_occurrence": b.tau_occurrence, "tau_word": b.tau_word}
+    if pr is not None and pr.sequence:
+        rep["probe"]["sequence"] = pr.sequence  # schema 6: pooled SAE features → each completion's reward
+        rep["probe"]["feature_ranking"] = pr.feature_ranking
     lb = done_summary(records, LabelsSummary)
     if lb is not None:
         rep["labels"] = {
@@ -426,7 +433,7 @@ def format_report(rep: dict) -> str:
                 f"SAE {x['sae_id']} ({x['arch']}, {x['d_sae']} features): FVU {x['fvu']:.3f}, L0 {x['l0']:.1f}, "
                 f"dead {x['dead_frac']:.3f}, cos {x['cos_sim']:.3f}, loss recovered {x['ce_loss_recovered']:.1%}"
             )
-    if "probe" in rep:
+    if "probe" in rep and "tau_occurrence" in rep["probe"]:
         p = rep["probe"]
         cv = p.get("penalty_cv") or {}
         how = {"occurrence": "positions", "word": "words, no test word sharing a stem with a training word"}
@@ -465,12 +472,16 @@ def format_report(rep: dict) -> str:
                 f"contrastive probe (ridge on F(x) − F(x with a neutral word), fitted on training words): τ "
                 f"{ct['tau']:.3f} (p {ct['p']:.1e}) on {ct['n_words']} held-out words"
             )
-        if "imdb" in p.get("logistic", {}):  # a given corpus has no IMDB reviews
+    if "probe" in rep:
+        p = rep["probe"]
+        if "imdb" in p.get("logistic", {}):
             lg = p["logistic"]["imdb"]
             lines.append(
                 f"IMDB pos/neg logistic probe on SAE features: {lg['acc']:.3f} (95% CI {lg['ci_low']:.3f}–"
                 f"{lg['ci_high']:.3f}), raw activations {lg['raw_acc']:.3f}, majority {lg['majority_acc']:.3f}"
             )
+        if p.get("sequence"):
+            lines += seqreport.sequence_lines(p["sequence"])
     if "labels" in rep:
         lines += _label_lines(rep["labels"])
     for name, x in rep.get("ablation", {}).get("sets", {}).items():

@@ -225,12 +225,13 @@ STAGES: list[StageSpec] = [
         st.ProbesStageSettings,
         ("saes",),
         _P + "probes:stage_probes",
-        {t: _ALL for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca")},
+        {t: _ALL for t in ("probe_words", "probe_tokens", "probe_features", "probe_pca", "probe_sequences")},
         tasks=("vader",),
         version=4,  # 4: word split by stem, penalty by CV grouped by stem, baselines, tuned − base τ CI,
         # the contrastive variant as a fitted probe
         describe="ridge probes from SAE features to VADER valence (two splits, controls, baselines), IRM, "
-        "attributions, IMDB logistic probe and PCA",
+        "attributions; a sequence probe from pooled SAE features to each completion's reward (any reward; held "
+        "out by prompt); IMDB logistic probe and PCA",
         fingerprint=_REWARD_FP,
     ),
     StageSpec(

@@ -9,6 +9,9 @@ text it draws, so run text in a figure (tick labels, legend names, hover text) i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -180,6 +183,35 @@ def probe_scatter(words: pd.DataFrame, taus: dict[str, dict]) -> go.Figure:
         yaxis_title="probe prediction (rescaled)",
         margin={"t": 30},
         legend={"orientation": "h", "y": 1.1},
+    )
+    return fig
+
+
+def sequence_scatter(rows: pd.DataFrame, score: Mapping[str, Any]) -> go.Figure:
+    """Per held-out completion: its reward (x) against the sequence probe's prediction (y), one colour per
+    policy that wrote it, with ρ and its bootstrap CI over prompts in the title."""
+    fig = go.Figure()
+    for policy, colour in (("base", "#7f7f7f"), ("tuned", "#1f77b4")):
+        d = rows[rows.policy == policy]
+        if d.empty:
+            continue
+        fig.add_scatter(
+            x=d.reward,
+            y=d.pred,
+            mode="markers",
+            name=f"{policy} policy's completions ({len(d)})",
+            marker={"color": colour, "size": 6, "opacity": 0.6},
+            text=[f"prompt {int(p)} · sample {int(k)}" for p, k in zip(d.prompt_id, d.sample_idx)],
+            hovertemplate="%{text}: reward %{x:.3f}, probe %{y:.3f}",
+        )
+    fig.update_layout(
+        height=400,
+        title=f"held-out: Spearman ρ {score.get('rho', float('nan')):.3f} (95% CI over prompts "
+        f"{score.get('lo', float('nan')):.3f} to {score.get('hi', float('nan')):.3f})",
+        xaxis_title="reward",
+        yaxis_title="sequence probe prediction",
+        margin={"t": 40},
+        legend={"orientation": "h", "y": -0.2},
     )
     return fig
 

@@ -78,6 +78,7 @@ def byo_run(shared_data, tmp_path_factory) -> dict:
 def test_every_applicable_stage_runs_on_the_given_pair_reward_and_corpus(byo_run):
     from lfp_core.report import build_report, format_report
     from lfp_core.store import RunReader
+    from lfp_core.store.summaries import AttributionSummary, LabelsSummary, ProbesSummary, RLEvalSummary
 
     r = RunReader(byo_run["out"])
     assert {s.name: s.status for s in r.stages()} == {s: "done" for s in (
@@ -90,13 +91,23 @@ def test_every_applicable_stage_runs_on_the_given_pair_reward_and_corpus(byo_run
     assert rep["run"]["reward"]["spec"] == byo_run["reward"] and rep["run"]["reward"]["kind"] == "sequence"
     assert f"activation corpus from {byo_run['corpus']}" in text
     assert set(r.act_docs_summary().source) == {"corpus", "base_completion", "tuned_completion"}  # no IMDB
-    # the reward the run stored is the plug-in's own score of those texts
+    # the reward the run stored is the plug-in's own score of those texts, wherever the run scored text
     namespace: dict = {}
     exec(HAPPY, namespace)
-    comps = r.completions("tuned")
-    assert comps.reward.tolist() == pytest.approx(namespace["score"](list(comps.prompt), list(comps.completion)))
+    score = namespace["score"]
+    for role in ("base", "tuned"):
+        comps = r.completions(role)
+        assert len(comps) == 16
+        assert comps.reward.tolist() == pytest.approx(score(list(comps.prompt), list(comps.completion)))
+    ab = r.ablation_completions(["baseline", "all"])
+    assert len(ab) and ab.reward.tolist() == pytest.approx(score(list(ab.prefix), list(ab.text)))
     # what a per-word lexicon reading would need is said not to apply, with the reason
-    assert "token_probe" in rep["not_applicable"]["probes"]
+    assert "token_probe" in r.summary(ProbesSummary).not_applicable and r.probe_words("tuned").empty
+    assert "relevance" in r.summary(LabelsSummary).not_applicable
+    at = r.summary(AttributionSummary)
+    assert at.policy is None and at.pm is not None and "expected VADER valence" in at.not_applicable["policy"]
+    assert "word_shifts" in r.summary(RLEvalSummary).not_applicable and r.word_shifts().empty
+    assert {"base_samples", "rl_eval", "probes", "labels", "attribution"} <= set(rep["not_applicable"])
 
 
 def test_every_page_renders_the_byo_run(byo_run, monkeypatch):

@@ -9,6 +9,7 @@ written, so a test can compare what a page shows with what the run holds. Everyt
 deterministic (seeded).
 
     run = TinyRun(tmp_path / "tiny").until("labels")     # or .model().prompts()... stage by stage
+    run = sequence_run(tmp_path / "seq")                 # a reward that is not a lexicon: the sequence probe
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class TinyRun:
         n_layers: the model's layers; ``selected`` the layers the divergence stage picks (the
             feature stages analyse these, for both the base and the tuned model).
         d_sae: features per (model, layer); every 10th (ids 9, 19, ...) never fires.
+        reward_spec: ``vader`` (completions scored by the VADER reward) or another spec, whose completions
+            are scored by :func:`share_reward` (a whole-text score no per-word lexicon gives).
     """
 
     MODEL_NAME = "tiny-test-model"
@@ -63,12 +66,14 @@ class TinyRun:
         selected: tuple[int, ...] = (1, 2),
         d_sae: int = 40,
         seed: int = 0,
+        reward_spec: str = "vader",
     ):
         self.run_dir = Path(run_dir)
         self.n_eval, self.n_train, self.n_layers, self.selected, self.d_sae = n_eval, n_train, n_layers, selected, d_sae
         self.rng = np.random.default_rng(seed)
         self.writer = RunWriter(self.run_dir)
-        self.config = {"model": "demo", "task": "vader"}
+        self.reward_spec = reward_spec
+        self.config = {"model": "demo", "task": "vader", **({} if reward_spec == "vader" else {"reward": reward_spec})}
         self.writer.set_config("quick", json.dumps(self.config))
 
     # --- helpers ---------------------------------------------------------------------------
@@ -78,6 +83,9 @@ class TinyRun:
         self.writer.mark_stage(
             name, stage_names("vader").index(name), "tiny", "done", seconds=0.25, detail=detail or {}, con=con
         )
+
+    def _reward(self, text: str) -> float:
+        return reward.reward(text) if self.reward_spec == "vader" else share_reward(text)
 
     def until(self, last: str) -> Path:
         """Every stage of :data:`BUILD_ORDER` up to and including ``last``; the run directory."""
@@ -96,7 +104,7 @@ class TinyRun:
             "n_new": len(words),
             "token_ids": _ids(words),
             "text": text,
-            "reward": reward.reward(text),
+            "reward": self._reward(text),
             "raw_score": reward.raw_score(text),
             "lexicon_words": [w.text for w in lex],
             "lexicon_valences": [w.valence for w in lex],
@@ -206,7 +214,7 @@ class TinyRun:
             pool = NEUTRAL[:4] + POSITIVE
             tuned_words.append([pool[int(j)] for j in self.rng.integers(len(pool), size=len(words))])
         rows = [self._completion(i, "tuned", w) for i, w in enumerate(tuned_words)]
-        base = np.array([reward.reward(_text(w)) for w in self.base_words])
+        base = np.array([self._reward(_text(w)) for w in self.base_words])
         tuned = np.array([r["reward"] for r in rows])
         base_texts, tuned_texts = [_text(w) for w in self.base_words], [r["text"] for r in rows]
         detail = {
@@ -409,6 +417,65 @@ class TinyRun:
             put_rows(con, "feature_labels", rows)
             self._done(con, "labels", detail)
         return self
+
+
+def share_reward(text: str) -> float:
+    """A whole-completion score (the share of positive minus the share of negative words): what a sequence
+    classifier might give, with no per-word target."""
+    words = text.split()
+    return (sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)) / max(1, len(words))
+
+
+def sequence_probes(run: TinyRun, token_detail: dict | None = None) -> None:
+    """A probes stage with the sequence probe, computed by :func:`lfp_core.seqprobes.sequence_probe` on
+    synthetic pooled features of the run's completions (the tuned model's carry the reward, the base model's
+    less) against their stored rewards. ``token_detail``: the token probe's summary (a lexicon run); without
+    it the token-level parts are recorded as not applicable, with the stage's own reasons."""
+    from lfp_core import seqprobes
+
+    r = run.writer.reader()
+    comps = [r.completions(p).assign(policy=p) for p in ("base", "tuned")]
+    rows = [(c.policy.iloc[i], c.prompt_id.iloc[i], c.sample_idx.iloc[i], c.reward.iloc[i], c.n_new.iloc[i])
+            for c in comps for i in range(len(c))]  # fmt: skip
+    policy = np.array([x[0] for x in rows], dtype=object)
+    prompts, y = np.array([x[1] for x in rows]), np.array([x[3] for x in rows], dtype=float)
+    n_tok = np.array([x[4] for x in rows])
+    test = seqprobes.prompt_split(prompts, 0)
+    dim = run.d_sae * len(run.selected)
+    signal = run.rng.normal(size=dim)
+    seq: dict = {"reward": run.reward_spec, "layers": list(run.selected), "pooling": seqprobes.POOLING}
+    seq.update(split=seqprobes.SPLIT.format(pct=0.2), penalty_cv=seqprobes.PENALTY_CV, n_completions=len(y))
+    seq.update(n_prompts=len(set(prompts)), n_test=int(test.sum()), n_test_prompts=len(set(prompts[test])))
+    seq.update(n_dropped=0, n_by_policy={p: int((policy == p).sum()) for p in ("base", "tuned")})
+    preds, seq_rows = {}, []
+    for role, noise in (("tuned", 0.5), ("base", 2.0)):
+        X = np.abs(np.outer(y, signal) + noise * run.rng.normal(size=(len(y), dim)))
+        inputs = {"length": n_tok[:, None].astype(float), "policy": (policy == "tuned").astype(float)[:, None]}
+        seq[role], preds[role], _ = seqprobes.sequence_probe(X, y, prompts, test, 0, inputs, policy=policy)
+        seq_rows += [
+            {"role": role, "policy": p, "prompt_id": int(x[1]), "sample_idx": int(x[2]), "reward": float(x[3]),
+             "pred": float(q), "n_tokens": int(x[4])}
+            for p, x, q in zip(policy[test], [x for x, t in zip(rows, test) if t], preds[role])
+        ]  # fmt: skip
+    seq["difference"] = seqprobes.rho_difference(preds["tuned"], preds["base"], y[test], prompts[test], 0)
+    detail = {**(token_detail or {}), "layers": list(run.selected), "sequence": seq}
+    if token_detail is None:
+        detail.update(not_applicable=seqprobes.not_applicable(run.reward_spec), feature_ranking="sequence")
+    else:
+        detail["feature_ranking"] = "token"
+    with run.writer.transaction() as con:
+        put_rows(con, "probe_sequences", seq_rows)
+        run._done(con, "probes", detail)
+
+
+def sequence_run(run_dir: str | Path, spec: str = "classifier:tiny-sentiment", **kwargs) -> Path:
+    """A tiny run whose reward is not a per-word lexicon, up to its labels, with the probes stage as such a
+    run records it (:func:`sequence_probes`); 30 held-out prompts (6 held out by the sequence probe)."""
+    run = TinyRun(run_dir, reward_spec=spec, **{"n_eval": 30, **kwargs})
+    run.until("features")
+    sequence_probes(run)
+    run.labels()
+    return run.run_dir
 
 
 def tiny_run(run_dir: str | Path, until: str = "labels", **kwargs) -> Path:

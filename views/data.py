@@ -189,6 +189,10 @@ class RunData:
         return self.reader.probe_features(role, limit)
 
     @_query
+    def probe_sequences(self, role: str = "tuned") -> pd.DataFrame:
+        return self.reader.probe_sequences(role)
+
+    @_query
     def probe_pca(self, role: str = "tuned", task: str = "imdb") -> pd.DataFrame:
         return self.reader.probe_pca(role, task)
 

@@ -11,6 +11,7 @@ from lfp_core import viz
 from lfp_core.store.summaries import ProbeRoleSummary, ProbesSummary
 from views.common import md_text, require_run, require_stage
 from views.data import RunData
+from views.seqprobe import not_applicable_notes, sequence_role
 
 run_dir = require_run()
 data = RunData(run_dir)
@@ -31,7 +32,35 @@ for role in ("tuned", "base"):
                 "test texts": r["n_test"],
             }
         )
+not_applicable_notes(data, ("probes",))
+
+
+def sequence_logistic() -> None:
+    """The sequence probe's logistic variant (reward above vs below the training median), when the run has it."""
+    seq_rows = [
+        {
+            "model": role,
+            **{k: lg.get(k) for k in ("acc", "lo", "hi", "majority_acc", "diff", "diff_lo", "diff_hi", "n")},
+        }
+        for role in ("tuned", "base")
+        if (lg := (sequence_role(pr, role) or {}).get("logistic"))
+    ]
+    if not seq_rows:
+        return
+    seq = pr.sequence or {}
+    st.subheader(f"Sequence probe, logistic variant: reward ({seq.get('reward')}) above vs below the median")
+    st.dataframe(pd.DataFrame(seq_rows), hide_index=True, width="stretch")
+    st.caption(
+        "Each completion's SAE features averaged over its tokens; an L2 logistic regression (penalty by CV grouped "
+        f"by prompt) fitted on the training prompts, scored on {seq.get('n_test')} completions of "
+        f"{seq.get('n_test_prompts')} held-out prompts. acc / majority_acc with 95% bootstrap CIs over prompts "
+        "(lo, hi; diff = acc − majority_acc, paired CI diff_lo to diff_hi). The ridge version, its controls and "
+        "baselines are on the Token scores page."
+    )
+
+
 if not rows:
+    sequence_logistic()
     st.info(
         "This run's corpus has no labelled texts (no IMDB reviews: IMDB was not reachable when it was built, "
         "or the run was given its own corpus), so there is nothing to separate."
@@ -55,3 +84,4 @@ task = task_of[right.radio("Texts", list(task_of), horizontal=True, key="sep_tas
 pca = data.probe_pca(role, task)
 st.subheader("PCA of the mean-pooled SAE features")
 st.plotly_chart(viz.pca_scatter(pca, ratios[task]), width="stretch")
+sequence_logistic()  # after the separation probes (schema 6 runs)

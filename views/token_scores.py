@@ -1,6 +1,7 @@
 """Token scores: how well a probe from SAE features recovers VADER's per-word feedback — τ per split
-with controls, sign accuracy, error vs frequency, the implicit reward model, and a token viewer
-with each scored word's top contributing features."""
+with controls, sign accuracy, error vs frequency, the implicit reward model, the sequence probe beside it,
+and a token viewer with each scored word's top contributing features. For a reward that is not a per-word
+lexicon: why the token-level parts do not apply, and the sequence probe."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lfp_core import viz
 from lfp_core.store.summaries import ActivationsSummary, ProbeRoleSummary, ProbesSummary, Tau
 from views.common import md_text, require_run, require_stage
 from views.data import RunData
+from views.seqprobe import not_applicable_notes, sequence_section
 
 run_dir = require_run()
 data = RunData(run_dir)
@@ -24,6 +26,11 @@ role = st.radio(
     help="Each model's activations through its own SAEs (never mixed).",
 )
 d = pr.role(role) or ProbeRoleSummary()
+if d.tau_occurrence is None and pr.not_applicable:  # a reward that is not a per-word lexicon: no token probe
+    not_applicable_notes(data, ("probes",))
+    if not sequence_section(data, pr, role, chart=True):
+        st.info("The probe stage recorded no sequence probe for this run either.")
+    st.stop()
 layer_list = ", ".join(map(str, pr.layers or []))
 st.markdown(
     f"Ridge probe from the SAE features of layers {md_text(layer_list)} (concatenated) "
@@ -175,6 +182,8 @@ st.caption(
     f"VADER score; all words: Pearson {(d.irm_all_words or {'pearson': float('nan')})['pearson']:.3f}."
 )
 st.dataframe(pd.DataFrame(d.irm_disagreements or []), hide_index=True, width="stretch")
+
+sequence_section(data, pr, role, chart=False)  # beside the token probe (schema 6 runs)
 
 st.subheader("Token viewer")
 docs = data.probe_docs(role)

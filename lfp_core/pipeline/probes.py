@@ -537,37 +537,58 @@ TOKEN_PROBE_PARTS = (
 )
 
 
-def sequence_reward_probes(ctx: Context, s: ProbesStageSettings, layers: list[int], docs, idx: dict) -> None:
-    """Under a sequence reward (not a per-word lexicon): the separation probes per role, and the token
-    probe's parts recorded as not applicable (``not_applicable``), with the reason."""
-    tok, seed = ctx.model.tokenizer, s.run.seed
-    extra_tasks = labelled_texts(s.run, tok, s.probes.texts_per_class)
-    detail: dict = {
-        "layers": layers,
-        "not_applicable": {"token_probe": rewards.lexicon_only(TOKEN_PROBE_PARTS, rewards.reward_name(s.reward.spec))},
-    }
-    pca_rows: list[dict] = []
-    for role in ROLES:
-        d, p_rows = separation(ctx, role, layers, docs, idx, seed)
-        pca_rows += p_rows + extra_separation(ctx, role, layers, extra_tasks, seed, d)
-        detail[role] = d
-    log.info("probes: the per-token probe is skipped under the sequence reward %s", s.reward.spec)
-    ctx.commit(lambda con: put_rows(con, "probe_pca", pca_rows), detail)
-
-
 def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None:
-    """Per role (tuned, base), through its own SAEs: the token probe with its controls and input
-    variants, the implicit reward model, attributions, the contrastive probe and the separation probes.
-    Under a sequence reward only the separation probes (:func:`sequence_reward_probes`)."""
-    r, tok, seed = ctx.writer.reader(), ctx.model.tokenizer, s.run.seed
+    """Per role (tuned, base), through its own SAEs: for a lexicon reward (VADER) the token probe with its
+    controls and input variants, the implicit reward model, attributions and the contrastive probe; for
+    any reward the sequence probe (:mod:`lfp_core.pipeline.seqprobes`) and the separation probes. For a
+    reward that is not a lexicon the token-level parts are recorded as not applicable, with why, and the
+    feature ranking comes from the sequence probe."""
+    from lfp_core import seqprobes
+    from lfp_core.pipeline.seqprobes import sequence_probes
+
+    r = ctx.writer.reader()
     layers = selected_layers(ctx)
     docs = r.corpus_docs(sources=("imdb", "model_sampled", "corpus", "tuned_completion"))  # corpus: given texts
     if docs.empty:
         raise RuntimeError("no activation corpus: run the activations stage")
     idx = harvest_dir(ctx).index()
-    if rewards.reward_kind(s.reward.spec) != "lexicon":
-        sequence_reward_probes(ctx, s, layers, docs, idx)
-        return
+    detail: dict
+    tables: dict[str, list[dict]]
+    if rewards.reward_kind(s.reward.spec) == "lexicon":
+        detail, tables = token_probes(ctx, s, layers, docs, idx)
+        detail["feature_ranking"] = "token"
+    else:
+        detail = {"layers": layers, "not_applicable": seqprobes.not_applicable(s.reward.spec)}
+        tables = {"probe_pca": []}
+        extra_tasks = labelled_texts(s.run, ctx.model.tokenizer, s.probes.texts_per_class)
+        for role in ROLES:
+            sep, p_rows = separation(ctx, role, layers, docs, idx, s.run.seed)
+            tables["probe_pca"] += p_rows + extra_separation(ctx, role, layers, extra_tasks, s.run.seed, sep)
+            detail[role] = sep
+        detail["feature_ranking"] = "sequence"
+    try:
+        detail["sequence"], tables["probe_sequences"], seq_features = sequence_probes(ctx, s, layers, idx)
+    except probes.ProbeDataError as exc:
+        if detail["feature_ranking"] == "sequence":
+            raise  # the only probe such a reward has
+        detail.setdefault("not_applicable", {})["sequence_probe"] = str(exc)  # beside the token probe: skipped
+    if detail["feature_ranking"] == "sequence":
+        tables["probe_features"] = seq_features
+
+    def write(con):
+        for table, rows_ in tables.items():
+            put_rows(con, table, rows_)
+
+    ctx.commit(write, detail)
+
+
+def token_probes(
+    ctx: Context, s: ProbesStageSettings, layers: list[int], docs, idx: dict
+) -> tuple[dict, dict[str, list[dict]]]:
+    """The lexicon reward's part of the stage (as before the sequence probe): per role the token probe, its
+    controls and input variants, the implicit reward model, attributions, the contrastive probe and the
+    separation probes; the tuned − base τ differences. Returns (the summary, {table: rows})."""
+    r, tok, seed = ctx.writer.reader(), ctx.model.tokenizer, s.run.seed
     pts = lexicon_points(ctx, s, docs, idx)
     rows = pts.rows
     lex = reward.lexicon()
@@ -647,14 +668,5 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
             else "",
         )
     detail["tau_difference"] = tau_differences(fits, seed)
-
-    def write(con):
-        for table, rows_ in (
-            ("probe_words", word_rows),
-            ("probe_tokens", token_rows),
-            ("probe_features", feat_rows),
-            ("probe_pca", pca_rows),
-        ):
-            put_rows(con, table, rows_)
-
-    ctx.commit(write, detail)
+    tables = {"probe_words": word_rows, "probe_tokens": token_rows, "probe_features": feat_rows, "probe_pca": pca_rows}
+    return detail, tables

@@ -1,5 +1,5 @@
-"""Probes and labels: the token probe's per-word and per-token results, feature weights, the separation
-PCA, feature labels and the LLM answer cache."""
+"""Probes and labels: the token probe's per-word and per-token results, the sequence probe's held-out
+predictions, feature weights, the separation PCA, feature labels and the LLM answer cache."""
 
 from __future__ import annotations
 
@@ -42,6 +42,14 @@ PROBE_PCA = table(
     "role VARCHAR NOT NULL, task VARCHAR NOT NULL, doc_id INTEGER NOT NULL, label VARCHAR, pc1 DOUBLE, pc2 DOUBLE",
     ("role", "task", "doc_id"),
     since=3,
+)
+PROBE_SEQUENCES = table(
+    "probe_sequences",
+    D,
+    "role VARCHAR NOT NULL, policy VARCHAR NOT NULL, prompt_id INTEGER NOT NULL, sample_idx INTEGER NOT NULL, "
+    "reward DOUBLE, pred DOUBLE, n_tokens INTEGER",
+    ("role", "policy", "prompt_id", "sample_idx"),
+    since=6,
 )
 FEATURE_LABELS = table(
     "feature_labels",
@@ -110,6 +118,14 @@ class ProbeQueries(Queries):
 
     def probe_pca(self, role: str = "tuned", task: str = "imdb") -> pd.DataFrame:
         return self._query("SELECT * FROM probe_pca WHERE role = ? AND task = ? ORDER BY doc_id", [role, task])
+
+    def probe_sequences(self, role: str = "tuned") -> pd.DataFrame:
+        """The sequence probe's held-out completions: which ``policy`` wrote each, its reward, the prediction of
+        the probe on ``role``'s features (fitted on the training prompts only) and its token count; empty
+        for a run without the sequence probe."""
+        return self._query(
+            "SELECT * FROM probe_sequences WHERE role = ? ORDER BY prompt_id, policy, sample_idx", [role]
+        )
 
     def labels(self, role: str | None = None) -> pd.DataFrame:
         """Every feature label with the feature's probe rank and density."""

@@ -10,7 +10,8 @@ and the validation of every table or column name a caller passes (:func:`get`, :
 Schema history (``SCHEMA_VERSION``, recorded per table and column as ``since``): 2 added the activation
 corpus, SAE and feature tables; 3 the vocabulary, ``features.top_tokens``, the probe tables and feature
 labels; 4 the LLM cache, the ablation, preference-model and attribution tables; 5 the honest-numbers
-columns and tables (estimators, controls, baselines). A writer upgrades runs of versions 1-4 in place.
+columns and tables (estimators, controls, baselines); 6 the sequence-level probe's table
+(``probe_sequences``). A writer upgrades runs of versions 1-5 in place.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from lfp_core.store.errors import SchemaVersionError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Versions a writer upgrades in place: their tables are a subset of the current schema's, so creating the
 # missing tables and adding the missing columns is the whole migration (computed stages are kept; a stage
 # whose output gained a column is re-run by its version).
-UPGRADABLE = frozenset({1, 2, 3, 4})
+UPGRADABLE = frozenset({1, 2, 3, 4, 5})
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 _COLUMN = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s+([A-Z]+(?:\[\])?)(\s+NOT NULL)?\s*$")

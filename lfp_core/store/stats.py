@@ -237,3 +237,103 @@ class RMSaeStats(TypedDict, total=False):
     l0: float
     dead_frac: float
     pair_acc_spliced: float
+
+
+# --- the sequence-level probe (schema 6; lfp_core.seqprobes) ---------------------------------------------
+class SeqScore(TypedDict, total=False):
+    """A sequence probe's held-out predictions against the completions' rewards: Spearman ρ and Kendall τ
+    with scipy's p-values (which treat completions as independent), out-of-sample R² (against the held-out
+    mean; None for a map that was not fitted to the reward's scale), and the percentile bootstrap CI of ρ
+    that resamples held-out prompts (every completion of a drawn prompt moves together): the figure's
+    uncertainty. ``alpha``/``dim``: the ridge penalty chosen on the training split and the input's width."""
+
+    rho: float
+    p: float
+    tau: float
+    p_tau: float
+    r2: float | None
+    lo: float
+    hi: float
+    level: float
+    n: int  # held-out completions
+    n_prompts: int  # held-out prompts (the bootstrap's units)
+    n_boot: int
+    alpha: float
+    dim: int
+
+
+class RhoDifference(TypedDict, total=False):
+    """ρ(a) − ρ(b) of two predictions of the same held-out completions, with a paired percentile bootstrap
+    CI over held-out prompts (both predictions of a resampled prompt move together)."""
+
+    diff: float
+    lo: float
+    hi: float
+    rho_a: float
+    rho_b: float
+    level: float
+    n: int
+    n_prompts: int
+    n_boot: int
+
+
+class SeqInput(SeqScore, total=False):
+    """A baseline through the same ridge, split and penalty search; ``vs_probe``: the SAE probe's ρ minus
+    this input's, paired bootstrap CI over prompts."""
+
+    vs_probe: RhoDifference
+
+
+class SeqLogistic(TypedDict, total=False):
+    """The logistic variant: reward above the training split's median (``threshold``) vs not, an L2 logistic
+    regression (penalty by CV grouped by prompt); held-out accuracy beside the majority class of the
+    training labels, each with a bootstrap CI over held-out prompts, and ``diff`` = accuracy − majority
+    with its paired CI (the question asked: better than always guessing the majority?)."""
+
+    acc: float
+    lo: float
+    hi: float
+    majority_acc: float
+    majority_lo: float
+    majority_hi: float
+    diff: float
+    diff_lo: float
+    diff_hi: float
+    threshold: float
+    share_above: float  # of the training labels
+    n: int
+    n_prompts: int
+    n_boot: int
+
+
+class SequenceRole(TypedDict, total=False):
+    """The sequence probe on one model's pooled SAE features, its controls and baselines; ``by_policy``: the
+    probe's held-out ρ within the completions of each policy (base, tuned) alone."""
+
+    probe: SeqScore
+    shuffled: SeqScore
+    untrained: SeqScore
+    inputs: dict[str, SeqInput]
+    logistic: SeqLogistic
+    by_policy: dict[str, SeqScore]
+
+
+class SequenceProbe(TypedDict, total=False):
+    """The sequence-level probe (``probes`` stage): data, split and penalty search, per model (``tuned``,
+    ``base``: each model's activations over every completion through its own SAEs) and ``difference``:
+    ρ(tuned features) − ρ(base features) over the same held-out completions, paired CI over prompts."""
+
+    reward: str  # the reward spec the completions were scored with
+    layers: list[int]
+    pooling: str
+    split: str
+    penalty_cv: str
+    n_completions: int
+    n_prompts: int
+    n_test: int
+    n_test_prompts: int
+    n_dropped: int  # completions with no harvested token (nothing to pool)
+    n_by_policy: dict[str, int]
+    tuned: SequenceRole
+    base: SequenceRole
+    difference: RhoDifference

@@ -46,6 +46,7 @@ from lfp_core.store.stats import (  # noqa: F401  (re-exported: the summaries' f
     RewardStats,
     RMSaeStats,
     RMTrainStep,
+    SequenceProbe,
     Spearman,
     Tau,
     TauDifference,
@@ -62,7 +63,7 @@ class StageSummary:
     per-word lexicon), so a page can say why a figure is absent."""
 
     STAGE: ClassVar[str] = ""
-    not_applicable: dict[str, str] | None = None
+    not_applicable: dict[str, str] = field(default_factory=dict)
 
 
 SUMMARIES: dict[str, type[StageSummary]] = {}
@@ -245,6 +246,10 @@ class ProbesSummary(StageSummary):
     penalty_cv: dict[str, str] | None = None  # {split: how the ridge penalty was chosen}
     occurrence_test_stem_overlap: float | None = None  # share of occurrence-split test words whose stem is in training
     tau_difference: dict[str, TauDifference] | None = None  # {split: τ tuned − τ base, bootstrap CI over words}
+    # schema 6: the sequence-level probe (pooled SAE features → a completion's reward), and which probe's
+    # weights rank the features in probe_features ("token": the token probe; "sequence": the sequence probe)
+    sequence: SequenceProbe | None = None
+    feature_ranking: str | None = None
     tuned: ProbeRoleSummary | None = None
     base: ProbeRoleSummary | None = None
 
