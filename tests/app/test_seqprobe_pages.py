@@ -5,7 +5,6 @@ the sequence probe's figures beside their controls; a VADER run shows it beside 
 from __future__ import annotations
 
 import re
-
 from collections import Counter
 
 import numpy as np
