@@ -35,7 +35,7 @@ st.markdown(
 if harvest is not None and harvest.layers_from not in (None, "divergence"):
     st.info(
         f"This run was given SAEs, so the later stages study **their** layers, "
-        f"**{', '.join(map(str, harvest.layers or []))}**, not the divergence choice above: {harvest.layers_from}."
+        f"**{', '.join(map(str, harvest.layers or []))}**, not the divergence choice above: {md_text(harvest.layers_from)}."
     )
 st.plotly_chart(viz.divergence_bars(div), width="stretch")
 st.caption(
@@ -87,14 +87,16 @@ if harvest is not None:
     given = sae_stage.given
     trained = [r for r in ("tuned", "base") if r not in given]
     how = (
-        f"Trained with sae-lens on `{hook}` activations of **{d.n_train_rows or 0:,}** tokens"
+        f"Trained with sae-lens on {md_code(hook)} activations of **{d.n_train_rows or 0:,}** tokens"
         if not given
-        else "; ".join(f"the {r} model's SAEs were **given** ({src}), not trained here" for r, src in given.items())
+        else "; ".join(
+            f"the {r} model's SAEs were **given** ({md_code(src)}), not trained here" for r, src in given.items()
+        )
         + (
-            f"; the {' and '.join(trained)} model's trained with sae-lens on `{hook}` activations of "
+            f"; the {' and '.join(trained)} model's trained with sae-lens on {md_code(hook)} activations of "
             f"**{d.n_train_rows or 0:,}** tokens"
             if trained
-            else f", and read `{hook}`"
+            else f", and read {md_code(hook)}"
         )
     )
     st.markdown(
@@ -104,7 +106,7 @@ if harvest is not None:
 if sae_stage.not_applicable:
     st.info(
         "Not computed for this run, because SAEs were given:\n"
-        + "\n".join(f"- **{what}**: {why}" for what, why in sae_stage.not_applicable.items())
+        + "\n".join(f"- **{md_text(what)}**: {md_text(why)}" for what, why in sae_stage.not_applicable.items())
     )
 main = table[table.kind.isin(["main", "reseed", "variant"])]
 st.subheader("Quality")

@@ -84,7 +84,7 @@ def sequence_section(data: RunData, pr: ProbesSummary, role: str, chart: bool) -
     st.subheader("Sequence probe: pooled SAE features → each completion's reward")
     st.markdown(
         f"Ridge from the {role} model's SAE features (layers {', '.join(map(str, seq.get('layers', [])))}; "
-        f"{seq.get('pooling')}) to the reward **{seq.get('reward')}** of **{seq.get('n_completions')}** completions "
+        f"{md_text(seq.get('pooling'))}) to the reward **{md_text(seq.get('reward'))}** of **{seq.get('n_completions')}** completions "
         f"(both policies) of {seq.get('n_prompts')} prompts. Held out {seq.get('split')}: **{seq.get('n_test')}** "
         f"completions of {seq.get('n_test_prompts')} prompts; penalty by {seq.get('penalty_cv')}."
     )
