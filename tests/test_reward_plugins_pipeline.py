@@ -150,38 +150,3 @@ TINY = [
     "--set", "rm_samples_per_prompt=2", "--set", "rm_epochs=1", "--set", "atp_pairs=4",
     "--set", "atp_top_k=4", "--set", "atp_random_k=4", "--set", "probe_texts_per_class=20",
 ]  # fmt: skip
-
-
-@pytest.mark.slow
-def test_every_stage_runs_on_a_python_reward_and_records_what_does_not_apply(tmp_path, demo_model_dir):
-    """A whole (tiny) run on a python reward: the stored rewards are the plug-in's, and the lexicon readings
-    are skipped with their reason in the summaries and the report (about 150 s on 2 CPU cores)."""
-    from lfp_core import precompute
-    from lfp_core.report import build_report, format_report
-    from lfp_core.store import RunReader
-    from lfp_core.store.summaries import AttributionSummary, LabelsSummary, ProbesSummary, RLEvalSummary
-
-    mod = tmp_path / "vowels.py"
-    mod.write_text(
-        "def score(prompts, completions):\n"
-        "    return [sum(ch in 'aeiou' for ch in c) - 0.1 * len(p) for p, c in zip(prompts, completions)]\n"
-    )
-    out, spec = tmp_path / "run", f"python:{mod}:score"
-    assert precompute.main(["--preset", "quick", "--out", str(out), "--reward", spec, *TINY]) == 0
-    r = RunReader(out)
-    want = lambda p, c: sum(ch in "aeiou" for ch in c) - 0.1 * len(p)  # noqa: E731
-    for role in ("base", "tuned"):
-        comps = r.completions(role)
-        assert len(comps) == 16
-        assert comps.reward.tolist() == pytest.approx([want(p, c) for p, c in zip(comps.prompt, comps.completion)])
-    ab = r.ablation_completions(["baseline", "all"])
-    assert ab.reward.tolist() == pytest.approx([want(p, c) for p, c in zip(ab.prefix, ab.text)])
-    assert "token_probe" in r.summary(ProbesSummary).not_applicable and r.probe_words("tuned").empty
-    assert "relevance" in r.summary(LabelsSummary).not_applicable
-    at = r.summary(AttributionSummary)
-    assert at.policy is None and at.pm is not None and "expected VADER valence" in at.not_applicable["policy"]
-    assert "word_shifts" in r.summary(RLEvalSummary).not_applicable and r.word_shifts().empty
-    rep = build_report(str(out))
-    assert rep["run"]["reward"] == {"spec": spec, "name": "python vowels.py:score", "kind": "sequence"}
-    assert set(rep["not_applicable"]) == {"base_samples", "rl_eval", "probes", "labels", "attribution"}
-    assert "reward: python vowels.py:score" in format_report(rep)
