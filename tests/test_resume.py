@@ -19,12 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 
 from lfp_core.store import schema
+from lfp_core.store.testing import table_dump
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -75,22 +75,17 @@ def _plain(v):
 
 
 def _tables(run: Path) -> dict[str, pd.DataFrame]:
-    con = duckdb.connect(str(run / "run.duckdb"), read_only=True)
-    try:
-        out = {}
-        for name in schema.TABLES:
-            if name in SKIP_TABLES:
-                continue
-            df = con.execute(f"SELECT * FROM {name}").df()
-            if name == "stages":
-                df = df[["name", "status", "config_hash"]]
-            df = df.drop(columns=[c for c in TIMING_COLUMNS if c in df.columns])
-            df = df.map(_plain) if len(df) else df
-            key = list(schema.get(name).key) or list(df.columns)
-            out[name] = df.sort_values(key).reset_index(drop=True) if len(df) else df
-        return out
-    finally:
-        con.close()
+    out = {}
+    for name, df in table_dump(run).items():
+        if name in SKIP_TABLES:
+            continue
+        if name == "stages":
+            df = df[["name", "status", "config_hash"]]
+        df = df.drop(columns=[c for c in TIMING_COLUMNS if c in df.columns])
+        df = df.map(_plain) if len(df) else df
+        key = list(schema.get(name).key) or list(df.columns)
+        out[name] = df.sort_values(key).reset_index(drop=True) if len(df) else df
+    return out
 
 
 def _assert_same(got: dict[str, pd.DataFrame], want: dict[str, pd.DataFrame], label: str) -> None:

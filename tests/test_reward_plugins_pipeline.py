@@ -138,15 +138,3 @@ def test_grpo_optimises_the_python_plugin_s_scores(tmp_path, demo_model_dir):
         assert call["values"] == [float(c.count("e")) for c in call["completions"]]
         assert step["reward"] == pytest.approx(np.mean(call["values"]))
     assert samples and all(s["reward"] == s["completion"].count("e") and s["prompt"] in texts for s in samples)
-
-
-TINY = [
-    "--n-prompts", "16", "--n-eval-prompts", "16", "--gen-batch-size", "16",
-    "--set", "rl_steps=3", "--set", "rl_prompts_per_step=2", "--set", "rl_generations=2",
-    "--set", "sae_corpus_docs=80", "--set", "sae_train_tokens=4000", "--set", "sae_variants=",
-    "--set", "sae_sweep_l1=", "--set", "mfr_n=0", "--set", "sae_ce_docs=8", "--set", "divergence_sequences=16",
-    "--set", "feature_top_k=5", "--set", "label_probe_top=4", "--set", "label_random=4",
-    "--set", "ablation_n=16", "--set", "ablation_rank_n=16", "--set", "ablation_k=4",
-    "--set", "rm_samples_per_prompt=2", "--set", "rm_epochs=1", "--set", "atp_pairs=4",
-    "--set", "atp_top_k=4", "--set", "atp_random_k=4", "--set", "probe_texts_per_class=20",
-]  # fmt: skip

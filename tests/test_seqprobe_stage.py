@@ -140,7 +140,7 @@ def test_sequence_reward_skips_the_token_probe_with_its_reason_and_stores_the_se
     assert rep["probe"]["sequence"]["tuned"]["probe"]["rho"] == seq["tuned"]["probe"]["rho"]
     assert rep["not_applicable"]["probes"] == pr.not_applicable
     text = format_report(rep)
-    assert "sequence probe" in text and "does not apply" in text and "τ occurrence" not in text
+    assert "sequence probe" in text and "not applicable (probes, token_probe)" in text and "τ occurrence" not in text
 
 
 def test_vader_keeps_the_token_probe_and_adds_the_sequence_probe(upstream, tmp_path):

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from lfp_core.store import CorruptStoreError, RunReader, RunWriter, SchemaVersionError, db_path
+from lfp_core.store.testing import foreign_run
 from tests.tiny_run import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +38,7 @@ def _truncated(finished: Path, tmp_path: Path) -> Path:
 
 def _foreign(tmp_path: Path) -> Path:
     """A DuckDB file that says schema 4 in a meta table, but whose run table is someone else's."""
-    run = tmp_path / "foreign"
-    run.mkdir()
-    con = duckdb.connect(str(db_path(run)))
-    con.execute("CREATE TABLE meta (key VARCHAR, value VARCHAR)")
-    con.execute("INSERT INTO meta VALUES ('schema_version', '4')")
-    con.execute("CREATE TABLE run (note VARCHAR)")
-    con.execute("INSERT INTO run VALUES ('not ours')")
-    con.close()
-    return run
+    return foreign_run(tmp_path / "foreign")
 
 
 def _precompute(run: Path, *extra: str) -> subprocess.CompletedProcess:

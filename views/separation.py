@@ -79,8 +79,13 @@ role = left.radio("Model", ["tuned", "base"], horizontal=True, key="sep_role")
 probe = pr.role(role) or ProbeRoleSummary()
 ratios = probe.pca_var_ratio_by_task or {"imdb": probe.pca_var_ratio or []}
 names = {"imdb": "IMDB pos/neg", "hh": "HH chosen/rejected", "toxicity": "toxic/non-toxic"}
-task_of = {md_text(names.get(t, t)): t for t in ratios}  # radio options are markdown: run text escaped
-task = task_of[right.radio("Texts", list(task_of), horizontal=True, key="sep_task")]
+task = right.radio(
+    "Texts",
+    list(ratios),
+    format_func=lambda t: md_text(names.get(t, t)),  # option labels are markdown: run text escaped
+    horizontal=True,
+    key="sep_task",
+)
 pca = data.probe_pca(role, task)
 st.subheader("PCA of the mean-pooled SAE features")
 st.plotly_chart(viz.pca_scatter(pca, ratios[task]), width="stretch")

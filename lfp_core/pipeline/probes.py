@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lfp_core import probes, reward, rewards, saes
+from lfp_core import probes, reward, rewards, saes, seqprobes
 from lfp_core.features import RowLookup
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.shared import ROLES, harvest_dir, harvest_hook, own_saes, selected_layers
@@ -437,25 +437,8 @@ def attributions(
 ) -> tuple[list[dict], list[dict]]:
     """Per-feature weights and importance |w * mean activation| (probe_features rows), and per-token top
     contributions (probe_tokens rows)."""
-    w_eff = probes.effective_weights(model)
-    mean_act = X.mean(0)
-    imp = np.abs(w_eff * mean_act)
-    order = np.argsort(-imp)
-    rank = np.empty(len(order), dtype=int)
-    rank[order] = np.arange(len(order))
+    feat_rows = seqprobes.feature_rows(role, layers, X, model)  # one definition of importance and rank
     d_sae = X.shape[1] // len(layers)
-    feat_rows = [
-        {
-            "role": role,
-            "layer": sorted(layers)[j // d_sae],
-            "feature": j % d_sae,
-            "weight": float(w_eff[j]),
-            "mean_act": float(mean_act[j]),
-            "importance": float(imp[j]),
-            "rank": int(rank[j]),
-        }
-        for j in range(X.shape[1])
-    ]
     top_i, top_v = probes.contributions(model, X)
     doc_l, pos_l = pts.doc_a[pts.in_lex], pts.pos_a[pts.in_lex]  # once: masking inside the loop made it quadratic
     token_rows = [
@@ -543,7 +526,6 @@ def stage_probes(ctx: Context, s: ProbesStageSettings, config_hash: str) -> None
     any reward the sequence probe (:mod:`lfp_core.pipeline.seqprobes`) and the separation probes. For a
     reward that is not a lexicon the token-level parts are recorded as not applicable, with why, and the
     feature ranking comes from the sequence probe."""
-    from lfp_core import seqprobes
     from lfp_core.pipeline.seqprobes import sequence_probes
 
     r = ctx.writer.reader()

@@ -124,3 +124,27 @@ def fill_synthetic_features(
             [n_layers, per],
         )
         writer.mark_stage("features", 0, "x", "done", 0, con=con)
+
+
+def foreign_run(run_dir: Path, version: int = 4) -> Path:
+    """A DuckDB file that says schema ``version`` in a meta table but whose ``run`` table is someone else's
+    (one column ``note``): the health check must refuse it rather than "upgrade" it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(db_path(run_dir)))
+    try:
+        con.execute("CREATE TABLE meta (key VARCHAR, value VARCHAR)")
+        con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(version)])
+        con.execute("CREATE TABLE run (note VARCHAR)")
+        con.execute("INSERT INTO run VALUES ('not ours')")
+    finally:
+        con.close()
+    return run_dir
+
+
+def table_dump(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """Every declared table of a run as stored, read-only (for comparing two runs value by value)."""
+    con = duckdb.connect(str(db_path(run_dir)), read_only=True)
+    try:
+        return {name: con.execute(f"SELECT * FROM {name}").df() for name in schema.TABLES}
+    finally:
+        con.close()
