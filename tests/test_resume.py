@@ -118,16 +118,14 @@ def clean(tmp_path_factory):
 
 
 def _kill_points(n_writes: int, seconds: float) -> list[str]:
-    """At least three points: mid-stage by time, between chunks, a lost chunk write, the lost final commit."""
-    points = [f"@{max(0.5, 0.4 * seconds):.2f}"]
-    if n_writes >= 3:
-        points.append(f"{math.ceil(n_writes / 2)}:after")
-    if n_writes >= 2:
-        points.append("1:before")
-    else:
-        points.append(f"@{max(1.0, 0.75 * seconds):.2f}")
-    points.append("final:before")
-    return points
+    """Three points, in an order where each lands on a stage not yet done: right after the stage's first
+    write (where the ablation stage once stored its prefixes outside any chunk, so every resume died on a
+    duplicate key), between chunks half-way, the final commit lost; a stage of few writes is killed by time
+    first (mid-computation), then after its first write (or by time again), then before its final commit."""
+    if n_writes >= 4:
+        return ["1:after", f"{math.ceil(n_writes / 2)}:after", "final:before"]
+    second = "1:after" if n_writes >= 2 else f"@{max(1.0, 0.75 * seconds):.2f}"
+    return [f"@{max(0.5, 0.4 * seconds):.2f}", second, "final:before"]
 
 
 @pytest.mark.parametrize("stage", list(KILLED))
