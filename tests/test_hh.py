@@ -83,3 +83,50 @@ def test_overview_of_an_hh_run(monkeypatch, hh_run):
     labels = [m.label for m in at.metric]
     assert "Held-out implicit-reward accuracy" in labels and "Training-pair accuracy" in labels
     assert list(at.dataframe[0].value.stage) == ["model", "pairs", "rlhf", "rl_eval", "divergence"]
+
+
+@pytest.mark.slow
+def test_a_resumed_dpo_stage_reproduces_the_uninterrupted_one(tmp_path, shared_data):
+    """DPO killed right after a checkpoint and resumed ends with the uninterrupted run's weights (the
+    checkpoint is read back as from_pretrained reads it; see lfp_core.rlhf._weights_as_saved)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from lfp_core.config import REPO_ROOT
+    from lfp_core.store import artifacts_dir
+
+    def args(run):
+        return [
+            sys.executable, "-m", "lfp_core.precompute", "--preset", "quick", "--task", "hh", "--out", str(run),
+            "--data-dir", str(shared_data), "--until", "rlhf", "--set", "n_pairs=48", "--set", "n_eval_pairs=8",
+            "--set", "dpo_max_length=64", "--set", "dpo_max_prompt_length=32", "--set", "dpo_batch_size=4",
+            "--set", "dpo_save_every=4",
+        ]  # fmt: skip
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    clean = tmp_path / "clean"
+    res = subprocess.run(args(clean), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(args(run), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = artifacts_dir(run) / "rlhf_checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any((p / "trainer_state.json").exists() for p in ckpt.glob("checkpoint-*")):
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    res = subprocess.run(args(run), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "resuming DPO from" in res.stderr, res.stderr[-3000:]
+    wa = load_file(str(artifacts_dir(clean) / "policy" / "model.safetensors"))
+    wb = load_file(str(artifacts_dir(run) / "policy" / "model.safetensors"))
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst == 0.0, f"resumed DPO policy differs from the uninterrupted one by up to {worst:.3g}"

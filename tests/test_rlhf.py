@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -108,50 +107,6 @@ def test_missing_or_foreign_policy_is_refused(tmp_path, demo_model_dir):
 
 
 @pytest.mark.slow
-def test_rl_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
-    run = tmp_path / "rl"
-    args = [
-        sys.executable,
-        "-m",
-        "lfp_core.precompute",
-        "--preset",
-        "quick",
-        "--out",
-        str(run),
-        "--n-prompts",
-        "8",
-        "--n-eval-prompts",
-        "8",
-        "--until",
-        "rlhf",
-        "--set",
-        "rl_steps=12",
-        "--set",
-        "rl_save_every=4",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = artifacts_dir(run) / "rlhf_checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any((p / "trainer_state.json").exists() for p in ckpt.glob("checkpoint-*")):
-            time.sleep(0.5)  # let the checkpoint finish writing
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (artifacts_dir(run) / "policy").exists()  # no half-written model for later stages
-    done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming RL from" in done.stderr
-    steps = RunReader(run).rl_steps()
-    assert steps.step.max() == 12
-    assert (Path(artifacts_dir(run)) / "policy" / "config.json").exists()
-    assert all(math.isfinite(x) for x in steps.reward)
-
-
-@pytest.mark.slow
 def test_a_resumed_rl_stage_reproduces_the_uninterrupted_one(tmp_path):
     """Killed right after a checkpoint and resumed, GRPO ends where the uninterrupted run ends: the same
     per-step rewards and KL, and the same policy weights (RNG states, data order, optimizer state and the
@@ -181,9 +136,11 @@ def test_a_resumed_rl_stage_reproduces_the_uninterrupted_one(tmp_path):
         time.sleep(0.2)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert not (artifacts_dir(run) / "policy").exists()  # no half-written model for later stages
     res = subprocess.run(args(run), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "resuming RL from" in res.stderr, res.stderr[-3000:]
     a, b = RunReader(clean).rl_steps(), RunReader(run).rl_steps()
+    assert b.step.max() == 12 and all(math.isfinite(x) for x in b.reward)
     cols = ["step", "reward", "kl", "mean_length"]
     assert a[cols].reset_index(drop=True).equals(b[cols].reset_index(drop=True)), (a[cols], b[cols])
     wa = load_file(str(artifacts_dir(clean) / "policy" / "model.safetensors"))
