@@ -46,3 +46,36 @@ def random_sae(d_in: int, d_sae: int, hook: str, seed: int = 0):
         for p in sae.parameters():
             p.normal_(0, 0.1)
     return sae
+
+
+def clean_and_killed_after_checkpoint(args, tmp_path: Path) -> tuple[Path, Path]:
+    """Run the precompute command ``args(run_dir)`` uninterrupted into ``tmp_path/clean``, and into
+    ``tmp_path/killed`` SIGKILLed right after its trainer's first checkpoint is written, then resumed by the
+    same command; returns (clean, killed) once both have finished. Asserts each step went as described."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from lfp_core.config import REPO_ROOT
+    from lfp_core.store import artifacts_dir
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    clean, run = tmp_path / "clean", tmp_path / "killed"
+    res = subprocess.run(args(clean), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    proc = subprocess.Popen(args(run), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = artifacts_dir(run) / "rlhf_checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any((p / "trainer_state.json").exists() for p in ckpt.glob("checkpoint-*")):
+            time.sleep(0.5)  # let the checkpoint finish writing
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (artifacts_dir(run) / "policy").exists()  # no half-written model for later stages
+    res = subprocess.run(args(run), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "resuming" in res.stderr, res.stderr[-3000:]
+    return clean, run

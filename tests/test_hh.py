@@ -89,16 +89,12 @@ def test_overview_of_an_hh_run(monkeypatch, hh_run):
 def test_a_resumed_dpo_stage_reproduces_the_uninterrupted_one(tmp_path, shared_data):
     """DPO killed right after a checkpoint and resumed ends with the uninterrupted run's weights (the
     checkpoint is read back as from_pretrained reads it; see lfp_core.rlhf._weights_as_saved)."""
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
-    from lfp_core.config import REPO_ROOT
     from lfp_core.store import artifacts_dir
+    from tests.helpers import clean_and_killed_after_checkpoint
 
     def args(run):
         return [
@@ -108,24 +104,7 @@ def test_a_resumed_dpo_stage_reproduces_the_uninterrupted_one(tmp_path, shared_d
             "--set", "dpo_save_every=4",
         ]  # fmt: skip
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    clean = tmp_path / "clean"
-    res = subprocess.run(args(clean), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(args(run), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = artifacts_dir(run) / "rlhf_checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any((p / "trainer_state.json").exists() for p in ckpt.glob("checkpoint-*")):
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.1)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    res = subprocess.run(args(run), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "resuming DPO from" in res.stderr, res.stderr[-3000:]
+    clean, run = clean_and_killed_after_checkpoint(args, tmp_path)
     wa = load_file(str(artifacts_dir(clean) / "policy" / "model.safetensors"))
     wb = load_file(str(artifacts_dir(run) / "policy" / "model.safetensors"))
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)

@@ -4,20 +4,17 @@ tuned policy loads back through lfp_core.models, and bad input is refused clearl
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 from lfp_core import report, rlhf
-from lfp_core.config import REPO_ROOT, preset_config
+from lfp_core.config import preset_config
 from lfp_core.models import load_model
 from lfp_core.rewards import load_reward
 from lfp_core.settings import RLStageSettings
 from lfp_core.store import RunReader, artifacts_dir
+from tests.helpers import clean_and_killed_after_checkpoint
 
 
 def test_tuned_policy_is_stored_and_loads_back(quick_run):
@@ -120,25 +117,7 @@ def test_a_resumed_rl_stage_reproduces_the_uninterrupted_one(tmp_path):
             "--set", "rl_steps=12", "--set", "rl_save_every=4",
         ]  # fmt: skip
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    clean = tmp_path / "clean"
-    res = subprocess.run(args(clean), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(args(run), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = artifacts_dir(run) / "rlhf_checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any((p / "trainer_state.json").exists() for p in ckpt.glob("checkpoint-*")):
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (artifacts_dir(run) / "policy").exists()  # no half-written model for later stages
-    res = subprocess.run(args(run), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "resuming RL from" in res.stderr, res.stderr[-3000:]
+    clean, run = clean_and_killed_after_checkpoint(args, tmp_path)
     a, b = RunReader(clean).rl_steps(), RunReader(run).rl_steps()
     assert b.step.max() == 12 and all(math.isfinite(x) for x in b.reward)
     cols = ["step", "reward", "kl", "mean_length"]
