@@ -6,33 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lfp_core.store import StageRecord
-
 INPUT_NAMES = {
     "raw_selected": "raw activations the SAEs read, mean-pooled",
     "token_embedding": "input embeddings of the completion's tokens, mean-pooled",
     "length": "completion length (tokens)",
     "policy": "which policy wrote it (base or tuned)",
 }
-
-
-def not_applicable(records: list[StageRecord]) -> dict[str, dict[str, str]]:
-    """{stage: {part: why it does not apply}} over the finished stages that recorded any."""
-    out = {}
-    for rec in records:
-        na = getattr(rec.summary, "not_applicable", None) if rec.done else None
-        if na:
-            out[rec.name] = dict(na)
-    return out
-
-
-def not_applicable_lines(na: Mapping[str, Mapping[str, str]]) -> list[str]:
-    """One line per part of a stage that does not apply to the run, with the reason."""
-    return [
-        f"{stage}: {part.replace('_', ' ')} does not apply — {why}"
-        for stage, parts in na.items()
-        for part, why in parts.items()
-    ]
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:

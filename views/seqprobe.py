@@ -10,7 +10,8 @@ import pandas as pd
 import streamlit as st
 
 from lfp_core import viz
-from lfp_core.seqreport import INPUT_NAMES, not_applicable
+from lfp_core.report import not_applicable
+from lfp_core.seqreport import INPUT_NAMES
 from lfp_core.store.stats import SequenceRole
 from lfp_core.store.summaries import ProbesSummary
 from views.common import md_code, md_text
