@@ -35,7 +35,7 @@ from lfp_core.seqprobes import check_sequence_probe
 from lfp_core.settings import LAYOUT, PRESETS, RunConfig, Task, preset_config, resolve_name, settings_hash
 from lfp_core.stages import STAGES, stages_for
 from lfp_core.store import DB_NAME, RunWriter, StoreError, db_path
-from lfp_core.tuned import check_tuned
+from lfp_core.tuned import check_null, check_tuned
 
 log = logging.getLogger("lfp_core.precompute")
 
@@ -232,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         "training one (same architecture, shape and tokenizer as --model; checked before anything runs)",
     )
     ap.add_argument(
+        "--null",
+        default=None,
+        metavar="PATH_OR_HUB_ID",
+        help="the null fine-tune control, given: a model fine-tuned from --model by the tuned model's recipe with an "
+        "uninformative (shuffled or constant) reward; the model-diffing stages compare it with the base model "
+        "beside the tuned model (default: trained here by the rlhf recipe with shuffled rewards, or none with --tuned)",
+    )
+    ap.add_argument(
         "--prompts",
         default=None,
         metavar="SRC",
@@ -316,6 +324,7 @@ def preflight(cfg: RunConfig) -> None:
         BadInputError: the first input that is wrong, with a one-line reason.
     """
     check_tuned(cfg)
+    check_null(cfg)  # a null control for a given tuned model needs a given null model
     texts.check_texts(cfg)
     check_saes(cfg)  # the given SAEs and the hook against the model's config
     check_sequence_probe(cfg)  # a reward that is not a lexicon needs enough held-out prompts
@@ -369,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         llm_base_url=args.llm_base_url,
         data_dir=str(Path(data_dir).resolve()) if data_dir else None,
         tuned=_absolute_model(args.tuned),
+        diff_null_path=_absolute_model(args.null),
         prompts_source=texts.absolute_spec(args.prompts),
         corpus_source=texts.absolute_spec(args.corpus),
     )

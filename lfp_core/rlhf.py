@@ -46,6 +46,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,15 @@ if TYPE_CHECKING:
     from lfp_core.models import LoadedModel
 
 log = logging.getLogger(__name__)
-__all__ = ["RewardError", "implicit_rewards", "load_policy", "train_dpo", "train_policy", "truncate_pair"]
+__all__ = [
+    "RewardError",
+    "implicit_rewards",
+    "load_policy",
+    "null_reward_transform",
+    "train_dpo",
+    "train_policy",
+    "truncate_pair",
+]
 
 
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -79,6 +88,8 @@ def train_policy(
     artifacts: Path,
     config_hash: str = "",
     reward: Reward | None = None,
+    name: str = "policy",
+    reward_transform: Callable[[int, list[float]], list[float]] | None = None,
 ) -> tuple[Path, list[dict], list[dict]]:
     """Fine-tune a copy of ``base`` with GRPO against the run's reward (``s.reward``).
 
@@ -91,6 +102,10 @@ def train_policy(
             instead of resumed.
         reward: the loaded ``s.reward`` plug-in (loaded here when not given). It scores each sampled
             (prompt text without BOS, completion text); its scores are GRPO's rewards.
+        name: the policy's directory under ``artifacts`` (``policy``; the null fine-tune's ``null_policy``),
+            its checkpoints in ``rlhf_checkpoints`` (``{name}_checkpoints`` for another name).
+        reward_transform: ``(step, rewards) -> rewards`` applied to each step's scores before GRPO sees them
+            (the null control's shuffle, :func:`null_reward_transform`); the step log records what GRPO saw.
 
     Returns:
         (policy directory, per-step log rows, sample completion rows). The step log covers every
@@ -112,7 +127,10 @@ def train_policy(
     bos = "" if adds_bos else (tok.bos_token or "")
     texts = [bos + tok.decode(ids) for ids in prompt_ids]
     dataset = Dataset.from_dict({"prompt": texts})
-    ckpt_dir, final_dir = _fresh_checkpoint_dir(artifacts, config_hash), artifacts / "policy"
+    ckpt_dir = _fresh_checkpoint_dir(
+        artifacts, config_hash, "rlhf_checkpoints" if name == "policy" else f"{name}_checkpoints"
+    )
+    final_dir = artifacts / name
     samples: list[dict] = []
     rw = reward if reward is not None else load_reward(s.reward.spec, device=s.run.device)
 
@@ -120,6 +138,8 @@ def train_policy(
         plain = [p[len(bos) :] if bos and p.startswith(bos) else p for p in prompts]
         rewards = [float(x) for x in rw.score(plain, completions)]
         step = trainer.state.global_step if trainer is not None else 0
+        if reward_transform is not None:
+            rewards = [float(x) for x in reward_transform(step, rewards)]
         if not samples or samples[-1]["step"] != step:
             for p, c, r in list(zip(prompts, completions, rewards))[:3]:
                 samples.append({"step": step, "prompt": p[len(bos) :], "completion": c, "reward": r})
@@ -195,6 +215,25 @@ def train_policy(
 
     _publish(trainer.model, tok, artifacts, ckpt_dir, final_dir)
     return final_dir, steps_log, samples
+
+
+def null_reward_transform(recipe: str, seed: int) -> Callable[[int, list[float]], list[float]]:
+    """The null control's reward (:class:`lfp_core.settings.DiffingSettings`): 'shuffled' permutes each step's
+    rewards across its completions with a permutation drawn from (seed, step) — the same on a resumed run —
+    so GRPO sees the reward's distribution with its link to the text broken; 'constant' gives every
+    completion 0 (every advantage is 0)."""
+    import numpy as np
+
+    if recipe not in ("shuffled", "constant"):
+        raise ValueError(f"no null reward {recipe!r}: 'shuffled' or 'constant'")
+
+    def transform(step: int, rewards: list[float]) -> list[float]:
+        if recipe == "constant":
+            return [0.0] * len(rewards)
+        perm = np.random.default_rng([int(seed), 7919, int(step)]).permutation(len(rewards))
+        return [rewards[int(i)] for i in perm]
+
+    return transform
 
 
 def _weights_as_saved(trainer_cls: type) -> type:
@@ -399,9 +438,9 @@ def implicit_rewards(
     return out[0], out[1]
 
 
-def _fresh_checkpoint_dir(artifacts: Path, config_hash: str) -> Path:
-    """``artifacts/rlhf_checkpoints``, emptied when it holds checkpoints of other settings."""
-    ckpt_dir = artifacts / "rlhf_checkpoints"
+def _fresh_checkpoint_dir(artifacts: Path, config_hash: str, sub: str = "rlhf_checkpoints") -> Path:
+    """``artifacts/<sub>`` (``rlhf_checkpoints``), emptied when it holds checkpoints of other settings."""
+    ckpt_dir = artifacts / sub
     stamp = ckpt_dir / "CONFIG_HASH"
     if ckpt_dir.exists() and (not stamp.exists() or stamp.read_text() != config_hash):
         shutil.rmtree(ckpt_dir)
@@ -412,7 +451,7 @@ def _fresh_checkpoint_dir(artifacts: Path, config_hash: str) -> Path:
 
 def _publish(model, tok, artifacts: Path, ckpt_dir: Path, final_dir: Path) -> None:
     """Write the policy to a temporary directory, rename it into place, drop the checkpoints."""
-    tmp = artifacts / "policy.tmp"
+    tmp = artifacts / f"{final_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

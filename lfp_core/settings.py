@@ -498,6 +498,89 @@ class AtPSettings:
         _check_positive(self, "random_k", allow_zero=True)
 
 
+NullRecipe = Literal["auto", "shuffled", "constant", "none"]
+CrosscoderArch = Literal["batchtopk", "l1"]
+DIFF_MIN_RANDOM = 19  # the diffing causal checks' rank p among N matched random sets: 1/(N+1) = 0.05 at 19
+
+
+@dataclass(frozen=True)
+class DiffingSettings:
+    """Model diffing (lfp_core/crosscoder.py, latent_scaling.py, localise.py, difflens.py).
+
+    ``null``: the null fine-tune control — the rlhf stage's recipe (same GRPO settings, steps, prompts and
+    seed) with the reward replaced by the same rewards shuffled across each step's completions
+    ('shuffled', the default under 'auto': the reward's distribution kept, its link to the text broken) or by
+    a constant ('constant': every GRPO advantage is 0, so only the KL term moves the policy — which starts at
+    zero gradient — and the null is nearly the base model); 'none' skips it. 'auto' is 'shuffled' when this
+    run trains the tuned model and 'none' when the tuned model is given (its recipe is unknown: pass
+    ``null_path``, a model fine-tuned by the same recipe with an uninformative reward). ``null_path``: such a
+    given null model.
+
+    Crosscoder (BatchTopK by default; 'l1' is Lindsey et al.'s ReLU + decoder-norm-weighted L1): dictionary
+    ``expansion`` × d_model, ``k`` active latents per token on average, Adam ``lr``, ``batch_size`` tokens a
+    step, ``train_tokens`` tokens in all (the same budget trains the difference SAE, a sae-lens TopK SAE on
+    tuned − base). Classes: relative decoder norm r = ‖d_tuned‖/(‖d_base‖+‖d_tuned‖) > ``tuned_only`` is
+    tuned-only, < 1 − ``tuned_only`` base-only, else shared; a tuned-only latent whose latent-scaling ratios
+    ν^ε and ν^r are both below ``nu_max`` is robust tuned-only (the base model's activations explain little of
+    it either through its error or its reconstruction).
+
+    Localisation and lens: ``prefixes`` held-out prompts sampled (coupled, one seed each) by the tuned policy
+    with each component's output patched from the base model, and by the base model steered with the mean
+    activation difference over the first ``lens_tokens`` tokens of ``lens_docs`` held-out documents (×
+    ``steer_alpha``). Causal checks: up to ``causal_top`` latents per tested set, against ``random`` matched
+    random sets (>= 19 so the rank p can reach 0.05).
+    """
+
+    null: NullRecipe = field(default="auto", metadata=_flat("diff_null"))
+    null_path: str | None = field(default=None, metadata=_flat("diff_null_path"))
+    arch: CrosscoderArch = field(default="batchtopk", metadata=_flat("cc_arch"))
+    expansion: int = field(default=8, metadata=_flat("cc_expansion"))
+    k: int = field(default=32, metadata=_flat("cc_k"))
+    l1: float = field(default=1.0, metadata=_flat("cc_l1"))
+    lr: float = field(default=1e-3, metadata=_flat("cc_lr"))
+    batch_size: int = field(default=1024, metadata=_flat("cc_batch_size"))
+    train_tokens: int = field(default=400_000, metadata=_flat("cc_train_tokens"))
+    tuned_only: float = field(default=0.9, metadata=_flat("cc_tuned_only"))
+    nu_max: float = field(default=0.3, metadata=_flat("cc_nu_max"))
+    prefixes: int = field(default=128, metadata=_flat("diff_prefixes"))
+    lens_docs: int = field(default=256, metadata=_flat("lens_docs"))
+    lens_tokens: int = field(default=5, metadata=_flat("lens_tokens"))
+    steer_alpha: float = field(default=1.0, metadata=_flat("steer_alpha"))
+    causal_top: int = field(default=8, metadata=_flat("diff_causal_top"))
+    random: int = field(default=DIFF_MIN_RANDOM, metadata=_flat("diff_random"))
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "null")
+        _check_choice(self, "arch")
+        _check_positive(self, "expansion", "k", "lr", "batch_size", "train_tokens", "prefixes", "lens_docs")
+        _check_positive(self, "lens_tokens", "causal_top", "steer_alpha")
+        _check_positive(self, "l1", allow_zero=True)
+        if not 0.5 < self.tuned_only < 1.0:
+            raise ConfigError(f"diffing.tuned_only (cc_tuned_only) must be in (0.5, 1), got {self.tuned_only}")
+        if not 0.0 < self.nu_max < 1.0:
+            raise ConfigError(f"diffing.nu_max (cc_nu_max) must be in (0, 1), got {self.nu_max}")
+        if self.random < DIFF_MIN_RANDOM:
+            raise ConfigError(
+                f"diffing.random (diff_random) must be >= {DIFF_MIN_RANDOM}, got {self.random}: a tested set is "
+                f"ranked among N matched random sets, whose smallest attainable p is 1/(N+1)"
+            )
+        if self.null_path is not None and not self.null_path.strip():
+            raise ConfigError("diffing.null_path (diff_null_path) must name a model directory or hub id, got ''")
+        if self.null_path is not None and self.null in ("none", "constant"):
+            raise ConfigError(
+                f"diffing.null_path is given but diffing.null is {self.null!r}: a given null model is used with "
+                "diffing.null 'auto' or 'shuffled'"
+            )
+
+    def recipe(self, tuned_given: bool) -> str:
+        """What the null stage does: 'shuffled' or 'constant' (train it), 'given' (``null_path``) or 'none'."""
+        if self.null_path is not None:
+            return "given"
+        if self.null == "auto":
+            return "none" if tuned_given else "shuffled"
+        return self.null
+
+
 # --- the run config -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunConfig:
@@ -525,6 +608,7 @@ class RunConfig:
     ablation: AblationSettings = field(default_factory=AblationSettings)
     rm: RMSettings = field(default_factory=RMSettings)
     atp: AtPSettings = field(default_factory=AtPSettings)
+    diffing: DiffingSettings = field(default_factory=DiffingSettings)
     preset: str = "custom"
 
     # -- (de)serialisation
@@ -911,6 +995,31 @@ class AttributionStageSettings:
     run: RunSettings
     reward: RewardSettings
     atp: AtPSettings
+
+
+@dataclass(frozen=True)
+class NullStageSettings:
+    """The null fine-tune: the rlhf stage's recipe with an uninformative reward (``diffing.null``)."""
+
+    run: RunSettings
+    reward: RewardSettings
+    rl: RLSettings
+    completions: CompletionSettings
+    tuned: TunedSettings
+    diffing: DiffingSettings
+
+
+@dataclass(frozen=True)
+class DiffingStageSettings:
+    """Crosscoders, latent scaling, difference SAEs, localisation by patching, the difference lens and the
+    causal checks (each stage reads all of ``diffing``; its sizes are shared)."""
+
+    run: RunSettings
+    reward: RewardSettings
+    diffing: DiffingSettings
+    completions: CompletionSettings
+    generation: GenerationSettings
+    features: FeatureSettings
 
 
 def reward_settings_of(raw: dict | None) -> RewardSettings:

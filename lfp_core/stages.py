@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lfp_core import settings as st
-from lfp_core.store.schema import Not, Where
+from lfp_core.store.schema import In, Not, Where
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ _P = "lfp_core.pipeline."
 _REWARD_FP = "lfp_core.rewards:reward_fingerprint"  # the reward plug-in's files
 _GIVEN_SAES = "lfp_core.sae_sources:fingerprint"  # given SAE files: their configs and sizes
 _ALL = Where()
+DIFF_ROLES = ("cc_tuned", "cc_null", "dsae_tuned", "dsae_null")  # the features rows of the diffing dictionaries
 
 STAGES: list[StageSpec] = [
     StageSpec(
@@ -284,6 +285,58 @@ STAGES: list[StageSpec] = [
         describe="single-feature attribution (AtP; integrated gradients along one feature's axis) over the "
         "preference model's and the policy's SAE features, checked by true ablation of the top features and "
         "of a random sample; features behind the preference model's disagreements with the oracle",
+        fingerprint=_REWARD_FP,
+    ),
+    # --- model diffing: what fine-tuning changed, where, and whether a null fine-tune changes as much ------
+    StageSpec(
+        "null_rlhf",
+        st.NullStageSettings,
+        ("prompts",),
+        _P + "null:stage_null",
+        {},
+        tasks=("vader",),
+        fingerprint=(_REWARD_FP, "lfp_core.tuned:null_fingerprint"),
+        describe="the null fine-tune control: the rlhf stage's GRPO recipe (same steps, prompts, seed) with each "
+        "step's rewards shuffled across its completions (or a constant), or the given --null model",
+    ),
+    StageSpec(
+        "crosscoders",
+        st.DiffingStageSettings,
+        ("features", "null_rlhf"),
+        _P + "diffing:stage_crosscoders",
+        {
+            "diff_dictionaries": _ALL,
+            "diff_latents": _ALL,
+            "features": Where(role=In(*DIFF_ROLES)),
+            "feature_examples": Where(role=In(*DIFF_ROLES)),
+        },
+        chunked=True,
+        tasks=("vader",),
+        describe="BatchTopK crosscoders over base and tuned (and base and null) activations at the studied layers: "
+        "relative decoder norms, latent scaling (ν^ε, ν^r), classes; difference SAEs (sae-lens) on tuned − base",
+        fingerprint=_REWARD_FP,
+    ),
+    StageSpec(
+        "localisation",
+        st.DiffingStageSettings,
+        ("activations", "null_rlhf"),
+        _P + "diffing:stage_localisation",
+        {"diff_patching": _ALL, "diff_lens": _ALL},
+        tasks=("vader",),
+        describe="component patching (each attention and MLP output of the tuned policy taken from the base model "
+        "while sampling: the fraction of the reward gain it carries) and the activation-difference lens with "
+        "its steering check",
+        fingerprint=_REWARD_FP,
+    ),
+    StageSpec(
+        "diff_causal",
+        st.DiffingStageSettings,
+        ("crosscoders",),
+        _P + "diffing:stage_diff_causal",
+        {"diff_causal": _ALL},
+        tasks=("vader",),
+        describe="causal checks: robust tuned-only crosscoder latents and top difference-SAE features ablated in "
+        "the tuned model and added to the base model, against matched random latents",
         fingerprint=_REWARD_FP,
     ),
 ]

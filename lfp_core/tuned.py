@@ -122,19 +122,43 @@ def check_tuned(cfg: Any) -> None:
         BadInputError: a field differs; the message names each one with both values, e.g. "the tuned
             model's vocab_size is 512, the base model's is 4096".
     """
-    path = cfg.tuned.path
-    if path is None:
+    if cfg.tuned.path is not None:
+        _check_finetune(cfg.run.model, cfg.tuned.path, "--tuned", "tuned")
+
+
+def check_null(cfg: Any) -> None:
+    """The null fine-tune control's inputs (``diffing``): a given null model (``--null``) is checked like
+    ``--tuned``; a null to be trained (shuffled or constant reward) for a given tuned model is refused,
+    because the recipe that made the tuned model is unknown here.
+
+    Raises:
+        BadInputError: the null control cannot be made as asked; the message says what to pass instead.
+    """
+    d = getattr(cfg, "diffing", None)
+    if d is None:
         return
-    base_spec, tuned_spec = _spec(cfg.run.model, "--model"), _spec(path, "--tuned")
+    if d.null_path is not None:
+        _check_finetune(cfg.run.model, d.null_path, "--null", "null")
+    elif cfg.tuned.path is not None and d.null in ("shuffled", "constant"):
+        raise BadInputError(
+            f"a {d.null}-reward null fine-tune repeats the recipe that made the tuned model, and --tuned "
+            f"{cfg.tuned.path} was given, not trained here, so its recipe is unknown: pass --null PATH (a model "
+            f"fine-tuned from the same base by the same recipe with an uninformative reward), or --set "
+            f"diffing.null=auto (no null control for a given tuned model)"
+        )
+
+
+def _check_finetune(base: str, path: str, flag: str, what: str) -> None:
+    base_spec, tuned_spec = _spec(base, "--model"), _spec(path, flag)
     base_cfg, base_tok = _config_and_tokenizer(base_spec, "--model")
-    tuned_cfg, tuned_tok = _config_and_tokenizer(tuned_spec, "--tuned")
+    tuned_cfg, tuned_tok = _config_and_tokenizer(tuned_spec, flag)
     diffs = differences(base_cfg, tuned_cfg, base_tok, tuned_tok)
     if diffs:
-        said = "; ".join(f"the tuned model's {n} is {a}, the base model's is {b}" for n, a, b in diffs[:_SHOWN])
+        said = "; ".join(f"the {what} model's {n} is {a}, the base model's is {b}" for n, a, b in diffs[:_SHOWN])
         if len(diffs) > _SHOWN:
             said += "; also different: " + ", ".join(n for n, _, _ in diffs[_SHOWN:])
         raise BadInputError(
-            f"--tuned {tuned_spec.location} is not a fine-tune of the base model {base_spec.name} "
+            f"{flag} {tuned_spec.location} is not a fine-tune of the base model {base_spec.name} "
             f"({base_spec.location}): {said}"
         )
 
@@ -157,6 +181,14 @@ def files_fingerprint(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def null_fingerprint(s: Any) -> str | None:
+    """The null stage's extra hash input: the given null model's files (None: the stage trains one)."""
+    if s.diffing.null_path is None:
+        return None
+    spec = _spec(s.diffing.null_path, "--null")
+    return f"hub:{spec.location}" if spec.source == "hub" else files_fingerprint(Path(spec.location))
+
+
 def tuned_fingerprint(s: Any) -> str | None:
     """The rlhf stage's extra hash input: the given tuned model's files (None: the stage trains one)."""
     if s.tuned.path is None:
@@ -177,16 +209,17 @@ def _model_dir(spec) -> Path:
         raise BadInputError(f"--tuned {spec.location}: could not fetch the model ({exc})") from None
 
 
-def install_given(path: str, artifacts: Path) -> tuple[Path, Any]:
-    """Copy the given tuned model's files into ``artifacts/policy`` (via a temporary directory renamed
-    into place, so a later stage never sees a half-copied model).
+def install_given(path: str, artifacts: Path, name: str = "policy", flag: str = "--tuned") -> tuple[Path, Any]:
+    """Copy the given tuned model's files into ``artifacts/<name>`` (``policy``; the given null model's:
+    ``null_policy``) via a temporary directory renamed into place, so a later stage never sees a half-copied
+    model.
 
     Returns:
         (the policy directory, the given model's :class:`lfp_core.models.ModelSpec`).
     """
-    spec = _spec(path, "--tuned")
+    spec = _spec(path, flag)
     src = _model_dir(spec)
-    final, tmp = artifacts / "policy", artifacts / "policy.tmp"
+    final, tmp = artifacts / name, artifacts / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     n = 0
@@ -196,5 +229,5 @@ def install_given(path: str, artifacts: Path) -> tuple[Path, Any]:
             n += 1
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    log.info("given tuned model %s: %d files copied to %s; nothing is trained", spec.location, n, final)
+    log.info("given %s model %s: %d files copied to %s; nothing is trained", flag.lstrip("-"), spec.location, n, final)
     return final, spec

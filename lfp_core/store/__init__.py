@@ -23,13 +23,15 @@ Modules:
     features     activation corpus, vocabulary, SAEs, feature statistics and examples
     probes       probe results, feature labels, the LLM cache
     ablation     the ablation experiment, preference-model pairs, attribution
+    diffing      crosscoders, difference SAEs and their latents, component patching, the difference lens,
+                 the causal checks of tuned-only latents
     reader       :class:`RunReader`      writer   :class:`RunWriter` and the row writers
     testing      runs in unusual states and synthetic stores, for tests and benchmarks
 """
 
 from __future__ import annotations
 
-from lfp_core.store import ablation, features, probes, runs, texts  # noqa: F401  (the modules declare the tables)
+from lfp_core.store import ablation, diffing, features, probes, runs, texts  # noqa: F401  (the modules declare the tables)
 from lfp_core.store.connection import ARTIFACTS, DB_NAME, artifacts_dir, db_path, list_runs
 from lfp_core.store.errors import (
     CorruptStoreError,

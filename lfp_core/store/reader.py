@@ -15,6 +15,7 @@ import pandas as pd
 from lfp_core.store import schema
 from lfp_core.store.ablation import AblationQueries
 from lfp_core.store.connection import DB_NAME, connect, db_path
+from lfp_core.store.diffing import DiffingQueries
 from lfp_core.store.errors import RunNotFoundError
 from lfp_core.store.features import FeatureQueries
 from lfp_core.store.probes import ProbeQueries
@@ -22,7 +23,7 @@ from lfp_core.store.runs import RunQueries
 from lfp_core.store.texts import TextQueries
 
 
-class RunReader(RunQueries, TextQueries, FeatureQueries, ProbeQueries, AblationQueries):
+class RunReader(RunQueries, TextQueries, FeatureQueries, ProbeQueries, AblationQueries, DiffingQueries):
     """Read-only access to a run.
 
     By default each query opens and closes its own connection. With ``keep_open`` (the dashboard)

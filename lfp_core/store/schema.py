@@ -11,7 +11,8 @@ Schema history (``SCHEMA_VERSION``, recorded per table and column as ``since``):
 corpus, SAE and feature tables; 3 the vocabulary, ``features.top_tokens``, the probe tables and feature
 labels; 4 the LLM cache, the ablation, preference-model and attribution tables; 5 the honest-numbers
 columns and tables (estimators, controls, baselines); 6 the sequence-level probe's table
-(``probe_sequences``). A writer upgrades runs of versions 1-5 in place.
+(``probe_sequences``); 7 the model-diffing tables (:mod:`~lfp_core.store.diffing`). A writer upgrades runs of
+versions 1-6 in place.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from lfp_core.store.errors import SchemaVersionError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Versions a writer upgrades in place: their tables are a subset of the current schema's, so creating the
 # missing tables and adding the missing columns is the whole migration (computed stages are kept; a stage
 # whose output gained a column is re-run by its version).
-UPGRADABLE = frozenset({1, 2, 3, 4, 5})
+UPGRADABLE = frozenset({1, 2, 3, 4, 5, 6})
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 _COLUMN = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s+([A-Z]+(?:\[\])?)(\s+NOT NULL)?\s*$")
@@ -143,9 +144,20 @@ class Not:
         return f"Not({self.value!r})"
 
 
+class In:
+    """A :class:`Where` value meaning "one of these values"."""
+
+    def __init__(self, *values: Any):
+        self.values = tuple(values)
+
+    def __repr__(self) -> str:
+        return f"In{self.values!r}"
+
+
 class Where:
     """A typed row filter: ``Where()`` is every row, ``Where(role="base")`` the rows whose role is
-    'base', ``Where(kind=Not("rm"))`` the rows whose kind is not 'rm' (conditions are ANDed).
+    'base', ``Where(kind=Not("rm"))`` the rows whose kind is not 'rm', ``Where(role=In("a", "b"))`` the rows
+    whose role is 'a' or 'b' (conditions are ANDed).
 
     Stages declare the rows they own with it (``clears``); the store turns it into a parameterised
     WHERE clause after checking each column against the table's declaration.
@@ -171,6 +183,9 @@ class Where:
             if isinstance(value, Not):
                 parts.append(f"{col} IS DISTINCT FROM ?")
                 params.append(value.value)
+            elif isinstance(value, In):
+                parts.append(f"{col} IN (SELECT unnest(?))")
+                params.append(list(value.values))
             else:
                 parts.append(f"{col} = ?")
                 params.append(value)

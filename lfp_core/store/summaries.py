@@ -392,6 +392,119 @@ class AttributionSummary(StageSummary):
         ]
 
 
+# --- model diffing (issue: crosscoders, difference SAEs, localisation, null control) ---------------
+@_stage("null_rlhf")
+@dataclass(frozen=True)
+class NullSummary(StageSummary):
+    """The null fine-tune control: ``recipe`` 'shuffled' / 'constant' (trained here by the rlhf stage's
+    recipe with that reward), 'given' (``--null``) or 'none' (no null control, with the reason in
+    ``not_applicable``); the steps and GRPO's own first / last-10 mean reward (of what it saw: the shuffled or
+    constant reward)."""
+
+    recipe: str | None = None
+    policy_dir: str | None = None
+    steps: int | None = None
+    given: str | None = None
+    first_reward: float | None = None
+    last10_reward: float | None = None
+    reward_info: RewardInfo | None = None
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    """Latents of one crosscoder per class (relative norm and latent-scaling thresholds of the stage)."""
+
+    shared: int | None = None
+    base_only: int | None = None
+    tuned_only: int | None = None
+    robust: int | None = None
+    dead: int | None = None
+    d_sae: int | None = None
+
+
+@_stage("crosscoders")
+@dataclass(frozen=True)
+class CrosscodersSummary(StageSummary):
+    """Crosscoders and difference SAEs per pair ('tuned', and 'null' with a null control) and layer:
+    ``counts[pair][layer]`` the latents per class, ``thresholds`` the class boundaries used."""
+
+    layers: list[int] | None = None
+    hook: str | None = None
+    pairs: list[str] | None = None
+    dictionaries: list[str] | None = None
+    counts: dict[str, dict[str, ClassCounts]] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    null_recipe: str | None = None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its 95% CI (bootstrap over prefixes unless ``method`` says otherwise)."""
+
+    mean: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+    n: int | None = None
+    method: str | None = None
+
+
+@_stage("localisation")
+@dataclass(frozen=True)
+class LocalisationSummary(StageSummary):
+    """Component patching of the tuned policy (``gain``: tuned − base reward; ``sum_fraction``: the single
+    components' fractions added up; ``all_fraction``: every component patched at once; ``top_component``) and
+    the activation-difference lens (``lens_layers``, ``lens_hook``, the steering figures per pair in
+    ``diff_lens``)."""
+
+    n_prefixes: int | None = None
+    components: list[str] | None = None
+    gain: Interval | None = None
+    gain_defined: bool | None = None
+    sum_fraction: Interval | None = None
+    all_fraction: Interval | None = None
+    top_component: str | None = None
+    null_gain: Interval | None = None
+    lens_layers: list[int] | None = None
+    lens_hook: str | None = None
+    lens_tokens: int | None = None
+    reward_info: RewardInfo | None = None
+
+
+@dataclass(frozen=True)
+class CausalSetSummary:
+    """One tested latent set: its mean reward change under the intervention with a CI, against ``n_random``
+    matched random sets (``p_rank``: exact one-sided rank p in ``hypothesis``'s direction)."""
+
+    dict_id: str | None = None
+    pair: str | None = None
+    layer: int | None = None
+    intervention: str | None = None
+    selection: str | None = None
+    size: int | None = None
+    n: int | None = None
+    diff: float | None = None
+    diff_lo: float | None = None
+    diff_hi: float | None = None
+    hypothesis: str | None = None
+    p_rank: float | None = None
+    n_random: int | None = None
+    random_median: float | None = None
+    random_lo: float | None = None
+    random_hi: float | None = None
+
+
+@_stage("diff_causal")
+@dataclass(frozen=True)
+class DiffCausalSummary(StageSummary):
+    """The causal checks of the robust tuned-only crosscoder latents and the top difference-SAE features
+    (``sets``, by set id), each against matched random latents."""
+
+    n_prefixes: int | None = None
+    n_random: int | None = None
+    sets: dict[str, CausalSetSummary] = field(default_factory=dict)
+    reward_info: RewardInfo | None = None
+
+
 # --- conversion ------------------------------------------------------------------------------------
 class _Mode:
     def __init__(self, stage: str, strict: bool):
