@@ -517,7 +517,8 @@ class DiffingSettings:
     given null model.
 
     Crosscoder (BatchTopK by default; 'l1' is Lindsey et al.'s ReLU + decoder-norm-weighted L1): dictionary
-    ``expansion`` × d_model, ``k`` active latents per token on average, Adam ``lr``, ``batch_size`` tokens a
+    ``expansion`` × d_model (2, the run's SAEs' size: a crosscoder reads two models' activations into one
+    dictionary of the size each SAE has), ``k`` active latents per token on average, Adam ``lr``, ``batch_size`` tokens a
     step, ``train_tokens`` tokens in all (the same budget trains the difference SAE, a sae-lens TopK SAE on
     tuned − base). Classes: relative decoder norm r = ‖d_tuned‖/(‖d_base‖+‖d_tuned‖) > ``tuned_only`` is
     tuned-only, < 1 − ``tuned_only`` base-only, else shared; a tuned-only latent whose latent-scaling ratios
@@ -534,12 +535,12 @@ class DiffingSettings:
     null: NullRecipe = field(default="auto", metadata=_flat("diff_null"))
     null_path: str | None = field(default=None, metadata=_flat("diff_null_path"))
     arch: CrosscoderArch = field(default="batchtopk", metadata=_flat("cc_arch"))
-    expansion: int = field(default=8, metadata=_flat("cc_expansion"))
+    expansion: int = field(default=2, metadata=_flat("cc_expansion"))
     k: int = field(default=32, metadata=_flat("cc_k"))
     l1: float = field(default=1.0, metadata=_flat("cc_l1"))
     lr: float = field(default=1e-3, metadata=_flat("cc_lr"))
     batch_size: int = field(default=1024, metadata=_flat("cc_batch_size"))
-    train_tokens: int = field(default=400_000, metadata=_flat("cc_train_tokens"))
+    train_tokens: int = field(default=300_000, metadata=_flat("cc_train_tokens"))
     tuned_only: float = field(default=0.9, metadata=_flat("cc_tuned_only"))
     nu_max: float = field(default=0.3, metadata=_flat("cc_nu_max"))
     prefixes: int = field(default=128, metadata=_flat("diff_prefixes"))
@@ -856,6 +857,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "atp_pairs": 16,
         "atp_top_k": 10,
         "atp_random_k": 16,
+        "cc_train_tokens": 30_000,
+        "cc_batch_size": 256,
+        "diff_prefixes": 32,
+        "lens_docs": 64,
+        "diff_causal_top": 4,
     },
     # demo: the embedded demo run the quick start serves.
     "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64, "ablation_n": 512},
