@@ -320,7 +320,7 @@ STAGES: list[StageSpec] = [
         "localisation",
         st.DiffingStageSettings,
         ("activations", "null_rlhf"),
-        _P + "diffing:stage_localisation",
+        _P + "localisation:stage_localisation",
         {"diff_patching": _ALL, "diff_lens": _ALL},
         tasks=("vader",),
         describe="component patching (each attention and MLP output of the tuned policy taken from the base model "
@@ -332,7 +332,7 @@ STAGES: list[StageSpec] = [
         "diff_causal",
         st.DiffingStageSettings,
         ("crosscoders",),
-        _P + "diffing:stage_diff_causal",
+        _P + "diff_causal:stage_diff_causal",
         {"diff_causal": _ALL},
         tasks=("vader",),
         describe="causal checks: robust tuned-only crosscoder latents and top difference-SAE features ablated in "

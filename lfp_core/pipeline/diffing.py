@@ -124,7 +124,7 @@ class _CrosscoderAsSAE:
         self.d_in = int(cc.W_dec.shape[-1])
         self.cfg = type("Cfg", (), {"d_sae": int(cc.W_dec.shape[0])})()
         self.device = torch.device("cpu")
-        self.W_dec = cc.decoder_of(1)
+        self.W_dec = (cc.W_dec[:, 1, :] / cc.scale[1]).detach()  # raw units
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,10 +240,12 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
     path = crosscoder.save_crosscoder(cc, out / f"{cid}.pt")
     stats = crosscoder.latent_stats(cc, a, b, eval_rows)
     rec = crosscoder.reconstruction(cc, a, b, eval_rows)
+    rec["fvu"] = (rec["fvu_base"], rec["fvu_other"])
     scale = latent_scaling.latent_scaling(cc, a, b, eval_rows)
     th = latent_scaling.Thresholds(tuned_only=d.tuned_only, nu_max=d.nu_max)
     classes = latent_scaling.classify(stats["rel_norm"], scale["nu_eps"], scale["nu_r"], th, density=stats["density"])
-    ce = _ce(ctx, base_m.hooked(), other_m.hooked(), cc, hook_name)
+    ce_out = _ce(ctx, base_m.hooked(), other_m.hooked(), cc, hook_name)
+    ce = [{**ce_out[slot], "recovered": ce_out[slot]["ce_loss_recovered"]} for slot in ("base", "other")]
     view = _CrosscoderAsSAE(cc)
     role = f"cc_{pair}"
     feats, ex = _feature_rows(ctx, s, view, _PairView(a, b), role, layer, other_m.hooked().W_U)
@@ -274,7 +276,7 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
             "seconds": info["seconds"],
             "tokens_per_s": info["tokens_per_s"],
             "n_eval_tokens": len(eval_rows),
-            "l0": float(stats["l0"]),
+            "l0": float(rec["l0"]),
             "dead_frac": float((stats["density"] == 0).mean()),
             "fvu_base": rec["fvu"][0],
             "fvu_other": rec["fvu"][1],
@@ -307,7 +309,7 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
                 "density": float(stats["density"][i]),
                 "density_base_text": f["freq_base_text"],
                 "density_other_text": f["freq_tuned_text"],
-                "mean_act": float(stats["mean_act"][i]),
+                "mean_act": _finite(stats["mean_act_active"][i]),  # when firing, as the features tables
                 **{k: _finite(scale[k][i]) for k in ("beta_eps_base", "beta_eps_other", "beta_r_base", "beta_r_other")},
                 "nu_eps": _finite(scale["nu_eps"][i]),
                 "nu_r": _finite(scale["nu_r"][i]),
