@@ -286,7 +286,7 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
             "recovered_other": ce[1]["recovered"],
             "n_shared": counts["shared"],
             "n_base_only": counts["base-only"],
-            "n_tuned_only": counts["tuned-only"] + counts["robust tuned-only"],
+            "n_tuned_only": counts["tuned-only"],  # not robust (the classes are exclusive)
             "n_robust": counts["robust tuned-only"],
             "n_dead": counts["dead"],
         }
