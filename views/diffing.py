@@ -226,7 +226,9 @@ if not dicts.empty:
     rows = data.diff_latents(str(d.dict_id), None if cls == "all" else cls)
     causal_rows = data.diff_causal() if causal is not None else pd.DataFrame()
     singles = (
-        causal_rows[(causal_rows.kind == "single") & (causal_rows.dict_id == d.dict_id)]
+        causal_rows[
+            (causal_rows.kind == "single") & (causal_rows.dict_id == d.dict_id) & (causal_rows.intervention == "ablate")
+        ]
         if not causal_rows.empty
         else causal_rows
     )
