@@ -27,6 +27,7 @@ nav = st.navigation(
     [
         st.Page("views/overview.py", title="Overview", icon="🏠", default=True, url_path="overview"),
         st.Page("views/layers.py", title="Layers & SAEs", icon="🧱", url_path="layers"),
+        st.Page("views/diffing.py", title="Model diffing", icon="🧬", url_path="diffing"),
         st.Page("views/browser.py", title="Feature browser", icon="🗂️", url_path="features"),
         st.Page("views/feature.py", title="Feature", icon="🔬", url_path="feature"),
         st.Page("views/token_scores.py", title="Token scores", icon="🎯", url_path="token-scores"),

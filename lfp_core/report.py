@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from lfp_core import seqreport
+from lfp_core import diffreport, seqreport
 from lfp_core.errors import BadInputError
 from lfp_core.rewards import parse_spec
 from lfp_core.settings import reward_settings_of, run_settings_of
@@ -240,6 +240,9 @@ def build_report(run_dir: str) -> dict:
             # per target, AtP and the path estimate vs true ablation, on the top features and the random sample
             rep["reward_model"]["atp_checks"] = {k: at.check_rows(k) for k in rep["reward_model"]["atp"]}
             rep["reward_model"]["disagreement"] = at.disagreement
+    diffing = diffreport.diffing_section(r, records)  # schema 7: crosscoders, patching, lens, causal checks
+    if diffing is not None:
+        rep["diffing"] = diffing
     skipped = not_applicable(records)
     if skipped:
         rep["not_applicable"] = skipped
@@ -512,6 +515,8 @@ def format_report(rep: dict) -> str:
             f"{a['fvu']:.3f} vs {b['fvu']:.3f}, loss recovered {a['ce_loss_recovered']:.1%} vs "
             f"{b['ce_loss_recovered']:.1%}"
         )
+    if "diffing" in rep:
+        lines += diffreport.diffing_lines(rep["diffing"])
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ deterministic (seeded).
 
     run = TinyRun(tmp_path / "tiny").until("labels")     # or .model().prompts()... stage by stage
     run = sequence_run(tmp_path / "seq")                 # a reward that is not a lexicon: the sequence probe
+    run = TinyRun(tmp_path / "d").until("features").diffing()  # the model-diffing stages (tests/tiny_diffing.py)
 """
 
 from __future__ import annotations
@@ -346,6 +347,12 @@ class TinyRun:
                     }
                 )
         return row, ex
+
+    def diffing(self, null: bool = True, token: str | None = None) -> TinyRun:
+        """The four model-diffing stages (tests/tiny_diffing.py); ``null=False``: a run without a null control."""
+        from tests.tiny_diffing import diffing
+
+        return diffing(self, null=null, token=token)
 
     def _explanation(self, words: list[str]) -> str:
         """The offline labeller's explanation of a feature whose top tokens are ``words``."""

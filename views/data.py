@@ -224,3 +224,24 @@ class RunData:
     @_query
     def attribution_points(self, target: str) -> pd.DataFrame:
         return self.reader.attribution_points(target)
+
+    # --- model diffing -----------------------------------------------------------------------------
+    @_query
+    def diff_dictionaries(self) -> pd.DataFrame:
+        return self.reader.diff_dictionaries()
+
+    @_query
+    def diff_latents(self, dict_id: str | None = None, latent_class: str | None = None) -> pd.DataFrame:
+        return self.reader.diff_latents(dict_id, latent_class)
+
+    @_query
+    def diff_patching(self) -> pd.DataFrame:
+        return self.reader.diff_patching()
+
+    @_query
+    def diff_lens(self) -> pd.DataFrame:
+        return self.reader.diff_lens()
+
+    @_query
+    def diff_causal(self) -> pd.DataFrame:
+        return self.reader.diff_causal()

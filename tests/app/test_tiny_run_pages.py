@@ -210,6 +210,7 @@ def test_pages_of_a_run_built_only_to_the_base_samples(monkeypatch, tmp_path):
         ("views/browser.py", "`features` stage has not finished"),
         ("views/labels.py", "`labels` stage has not finished"),
         ("views/layers.py", "No divergence yet"),
+        ("views/diffing.py", "`null_rlhf` stage has not finished"),
     ):
         at = open_page(monkeypatch, tmp_path, page, run=run)
         assert not at.exception and message in at.info[0].value, page

@@ -199,7 +199,9 @@ def test_feature_page_shows_an_llm_label_as_text(monkeypatch, payload_run):
     assert any(md_text(MODEL) in m for m in r.markdown)  # the sidebar's model line
 
 
-@pytest.mark.parametrize("page", ["views/overview.py", "views/labels.py", "views/browser.py", "views/layers.py"])
+@pytest.mark.parametrize(
+    "page", ["views/overview.py", "views/labels.py", "views/browser.py", "views/layers.py", "views/diffing.py"]
+)
 def test_pages_show_run_text_as_text(monkeypatch, payload_run, page):
     at = open_page(monkeypatch, payload_run.parent, page, run=payload_run)
     assert not at.exception
