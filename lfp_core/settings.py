@@ -523,7 +523,8 @@ class DiffingSettings:
     tuned − base). Classes: relative decoder norm r = ‖d_tuned‖/(‖d_base‖+‖d_tuned‖) > ``tuned_only`` is
     tuned-only, < 1 − ``tuned_only`` base-only, else shared; a tuned-only latent whose latent-scaling ratios
     ν^ε and ν^r are both below ``nu_max`` is robust tuned-only (the base model's activations explain little of
-    it either through its error or its reconstruction).
+    it either through its error or its reconstruction; 0.3 is this tool's choice: Minder, Dumas et al. rank
+    latents by ν rather than cut at a published value).
 
     Localisation and lens: ``prefixes`` held-out prompts sampled (coupled, one seed each) by the tuned policy
     with each component's output patched from the base model, and by the base model steered with the mean

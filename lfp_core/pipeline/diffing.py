@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfp_core import activations, crosscoder, features, latent_scaling, saes
+from lfp_core import activations, crosscoder, crosscoder_metrics, features, latent_scaling, saes
 from lfp_core.models import continuation_decoder
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.null import null_policy
@@ -141,6 +141,7 @@ def _spec(d: DiffingSettings, d_model: int, seed: int) -> crosscoder.CrosscoderS
         seed=seed,
         arch=d.arch,
         l1=d.l1,
+        device="cpu",
     )
 
 
@@ -159,6 +160,7 @@ def _reward_signal(ctx: Context, s: DiffingStageSettings) -> np.ndarray | None:
     return ctx.cache[key]
 
 
+@torch.no_grad()
 def reward_correlation(code_of, rows: np.ndarray, token_ids: np.ndarray, valence: np.ndarray) -> np.ndarray:
     """Pearson correlation, per latent, between its activation and the valence of the token it reads, over
     ``rows`` (held out); NaN for a latent that never fires there. ``code_of(rows) -> [n, d_sae]``."""
@@ -212,7 +214,9 @@ def _ce(ctx: Context, hooked_base, hooked_other, cc, hook_name: str) -> dict:
 
     if "diff_ce_seqs" not in ctx.cache:
         ctx.cache["diff_ce_seqs"] = ce_sequences(ctx, CE_DOCS)
-    return crosscoder.ce_recovered(hooked_base, hooked_other, cc, hook_name, ctx.cache["diff_ce_seqs"], ctx.batch())
+    return crosscoder_metrics.ce_recovered(
+        hooked_base, hooked_other, cc, hook_name, ctx.cache["diff_ce_seqs"], ctx.batch()
+    )
 
 
 def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: int) -> tuple[list, list, list, list]:
@@ -238,12 +242,11 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
     cc, info = crosscoder.train_crosscoder(spec, crosscoder.PairedSource(a, b, train_rows, d.batch_size, seed))
     cid = f"cc_{pair}_L{layer}"
     path = crosscoder.save_crosscoder(cc, out / f"{cid}.pt")
-    stats = crosscoder.latent_stats(cc, a, b, eval_rows)
-    rec = crosscoder.reconstruction(cc, a, b, eval_rows)
+    stats = crosscoder_metrics.latent_stats(cc, a, b, eval_rows)
+    rec = crosscoder_metrics.reconstruction(cc, a, b, eval_rows)
     rec["fvu"] = (rec["fvu_base"], rec["fvu_other"])
-    scale = latent_scaling.latent_scaling(cc, a, b, eval_rows)
-    th = latent_scaling.Thresholds(tuned_only=d.tuned_only, nu_max=d.nu_max)
-    classes = latent_scaling.classify(stats["rel_norm"], scale["nu_eps"], scale["nu_r"], th, density=stats["density"])
+    scale = latent_scaling.latent_scaling(cc, crosscoder.pair_batches(a, b, eval_rows))
+    classes = classify(stats, scale, d)
     ce_out = _ce(ctx, base_m.hooked(), other_m.hooked(), cc, hook_name)
     ce = [{**ce_out[slot], "recovered": ce_out[slot]["ce_loss_recovered"]} for slot in ("base", "other")]
     view = _CrosscoderAsSAE(cc)
@@ -258,7 +261,7 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
         if valence is not None
         else np.full(view.cfg.d_sae, np.nan)
     )
-    counts = {c: int((classes == c).sum()) for c in latent_scaling.CLASSES}
+    counts = {c: int((classes == c).sum()) for c in CLASSES}
     records.append(
         {
             "dict_id": cid,
@@ -400,6 +403,25 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
         )
     log.info("difference SAE %s: FVU %.3f of other − base (%.1fs)", did, dm.get("fvu", float("nan")), dinfo["seconds"])
     return records, latents, frows, exrows
+
+
+CLASSES = ("shared", "base-only", "tuned-only", "robust tuned-only", "dead")
+
+
+def classify(stats: dict, scale: dict, d: DiffingSettings) -> np.ndarray:
+    """Each latent's class: tuned-only (relative norm > ``diffing.tuned_only``), robust tuned-only (also ν^ε
+    and ν^r in [-0.1, ``diffing.nu_max``)), base-only (< 1 − ``tuned_only``), shared (in between), dead (never
+    fires on the held-out tokens, or both decoders zero)."""
+    th = latent_scaling.ClassThresholds(
+        tuned_only_min=d.tuned_only,
+        base_only_max=1.0 - d.tuned_only,
+        shared_band=0.5,  # everything between base-only and tuned-only is shared
+        nu_eps_max=d.nu_max,
+        nu_r_max=d.nu_max,
+    )
+    out = np.asarray(latent_scaling.classify(stats["rel_norm"], scale["nu_eps"], scale["nu_r"], th), dtype=object)
+    out[(np.asarray(stats["density"]) == 0) | ~np.isfinite(np.asarray(stats["rel_norm"], float))] = "dead"
+    return out
 
 
 def _finite(x) -> float | None:

@@ -56,7 +56,7 @@ def stage_null(ctx: Context, s: NullStageSettings, config_hash: str) -> None:
         path, spec = tuned_models.install_given(
             s.diffing.null_path, artifacts_dir(ctx.writer.run_dir), name=NULL_DIR, flag="--null"
         )
-        null_policy(ctx)  # rlhf.load_policy: the base model's architecture, shape and tokenizer
+        ctx.cache["null"] = rlhf.load_policy(path, ctx.model)  # checked: the base's architecture, shape, tokenizer
         log.info("null model given: %s (not trained here)", spec.location)
         ctx.commit(lambda con: None, {"recipe": "given", "policy_dir": str(path), "steps": 0, "given": spec.location})
         return
@@ -72,7 +72,7 @@ def stage_null(ctx: Context, s: NullStageSettings, config_hash: str) -> None:
         name=NULL_DIR,
         reward_transform=rlhf.null_reward_transform(recipe, s.run.seed),
     )
-    null_policy(ctx)
+    ctx.cache["null"] = rlhf.load_policy(policy_dir, ctx.model)
     first = steps[0]["reward"] if steps else float("nan")
     last = float(np.mean([step["reward"] for step in steps[-10:]])) if steps else float("nan")
     log.info("null fine-tune (%s reward): %d steps; GRPO saw reward %.3f -> %.3f", recipe, len(steps), first, last)
