@@ -27,7 +27,7 @@ from typing import Any
 from lfp_core import texts
 from lfp_core.config import default_data_dir
 from lfp_core.errors import BadInputError, ConfigError, MissingInputError, StageFailure
-from lfp_core.preflight import check_against_model
+from lfp_core.preflight import check_against_model, check_diffing_layers
 from lfp_core.resources import Meter
 from lfp_core.rewards import check_reward
 from lfp_core.sae_sources import check_saes
@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         check_against_model(cfg)  # sae_k, n_selected_layers, rm_layers against the model's config.json
         preflight(cfg)
+        if not args.rebuild:
+            check_diffing_layers(cfg, out)  # an existing run: its crosscoders are not cleared for a refused layer
         if args.rebuild and db_path(out).exists():
             moved = _move_aside(db_path(out))
             log.info("moved the old %s aside to %s", DB_NAME, moved)

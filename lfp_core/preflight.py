@@ -54,3 +54,43 @@ def check_against_model(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"rm.layers (rm_layers) names layer {bad[0]}, but the model {shape.name} has {n} layers (0–{n - 1})"
             )
+    if "crosscoders" in stages:
+        d_sae = cfg.diffing.expansion * d
+        if cfg.diffing.arch == "batchtopk" and cfg.diffing.k > d_sae:
+            raise ConfigError(
+                f"diffing.k (cc_k) = {cfg.diffing.k} is more than the crosscoder's {d_sae} latents (cc_expansion "
+                f"{cfg.diffing.expansion} × d_model {d}); choose cc_k <= {d_sae}"
+            )
+        if cfg.diffing.layers != "auto":
+            bad = [x for x in cfg.diffing.layers if x >= n]
+            if bad:
+                raise ConfigError(
+                    f"diffing.layers (cc_layers) names layer {bad[0]}, but the model {shape.name} has {n} layers "
+                    f"(0–{n - 1})"
+                )
+
+
+def check_diffing_layers(cfg: RunConfig, run_dir) -> None:
+    """An existing run's crosscoder layers against the layers it harvested (both models on the same tokens), so
+    a refused ``diffing.layers`` loses none of the run's crosscoders (the stage would clear them first)."""
+    from pathlib import Path
+
+    from lfp_core.store import RunReader
+    from lfp_core.store.connection import db_path
+    from lfp_core.store.summaries import ActivationsSummary
+
+    if cfg.diffing.layers == "auto" or not db_path(Path(run_dir)).exists():
+        return
+    try:
+        h = RunReader(run_dir).summary(ActivationsSummary)
+    except Exception:  # an unreadable run is the precompute's to report
+        return
+    if h is None or not h.layers:
+        return
+    missing = [int(x) for x in cfg.diffing.layers if int(x) not in h.layers]
+    if missing:
+        raise ConfigError(
+            f"diffing.layers (cc_layers) asks for layer(s) {missing} but this run harvested base and tuned "
+            f"activations ({h.hook or 'hook_mlp_out'}) only at layers {sorted(h.layers)}: a crosscoder needs both "
+            "models' activations on the same tokens; choose among those layers (nothing was changed)"
+        )

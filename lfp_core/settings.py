@@ -516,6 +516,9 @@ class DiffingSettings:
     ``null_path``, a model fine-tuned by the same recipe with an uninformative reward). ``null_path``: such a
     given null model.
 
+    ``layers``: where crosscoders and difference SAEs are trained ('auto': every harvested layer; else a subset
+    of them — a layer needs the paired harvest of both models).
+
     Crosscoder (BatchTopK by default; 'l1' is Lindsey et al.'s ReLU + decoder-norm-weighted L1): dictionary
     ``expansion`` × d_model (2, the run's SAEs' size: a crosscoder reads two models' activations into one
     dictionary of the size each SAE has), ``k`` active latents per token on average, Adam ``lr``, ``batch_size`` tokens a
@@ -535,6 +538,7 @@ class DiffingSettings:
 
     null: NullRecipe = field(default="auto", metadata=_flat("diff_null"))
     null_path: str | None = field(default=None, metadata=_flat("diff_null_path"))
+    layers: Literal["auto"] | tuple[int, ...] = field(default="auto", metadata=_flat("cc_layers"))
     arch: CrosscoderArch = field(default="batchtopk", metadata=_flat("cc_arch"))
     expansion: int = field(default=2, metadata=_flat("cc_expansion"))
     k: int = field(default=32, metadata=_flat("cc_k"))
@@ -566,6 +570,10 @@ class DiffingSettings:
                 f"diffing.random (diff_random) must be >= {DIFF_MIN_RANDOM}, got {self.random}: a tested set is "
                 f"ranked among N matched random sets, whose smallest attainable p is 1/(N+1)"
             )
+        if self.layers != "auto" and (
+            not isinstance(self.layers, tuple) or not self.layers or any(x < 0 for x in self.layers)
+        ):
+            raise ConfigError(f"diffing.layers (cc_layers) must be 'auto' or layer numbers >= 0, got {self.layers!r}")
         if self.null_path is not None and not self.null_path.strip():
             raise ConfigError("diffing.null_path (diff_null_path) must name a model directory or hub id, got ''")
         if self.null_path is not None and self.null in ("none", "constant"):

@@ -91,3 +91,27 @@ def test_the_null_fine_tune_trains_its_own_policy_on_the_transformed_reward(tmp_
     assert not (tmp_path / "policy").exists() and not (tmp_path / "rlhf_checkpoints").exists()
     assert len(steps) == 2 and all(step["reward"] == 0.0 for step in steps)
     assert rlhf.load_policy(policy_dir, base).info()["n_params"] == base.info()["n_params"]
+
+
+def test_crosscoder_layers_without_a_paired_harvest_are_refused_and_lose_nothing(tmp_path, capsys):
+    """``--set cc_layers=…`` naming a layer the run did not harvest for both models: exit 2 before any stage runs,
+    the run's stored crosscoders untouched; a layer the model does not have: exit 2 naming its layers."""
+    from lfp_core.store import RunReader
+    from tests.tiny_diffing import diffing
+    from tests.tiny_run import TinyRun
+
+    run = TinyRun(tmp_path / "run")
+    run.until("features")
+    with run.writer.transaction() as con:
+        run._done(con, "activations", {"layers": [2, 3], "hook": "hook_mlp_out"})
+    diffing(run)  # the run's stored crosscoders, difference SAEs and their latents
+    before = RunReader(run.run_dir).diff_dictionaries()
+    assert len(before) > 0
+    code = precompute.main(["--preset", "quick", "--set", "cc_layers=1", "--out", str(run.run_dir)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "layer(s) [1]" in err and "only at layers [2, 3]" in err and "nothing was changed" in err
+    assert RunReader(run.run_dir).diff_dictionaries().equals(before)
+    code = precompute.main(["--preset", "quick", "--set", "cc_layers=9", "--out", str(tmp_path / "fresh")])
+    assert code == 2 and "has 4 layers (0–3)" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()

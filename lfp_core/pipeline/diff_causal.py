@@ -2,8 +2,9 @@
 difference-SAE features) causal for the reward, more than latents of the same dictionary picked at random?
 
 For each dictionary (pair × layer × crosscoder / difference SAE) the tested set is its robust tuned-only
-latents (tuned-only when none is robust; for a difference SAE, its features of the largest activation mass),
-at most ``diffing.causal_top`` of them by activation mass (density × mean activation). Two interventions,
+latents by activation mass (density × mean activation; tuned-only when none is robust, and the latents of the
+highest relative decoder norm when none is tuned-only — the ``selection`` column says which); for a difference
+SAE, its features of the largest activation mass; at most ``diffing.causal_top`` of them. Two interventions,
 each on the diffing prefixes with one seed per prefix shared by every set (coupled sampling):
 
 * ``ablate``: sample the fine-tuned model (tuned, or the null model for the null pair) with the set's
@@ -43,7 +44,7 @@ def raw_decoder(cc, slot: int) -> torch.Tensor:
     return (cc.W_dec[:, slot, :] / cc.scale[slot]).detach()
 
 
-def tested_latents(lat, kind: str, top: int) -> tuple[list[int], str]:
+def choose_tested(lat, kind: str, top: int) -> tuple[list[int], str]:
     """The tested set of one dictionary's latents table and how it was chosen."""
     mass = (lat.density.fillna(0) * lat.mean_act.fillna(0)).to_numpy()
     order = np.argsort(-mass, kind="stable")
@@ -52,7 +53,12 @@ def tested_latents(lat, kind: str, top: int) -> tuple[list[int], str]:
             pick = [int(lat.latent.iloc[i]) for i in order if lat["class"].iloc[i] == cls and mass[i] > 0]
             if pick:
                 return pick[:top], what
-        return [], "none: no tuned-only latent"
+        # no latent crosses the tuned-only cut-off: the crosscoder's most tuned-leaning latents instead, said so
+        rel = lat.rel_norm.to_numpy(dtype=float)
+        lean = [
+            int(lat.latent.iloc[i]) for i in np.argsort(-np.nan_to_num(rel, nan=-1.0), kind="stable") if mass[i] > 0
+        ]
+        return lean[:top], "highest relative norm (no tuned-only latent)"
     pick = [int(lat.latent.iloc[i]) for i in order if mass[i] > 0]
     return pick[:top], "largest activation mass"
 
@@ -132,7 +138,7 @@ def stage_diff_causal(ctx: Context, s: DiffingStageSettings, config_hash: str) -
         if pair not in pairs_of(ctx):
             continue
         lat = r.diff_latents(str(rec.dict_id))
-        tested, selection = tested_latents(lat, kind, d.causal_top)
+        tested, selection = choose_tested(lat, kind, d.causal_top)
         if not tested:
             notes[f"causal check of {rec.dict_id}"] = selection
             continue

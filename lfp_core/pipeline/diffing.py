@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lfp_core import activations, crosscoder, crosscoder_metrics, features, latent_scaling, saes
+from lfp_core.errors import BadInputError
 from lfp_core.models import continuation_decoder
 from lfp_core.pipeline.core import Context
 from lfp_core.pipeline.null import null_policy
@@ -429,10 +430,25 @@ def _finite(x) -> float | None:
     return x if np.isfinite(x) else None
 
 
+def crosscoder_layers(ctx: Context, s: DiffingStageSettings) -> list[int]:
+    """The layers to train at: ``diffing.layers``, each of which must have the paired (base and tuned) harvest."""
+    harvested = selected_layers(ctx)
+    if s.diffing.layers == "auto":
+        return harvested
+    missing = [int(x) for x in s.diffing.layers if int(x) not in harvested]
+    if missing:
+        raise BadInputError(
+            f"diffing.layers asks for layer(s) {missing} but the activations stage harvested base and tuned "
+            f"activations ({harvest_hook(ctx)}) only at layers {harvested}: a crosscoder needs both models' "
+            "activations on the same tokens there; choose among those layers, or harvest more (n_selected_layers)"
+        )
+    return sorted({int(x) for x in s.diffing.layers})
+
+
 def stage_crosscoders(ctx: Context, s: DiffingStageSettings, config_hash: str) -> None:
     """Chunk 0: the null model's harvest (when the run has a null model); then one chunk per (pair, layer)."""
     w = ctx.writer
-    layers = selected_layers(ctx)
+    layers = crosscoder_layers(ctx, s)
     pairs = pairs_of(ctx)
     done = w.done_chunks("crosscoders", config_hash)
     if "null" in pairs and 0 not in done:
