@@ -1,5 +1,6 @@
 """Benchmarks: ``python -m bench stages`` (the whole demo precompute, each stage's wall time, CPU time
-and peak RSS), ``python -m bench throughput`` (harvest and SAE training against a bare forward pass),
+and peak RSS), ``python -m bench throughput`` (harvest and SAE training against a bare forward pass; ``--crosscoder``:
+crosscoder training against the SAE trainer),
 ``python -m bench scaling`` (1× to 4× corpus), ``python -m bench dashboard`` (page render times, query
 latency at 50k features), ``python -m bench live`` (the Ablation lab's engine) and ``python -m bench
 contention`` (the GRPO step and harvest pass idle vs beside competing busy processes, with and without
@@ -102,10 +103,14 @@ def live(args) -> int:
 
 
 def throughput(args) -> int:
-    from bench.throughput import measure
+    from bench.throughput import main_crosscoder, measure
 
     print(f"machine: {_machine()}")
     ticks = cpu_ticks()
+    if args.crosscoder:
+        main_crosscoder(args.run, args.rows, args.repeats)
+        print(f"CPU steal during the run {_steal_since(ticks)}")
+        return 0
     m = measure(Path(args.run), args.docs, args.repeats)
     f = m["forward_tps"]
     print(
@@ -227,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--run", default=str(REPO_ROOT / "data" / "runs" / "demo"))
     tp.add_argument("--docs", type=int, default=1000)
     tp.add_argument("--repeats", type=int, default=3)
+    tp.add_argument(
+        "--crosscoder",
+        action="store_true",
+        help="instead: crosscoder training tokens/s against the SAE trainer's on the same rows (--rows of them)",
+    )
+    tp.add_argument("--rows", type=int, default=60_000)
     st = sub.add_parser("stages", help="the whole precompute of a preset: each stage's wall time, CPU and peak RSS")
     st.add_argument("--preset", default="demo")
     st.add_argument("--out", default=None, help="run directory (default: a temporary one, deleted afterwards)")
