@@ -8,6 +8,7 @@ Uses Debian's Chromium through Playwright (no browser download).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 
 from playwright.sync_api import sync_playwright
@@ -45,7 +46,7 @@ def main() -> None:
         page.get_by_text(args.wait_for).first.wait_for(timeout=90_000)
         # Streamlit draws skeletons while a script runs; wait until the last one is replaced.
         page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=90_000)
-        page.wait_for_timeout(2500)  # let charts draw
+        page.wait_for_timeout(int(os.environ.get("LFP_SHOT_WAIT_MS", "2500")))  # let charts draw
         for label in args.click:
             page.get_by_role("button", name=label).first.click()
             page.wait_for_timeout(1000)
