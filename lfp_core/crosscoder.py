@@ -254,7 +254,8 @@ def _check_spec(spec: CrosscoderSpec, source: PairedSource) -> None:
     if spec.train_tokens > len(source):
         raise CorpusTooSmallError(
             f"requested {spec.train_tokens:,} crosscoder training tokens but the paired harvest has only "
-            f"{len(source):,} training tokens at layer {source.layer}"
+            f"{len(source):,} training tokens at layer {source.layer}; lower cc_train_tokens or enlarge the corpus "
+            "(sae_corpus_docs)"
         )
     if spec.arch == "batchtopk" and not 0 < spec.k <= spec.d_sae:
         raise ConfigError(f"crosscoder k must be in [1, d_sae={spec.d_sae}], got {spec.k}")

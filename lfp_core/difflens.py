@@ -31,21 +31,11 @@ import torch
 
 from lfp_core import ablation
 from lfp_core.errors import BadInputError
-from lfp_core.localise import N_BOOT, RewardFn, mean_ci
+from lfp_core.localise import N_BOOT, RewardFn, by_length, mean_ci
 from lfp_core.lockstep import check_own_modules, sample_steered
 
 MIN_RANDOM = 19
 """Random directions per steering test: the rank p can then reach 1/20 = 0.05."""
-
-
-def _by_length(rows: Sequence[Sequence[int]], size: int):
-    """Indices of ``rows`` grouped by length, in chunks of at most ``size``."""
-    by_len: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_len.setdefault(len(r), []).append(i)
-    for _, idx in sorted(by_len.items()):
-        for s in range(0, len(idx), size):
-            yield idx[s : s + size]
 
 
 @torch.no_grad()
@@ -96,7 +86,7 @@ def mean_difference(
     stop = max(int(la) for la in layers) + 1
     sums = {int(la): torch.zeros(base.cfg.d_model, dtype=torch.float64) for la in layers}
     count = 0
-    for idx in _by_length(rows, batch_size):
+    for idx in by_length(rows, batch_size):
         toks = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=tuned.cfg.device)
         _, cb = base.run_with_cache(toks, names_filter=names, stop_at_layer=stop)
         _, ct = tuned.run_with_cache(toks, names_filter=names, stop_at_layer=stop)
@@ -197,7 +187,7 @@ def steering_effect(
     head = [int(bos)] if bos is not None else []
     rows = [(i, c) for i in range(n) for c in range(len(dirs))]
     outs: dict[tuple[int, int], list[int]] = {}
-    for idx in _by_length([prompts[i] for i, _ in rows], batch_rows):
+    for idx in by_length([prompts[i] for i, _ in rows], batch_rows):
         chunk = [rows[j] for j in idx]
         toks = torch.tensor([head + list(prompts[i]) for i, _ in chunk], dtype=torch.long, device=base.cfg.device)
         vecs = [None if dirs[c] is None else torch.as_tensor(dirs[c], dtype=torch.float32) for _, c in chunk]

@@ -149,14 +149,21 @@ def gain_fractions(
     return out
 
 
+def by_length(rows: Sequence[Sequence[int]], size: int):
+    """Indices of ``rows`` grouped by length (shortest first), in chunks of at most ``size``: the batches in
+    which equal-length prompts are sampled together."""
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_len.setdefault(len(r), []).append(i)
+    for _, idx in sorted(by_len.items()):
+        for s in range(0, len(idx), size):
+            yield idx[s : s + size]
+
+
 def _chunks(rows: list[tuple[int, str]], prompts_ids: Sequence[Sequence[int]], size: int):
     """Rows (prefix, condition) grouped by prompt length, in chunks of at most ``size``."""
-    by_len: dict[int, list[tuple[int, str]]] = {}
-    for r in rows:
-        by_len.setdefault(len(prompts_ids[r[0]]), []).append(r)
-    for _, group in sorted(by_len.items()):
-        for s in range(0, len(group), size):
-            yield group[s : s + size]
+    for idx in by_length([prompts_ids[i] for i, _ in rows], size):
+        yield [rows[j] for j in idx]
 
 
 @torch.no_grad()

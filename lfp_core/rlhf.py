@@ -54,7 +54,7 @@ import torch
 
 from lfp_core.errors import BadInputError, MissingInputError
 from lfp_core.rewards import Reward, RewardError, load_reward
-from lfp_core.settings import DPOSettings, DPOStageSettings, RLSettings, RLStageSettings
+from lfp_core.settings import DPOSettings, DPOStageSettings, NullStageSettings, RLSettings, RLStageSettings
 
 if TYPE_CHECKING:
     from lfp_core.models import LoadedModel
@@ -84,7 +84,7 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
 def train_policy(
     base,
     prompt_ids: list[list[int]],
-    s: RLStageSettings,
+    s: RLStageSettings | NullStageSettings,
     artifacts: Path,
     config_hash: str = "",
     reward: Reward | None = None,

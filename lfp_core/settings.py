@@ -868,9 +868,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "atp_random_k": 16,
         "cc_train_tokens": 30_000,
         "cc_batch_size": 256,
-        "diff_prefixes": 32,
-        "lens_docs": 64,
-        "diff_causal_top": 4,
+        "diff_prefixes": 16,
+        "lens_docs": 32,
+        "diff_causal_top": 2,
     },
     # demo: the embedded demo run the quick start serves.
     "demo": {"n_prompts": 512, "n_eval_prompts": 512, "samples_per_prompt": 2, "gen_batch_size": 64, "ablation_n": 512},

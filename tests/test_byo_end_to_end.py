@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--n-prompts", "16", "--n-eval-prompts", "16", "--gen-batch-size", "16",
     "--set", "rl_prompts_per_step=2", "--set", "rl_generations=4",
-    "--set", "sae_corpus_docs=160", "--set", "sae_train_tokens=3000", "--set", "sae_variants=",
+    "--set", "sae_corpus_docs=160", "--set", "sae_train_tokens=3000", "--set", "cc_train_tokens=3000", "--set", "sae_variants=",
     "--set", "sae_sweep_l1=", "--set", "mfr_n=0", "--set", "sae_ce_docs=8", "--set", "divergence_sequences=16",
     "--set", "feature_top_k=5", "--set", "label_probe_top=4", "--set", "label_random=4",
     "--set", "ablation_n=16", "--set", "ablation_rank_n=16", "--set", "ablation_k=4",

@@ -49,7 +49,7 @@ def test_every_pair_and_layer_has_a_crosscoder_and_a_difference_sae_with_consist
 def test_patching_fractions_are_the_stored_rewards_share_of_the_gain(quick_run):
     r = RunReader(quick_run)
     s = r.summary(LocalisationSummary)
-    assert s is not None and s.gain is not None and s.n_prefixes == 32
+    assert s is not None and s.gain is not None and s.n_prefixes == 16  # the quick preset's diff_prefixes
     p = r.diff_patching()
     tuned = p[p.pair == "tuned"]
     clean = float(tuned[tuned.kind == "clean"].reward.iloc[0])

@@ -304,6 +304,9 @@ def test_given_saes_enter_the_hash_and_the_defaults_do_not(tmp_path):
         "ablation",
         "reward_model",
         "attribution",
+        "crosscoders",  # downstream of features (and localisation, downstream of activations)
+        "localisation",
+        "diff_causal",
     }
     c = json.loads((sae / "cfg.json").read_text())
     c["metadata"]["model_name"] = "someone else's"

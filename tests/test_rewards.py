@@ -230,7 +230,10 @@ def test_changing_the_plugin_s_files_recomputes_the_stages_that_score_with_it(tm
     from lfp_core.stages import stages_for
 
     holders = {s.name for s in stages_for("vader") if "reward" in s.groups}
-    assert holders == {"base_samples", "rlhf", "rl_eval", "probes", "labels", "ablation", "reward_model", "attribution"}
+    assert holders == {
+        *("base_samples", "rlhf", "rl_eval", "probes", "labels", "ablation", "reward_model", "attribution"),
+        *("null_rlhf", "crosscoders", "localisation", "diff_causal"),
+    }
     mod = tmp_path / "r.py"
     mod.write_text("def f(p, c):\n    return [0.0] * len(c)\n")
     cfg = preset_config("quick", reward=f"python:{mod}:f")

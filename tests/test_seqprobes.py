@@ -112,7 +112,7 @@ def test_too_few_prompts_for_a_sequence_reward_is_refused_before_anything_is_wri
 
 
 def test_schema_5_run_gains_the_sequence_table_in_place(tmp_path):
-    from lfp_core.store import RunReader, RunWriter, SchemaVersionError
+    from lfp_core.store import SCHEMA_VERSION, RunReader, RunWriter, SchemaVersionError
     from lfp_core.store.testing import legacy_run
 
     row = {"role": "tuned", "layer": 1, "feature": 3, "weight": 0.5, "mean_act": 1.0, "importance": 0.5, "rank": 0}
@@ -121,5 +121,5 @@ def test_schema_5_run_gains_the_sequence_table_in_place(tmp_path):
         RunReader(run)
     RunWriter(run)
     r = RunReader(run)
-    assert r.schema_version() == 6 and r.probe_sequences("tuned").empty
+    assert r.schema_version() == SCHEMA_VERSION and r.probe_sequences("tuned").empty
     assert r.probe_features("tuned").weight.tolist() == [0.5]  # what the run held is kept

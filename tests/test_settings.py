@@ -43,6 +43,8 @@ def _changed(group: str, name: str, value):
         return str(DEMO_MODEL_DIR)  # a model directory: its files go into the rlhf stage's hash
     if (group, name) == ("diffing", "null_path"):
         return str(DEMO_MODEL_DIR)  # a model directory: its files go into the null stage's hash
+    if (group, name) == ("diffing", "layers"):
+        return (2,)
     if (group, name) == ("diffing", "tuned_only"):
         return 0.8  # the cut-off must stay in (0.5, 1)
     if name == "source":  # prompts.source, corpus.source: an existing file (the hash reads its bytes)

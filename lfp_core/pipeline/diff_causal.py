@@ -90,17 +90,20 @@ def _steer_vector(kind: str, model_obj, ids: list[int], expected: dict[int, floa
     return (w[:, None] * dec[torch.tensor(ids)].float()).sum(0)
 
 
-def run_sets(ctx, base, other, sets: list[list[int]], kind, model_obj, hook, expected, ids, lengths, seeds, score):
-    """Per intervention: [len(sets), n] reward changes against the clean model with the same seeds."""
+def run_sets(
+    ctx, base, other, sets: list[list[int]], kind, model_obj, hook, expected, ids, lengths, seeds, score, n_steer: int
+):
+    """Per intervention: [len(sets), n] reward changes against the clean model with the same seeds (every set
+    ablated; the first ``n_steer`` also added to the base model, the others' steering rows NaN)."""
     bos = ctx.model.tokenizer.bos_token_id
     head = [bos] if bos is not None else []
     n = len(ids)
-    out = {"ablate": np.zeros((len(sets), n)), "steer": np.zeros((len(sets), n))}
+    out = {"ablate": np.zeros((len(sets), n)), "steer": np.full((len(sets), n), np.nan)}
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(ids):
         by_len.setdefault(len(p), []).append(i)
     edits = [_ablate_edit(kind, model_obj, s, hook) for s in sets]
-    vecs = [_steer_vector(kind, model_obj, s, expected) for s in sets]
+    vecs = [_steer_vector(kind, model_obj, s, expected) for s in sets[:n_steer]]
     per_batch = max(1, ctx.batch(128) // (len(sets) + 1))
     for group in by_len.values():
         for start in range(0, len(group), per_batch):
@@ -114,12 +117,17 @@ def run_sets(ctx, base, other, sets: list[list[int]], kind, model_obj, hook, exp
                 base, other, all_toks, n_new, rs * (len(sets) + 1), [None] * k + [e for e in edits for _ in rows]
             )
             new_s = lockstep.sample_steered(
-                base, all_toks, n_new, rs * (len(sets) + 1), hook, [None] * k + [v for v in vecs for _ in rows]
+                base,
+                toks.repeat(len(vecs) + 1, 1),
+                n_new,
+                rs * (len(vecs) + 1),
+                hook,
+                [None] * k + [v for v in vecs for _ in rows],
             )
             for inter, new in (("ablate", new_a), ("steer", new_s)):
                 comp = [o[: lengths[rows[j % k]]] for j, o in enumerate(new)]
-                r = score([ids[rows[j % k]] for j in range(len(comp))], comp).reshape(len(sets) + 1, k)
-                out[inter][:, rows] = r[1:] - r[0]
+                r = score([ids[rows[j % k]] for j in range(len(comp))], comp).reshape(len(comp) // k, k)
+                out[inter][: r.shape[0] - 1, rows] = r[1:] - r[0]
     return out
 
 
@@ -157,8 +165,10 @@ def stage_diff_causal(ctx: Context, s: DiffingStageSettings, config_hash: str) -
         sets = [tested] + [c[layer] for c in controls] + [[i] for i in tested]
         other = other_model(ctx, pair).hooked()
         hook = str(rec.hook_name)
-        eff = run_sets(ctx, base, other, sets, kind, model_obj, hook, expected, ids, lengths, seeds, score)
         n_ctrl = len(controls)
+        eff = run_sets(
+            ctx, base, other, sets, kind, model_obj, hook, expected, ids, lengths, seeds, score, n_steer=1 + n_ctrl
+        )
         for inter in ("ablate", "steer"):
             test = ablation.compare_with_controls(eff[inter][0], eff[inter][1 : 1 + n_ctrl], HYPOTHESIS[inter])
             sid = f"{rec.dict_id}:{inter}"

@@ -240,7 +240,9 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
 
     # -- crosscoder
     spec = _spec(d, d_model, seed)
-    cc, info = crosscoder.train_crosscoder(spec, crosscoder.PairedSource(a, b, train_rows, d.batch_size, seed))
+    cc, info = crosscoder.train_crosscoder(
+        spec, crosscoder.PairedSource(a, b, train_rows, d.batch_size, seed, layer=layer)
+    )
     cid = f"cc_{pair}_L{layer}"
     path = crosscoder.save_crosscoder(cc, out / f"{cid}.pt")
     stats = crosscoder_metrics.latent_stats(cc, a, b, eval_rows)
@@ -347,12 +349,15 @@ def train_pair_layer(ctx: Context, s: DiffingStageSettings, pair: str, layer: in
         device=s.run.device,
     )
     dsae, dinfo = saes.train_sae(
-        dspec, crosscoder.DifferenceSource(a, b, train_rows, d.batch_size, dspec.seed), hook_name, ctx.model.spec.name
+        dspec,
+        crosscoder.DifferenceSource(a, b, train_rows, d.batch_size, dspec.seed, layer=layer),
+        hook_name,
+        ctx.model.spec.name,
     )
     did = f"dsae_{pair}_L{layer}"
     dpath = saes.save_sae(dsae, out / did)
     dview = _DiffView(a, b)
-    dm = saes.reconstruction_metrics(dsae, dview, eval_rows)
+    dm = saes.reconstruction_metrics(dsae, dview, eval_rows)  # type: ignore[arg-type]  # an array-like view
     drole = f"dsae_{pair}"
     dfeats, dex = _feature_rows(ctx, s, dsae, dview, drole, layer, other_m.hooked().W_U)
     frows += dfeats

@@ -231,16 +231,9 @@ def sample_rewards(ctx: Context, model, ids, lengths, seeds, score) -> np.ndarra
 
     bos = [_bos(ctx)] if _bos(ctx) is not None else []
     outs: list[list[int]] = [[] for _ in ids]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    b = ctx.batch(128)
-    for start in range(0, len(order), b):
-        chunk = order[start : start + b]
-        by_len: dict[int, list[int]] = {}
-        for i in chunk:
-            by_len.setdefault(len(ids[i]), []).append(i)
-        for group in by_len.values():
-            toks = torch.tensor([bos + ids[i] for i in group], dtype=torch.long, device=model.cfg.device)
-            new = ablation.sample(model, toks, max(lengths[i] for i in group), [seeds[i] for i in group])
-            for i, o in zip(group, new):
-                outs[i] = o[: lengths[i]]
+    for group in localise.by_length(ids, ctx.batch(128)):
+        toks = torch.tensor([bos + ids[i] for i in group], dtype=torch.long, device=model.cfg.device)
+        new = ablation.sample(model, toks, max(lengths[i] for i in group), [seeds[i] for i in group])
+        for i, o in zip(group, new):
+            outs[i] = o[: lengths[i]]
     return score(ids, outs)
