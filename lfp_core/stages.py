@@ -327,6 +327,7 @@ STAGES: list[StageSpec] = [
         "while sampling: the fraction of the reward gain it carries) and the activation-difference lens with "
         "its steering check",
         fingerprint=_REWARD_FP,
+        version=2,  # 2: the prefixes are the held-out prompts of the most common lengths (few sampling batches)
     ),
     StageSpec(
         "diff_causal",
@@ -338,6 +339,7 @@ STAGES: list[StageSpec] = [
         describe="causal checks: robust tuned-only crosscoder latents and top difference-SAE features ablated in "
         "the tuned model and added to the base model, against matched random latents",
         fingerprint=_REWARD_FP,
+        version=2,  # 2: the localisation stage's prefixes (the most common lengths)
     ),
 ]
 

@@ -84,8 +84,15 @@ def test_every_applicable_stage_runs_on_the_given_pair_reward_and_corpus(byo_run
     r = RunReader(byo_run["out"])
     assert {s.name: s.status for s in r.stages()} == {s: "done" for s in (
         "model", "prompts", "base_samples", "rlhf", "rl_eval", "divergence", "activations", "saes", "features",
-        "probes", "labels", "ablation", "reward_model", "attribution")}  # fmt: skip
+        "probes", "labels", "ablation", "reward_model", "attribution", "null_rlhf", "crosscoders", "localisation",
+        "diff_causal")}  # fmt: skip
     assert r.rl_steps().empty  # nothing trained: the pair was given
+    # model diffing of the given pair: no null control (its recipe is unknown), and the figures say so
+    from lfp_core.store.summaries import NullSummary
+
+    null = r.summary(NullSummary)
+    assert null is not None and null.recipe == "none" and "--null PATH" in null.not_applicable["null control"]
+    assert set(r.diff_dictionaries().pair) == {"tuned"} and set(r.diff_patching().pair) == {"tuned"}
     rep = build_report(str(byo_run["out"]))
     text = format_report(rep)
     assert f"tuned model: given: {byo_run['partner']}" in text

@@ -104,7 +104,7 @@ def run_sets(
         by_len.setdefault(len(p), []).append(i)
     edits = [_ablate_edit(kind, model_obj, s, hook) for s in sets]
     vecs = [_steer_vector(kind, model_obj, s, expected) for s in sets[:n_steer]]
-    per_batch = max(1, ctx.batch(128) // (len(sets) + 1))
+    per_batch = max(1, ctx.batch(512) // (len(sets) + 1))  # every set's rows of a prompt in one sampling call
     for group in by_len.values():
         for start in range(0, len(group), per_batch):
             rows = group[start : start + per_batch]

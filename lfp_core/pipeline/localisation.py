@@ -3,8 +3,10 @@ each attention and MLP output of the tuned policy with the base model's while sa
 (:mod:`lfp_core.localise`), and the activation-difference lens with its steering check
 (:mod:`lfp_core.difflens`) for the fine-tune and the null control.
 
-Prefixes: the first ``diffing.prefixes`` held-out prompts (the ones the rl_eval stage measures the gain on),
-each with one sampling seed shared by every condition, completed to ``completions.max_new_tokens`` tokens
+Prefixes: ``diffing.prefixes`` held-out prompts (the ones the rl_eval stage measures the gain on) — those of
+the most common lengths, length by length, so every condition of a prefix and all prefixes of one length sample
+in one batch (the sampler needs equal-length rows; prompts of 2–9 tokens in one-token steps would otherwise make
+eight batches of everything) —, each with one sampling seed shared by every condition, completed to ``completions.max_new_tokens`` tokens
 (one length for all, so the steering and patching samples of a prefix are the same length).
 """
 
@@ -29,8 +31,16 @@ LENS_TOP = 20
 
 def diff_prefixes(ctx: Context, s: DiffingStageSettings) -> tuple[list[list[int]], list[int], list[int]]:
     """(prefix token ids, completion lengths, sampling seeds) of the diffing stages' prefixes."""
-    prompts = ctx.writer.reader().prompts("eval").head(s.diffing.prefixes)
-    ids = [[int(t) for t in p] for p in prompts.token_ids]
+    every = [[int(t) for t in p] for p in ctx.writer.reader().prompts("eval").token_ids]
+    count: dict[int, int] = {}
+    for p in every:
+        count[len(p)] = count.get(len(p), 0) + 1
+    picked: list[int] = []
+    for length in sorted(count, key=lambda n: (-count[n], n)):  # the most common lengths first
+        picked += [i for i, p in enumerate(every) if len(p) == length][: s.diffing.prefixes - len(picked)]
+        if len(picked) >= s.diffing.prefixes:
+            break
+    ids = [every[i] for i in sorted(picked)]
     lengths = [int(s.completions.max_new_tokens)] * len(ids)
     seeds = [int(np.random.SeedSequence([s.run.seed, 71, i]).generate_state(1)[0]) for i in range(len(ids))]
     return ids, lengths, seeds
@@ -108,7 +118,7 @@ def stage_localisation(ctx: Context, s: DiffingStageSettings, config_hash: str) 
     tuned = role_model(ctx, "tuned").hooked()
     pairs = pairs_of(ctx)
     out = localise.component_patching(
-        base, tuned, ids, _bos(ctx), lengths, seeds, score, boot_seed=s.run.seed, batch_rows=ctx.batch(128)
+        base, tuned, ids, _bos(ctx), lengths, seeds, score, boot_seed=s.run.seed, batch_rows=ctx.batch(512)
     )
     rows = patching_rows(out, "tuned")
     comps = out["components"]
@@ -174,7 +184,7 @@ def stage_localisation(ctx: Context, s: DiffingStageSettings, config_hash: str) 
                 n_random=s.diffing.random,
                 alpha=s.diffing.steer_alpha,
                 seed=s.run.seed,
-                batch_rows=ctx.batch(128),
+                batch_rows=ctx.batch(512),
             )
             rnd = steer["random_changes"]
             gain = gain_of.get("tuned")
@@ -231,7 +241,7 @@ def sample_rewards(ctx: Context, model, ids, lengths, seeds, score) -> np.ndarra
 
     bos = [_bos(ctx)] if _bos(ctx) is not None else []
     outs: list[list[int]] = [[] for _ in ids]
-    for group in localise.by_length(ids, ctx.batch(128)):
+    for group in localise.by_length(ids, ctx.batch(512)):
         toks = torch.tensor([bos + ids[i] for i in group], dtype=torch.long, device=model.cfg.device)
         new = ablation.sample(model, toks, max(lengths[i] for i in group), [seeds[i] for i in group])
         for i, o in zip(group, new):
